@@ -1,0 +1,81 @@
+"""DIPR — the dynamic inner-product range query — brute force, in plain jnp.
+
+DIPR(q, β) = { s < length : q·k_s ≥ max_t q·k_t − β } with raw inner products.
+These functions read every key; they define the semantics that the block-pruned
+store path (:mod:`alaya_jax.dipr_store`) must reproduce exactly.
+
+Layout here is the *dense* one: q [B, Hq, D], k, v [B, S, Hkv, D].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from alaya_jax.masked_attention import masked_attention, raw_scores, sink_window_mask, valid_positions
+
+
+def _check(q: jax.Array, k: jax.Array, v: Optional[jax.Array] = None) -> None:
+    if q.ndim != 3 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[3]:
+        raise ValueError(f"expected q [B,Hq,D] and k [B,S,Hkv,D]; got q{tuple(q.shape)}, k{tuple(k.shape)}")
+    if q.shape[1] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[2]})")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v{tuple(v.shape)} must have the shape of k{tuple(k.shape)}")
+
+
+def check_beta(beta) -> None:
+    if not isinstance(beta, jax.core.Tracer) and not (float(beta) >= 0):
+        raise ValueError(f"beta must be >= 0 (inf allowed), got {beta}")
+
+
+def _lengths(lengths, b: int, s: int) -> jax.Array:
+    if lengths is None:
+        return jnp.full((b,), s, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths must be [B={b}], got {tuple(lengths.shape)}")
+    return lengths
+
+
+def range_mask_from_scores(scores: jax.Array, valid: jax.Array, beta) -> jax.Array:
+    """bool [B,Hq,S]: valid & (score ≥ max over valid − β). scores [B,Hq,S], valid [B,S] or [B,Hq,S]."""
+    if valid.ndim == 2:
+        valid = valid[:, None, :]
+    m = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=-1, keepdims=True)
+    return valid & (scores >= m - jnp.float32(beta))
+
+
+def dipr_mask(q: jax.Array, k: jax.Array, *, beta, lengths: Optional[jax.Array] = None) -> jax.Array:
+    """Exact DIPR mask bool [B, Hq, S]; q [B,Hq,D], k [B,S,Hkv,D], lengths [B]."""
+    _check(q, k)
+    check_beta(beta)
+    b, s = k.shape[0], k.shape[1]
+    lengths = _lengths(lengths, b, s)
+    scores = raw_scores(q, k.transpose(0, 2, 1, 3))
+    return range_mask_from_scores(scores, valid_positions(lengths, s), beta)
+
+
+def dipr_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    beta,
+    lengths: Optional[jax.Array] = None,
+    sink: int = 4,
+    window: int = 64,
+) -> jax.Array:
+    """Attention over DIPR ∪ first ``sink`` ∪ last ``window`` positions → [B, Hq, D]."""
+    _check(q, k, v)
+    check_beta(beta)
+    b, s = k.shape[0], k.shape[1]
+    lengths = _lengths(lengths, b, s)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = raw_scores(q, kt)
+    mask = range_mask_from_scores(scores, valid_positions(lengths, s), beta)
+    mask = mask | sink_window_mask(lengths, s, sink=sink, window=window)[:, None, :]
+    out, _ = masked_attention(q, kt, vt, mask, scores=scores)
+    return out

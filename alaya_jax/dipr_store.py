@@ -1,0 +1,161 @@
+"""Exact DIPR over a :class:`~alaya_jax.kv_store.KVStore` by block bounds (DESIGN.md §2).
+
+For one decode query per head:
+
+1. ``UB_b = Σ_d max(q_d·kmax_bd, q_d·kmin_bd)`` (+ rounding slack) bounds every key of block b.
+2. ``M_lb``: exact max score over a probe list — the sink and window blocks and
+   the ``top_r`` blocks with the largest bound (per KV head, over its group).
+3. Keep every block with ``UB_b ≥ M_lb − β`` for some query head of the group,
+   plus the sink and window blocks. Every DIPR key's block is kept (UB ≥ q·k ≥
+   M − β ≥ M_lb − β), so is the arg-max's block: the exact max ``M`` and the exact
+   token mask follow from the kept blocks alone.
+4. Attend over the kept blocks with token mask ``s ≥ M − β`` ∪ sink ∪ window.
+
+Kept lists live in a fixed-capacity buffer ``[B, Hkv, C]``. If any list would
+overflow ``C``, the step takes the dense path (every valid block) for the whole
+batch — exact, never a silent drop — and counts it in ``DiprStats.overflow``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from alaya_jax.dipr import check_beta
+from alaya_jax.kv_store import KVStore
+from alaya_jax.masked_attention import group_size
+from pallas_kernels.block_bounds import block_bounds
+from pallas_kernels.range_mask import dipr_range_mask
+from pallas_kernels.sparse_attention import sparse_decode_attention
+
+
+@struct.dataclass
+class DiprStats:
+    blocks_kept: jax.Array  # [B, Hkv] int32: blocks read per KV head (sink/window blocks included)
+    keys_in_range: jax.Array  # [B, Hq] int32: |DIPR| (only when the mask was asked for, else -1)
+    overflow: jax.Array  # [] int32: 1 if this step fell back to the dense path
+    max_score: jax.Array  # [B, Hq] f32: the exact max raw score M
+
+
+def _forced_blocks(lengths: jax.Array, num_blocks: int, block_size: int, *, sink: int, window: int) -> jax.Array:
+    """bool [B, NB]: blocks holding a sink or window position (below each length)."""
+    start = jnp.arange(num_blocks)[None, :] * block_size
+    end = start + block_size  # exclusive
+    ln = lengths[:, None]
+    in_sink = start < jnp.minimum(sink, ln)
+    if window <= 0:
+        return in_sink
+    in_window = (end > ln - window) & (start < ln)
+    return in_sink | in_window
+
+
+def _compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """keep bool [..., NB] → (indices int32 [..., capacity] ascending, -1 padded; count [...])."""
+    count = jnp.sum(keep, axis=-1, dtype=jnp.int32)
+    rank = jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1
+    nb = keep.shape[-1]
+    target = jnp.where(keep & (rank < capacity), rank, capacity)  # out of range → dropped
+    flat_t = target.reshape(-1, nb)
+    src = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), flat_t.shape)
+    out = jnp.full((flat_t.shape[0], capacity), -1, jnp.int32)
+    out = out.at[jnp.arange(flat_t.shape[0])[:, None], flat_t].set(src, mode="drop")
+    return out.reshape(keep.shape[:-1] + (capacity,)), count
+
+
+def _scatter_mask(mask: jax.Array, block_idx: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
+    """mask [B,Hq,C,Bk] over listed blocks (block_idx [B,Hkv,C]) → dense bool [B,Hq,S]."""
+    b, hq, c, bk = mask.shape
+    hkv = block_idx.shape[1]
+    g = hq // hkv
+    idx = jnp.repeat(block_idx, g, axis=1)  # [B,Hq,C]
+    idx = jnp.where(idx >= 0, idx, num_blocks)  # dropped
+    dense = jnp.zeros((b, hq, num_blocks, bk), bool)
+    dense = dense.at[jnp.arange(b)[:, None, None], jnp.arange(hq)[None, :, None], idx].set(mask, mode="drop")
+    return dense.reshape(b, hq, num_blocks * bk)
+
+
+def dipr_store_attention(
+    q: jax.Array,
+    store: KVStore,
+    *,
+    beta,
+    sink: int = 4,
+    window: int = 64,
+    top_r: int = 4,
+    max_kept_blocks: Optional[int] = None,
+    num_splits: int = 1,
+    rel_slack: float = 1e-4,
+    with_mask: bool = False,
+    implementation: str = "reference",
+    interpret: Optional[bool] = None,
+):
+    """Exact DIPR ∪ sink ∪ window attention over a store, reading only kept blocks.
+
+    q [B, Hq, D] → ``(out [B,Hq,D], stats: DiprStats, mask)`` where ``mask`` is the
+    DIPR token mask bool [B, Hq, S=capacity] (without sink/window) when
+    ``with_mask`` else None. ``max_kept_blocks`` (static, default: all blocks) is
+    the capacity C of the kept-block lists per KV head.
+    """
+    check_beta(beta)
+    b, hq, d = q.shape
+    if (b, d) != (store.batch, store.head_dim):
+        raise ValueError(f"q [B,Hq,D]={tuple(q.shape)} does not match the store (B={store.batch}, D={store.head_dim})")
+    hkv, nb, bk = store.num_kv_heads, store.num_blocks, store.block_size
+    g = group_size(hq, hkv)
+    cap = nb if max_kept_blocks is None else min(int(max_kept_blocks), nb)
+    if cap < 1:
+        raise ValueError(f"max_kept_blocks must be >= 1, got {max_kept_blocks}")
+    kw = dict(implementation=implementation, interpret=interpret)
+    beta = jnp.float32(beta)
+    lengths = store.lengths
+    nvb = (lengths + bk - 1) // bk
+    block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]
+
+    ub = block_bounds(q, store.kmin, store.kmax, nvb, rel_slack=rel_slack, **kw)  # [B,Hq,NB]
+    group_ub = jnp.max(ub.reshape(b, hkv, g, nb), axis=2)  # [B,Hkv,NB]
+    forced = _forced_blocks(lengths, nb, bk, sink=sink, window=window) & block_ok  # [B,NB]
+
+    # 2. Lower bound M_lb from the forced blocks and the top_r blocks by bound.
+    max_forced = -(-sink // bk) + -(-window // bk) + 1 if window > 0 else -(-sink // bk)
+    n_probe = min(nb, top_r + max_forced)
+    probe_key = jnp.where(forced[:, None, :], jnp.inf, group_ub)
+    probe_val, probe_idx = jax.lax.top_k(probe_key, n_probe)
+    probe_idx = jnp.where(probe_val > -jnp.inf, probe_idx, -1).astype(jnp.int32)
+    _, m_lb = dipr_range_mask(q, store.keys, probe_idx, lengths, beta=beta, return_mask=False, **kw)
+
+    # 3. Kept blocks: union over the group of UB >= M_lb - beta, plus forced; only valid blocks.
+    hit = ub >= (m_lb - beta)[..., None]  # [B,Hq,NB]
+    keep = (jnp.any(hit.reshape(b, hkv, g, nb), axis=2) | forced[:, None, :]) & block_ok[:, None, :]
+    kept_idx, kept_count = _compact(keep, cap)
+    overflow = jnp.any(kept_count > cap)
+
+    def attend(block_idx):
+        mask, m = dipr_range_mask(q, store.keys, block_idx, lengths, beta=beta, return_mask=with_mask, **kw)
+        out, _ = sparse_decode_attention(
+            q, store.keys, store.values, block_idx, lengths, m - beta,
+            sink=sink, window=window, num_splits=num_splits, **kw,
+        )
+        dense_mask = _scatter_mask(mask, block_idx, nb, bk) if with_mask else None
+        return out, m, dense_mask
+
+    if cap == nb:
+        out, m, dense_mask = attend(kept_idx)
+    else:
+        all_idx = jnp.where(block_ok[:, None, :], jnp.arange(nb, dtype=jnp.int32), -1)
+        all_idx = jnp.broadcast_to(all_idx, (b, hkv, nb))
+        # Static shapes differ (C vs NB); both branches return dense-shaped results.
+        out, m, dense_mask = jax.lax.cond(overflow, lambda: attend(all_idx), lambda: attend(kept_idx))
+    blocks_kept = jnp.where(overflow, nvb[:, None], kept_count)
+    keys_in_range = (
+        jnp.sum(dense_mask, axis=-1, dtype=jnp.int32) if with_mask else jnp.full((b, hq), -1, jnp.int32)
+    )
+    stats = DiprStats(
+        blocks_kept=blocks_kept.astype(jnp.int32),
+        keys_in_range=keys_in_range,
+        overflow=overflow.astype(jnp.int32),
+        max_score=m,
+    )
+    return out, stats, dense_mask

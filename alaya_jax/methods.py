@@ -1,0 +1,183 @@
+"""Attention methods behind one interface, and the attention function the model calls.
+
+The model (``models.Llama``) gets its attention as a function argument::
+
+    attention_fn(layer, q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache: KVStore, positions [B,T])
+        -> (out [B,T,Hq,D], new_cache, aux)
+
+:func:`make_attention_fn` builds it for an :class:`AttentionConfig`: it appends
+the new keys/values to the layer's store, then attends. Prefill chunks (T > 1)
+always run dense causal attention; decode steps (T == 1) run the configured
+method. ``aux`` is a dict of per-layer statistics (or ``{}``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from alaya_jax import baselines, kv_store
+from alaya_jax.dipr import range_mask_from_scores
+from alaya_jax.dipr_store import dipr_store_attention
+from alaya_jax.kv_store import KVStore
+from alaya_jax.masked_attention import full_softmax, group_size, masked_attention, raw_scores, sink_window_mask
+
+METHODS = ("full", "dipr", "topk", "topp", "quest", "infllm", "streaming", "auto")
+IMPLEMENTATIONS = ("reference", "pallas")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttentionConfig:
+    """How decode steps attend. Sink and window are added to every sparse method alike.
+
+    ``budget``: keys selected by ``topk``; ``quest``/``infllm`` select
+    ``ceil(budget / block_size)`` blocks. ``dense_layers``: layers that always run
+    full attention. ``auto``: full attention while the context is shorter than
+    ``auto_min_context``, else DIPR with ``auto_dense_layers`` dense.
+    """
+
+    method: str = "full"
+    beta: float = 32.0
+    budget: int = 256
+    top_p: float = 0.9
+    sink: int = 4
+    window: int = 64
+    dense_layers: tuple[int, ...] = ()
+    auto_min_context: int = 2048
+    auto_dense_layers: tuple[int, ...] = (0,)
+    top_r: int = 4
+    max_kept_blocks: Optional[int] = None
+    implementation: str = "reference"
+    collect_stats: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown attention method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"unknown implementation {self.implementation!r}; choose one of {IMPLEMENTATIONS}")
+        if not (self.beta >= 0):
+            raise ValueError(f"beta must be >= 0 (inf allowed), got {self.beta}")
+        if self.budget < 1:
+            raise ValueError(f"budget must be >= 1, got {self.budget}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.sink < 0 or self.window < 0:
+            raise ValueError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
+        if self.top_r < 1:
+            raise ValueError(f"top_r must be >= 1, got {self.top_r}")
+
+    def resolve(self, context_length: int) -> "AttentionConfig":
+        """Replace ``auto`` by the concrete method for a context of this many tokens."""
+        if self.method != "auto":
+            return self
+        if context_length < self.auto_min_context:
+            return dataclasses.replace(self, method="full")
+        return dataclasses.replace(self, method="dipr", dense_layers=tuple(self.auto_dense_layers))
+
+
+def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.Array:
+    """Dense causal attention: q [B,T,Hq,D] at absolute ``positions`` [B,T] over the store → [B,T,Hq,D]."""
+    b, t, hq, d = q.shape
+    k, v = store.dense_keys(), store.dense_values()  # [B,Hkv,S,D]
+    hkv, s = k.shape[1], k.shape[2]
+    g = group_size(hq, hkv)
+    qg = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
+    sc = jnp.einsum("bthgd,bhsd->bhgts", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    kpos = jnp.arange(s)
+    mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
+    mask = mask[:, None, None]  # [B,1,1,T,S]
+    z = jnp.where(mask, sc / jnp.sqrt(jnp.float32(d)), -jnp.inf)
+    p = jax.nn.softmax(z, axis=-1, where=mask)
+    p = jnp.where(mask, p, 0.0)
+    vv = jnp.where((kpos[None, :] < store.lengths[:, None])[:, None, :, None], v.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgts,bhsd->bthgd", p, vv, precision=jax.lax.Precision.HIGHEST)
+    return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dense: bool = False):
+    """One decode query per head over a store. q [B,Hq,D] → (out [B,Hq,D], stats dict).
+
+    Stats (when ``cfg.collect_stats``): ``keys_attended`` [B,Hq] and ``recall``
+    [B,Hq] (share of the full softmax mass on the attended keys); DIPR adds
+    ``blocks_kept`` [B,Hkv] and ``overflow`` [].
+    """
+    method = "full" if dense else cfg.method
+    if method == "auto":
+        raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) before decoding")
+    b, hq, d = q.shape
+    k, v = store.dense_keys(), store.dense_values()
+    s = k.shape[2]
+    valid = kv_store.positions_valid(store)  # [B,S]
+    sw = sink_window_mask(store.lengths, s, sink=cfg.sink, window=cfg.window)[:, None, :]
+    stats = {}
+    if method == "dipr":
+        out, dstats, dmask = dipr_store_attention(
+            q, store, beta=cfg.beta, sink=cfg.sink, window=cfg.window, top_r=cfg.top_r,
+            max_kept_blocks=cfg.max_kept_blocks, with_mask=cfg.collect_stats,
+            implementation=cfg.implementation,
+        )
+        stats = {"blocks_kept": dstats.blocks_kept, "overflow": dstats.overflow}
+        if not cfg.collect_stats:
+            return out, stats
+        mask = dmask | sw
+        scores = raw_scores(q, k)
+    else:
+        scores = raw_scores(q, k)
+        if method == "full":
+            mask = jnp.broadcast_to(valid[:, None, :], scores.shape)
+        elif method == "streaming":
+            mask = jnp.broadcast_to(sw, scores.shape)
+        elif method == "topk":
+            mask = baselines.topk_mask(scores, valid, k=cfg.budget) | sw
+        elif method == "topp":
+            mask = baselines.topp_mask(scores, valid, p=cfg.top_p, head_dim=d) | sw
+        elif method == "quest":
+            nblk = -(-cfg.budget // store.block_size)
+            mask = baselines.quest_mask(q, store.kmin, store.kmax, valid, num_blocks=nblk) | sw
+        elif method == "infllm":
+            nblk = -(-cfg.budget // store.block_size)
+            mask = baselines.infllm_mask(q, store.keys, valid, num_blocks=nblk) | sw
+        else:  # pragma: no cover - guarded by AttentionConfig
+            raise ValueError(method)
+        out, _ = masked_attention(q, k, v, mask, scores=scores)
+    if cfg.collect_stats:
+        probs = full_softmax(scores, valid, d)
+        stats["keys_attended"] = jnp.sum(mask, axis=-1).astype(jnp.float32)
+        stats["recall"] = jnp.sum(jnp.where(mask, probs, 0.0), axis=-1)
+    return out, stats
+
+
+def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None):
+    """The model's attention function for one forward call.
+
+    ``num_new`` [B]: how many of the T new rows of each sequence are real (ragged
+    prefill); default all T.
+    """
+    if cfg.method == "auto":
+        raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) first")
+
+    def attention_fn(layer: int, q, k, v, cache: KVStore, positions):
+        cache = kv_store.append(cache, k, v, num_new)
+        t = q.shape[1]
+        if t > 1 or cfg.method == "full":
+            if t == 1 and cfg.collect_stats:
+                out, stats = decode_attention(q[:, 0], cache, cfg, dense=True)
+                return out[:, None], cache, stats
+            return causal_attention(q, cache, positions), cache, {}
+        out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers)
+        return out[:, None], cache, stats
+
+    return attention_fn
+
+
+__all__ = [
+    "AttentionConfig",
+    "METHODS",
+    "causal_attention",
+    "decode_attention",
+    "make_attention_fn",
+    "range_mask_from_scores",
+]
