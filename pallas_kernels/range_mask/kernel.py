@@ -1,0 +1,116 @@
+"""Pallas kernel for the DIPR range mask.
+
+Grid (B, Hkv, S): program (b, h, s) walks slots [s*Cs, s*Cs + n) of the KV head's
+block list (n = listed slots in its share), loads each K block once for the whole
+GQA group, computes f32 scores with an IEEE f32 dot (precision HIGHEST, no TF32),
+writes them (−inf where invalid or unlisted) and the running max. The wrapper
+reduces the S partial maxima and forms the mask valid & (s >= max - beta); the
+token-level compare stays in f32 on the kernel's own scores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import compiler_params
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _scores(q, k):
+    # q [Gp, D] f32, k [Bk, D] -> [Gp, Bk] f32
+    return jax.lax.dot_general(
+        q, k.astype(jnp.float32), (((1,), (1,)), ((), ())),
+        precision=(_HI, _HI), preferred_element_type=jnp.float32,
+    )
+
+
+def _kernel(
+    len_ref,  # [1] int32
+    nhere_ref,  # [1] int32: listed slots in this split
+    bidx_ref,  # [Cs] int32
+    q_ref,  # [Gp, D] f32
+    k_ref,  # [NB, Bk, D]
+    *out_refs,  # scores [Cs, Gp, Bk] f32 (if with_scores), max [Gp] f32
+    with_scores: bool,
+):
+    if with_scores:
+        s_ref, m_ref = out_refs
+    else:
+        (m_ref,) = out_refs
+    gp = q_ref.shape[0]
+    bk = k_ref.shape[1]
+    cs = bidx_ref.shape[0]
+    length = len_ref[0]
+    n = nhere_ref[0]
+    q = q_ref[...]
+    offs = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+
+    def body(i, m):
+        blk = bidx_ref[i]
+        s = _scores(q, k_ref[blk])
+        s = jnp.where(blk * bk + offs < length, s, -jnp.inf)
+        if with_scores:
+            s_ref[i] = s
+        return jnp.maximum(m, jnp.max(s, axis=1))
+
+    m = jax.lax.fori_loop(0, n, body, jnp.full((gp,), -jnp.inf, jnp.float32))
+    m_ref[...] = m
+    if with_scores:
+        def fill(i, c):
+            s_ref[i] = jnp.full((gp, bk), -jnp.inf, jnp.float32)
+            return c
+
+        jax.lax.fori_loop(n, cs, fill, 0)
+
+
+def listed_scores_pallas(
+    q: jax.Array,  # [B, Hkv, Gp, Dp] f32 (padded)
+    keys: jax.Array,  # [B, Hkv, NB, Bk, Dp]
+    block_idx: jax.Array,  # [B, Hkv, S*Cs] int32
+    lengths: jax.Array,  # [B] int32
+    *,
+    num_splits: int,
+    with_scores: bool,
+    interpret: bool,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
+    """Returns (scores [B, Hkv, S*Cs, Gp, Bk] or None, partial max [B, Hkv, S, Gp])."""
+    b, hkv, gp, dp = q.shape
+    _, _, nb, bk, _ = keys.shape
+    cp = block_idx.shape[-1]
+    cs = cp // num_splits
+    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv]
+    starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
+    nhere = jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)  # [B, Hkv, S]
+
+    out_specs = [pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)]
+    if with_scores:
+        out_specs.insert(0, pl.BlockSpec((None, None, cs, gp, bk), lambda i, h, s: (i, h, s, 0, 0)))
+        out_shape.insert(0, jax.ShapeDtypeStruct((b, hkv, cp, gp, bk), jnp.float32))
+
+    outs = pl.pallas_call(
+        functools.partial(_kernel, with_scores=with_scores),
+        grid=(b, hkv, num_splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, h, s: (i,)),
+            pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, s)),
+            pl.BlockSpec((None, None, cs), lambda i, h, s: (i, h, s)),
+            pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
+        name="dipr_range_scores",
+    )(lengths, nhere, block_idx, q, keys)
+    if with_scores:
+        return outs[0], outs[1]
+    return None, outs[0]

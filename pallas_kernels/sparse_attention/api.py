@@ -1,0 +1,89 @@
+"""Public wrapper: sparse_decode_attention(q, keys, values, block_idx, lengths, threshold, *, ...)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels._common import check_implementation, next_pow2, pad_axis, resolve_interpret
+from pallas_kernels.lse_merge import merge_attention
+from pallas_kernels.range_mask.api import check_listed_args
+from pallas_kernels.sparse_attention.reference import sparse_decode_attention_reference
+
+
+def sparse_decode_attention(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    block_idx: jax.Array,
+    lengths: jax.Array,
+    threshold: jax.Array,
+    *,
+    sink: int = 0,
+    window: int = 0,
+    num_splits: int = 1,
+    sm_scale: Optional[float] = None,
+    implementation: str = "reference",
+    interpret: Optional[bool] = None,
+):
+    """Decode attention over the listed blocks of each KV head, token-masked.
+
+    Args:
+      q: [B, Hq, D]; keys, values: [B, Hkv, NB, Bk, D]; block_idx: [B, Hkv, C] int32
+        (listed blocks first, then -1; no duplicates); lengths: [B] int32;
+      threshold: f32 [B, Hq] in raw-score units (-inf = attend all listed valid tokens).
+      sink, window: positions p < sink or p >= length - window of listed blocks are
+        attended whatever their score.
+      num_splits: split each block list into this many partials (split-K), merged
+        exactly by log-sum-exp (Pallas; the reference computes it in one piece).
+      sm_scale: softmax scale (default 1/sqrt(D)).
+    Returns:
+      (out [B, Hq, D] in q.dtype, lse f32 [B, Hq]); rows with no token: 0, -inf.
+    """
+    check_implementation(implementation, "sparse_decode_attention")
+    g = check_listed_args("sparse_decode_attention", q, keys, block_idx, lengths)
+    if values.shape != keys.shape:
+        raise ValueError(
+            f"sparse_decode_attention: values{tuple(values.shape)} must match keys{tuple(keys.shape)}"
+        )
+    b, hq, d = q.shape
+    if tuple(threshold.shape) != (b, hq):
+        raise ValueError(
+            f"sparse_decode_attention: threshold must be [B, Hq]={(b, hq)}, got {tuple(threshold.shape)}"
+        )
+    if int(num_splits) < 1:
+        raise ValueError(f"sparse_decode_attention: num_splits must be >= 1, got {num_splits}")
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    block_idx = jnp.asarray(block_idx, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    threshold = jnp.asarray(threshold, jnp.float32)
+    if implementation == "reference":
+        return sparse_decode_attention_reference(
+            q, keys, values, block_idx, lengths, threshold,
+            sink=int(sink), window=int(window), sm_scale=sm_scale,
+        )
+    interpret = resolve_interpret(interpret, "sparse_decode_attention")
+    from pallas_kernels.sparse_attention.kernel import sparse_attention_partials_pallas
+
+    _, hkv, nb, bk, _ = keys.shape
+    c = block_idx.shape[-1]
+    s = int(num_splits)
+    cs = -(-c // s)
+    gp, dp = max(16, next_pow2(g)), next_pow2(d)  # tl.dot needs M >= 16
+    q32 = pad_axis(pad_axis(q.astype(jnp.float32).reshape(b, hkv, g, d), 2, gp), 3, dp)
+    thr = pad_axis(threshold.reshape(b, hkv, g), 2, gp, value=-jnp.inf)
+    kp, vp = pad_axis(keys, 4, dp), pad_axis(values, 4, dp)
+    bidx = pad_axis(block_idx, 2, s * cs, value=-1)
+    outs, lses = sparse_attention_partials_pallas(
+        q32, kp, vp, bidx, lengths, thr, num_splits=s, sink=sink, window=window,
+        sm_scale=sm_scale, interpret=interpret,
+    )
+    outs = outs[:, :, :, :g, :d].reshape(s, b, hq, d)
+    lses = lses[:, :, :, :g].reshape(s, b, hq)
+    if s == 1:
+        return outs[0].astype(q.dtype), lses[0]
+    out, lse = merge_attention(outs, lses)
+    return out.astype(q.dtype), lse

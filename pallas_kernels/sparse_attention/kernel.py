@@ -1,0 +1,139 @@
+"""Pallas kernel: split-K sparse decode attention over listed key blocks.
+
+Grid (B, Hkv, S). Program (b, h, s) owns slots [s*Cs, s*Cs + n) of KV head h's
+block list; it loads each K/V block once for the whole GQA group (q rows padded
+to Gp >= 16 for tl.dot), scores in f32 (IEEE dot: no TF32), applies the token
+rule (valid & (s >= thr | sink | window)), runs an online softmax and writes the
+normalised partial output and its log-sum-exp. Padding past a length may be NaN:
+scores are masked with `where` and values zeroed. Partials are merged by the LSE
+merge (op 4) in the wrapper.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import compiler_params
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _kernel(
+    len_ref,  # [1] int32
+    nhere_ref,  # [1] int32: listed slots in this split
+    bidx_ref,  # [Cs] int32
+    thr_ref,  # [Gp] f32
+    q_ref,  # [Gp, D] f32
+    k_ref,  # [NB, Bk, D]
+    v_ref,  # [NB, Bk, D]
+    o_ref,  # [Gp, D] f32 (out, normalised partial)
+    lse_ref,  # [Gp] f32 (out)
+    *,
+    sink: int,
+    window: int,
+    sm_scale: float,
+):
+    gp, d = q_ref.shape
+    bk = k_ref.shape[1]
+    length = len_ref[0]
+    n = nhere_ref[0]
+    q = q_ref[...]
+    thr = thr_ref[...][:, None]  # [Gp, 1]
+    offs_r = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    offs_c = jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+    f32_values = v_ref.dtype == jnp.float32
+
+    def body(i, carry):
+        o, m, l = carry
+        blk = bidx_ref[i]
+        k = k_ref[blk].astype(jnp.float32)  # [Bk, D]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=(_HI, _HI),
+                                preferred_element_type=jnp.float32)  # [Gp, Bk]
+        pos = blk * bk + offs_r
+        valid = pos < length
+        keep = (pos < sink) | (pos >= length - window)
+        att = valid & ((s >= thr) | keep)
+        logits = jnp.where(att, s * sm_scale, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(logits, axis=1))
+        m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+        corr = jnp.exp(m - m_safe)
+        p = jnp.exp(logits - m_safe[:, None])  # 0 where not attended
+        l = l * corr + jnp.sum(p, axis=1)
+        v = v_ref[blk]
+        v = jnp.where(blk * bk + offs_c < length, v, jnp.zeros_like(v))  # NaN padding -> 0
+        if f32_values:
+            pv = jax.lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=(_HI, _HI),
+                                     preferred_element_type=jnp.float32)
+        else:  # bf16/f16 values: low-precision P, f32 accumulation (tensor cores)
+            pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+        o = o * corr[:, None] + pv
+        return o, m_new, l
+
+    init = (
+        jnp.zeros((gp, d), jnp.float32),
+        jnp.full((gp,), -jnp.inf, jnp.float32),
+        jnp.zeros((gp,), jnp.float32),
+    )
+    o, m, l = jax.lax.fori_loop(0, n, body, init)
+    has = l > 0
+    l1 = jnp.where(has, l, 1.0)
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    o_ref[...] = jnp.where(has[:, None], o / l1[:, None], 0.0)
+    lse_ref[...] = jnp.where(has, m_safe + jnp.log(l1), -jnp.inf)
+
+
+def sparse_attention_partials_pallas(
+    q: jax.Array,  # [B, Hkv, Gp, Dp] f32
+    keys: jax.Array,  # [B, Hkv, NB, Bk, Dp]
+    values: jax.Array,  # [B, Hkv, NB, Bk, Dp]
+    block_idx: jax.Array,  # [B, Hkv, S*Cs] int32
+    lengths: jax.Array,  # [B] int32
+    threshold: jax.Array,  # [B, Hkv, Gp] f32
+    *,
+    num_splits: int,
+    sink: int,
+    window: int,
+    sm_scale: float,
+    interpret: bool,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
+    """Returns (outs [S, B, Hkv, Gp, Dp] f32, lses [S, B, Hkv, Gp] f32)."""
+    b, hkv, gp, dp = q.shape
+    _, _, nb, bk, _ = keys.shape
+    cp = block_idx.shape[-1]
+    cs = cp // num_splits
+    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)
+    starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
+    nhere = jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)  # [B, Hkv, S]
+    kernel = functools.partial(_kernel, sink=int(sink), window=int(window),
+                               sm_scale=float(sm_scale))
+    return pl.pallas_call(
+        kernel,
+        grid=(b, hkv, num_splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, h, s: (i,)),
+            pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, s)),
+            pl.BlockSpec((None, None, cs), lambda i, h, s: (i, h, s)),
+            pl.BlockSpec((None, None, gp), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, dp), lambda i, h, s: (s, i, h, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (s, i, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_splits, b, hkv, gp, dp), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, hkv, gp), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
+        name="sparse_decode_attention",
+    )(lengths, nhere, block_idx, threshold, q, keys, values)
