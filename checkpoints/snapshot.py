@@ -1,0 +1,589 @@
+"""Orbax snapshots of prefilled contexts: one KV store per layer plus its token ids.
+
+On disk a snapshot is one directory::
+
+    <path>/
+      state/        Orbax checkpoint of {"layers": [KVStore fields, ...]} with the
+                    block axis trimmed to the valid blocks (ceil(num_tokens / Bk))
+      tokens.npy    int32 [num_tokens]
+      meta.json     SnapshotMeta, incl. sha256 of every other file (written last)
+
+``save_snapshot`` writes everything into a temporary sibling directory, fsyncs
+it, then renames it to ``<path>``: a snapshot is visible only when whole, and a
+process killed at any point leaves either nothing or a complete snapshot
+(plus, at worst, a ``.tmp-*`` sibling that readers ignore).
+
+``load_snapshot`` checks the format version, the fingerprints, the dtype and the
+block size before reading any array, then the checksums, then restores through
+an abstract tree of ``jax.ShapeDtypeStruct`` onto the requested sharding and
+pads the block axis back to the requested capacity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from typing import Any, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alaya_jax.kv_store import KVStore
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+TOKENS_FILE = "tokens.npy"
+STATE_DIR = "state"
+_FIELDS = ("keys", "values", "kmin", "kmax", "lengths")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class SnapshotError(ValueError):
+    """Base class: a snapshot cannot be saved or loaded. ``str(e)`` is a user-facing message."""
+
+
+class CorruptSnapshotError(SnapshotError):
+    """A file is missing, unreadable, or does not match its recorded checksum."""
+
+
+class IncompatibleSnapshotError(SnapshotError):
+    """The snapshot is whole but was made for another model, tokenizer, dtype,
+    block size or on-disk format version."""
+
+
+class SnapshotExistsError(SnapshotError):
+    """``save_snapshot`` target already exists."""
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """No snapshot with the given id (or name)."""
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotMeta:
+    format_version: int
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    dtype: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_tokens: int
+    created: str
+    name: Optional[str] = None
+    checksums: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256 hex
+    snapshot_id: Optional[str] = None  # set by ContextDB (the directory name)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks stored on disk (the valid ones)."""
+        return -(-self.num_tokens // self.block_size)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SnapshotMeta":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in d]
+        if missing:
+            raise CorruptSnapshotError(f"meta.json lacks field(s) {missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def read_meta(path: str | os.PathLike) -> SnapshotMeta:
+    """Read ``<path>/meta.json``. Checks the format version (and nothing else)."""
+    path = os.fspath(path)
+    mpath = os.path.join(path, META_FILE)
+    try:
+        with open(mpath, "rb") as f:
+            raw = json.loads(f.read().decode("utf-8"))
+    except FileNotFoundError:
+        if not os.path.isdir(path):
+            raise CorruptSnapshotError(f"no snapshot at {path}") from None
+        raise CorruptSnapshotError(f"snapshot {path} has no {META_FILE} (incomplete or not a snapshot)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptSnapshotError(f"snapshot {path}: {META_FILE} is unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise CorruptSnapshotError(f"snapshot {path}: {META_FILE} is not a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IncompatibleSnapshotError(
+            f"snapshot {path} has format version {version!r}; this alaya-jax reads format version "
+            f"{FORMAT_VERSION} only"
+        )
+    try:
+        return SnapshotMeta.from_json(raw)
+    except TypeError as e:
+        raise CorruptSnapshotError(f"snapshot {path}: bad {META_FILE} ({e})") from None
+
+
+def check_compatible(
+    meta: SnapshotMeta,
+    *,
+    expect_model: Optional[str] = None,
+    expect_tokenizer: Optional[str] = None,
+    expect_dtype: Any = None,
+    expect_block_size: Optional[int] = None,
+    where: str = "snapshot",
+) -> None:
+    """Raise ``IncompatibleSnapshotError`` naming the first mismatch (``None`` = don't check)."""
+    if expect_model is not None and meta.model_fingerprint != expect_model:
+        raise IncompatibleSnapshotError(
+            f"{where} was made with model {meta.model_fingerprint}, this model is {expect_model}"
+        )
+    if expect_tokenizer is not None and meta.tokenizer_fingerprint != expect_tokenizer:
+        raise IncompatibleSnapshotError(
+            f"{where} was made with tokenizer {meta.tokenizer_fingerprint}, this tokenizer is {expect_tokenizer}"
+        )
+    if expect_dtype is not None and meta.dtype != dtype_name(expect_dtype):
+        raise IncompatibleSnapshotError(
+            f"{where} was made with dtype {meta.dtype}, this model uses {dtype_name(expect_dtype)}"
+        )
+    if expect_block_size is not None and meta.block_size != expect_block_size:
+        raise IncompatibleSnapshotError(
+            f"{where} was made with block size {meta.block_size}, this engine uses {expect_block_size}"
+        )
+
+
+def dtype_name(dtype: Any) -> str:
+    return jnp.dtype(dtype).name
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint(*parts: Any, length: int = 16) -> str:
+    """A stable sha256 hex digest (first ``length`` chars) of strings, bytes, numbers,
+    arrays, dataclasses, dicts, lists and pytrees of those. Arrays hash their dtype,
+    shape and bytes (so a model fingerprint can be ``fingerprint(config, params)``;
+    note that hashing device arrays copies them to the host)."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if x is None or isinstance(x, (bool, int, float, str)):
+            h.update(repr((type(x).__name__, x)).encode())
+        elif isinstance(x, bytes):
+            h.update(b"bytes%d:" % len(x) + x)
+        elif isinstance(x, (np.ndarray, np.generic, jax.Array)):
+            a = np.asarray(x)
+            h.update(f"array{a.dtype.name}{a.shape}:".encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            h.update(type(x).__name__.encode())
+            for f in dataclasses.fields(x):
+                h.update(f.name.encode())
+                feed(getattr(x, f.name))
+        elif isinstance(x, dict):
+            h.update(b"dict%d" % len(x))
+            for k in sorted(x, key=repr):
+                feed(k)
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"seq%d" % len(x))
+            for v in x:
+                feed(v)
+        else:
+            leaves, treedef = jax.tree_util.tree_flatten(x)
+            if len(leaves) == 1 and leaves[0] is x:
+                h.update(repr(x).encode())
+            else:
+                h.update(str(treedef).encode())
+                for v in leaves:
+                    feed(v)
+
+    for p in parts:
+        feed(p)
+    return h.hexdigest()[:length]
+
+
+# ----------------------------------------------------------------------------- store helpers
+
+
+def resize_store(store: KVStore, capacity: int) -> KVStore:
+    """The same store with its block axis padded (zeros) or cut to hold ``capacity``
+    positions, rounded up to whole blocks. Cutting below a valid length is an error."""
+    bk = store.block_size
+    nb = -(-int(capacity) // bk)
+    if nb <= 0:
+        raise ValueError(f"capacity must be positive, got {capacity}")
+    need = -(-int(np.max(np.asarray(store.lengths), initial=0)) // bk)
+    if nb < need:
+        raise ValueError(
+            f"capacity {capacity} ({nb} blocks of {bk}) cannot hold the store's "
+            f"{int(np.max(np.asarray(store.lengths)))} valid positions"
+        )
+    cur = store.num_blocks
+    if nb == cur:
+        return store
+    if nb < cur:
+        cut = lambda x: x[:, :, :nb]
+        return store.replace(keys=cut(store.keys), values=cut(store.values),
+                             kmin=cut(store.kmin), kmax=cut(store.kmax))
+
+    def pad(x):
+        widths = [(0, 0)] * x.ndim
+        widths[2] = (0, nb - cur)
+        return jnp.pad(x, widths)
+
+    return store.replace(keys=pad(store.keys), values=pad(store.values),
+                         kmin=pad(store.kmin), kmax=pad(store.kmax))
+
+
+def truncate_store(store: KVStore, num_tokens: int) -> KVStore:
+    """Keep the first ``num_tokens`` positions of every sequence (which must not
+    exceed any length): sets ``lengths`` and makes the summaries of the blocks past
+    it exact again (a partial last block's min/max is recomputed, blocks past it
+    get 0, as ``kv_store`` expects of empty blocks). Keys/values past the new
+    length are left as they are (undefined contents)."""
+    n = int(num_tokens)
+    lengths = np.asarray(store.lengths)
+    if n < 0 or (lengths < n).any():
+        raise ValueError(f"cannot truncate to {n} positions: lengths are {lengths.tolist()}")
+    if (lengths == n).all():
+        return store
+    bk = store.block_size
+    full = n // bk
+    blk = jnp.arange(store.num_blocks)[None, None, :, None]
+    kmin = jnp.where(blk < full, store.kmin, 0.0)
+    kmax = jnp.where(blk < full, store.kmax, 0.0)
+    if n % bk:  # partial last block: recompute its summary from its valid keys
+        part = store.keys[:, :, full, : n % bk].astype(jnp.float32)  # [B, Hkv, r, D]
+        kmin = kmin.at[:, :, full].set(part.min(axis=2))
+        kmax = kmax.at[:, :, full].set(part.max(axis=2))
+    return store.replace(kmin=kmin, kmax=kmax,
+                         lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+
+
+def _check_caches(caches: Sequence[KVStore], num_tokens: int) -> KVStore:
+    if not caches:
+        raise SnapshotError("nothing to save: the caches tuple is empty")
+    first = caches[0]
+    for i, c in enumerate(caches):
+        if not isinstance(c, KVStore):
+            raise SnapshotError(f"layer {i}: expected a KVStore, got {type(c).__name__}")
+        if c.keys.shape != first.keys.shape or c.dtype != first.dtype:
+            raise SnapshotError(
+                f"layer {i} store {tuple(c.keys.shape)} {c.dtype} differs from layer 0 "
+                f"{tuple(first.keys.shape)} {first.dtype}"
+            )
+        if c.batch != 1:
+            raise SnapshotError(f"snapshots hold one sequence; layer {i} has batch {c.batch}")
+        length = int(np.asarray(c.lengths)[0])
+        if length != num_tokens:
+            raise SnapshotError(
+                f"layer {i} holds {length} positions but {num_tokens} token ids were given"
+            )
+    return first
+
+
+# ----------------------------------------------------------------------------- file helpers
+
+
+def _stage(name: str) -> None:
+    """Crash-test hook: called between the steps of a save. A no-op; the crash tests
+    replace it in a subprocess to kill the process at a given step."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _walk_files(root: str) -> list[str]:
+    """Relative paths (with '/') of every regular file under root, sorted."""
+    out = []
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            rel = os.path.relpath(os.path.join(dirpath, fn), root)
+            out.append(rel.replace(os.sep, "/"))
+    return sorted(out)
+
+
+def _fsync_tree(root: str) -> None:
+    for dirpath, _, files in os.walk(root):
+        for fn in files:
+            fd = os.open(os.path.join(dirpath, fn), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(dirpath)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _orbax():
+    import orbax.checkpoint as ocp  # imported lazily: slow to import
+
+    return ocp
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save_snapshot(
+    path: str | os.PathLike,
+    caches: Sequence[KVStore],
+    tokens: Sequence[int],
+    *,
+    model_fingerprint: str,
+    tokenizer_fingerprint: str,
+    name: Optional[str] = None,
+    snapshot_id: Optional[str] = None,
+    exist_ok: bool = False,
+) -> SnapshotMeta:
+    """Save a prefilled context (``caches``: one B=1 ``KVStore`` per layer holding
+    exactly ``len(tokens)`` positions) to the directory ``path``, atomically.
+
+    Only the valid blocks are written. Raises ``SnapshotExistsError`` if ``path``
+    exists (or, with ``exist_ok``, returns the existing snapshot's meta — the
+    existing snapshot is not compared with the new one)."""
+    path = os.path.abspath(os.fspath(path))
+    tokens_np = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
+    if tokens_np.ndim != 1 or tokens_np.size == 0:
+        raise SnapshotError(f"tokens must be a non-empty 1-D sequence, got shape {tokens_np.shape}")
+    if tokens_np.min() < 0 or tokens_np.max() > np.iinfo(np.int32).max:
+        raise SnapshotError("token ids must fit in int32 and be non-negative")
+    n = int(tokens_np.size)
+    caches = tuple(caches)
+    first = _check_caches(caches, n)
+    if os.path.exists(path):
+        if exist_ok:
+            return read_meta(path)
+        raise SnapshotExistsError(f"snapshot {path} already exists")
+
+    bk = first.block_size
+    nb = -(-n // bk)
+    trim = lambda x: x[:, :, :nb]
+    tree = {
+        "layers": [
+            {"keys": trim(c.keys), "values": trim(c.values), "kmin": trim(c.kmin),
+             "kmax": trim(c.kmax), "lengths": c.lengths}
+            for c in caches
+        ]
+    }
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
+    os.makedirs(tmp)
+    try:
+        ocp = _orbax()
+        ckptr = ocp.StandardCheckpointer()
+        try:
+            ckptr.save(os.path.join(tmp, STATE_DIR), tree)
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
+        _stage("after_arrays")
+        buf = _npy_bytes(tokens_np.astype(np.int32))
+        _write_file(os.path.join(tmp, TOKENS_FILE), buf)
+        _stage("after_tokens")
+        _fsync_tree(tmp)
+        checksums = {rel: sha256_file(os.path.join(tmp, rel)) for rel in _walk_files(tmp)}
+        meta = SnapshotMeta(
+            format_version=FORMAT_VERSION,
+            model_fingerprint=str(model_fingerprint),
+            tokenizer_fingerprint=str(tokenizer_fingerprint),
+            dtype=dtype_name(first.dtype),
+            block_size=bk,
+            num_layers=len(caches),
+            num_kv_heads=first.num_kv_heads,
+            head_dim=first.head_dim,
+            num_tokens=n,
+            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            name=name,
+            checksums=checksums,
+            snapshot_id=snapshot_id,
+        )
+        _stage("before_meta")
+        _write_file(os.path.join(tmp, META_FILE),
+                    json.dumps(meta.to_json(), indent=1, sort_keys=True).encode())
+        _fsync_dir(tmp)
+        _stage("before_rename")
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # A directory appeared at `path` meanwhile (another writer): keep theirs.
+            if os.path.isdir(path) and exist_ok:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return read_meta(path)
+            raise
+        _fsync_dir(parent)
+        _stage("after_rename")
+        return meta
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    bio = io.BytesIO()
+    np.save(bio, a, allow_pickle=False)
+    return bio.getvalue()
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def verify_checksums(path: str | os.PathLike, meta: Optional[SnapshotMeta] = None) -> SnapshotMeta:
+    """Re-hash every file listed in meta.json; raise ``CorruptSnapshotError`` naming
+    the first missing or mismatching file. Returns the meta."""
+    path = os.fspath(path)
+    meta = read_meta(path) if meta is None else meta
+    if not meta.checksums:
+        raise CorruptSnapshotError(f"snapshot {path}: meta.json lists no checksums")
+    for rel, want in sorted(meta.checksums.items()):
+        fp = os.path.join(path, *rel.split("/"))
+        try:
+            got = sha256_file(fp)
+        except FileNotFoundError:
+            raise CorruptSnapshotError(f"snapshot {path}: file {rel} is missing") from None
+        except OSError as e:
+            raise CorruptSnapshotError(f"snapshot {path}: file {rel} is unreadable ({e})") from None
+        if got != want:
+            raise CorruptSnapshotError(
+                f"snapshot {path}: checksum mismatch in {rel} (file is corrupt: sha256 {got[:16]}…, "
+                f"expected {want[:16]}…)"
+            )
+    return meta
+
+
+def load_tokens(path: str | os.PathLike, meta: Optional[SnapshotMeta] = None, *, verify: bool = False) -> list[int]:
+    """Token ids of a snapshot (cheap: reads tokens.npy only)."""
+    path = os.fspath(path)
+    fp = os.path.join(path, TOKENS_FILE)
+    if verify:
+        meta = read_meta(path) if meta is None else meta
+        want = meta.checksums.get(TOKENS_FILE)
+        if want is None or sha256_file(fp) != want:
+            raise CorruptSnapshotError(f"snapshot {path}: checksum mismatch in {TOKENS_FILE}")
+    try:
+        arr = np.load(fp, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CorruptSnapshotError(f"snapshot {path}: {TOKENS_FILE} is unreadable ({e})") from None
+    if meta is not None and arr.shape != (meta.num_tokens,):
+        raise CorruptSnapshotError(
+            f"snapshot {path}: {TOKENS_FILE} holds {arr.shape} ids, meta says {meta.num_tokens}"
+        )
+    return arr.astype(np.int64).tolist()
+
+
+def abstract_tree(meta: SnapshotMeta, sharding=None) -> dict:
+    """The ``jax.ShapeDtypeStruct`` tree that ``state/`` holds (trimmed block axis)."""
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    kv = (1, meta.num_kv_heads, meta.num_blocks, meta.block_size, meta.head_dim)
+    summ = (1, meta.num_kv_heads, meta.num_blocks, meta.head_dim)
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+
+    layer = lambda: {
+        "keys": sds(kv, meta.dtype), "values": sds(kv, meta.dtype),
+        "kmin": sds(summ, jnp.float32), "kmax": sds(summ, jnp.float32),
+        "lengths": sds((1,), jnp.int32),
+    }
+    return {"layers": [layer() for _ in range(meta.num_layers)]}
+
+
+def load_snapshot(
+    path: str | os.PathLike,
+    *,
+    expect_model: Optional[str] = None,
+    expect_tokenizer: Optional[str] = None,
+    expect_dtype: Any = None,
+    expect_block_size: Optional[int] = None,
+    capacity: Optional[int] = None,
+    sharding=None,
+    verify: bool = True,
+) -> tuple[tuple[KVStore, ...], list[int], SnapshotMeta]:
+    """Load a snapshot: ``(caches, tokens, meta)``.
+
+    Checks (in this order, each failure a ``SnapshotError`` subclass naming what is
+    wrong): meta.json present and of a known format version; model, tokenizer,
+    dtype and block size against the ``expect_*`` values given (``None`` = not
+    checked); sha256 of every file (``verify=False`` skips this: hashing costs
+    about a second per GB); shapes of the stored arrays. The arrays are restored
+    through an abstract tree onto ``sharding`` (default: the first device), then the
+    block axis is padded with empty blocks to hold ``capacity`` positions (default:
+    the stored blocks only)."""
+    path = os.fspath(path)
+    meta = read_meta(path)
+    check_compatible(meta, expect_model=expect_model, expect_tokenizer=expect_tokenizer,
+                     expect_dtype=expect_dtype, expect_block_size=expect_block_size,
+                     where=f"snapshot {path}")
+    if capacity is not None and capacity < meta.num_tokens:
+        raise SnapshotError(
+            f"capacity {capacity} is smaller than the snapshot's {meta.num_tokens} tokens"
+        )
+    if verify:
+        verify_checksums(path, meta)
+    tokens = load_tokens(path, meta)
+    target = abstract_tree(meta, sharding)
+    ocp = _orbax()
+    state = os.path.join(path, STATE_DIR)
+    if not os.path.isdir(state):
+        raise CorruptSnapshotError(f"snapshot {path}: {STATE_DIR}/ is missing")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        restored = ckptr.restore(os.path.abspath(state), target)
+    except Exception as e:  # orbax/tensorstore raise many types
+        raise CorruptSnapshotError(f"snapshot {path}: cannot restore arrays ({type(e).__name__}: {e})") from e
+    finally:
+        ckptr.close()
+    caches = []
+    for i, layer in enumerate(restored["layers"]):
+        store = KVStore(**{f: layer[f] for f in _FIELDS})
+        if store.keys.shape != target["layers"][i]["keys"].shape:
+            raise CorruptSnapshotError(f"snapshot {path}: layer {i} has shape {store.keys.shape}")
+        if int(np.asarray(store.lengths)[0]) != meta.num_tokens:
+            raise CorruptSnapshotError(
+                f"snapshot {path}: layer {i} length {int(np.asarray(store.lengths)[0])} != "
+                f"{meta.num_tokens} tokens in meta"
+            )
+        if capacity is not None:
+            store = resize_store(store, capacity)
+        caches.append(store)
+    return tuple(caches), tokens, meta
