@@ -83,11 +83,12 @@ class Engine:
             m = nnx.merge(graphdef, state)
             return m(tokens, positions, caches, attention=make_attention_fn(cfg, num_new))
 
-        def decode(state, caches, token, key, temperature, top_p, cfg):
+        def decode(state, caches, token, key, temperature, top_p, beta, attn_top_p, cfg):
             self.trace_counts["decode"] += 1
             m = nnx.merge(graphdef, state)
             positions = caches[0].lengths[:, None]
-            logits, caches, aux = m(token[:, None], positions, caches, attention=make_attention_fn(cfg))
+            attn = make_attention_fn(cfg, beta=beta, top_p=attn_top_p)
+            logits, caches, aux = m(token[:, None], positions, caches, attention=attn)
             logits = logits[:, 0].astype(jnp.float32)
             return sample(logits, key, temperature, top_p), logits, caches, aux
 
@@ -165,9 +166,14 @@ class Engine:
 
     # ------------------------------------------------------------------ decode
     def decode_step(self, caches, token, *, key, sampling: SamplingConfig, attention: AttentionConfig = FULL):
-        """One jitted step: token int32 [B] → (next int32 [B], logits f32 [B,V], caches, aux)."""
+        """One jitted step: token int32 [B] → (next int32 [B], logits f32 [B,V], caches, aux).
+
+        β and the attention top-p are traced: sweeping them reuses one compilation.
+        """
+        static = dataclasses.replace(attention, beta=0.0, top_p=1.0)
         return self._decode(self._state, caches, token, key, jnp.float32(sampling.temperature),
-                            jnp.float32(sampling.top_p), cfg=attention)
+                            jnp.float32(sampling.top_p), jnp.float32(attention.beta),
+                            jnp.float32(attention.top_p), cfg=static)
 
     def generate(
         self,

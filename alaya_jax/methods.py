@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 
 from alaya_jax import baselines, kv_store
-from alaya_jax.dipr import range_mask_from_scores
 from alaya_jax.dipr_store import dipr_store_attention
 from alaya_jax.kv_store import KVStore
 from alaya_jax.masked_attention import full_softmax, group_size, masked_attention, raw_scores, sink_window_mask
@@ -97,14 +96,20 @@ def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.
     return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
-def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dense: bool = False):
+def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dense: bool = False,
+                     beta=None, top_p=None):
     """One decode query per head over a store. q [B,Hq,D] → (out [B,Hq,D], stats dict).
+
+    ``beta`` / ``top_p`` (optional, may be traced) override ``cfg.beta`` / ``cfg.top_p``
+    so that sweeping them does not recompile.
 
     Stats (when ``cfg.collect_stats``): ``keys_attended`` [B,Hq] and ``recall``
     [B,Hq] (share of the full softmax mass on the attended keys); DIPR adds
     ``blocks_kept`` [B,Hkv] and ``overflow`` [].
     """
     method = "full" if dense else cfg.method
+    beta = cfg.beta if beta is None else beta
+    top_p = cfg.top_p if top_p is None else top_p
     if method == "auto":
         raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) before decoding")
     b, hq, d = q.shape
@@ -115,7 +120,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
     stats = {}
     if method == "dipr":
         out, dstats, dmask = dipr_store_attention(
-            q, store, beta=cfg.beta, sink=cfg.sink, window=cfg.window, top_r=cfg.top_r,
+            q, store, beta=beta, sink=cfg.sink, window=cfg.window, top_r=cfg.top_r,
             max_kept_blocks=cfg.max_kept_blocks, with_mask=cfg.collect_stats,
             implementation=cfg.implementation,
         )
@@ -133,7 +138,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
         elif method == "topk":
             mask = baselines.topk_mask(scores, valid, k=cfg.budget) | sw
         elif method == "topp":
-            mask = baselines.topp_mask(scores, valid, p=cfg.top_p, head_dim=d) | sw
+            mask = baselines.topp_mask(scores, valid, p=top_p, head_dim=d) | sw
         elif method == "quest":
             nblk = -(-cfg.budget // store.block_size)
             mask = baselines.quest_mask(q, store.kmin, store.kmax, valid, num_blocks=nblk) | sw
@@ -150,11 +155,12 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
     return out, stats
 
 
-def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None):
+def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None, *, beta=None, top_p=None):
     """The model's attention function for one forward call.
 
     ``num_new`` [B]: how many of the T new rows of each sequence are real (ragged
-    prefill); default all T.
+    prefill); default all T. ``beta`` / ``top_p``: traced overrides (see
+    :func:`decode_attention`).
     """
     if cfg.method == "auto":
         raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) first")
@@ -167,7 +173,7 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None)
                 out, stats = decode_attention(q[:, 0], cache, cfg, dense=True)
                 return out[:, None], cache, stats
             return causal_attention(q, cache, positions), cache, {}
-        out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers)
+        out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers, beta=beta, top_p=top_p)
         return out[:, None], cache, stats
 
     return attention_fn
@@ -179,5 +185,4 @@ __all__ = [
     "causal_attention",
     "decode_attention",
     "make_attention_fn",
-    "range_mask_from_scores",
 ]

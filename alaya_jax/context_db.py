@@ -1,0 +1,424 @@
+"""The context DB: a directory of prefilled-context snapshots with prefix reuse.
+
+Layout::
+
+    <root>/snapshots/<id>/        one snapshot (see ``checkpoints.snapshot``)
+    <root>/snapshots/.tmp-*       a save in progress (or killed): ignored
+    <root>/snapshots/.trash-*     a delete in progress (or killed): ignored
+
+There is no separate catalogue file to get out of step: the catalogue is the set
+of ``snapshots/<id>/meta.json`` files, scanned on open and re-scanned (a
+``stat`` per snapshot, new ones read) before every lookup. Because a snapshot
+directory only appears by an atomic rename of a complete one, a crash at any
+point of a save or delete leaves the catalogue consistent, and any number of
+readers (threads or processes) can use one DB without locks.
+
+Ids are content addresses: ``sha256(model, tokenizer, dtype, block size, token
+ids)[:16]``, so saving a token sequence that is already stored returns the
+existing id and two writers racing on the same context end with one copy.
+
+Prefix lookup works like vLLM's prefix caching: every full block of ``Bk``
+tokens gets a chained hash ``h_i = sha256(h_{i-1} || tokens of block i)``
+(``h_{-1}`` binds model, tokenizer, dtype and block size), and an in-memory
+index maps each hash to the snapshots containing that prefix. A prompt hashes
+its own blocks and takes the deepest hit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from alaya_jax.kv_store import KVStore
+from checkpoints.snapshot import (
+    CorruptSnapshotError,
+    SnapshotError,
+    SnapshotMeta,
+    SnapshotNotFoundError,
+    check_compatible,
+    dtype_name,
+    load_snapshot,
+    load_tokens,
+    read_meta,
+    resize_store,
+    save_snapshot,
+    truncate_store,
+)
+
+log = logging.getLogger(__name__)
+
+SNAPSHOTS = "snapshots"
+_TMP, _TRASH = ".tmp-", ".trash-"
+
+
+@dataclasses.dataclass
+class Session:
+    """A context being built: ``caches`` hold the KV of exactly ``tokens``.
+
+    ``reused_tokens``: how many of ``tokens`` came from snapshot ``snapshot_id``
+    (0 / None when nothing was reused). ``skipped``: snapshots that matched but were
+    refused while looking up (corrupt, vanished, ...), as ``(id, reason)``.
+    The engine extends ``tokens`` and ``caches`` together as it prefills and decodes."""
+
+    tokens: list[int]
+    caches: Optional[tuple[KVStore, ...]]
+    snapshot_id: Optional[str] = None
+    reused_tokens: int = 0
+    skipped: list = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class _Entry:
+    stat_key: tuple
+    meta: Optional[SnapshotMeta] = None
+    error: Optional[SnapshotError] = None  # why this DB cannot use it (None: usable)
+    hashes: Optional[list[bytes]] = None  # chained hash of each full block
+
+    @property
+    def problem(self) -> Optional[str]:
+        return None if self.error is None else str(self.error)
+
+
+def _block_hashes(seed: bytes, tokens: Sequence[int], block_size: int, max_blocks: Optional[int] = None) -> list[bytes]:
+    arr = np.asarray(tokens, dtype=np.int64)
+    nb = len(arr) // block_size
+    if max_blocks is not None:
+        nb = min(nb, max_blocks)
+    blocks = arr[: nb * block_size].astype("<i4").reshape(nb, block_size)
+    out, h = [], seed
+    for i in range(nb):
+        h = hashlib.sha256(h + blocks[i].tobytes()).digest()
+        out.append(h)
+    return out
+
+
+class ContextDB:
+    """Snapshots of prefilled contexts for one model / tokenizer / dtype / block size.
+
+    Snapshots of other models in the same directory are kept and listed as
+    problems (``problems()``), never loaded. ``sharding``: where loaded stores go
+    (default: the first device). ``verify``: re-hash files on every load (about a
+    second per GB; turn off only where the storage is trusted)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        model_fingerprint: str,
+        tokenizer_fingerprint: str,
+        dtype: Any,
+        block_size: int,
+        sharding=None,
+        verify: bool = True,
+        stale_tmp_s: float = 6 * 3600,
+    ):
+        self.path = os.path.abspath(os.fspath(path))
+        self.model_fingerprint = str(model_fingerprint)
+        self.tokenizer_fingerprint = str(tokenizer_fingerprint)
+        self.dtype = dtype_name(dtype)
+        self.block_size = int(block_size)
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.sharding = sharding
+        self.verify = verify
+        self._dir = os.path.join(self.path, SNAPSHOTS)
+        os.makedirs(self._dir, exist_ok=True)
+        self._seed = hashlib.sha256(
+            f"alaya-prefix|{self.model_fingerprint}|{self.tokenizer_fingerprint}|{self.dtype}|{self.block_size}".encode()
+        ).digest()
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._index: dict[bytes, list[str]] = {}
+        self.cleanup(older_than_s=stale_tmp_s)
+        self.refresh()
+
+    # ------------------------------------------------------------------ catalogue
+
+    def snapshot_id(self, tokens: Sequence[int]) -> str:
+        """The id a snapshot of ``tokens`` gets in this DB."""
+        h = hashlib.sha256(self._seed)
+        h.update(np.asarray(tokens, dtype=np.int64).astype("<i4").tobytes())
+        return h.hexdigest()[:16]
+
+    def _snap_path(self, sid: str) -> str:
+        return os.path.join(self._dir, sid)
+
+    def refresh(self) -> None:
+        """Re-scan ``snapshots/``: index new snapshots, forget removed ones."""
+        with self._lock:
+            try:
+                names = [n for n in os.listdir(self._dir) if not n.startswith(".")]
+            except FileNotFoundError:
+                os.makedirs(self._dir, exist_ok=True)
+                names = []
+            seen = set()
+            changed = False
+            for sid in names:
+                p = self._snap_path(sid)
+                try:
+                    st = os.stat(os.path.join(p, "meta.json"))
+                    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+                except FileNotFoundError:
+                    if not os.path.isdir(p):
+                        continue
+                    key = ("no-meta",)
+                except OSError as e:
+                    key = ("error", str(e))
+                seen.add(sid)
+                old = self._entries.get(sid)
+                if old is not None and old.stat_key == key:
+                    continue
+                self._entries[sid] = self._read_entry(sid, key)
+                changed = True
+            for sid in list(self._entries):
+                if sid not in seen:
+                    del self._entries[sid]
+                    changed = True
+            if changed:
+                self._rebuild_index()
+
+    def _read_entry(self, sid: str, key: tuple) -> _Entry:
+        p = self._snap_path(sid)
+        try:
+            meta = read_meta(p)
+        except SnapshotError as e:
+            return _Entry(key, None, e)
+        meta = dataclasses.replace(meta, snapshot_id=sid)
+        try:
+            check_compatible(
+                meta, expect_model=self.model_fingerprint, expect_tokenizer=self.tokenizer_fingerprint,
+                expect_dtype=self.dtype, expect_block_size=self.block_size, where=f"snapshot {sid}",
+            )
+            toks = load_tokens(p, meta, verify=True)
+        except SnapshotError as e:
+            return _Entry(key, meta, e)
+        return _Entry(key, meta, None, _block_hashes(self._seed, toks, self.block_size))
+
+    def _rebuild_index(self) -> None:
+        index: dict[bytes, list[str]] = {}
+        for sid, e in sorted(self._entries.items()):
+            if e.problem is None and e.hashes:
+                for h in e.hashes:
+                    index.setdefault(h, []).append(sid)
+        self._index = index
+
+    def _mark_bad(self, sid: str, err: SnapshotError) -> None:
+        with self._lock:
+            e = self._entries.get(sid)
+            if e is not None:
+                e.error = err
+                self._rebuild_index()
+
+    def list(self, *, include_incompatible: bool = False) -> list[SnapshotMeta]:
+        """Metadata of the usable snapshots, oldest first (``include_incompatible``:
+        also those of other models / tokenizers / dtypes / block sizes and those found
+        corrupt, when their meta.json is readable). See ``problems()`` for why."""
+        self.refresh()
+        with self._lock:
+            out = [e.meta for e in self._entries.values()
+                   if e.meta is not None and (include_incompatible or e.problem is None)]
+        return sorted(out, key=lambda m: (m.created, m.snapshot_id))
+
+    def problems(self) -> dict[str, str]:
+        """``{id: reason}`` for every snapshot directory this DB will not load."""
+        self.refresh()
+        with self._lock:
+            return {sid: e.problem for sid, e in sorted(self._entries.items()) if e.problem is not None}
+
+    def resolve(self, ref: str) -> str:
+        """An id from a full id, a unique id prefix or a unique name."""
+        self.refresh()
+        with self._lock:
+            if ref in self._entries:
+                return ref
+            hits = [sid for sid in self._entries if sid.startswith(ref)] if ref else []
+            if not hits:
+                hits = [sid for sid, e in self._entries.items() if e.meta is not None and e.meta.name == ref]
+        if len(hits) == 1:
+            return hits[0]
+        if not hits:
+            raise SnapshotNotFoundError(f"no snapshot {ref!r} in {self.path}")
+        raise SnapshotNotFoundError(f"{ref!r} is ambiguous in {self.path}: {sorted(hits)}")
+
+    def show(self, ref: str, *, verify: bool = False) -> SnapshotMeta:
+        """Metadata of one snapshot (by id, id prefix or name). Raises the snapshot's
+        error if it is unusable; ``verify`` also re-hashes its files."""
+        sid = self.resolve(ref)
+        with self._lock:
+            e = self._entries[sid]
+        if e.problem is not None:
+            raise e.error
+        if verify:
+            from checkpoints.snapshot import verify_checksums
+
+            try:
+                verify_checksums(self._snap_path(sid), e.meta)
+            except SnapshotError as err:
+                self._mark_bad(sid, err)
+                raise
+        return e.meta
+
+    def load(self, ref: str, *, capacity: Optional[int] = None):
+        """``(caches, tokens, meta)`` of one snapshot, padded to ``capacity``."""
+        sid = self.resolve(ref)
+        with self._lock:
+            e = self._entries[sid]
+        if e.problem is not None:
+            raise e.error
+        return self._load(sid, capacity)
+
+    def _load(self, sid: str, capacity: Optional[int]):
+        try:
+            caches, toks, meta = load_snapshot(
+                self._snap_path(sid), expect_model=self.model_fingerprint,
+                expect_tokenizer=self.tokenizer_fingerprint, expect_dtype=self.dtype,
+                expect_block_size=self.block_size, capacity=capacity, sharding=self.sharding,
+                verify=self.verify,
+            )
+        except SnapshotError as err:
+            if os.path.isdir(self._snap_path(sid)):
+                self._mark_bad(sid, err)
+            else:
+                err = SnapshotNotFoundError(f"snapshot {sid} was deleted while loading")
+            raise err from None
+        return caches, toks, dataclasses.replace(meta, snapshot_id=sid)
+
+    # ------------------------------------------------------------------ lookup
+
+    def longest_prefix(self, tokens: Sequence[int], *, max_tokens: Optional[int] = None) -> tuple[Optional[str], int]:
+        """``(id, n)``: a usable snapshot sharing the longest block-aligned prefix with
+        ``tokens`` (``n`` tokens, at most ``max_tokens``), or ``(None, 0)``."""
+        self.refresh()
+        limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+        hashes = _block_hashes(self._seed, tokens, self.block_size, max_blocks=limit // self.block_size)
+        with self._lock:
+            for i in range(len(hashes) - 1, -1, -1):
+                ids = self._index.get(hashes[i])
+                if ids:
+                    # Prefer the shortest snapshot: fewest bytes to read.
+                    best = min(ids, key=lambda s: (self._entries[s].meta.num_tokens, s))
+                    return best, (i + 1) * self.block_size
+        return None, 0
+
+    def create_session(self, tokens: Sequence[int], *, capacity: int, strict: bool = False) -> tuple[Session, list[int]]:
+        """Start a session for the prompt ``tokens``: ``(session, tokens still to prefill)``.
+
+        Reuses the longest stored block-aligned prefix but never the whole prompt (at
+        least one token stays to prefill so that the caller gets logits). The caches
+        are padded to ``capacity`` positions (rounded up to blocks). A matching snapshot
+        that fails to load is recorded in ``session.skipped`` and the next best match is
+        tried (``strict=True``: raise its error instead)."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("create_session needs at least one token")
+        if capacity < len(tokens):
+            raise ValueError(f"capacity {capacity} is smaller than the {len(tokens)}-token prompt")
+        skipped = []
+        while True:
+            sid, n = self.longest_prefix(tokens, max_tokens=len(tokens) - 1)
+            if sid is None:
+                return Session(tokens=[], caches=None, skipped=skipped), tokens
+            try:
+                caches, stoks, meta = self._load(sid, None)
+                if stoks[:n] != tokens[:n]:  # a hash collision or a changed file
+                    raise CorruptSnapshotError(f"snapshot {sid}: token ids differ from its index")
+            except SnapshotError as err:
+                if strict:
+                    raise
+                log.warning("context DB: skipping snapshot %s: %s", sid, err)
+                skipped.append((sid, str(err)))
+                self._mark_bad(sid, err)
+                continue
+            caches = tuple(resize_store(truncate_store(c, n), capacity) for c in caches)
+            return Session(tokens=tokens[:n], caches=caches, snapshot_id=sid, reused_tokens=n,
+                           skipped=skipped), tokens[n:]
+
+    # ------------------------------------------------------------------ writes
+
+    def import_(self, tokens: Sequence[int], kv: Sequence[KVStore], *, name: Optional[str] = None) -> str:
+        """Store a prefilled context (``kv``: one B=1 store per layer holding exactly
+        ``tokens``). Returns its id; a token sequence already stored returns the
+        existing id without writing."""
+        tokens = [int(t) for t in tokens]
+        kv = tuple(kv)
+        if kv:
+            got = dtype_name(kv[0].dtype)
+            if got != self.dtype:
+                raise SnapshotError(f"caches have dtype {got}, this DB holds {self.dtype}")
+            if kv[0].block_size != self.block_size:
+                raise SnapshotError(f"caches have block size {kv[0].block_size}, this DB uses {self.block_size}")
+        sid = self.snapshot_id(tokens)
+        path = self._snap_path(sid)
+        if os.path.isdir(path):
+            self.refresh()
+            with self._lock:
+                e = self._entries.get(sid)
+            if e is not None and e.problem is None:
+                return sid
+            # A broken copy under this id: move it aside and write a good one.
+            log.warning("context DB: replacing unusable snapshot %s (%s)", sid, e.problem if e else "?")
+            self._remove(sid)
+        save_snapshot(path, kv, tokens, model_fingerprint=self.model_fingerprint,
+                      tokenizer_fingerprint=self.tokenizer_fingerprint, name=name,
+                      snapshot_id=sid, exist_ok=True)
+        self.refresh()
+        return sid
+
+    def store(self, session: Session, *, name: Optional[str] = None) -> str:
+        """Store a session's context (its ``caches`` must hold exactly ``tokens``);
+        sets and returns ``session.snapshot_id``."""
+        if session.caches is None or not session.tokens:
+            raise SnapshotError("the session holds no context to store")
+        sid = self.import_(session.tokens, session.caches, name=name)
+        session.snapshot_id = sid
+        return sid
+
+    def delete(self, ref: str) -> str:
+        """Delete a snapshot (by id, id prefix or name); returns its id. Atomic: the
+        directory is renamed away first, then removed."""
+        sid = self.resolve(ref)
+        self._remove(sid)
+        self.refresh()
+        return sid
+
+    def _remove(self, sid: str) -> None:
+        trash = os.path.join(self._dir, f"{_TRASH}{sid}-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(self._snap_path(sid), trash)
+        except FileNotFoundError:
+            raise SnapshotNotFoundError(f"no snapshot {sid!r} in {self.path}") from None
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def cleanup(self, *, older_than_s: float = 6 * 3600) -> list[str]:
+        """Remove leftovers of killed deletes (any age) and of killed saves older than
+        ``older_than_s`` (younger ones may be saves in progress). Returns their names."""
+        removed = []
+        now = time.time()
+        try:
+            names = os.listdir(self._dir)
+        except FileNotFoundError:
+            return removed
+        for n in names:
+            p = os.path.join(self._dir, n)
+            if n.startswith(_TRASH):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(n)
+            elif n.startswith(_TMP):
+                try:
+                    age = now - os.stat(p).st_mtime
+                except OSError:
+                    continue
+                if age >= older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(n)
+        return removed
+
