@@ -1,0 +1,299 @@
+"""alaya_jax.context_db: prefix reuse, catalogue, refusals, crash safety, concurrent readers."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpoints as ck
+from alaya_jax import kv_store
+from alaya_jax.context_db import ContextDB, Session
+
+sys.path.insert(0, os.path.dirname(__file__))
+import _crash_helper as helper  # noqa: E402
+
+BK = 16
+KW = dict(model_fingerprint="model-A", tokenizer_fingerprint="tok-A", dtype="bfloat16", block_size=BK)
+HELPER = os.path.join(os.path.dirname(__file__), "_crash_helper.py")
+
+
+def dense_kv(n, *, layers=2, hkv=2, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        (jnp.asarray(rng.standard_normal((1, n, hkv, d), np.float32), jnp.bfloat16),
+         jnp.asarray(rng.standard_normal((1, n, hkv, d), np.float32), jnp.bfloat16))
+        for _ in range(layers)
+    ]
+
+
+def stores(kv, n, capacity=None):
+    return tuple(kv_store.from_dense(k[:, :n], v[:, :n], block_size=BK, capacity=capacity) for k, v in kv)
+
+
+def bits(x):
+    return np.asarray(x).view(np.uint8)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return ContextDB(tmp_path / "db", **KW)
+
+
+def test_prefix_reuse_block_aligned_then_append_is_exact(db):
+    kv = dense_kv(150)
+    tokens = list(range(500, 650))
+    sid = db.import_(tokens[:100], stores(kv, 100), name="first100")
+    session, rest = db.create_session(tokens, capacity=200)
+    assert isinstance(session, Session)
+    assert (session.snapshot_id, session.reused_tokens) == (sid, 96)  # 100 floored to blocks of 16
+    assert session.tokens == tokens[:96] and rest == tokens[96:]
+    c = session.caches[0]
+    assert c.capacity == 208 and int(c.lengths[0]) == 96
+    assert not np.asarray(c.kmin[:, :, 6:]).any() and not np.asarray(c.kmax[:, :, 6:]).any()
+    # Prefilling the rest by append gives the store a full prefill would have built.
+    for (k, v), c in zip(kv, session.caches):
+        got = kv_store.append(c, k[:, 96:], v[:, 96:])
+        want = kv_store.from_dense(k, v, block_size=BK, capacity=208)
+        for f in ("kmin", "kmax", "lengths"):
+            assert np.array_equal(bits(getattr(got, f)), bits(getattr(want, f))), f
+        assert np.array_equal(bits(got.dense_keys()[:, :, :150]), bits(want.dense_keys()[:, :, :150]))
+        assert np.array_equal(bits(got.dense_values()[:, :, :150]), bits(want.dense_values()[:, :, :150]))
+
+
+def test_diverging_token_limits_reuse(db):
+    kv = dense_kv(64)
+    tokens = list(range(64))
+    sid = db.import_(tokens, stores(kv, 64))
+    other = tokens[:20] + [9999] + tokens[21:] + [7]  # differs in block 2 (positions 16..31)
+    session, rest = db.create_session(other, capacity=128)
+    assert (session.snapshot_id, session.reused_tokens) == (sid, 16)
+    assert rest == other[16:]
+    # The whole stored prompt is never reused in full: one token stays to prefill.
+    session, rest = db.create_session(tokens, capacity=64)
+    assert session.reused_tokens == 48 and rest == tokens[48:]
+    session, rest = db.create_session(tokens + [1], capacity=80)
+    assert session.reused_tokens == 64 and rest == [1]
+    for a, b in zip(stores(kv, 64, capacity=80), session.caches):
+        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+            assert np.array_equal(bits(getattr(a, f)), bits(getattr(b, f))), f
+    # Nothing in common, or shorter than a block: nothing reused.
+    for prompt in ([5] + tokens, tokens[:10]):
+        session, rest = db.create_session(prompt, capacity=128)
+        assert session.caches is None and session.reused_tokens == 0 and session.snapshot_id is None
+        assert rest == prompt
+
+
+def test_longest_of_several_snapshots_wins(db):
+    kv = dense_kv(96)
+    t = list(range(96))
+    s32 = db.import_(t[:32], stores(kv, 32))
+    s80 = db.import_(t[:80], stores(kv, 80))
+    assert db.create_session(t, capacity=96)[0].snapshot_id == s80
+    assert db.create_session(t[:40], capacity=96)[0].snapshot_id == s32  # both match 32: the smaller is read
+    assert db.longest_prefix(t) == (s80, 80)
+
+
+def test_store_dedup_list_show_delete_and_restart(tmp_path, db):
+    kv = dense_kv(40)
+    t = list(range(40))
+    sid = db.import_(t, stores(kv, 40), name="ctx")
+    assert db.import_(t, stores(kv, 40), name="again") == sid  # already stored
+    assert sid == db.snapshot_id(t) and len(sid) == 16
+    session = Session(tokens=t[:32], caches=stores(kv, 32))
+    sid32 = db.store(session, name="short")
+    assert session.snapshot_id == sid32 != sid
+    with pytest.raises(ck.SnapshotError, match="no context"):
+        db.store(Session(tokens=[], caches=None))
+    assert [m.snapshot_id for m in db.list()] in ([sid, sid32], [sid32, sid])
+    # A new process (here: a new instance) sees the same catalogue.
+    db2 = ContextDB(tmp_path / "db", **KW)
+    metas = {m.snapshot_id: m for m in db2.list()}
+    assert set(metas) == {sid, sid32} and metas[sid].name == "ctx" and metas[sid].num_tokens == 40
+    assert db2.show("ctx") == metas[sid] and db2.show(sid[:6]).snapshot_id == sid
+    assert db2.show(sid, verify=True).snapshot_id == sid
+    caches, toks, meta = db2.load(sid, capacity=64)
+    assert toks == t and caches[0].capacity == 64
+    assert db2.delete("short") == sid32
+    assert [m.snapshot_id for m in db.list()] == [sid]
+    with pytest.raises(ck.SnapshotNotFoundError):
+        db.show(sid32)
+    with pytest.raises(ck.SnapshotNotFoundError):
+        db.delete("nope")
+    assert sorted(os.listdir(tmp_path / "db" / "snapshots")) == [sid]
+    assert db.problems() == {}
+
+
+def test_import_refuses_other_dtype_or_block_size(db):
+    kv = dense_kv(32)
+    f32 = tuple(kv_store.from_dense(k.astype(jnp.float32), v.astype(jnp.float32), block_size=BK) for k, v in kv)
+    with pytest.raises(ck.SnapshotError, match="dtype float32, this DB holds bfloat16"):
+        db.import_(list(range(32)), f32)
+    bk8 = tuple(kv_store.from_dense(k, v, block_size=8) for k, v in kv)
+    with pytest.raises(ck.SnapshotError, match="block size 8"):
+        db.import_(list(range(32)), bk8)
+
+
+def _flip_largest_state_file(path):
+    meta = ck.read_meta(path)
+    rel = max((r for r in meta.checksums if r.startswith("state/")),
+              key=lambda r: os.path.getsize(os.path.join(path, r)))
+    fp = os.path.join(path, rel)
+    with open(fp, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(data)
+    return rel
+
+
+def test_corrupt_snapshot_refused_db_stays_usable(tmp_path, db):
+    kv = dense_kv(80)
+    t = list(range(80))
+    good = db.import_(t[:32], stores(kv, 32))
+    bad = db.import_(t[:64], stores(kv, 64))
+    rel = _flip_largest_state_file(tmp_path / "db" / "snapshots" / bad)
+    with pytest.raises(ck.CorruptSnapshotError, match=f"checksum mismatch in {rel}"):
+        db.create_session(t, capacity=96, strict=True)
+    # Non-strict: the corrupt one is skipped (and named), the next best match is used.
+    db2 = ContextDB(tmp_path / "db", **KW)
+    session, rest = db2.create_session(t, capacity=96)
+    assert session.snapshot_id == good and session.reused_tokens == 32 and rest == t[32:]
+    assert [s for s, _ in session.skipped] == [bad] and rel in session.skipped[0][1]
+    assert [m.snapshot_id for m in db2.list()] == [good]
+    assert bad in db2.problems() and "checksum mismatch" in db2.problems()[bad]
+    assert {m.snapshot_id for m in db2.list(include_incompatible=True)} == {good, bad}
+    with pytest.raises(ck.CorruptSnapshotError):
+        db2.load(bad)
+    # Re-importing the same context replaces the broken copy.
+    assert db2.import_(t[:64], stores(kv, 64)) == bad
+    assert db2.create_session(t, capacity=96)[0].reused_tokens == 64
+    assert db2.problems() == {}
+
+
+def test_foreign_and_broken_snapshots_listed_as_problems(tmp_path, db):
+    kv = dense_kv(32)
+    t = list(range(32))
+    mine = db.import_(t, stores(kv, 32))
+    other_model = ContextDB(tmp_path / "db", **{**KW, "model_fingerprint": "model-B"})
+    theirs = other_model.import_(t, stores(kv, 32))
+    assert theirs != mine
+    other_tok = ContextDB(tmp_path / "db", **{**KW, "tokenizer_fingerprint": "tok-B"})
+    assert [m.snapshot_id for m in other_tok.list()] == []
+    assert "was made with tokenizer tok-A, this tokenizer is tok-B" in other_tok.problems()[mine]
+    assert other_tok.create_session(t + [1], capacity=64)[0].reused_tokens == 0
+    snaps = tmp_path / "db" / "snapshots"
+    os.makedirs(snaps / "0000deadbeef0000")  # no meta.json
+    newer = ContextDB(tmp_path / "db", **KW).import_(t[:16], stores(kv, 16))
+    meta = json.loads((snaps / newer / "meta.json").read_text())
+    meta["format_version"] = 2
+    (snaps / newer / "meta.json").write_text(json.dumps(meta))
+    probs = db.problems()
+    assert "was made with model model-B, this model is model-A" in probs[theirs]
+    assert "has no meta.json" in probs["0000deadbeef0000"]
+    assert "format version 2" in probs[newer]
+    assert [m.snapshot_id for m in db.list()] == [mine]
+    with pytest.raises(ck.IncompatibleSnapshotError, match="model model-B"):
+        db.load(theirs)
+    with pytest.raises(ck.IncompatibleSnapshotError, match="format version 2"):
+        db.show(newer)
+    assert db.create_session(t + [1], capacity=64)[0].snapshot_id == mine
+
+
+def _spawn(*args):
+    return subprocess.Popen([sys.executable, HELPER, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+STAGES = ["after_arrays", "after_tokens", "before_meta", "before_rename", "after_rename"]
+
+
+def test_killed_saves_leave_no_half_snapshot(tmp_path):
+    path = tmp_path / "db"
+    n = 1024
+    db = ContextDB(path, **helper.DB_KW)
+    tokens0, caches0 = helper.make_context(0, n)
+    sid0 = db.import_(tokens0, caches0, name="earlier")
+    # Kills at named steps of the save (deterministic) and after delays (anywhere,
+    # most likely inside the Orbax write), all against the same DB at once.
+    procs = {stage: _spawn("save", path, 10 + i, n, stage) for i, stage in enumerate(STAGES)}
+    delayed = {}
+    for i, delay in enumerate([0.0, 0.05, 0.15, 0.3]):
+        delayed[delay] = _spawn("save", path, 100 + i, n, "none")
+    t_ready = {}
+    for delay, p in delayed.items():
+        assert p.stdout.readline().strip() == "SAVING", p.stderr.read()
+        t_ready[delay] = time.monotonic()
+    for delay, p in sorted(delayed.items()):
+        time.sleep(max(0.0, t_ready[delay] + delay - time.monotonic()))
+        p.send_signal(signal.SIGKILL)
+    for stage, p in procs.items():
+        p.wait(timeout=120)
+        assert p.returncode == -signal.SIGKILL, (stage, p.returncode, p.stderr.read()[-2000:])
+    for p in delayed.values():
+        p.wait(timeout=120)
+
+    db = ContextDB(path, **helper.DB_KW)
+    visible = {m.snapshot_id: m for m in db.list()}
+    assert db.problems() == {}, db.problems()
+    names = os.listdir(path / "snapshots")
+    assert all(n_ in visible or n_.startswith(".tmp-") for n_ in names), names
+    # Killed before the rename: invisible. Killed after: whole.
+    for i, stage in enumerate(STAGES):
+        sid = db.snapshot_id(_tokens(10 + i, n))
+        assert (sid in visible) == (stage == "after_rename"), stage
+    # Every visible snapshot (whatever the timing of the delayed kills) loads and verifies.
+    assert sid0 in visible
+    for sid in visible:
+        db.show(sid, verify=True)
+        caches, toks, _ = db.load(sid)
+        assert len(caches) == helper.LAYERS and len(toks) == n
+    session, rest = db.create_session(tokens0 + [3], capacity=n + 16, strict=True)
+    assert session.snapshot_id == sid0 and rest == [3]
+    for a, b in zip(caches0, session.caches):
+        assert np.array_equal(bits(a.keys), bits(b.keys[:, :, : a.num_blocks]))
+    # The leftovers of the killed saves are removed once stale.
+    db.cleanup(older_than_s=0)
+    assert sorted(os.listdir(path / "snapshots")) == sorted(visible)
+
+
+def _tokens(seed, n):
+    return np.random.default_rng(seed).integers(0, 50_000, size=n).tolist()
+
+
+def test_concurrent_readers(tmp_path):
+    path = tmp_path / "db"
+    n = 512
+    db = ContextDB(path, **helper.DB_KW)
+    tokens, caches = helper.make_context(7, n)
+    assert _tokens(7, n) == tokens
+    db.import_(tokens, caches)
+    want = helper.caches_fingerprint(tuple(ck.resize_store(c, n + 8) for c in caches), n)
+    procs = [_spawn("load", path, 7, n) for _ in range(2)]
+    # Meanwhile, threads of this process read the same snapshot.
+    results, errors = [], []
+
+    def read():
+        try:
+            s, _ = ContextDB(path, **helper.DB_KW).create_session(tokens + [1], capacity=n + 8, strict=True)
+            results.append(helper.caches_fingerprint(s.caches, s.reused_tokens))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=read) for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    assert results == [want] * 3
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        assert out.split() == ["LOADED", str(n), want]
