@@ -107,26 +107,35 @@ class ContextDB:
     Snapshots of other models in the same directory are kept and listed as
     problems (``problems()``), never loaded. ``sharding``: where loaded stores go
     (default: the first device). ``verify``: re-hash files on every load (about a
-    second per GB; turn off only where the storage is trusted)."""
+    second per GB; turn off only where the storage is trusted).
+
+    ``ContextDB(path)`` with no model arguments opens the catalogue only (for
+    listing, showing and deleting without loading a model): every readable snapshot
+    is listed, and lookups, loads and saves raise ``SnapshotError``."""
 
     def __init__(
         self,
         path: str | os.PathLike,
         *,
-        model_fingerprint: str,
-        tokenizer_fingerprint: str,
-        dtype: Any,
-        block_size: int,
+        model_fingerprint: Optional[str] = None,
+        tokenizer_fingerprint: Optional[str] = None,
+        dtype: Any = None,
+        block_size: Optional[int] = None,
         sharding=None,
         verify: bool = True,
         stale_tmp_s: float = 6 * 3600,
     ):
         self.path = os.path.abspath(os.fspath(path))
-        self.model_fingerprint = str(model_fingerprint)
-        self.tokenizer_fingerprint = str(tokenizer_fingerprint)
-        self.dtype = dtype_name(dtype)
-        self.block_size = int(block_size)
-        if self.block_size <= 0:
+        given = [x is not None for x in (model_fingerprint, tokenizer_fingerprint, dtype, block_size)]
+        if any(given) and not all(given):
+            raise ValueError("give all of model_fingerprint, tokenizer_fingerprint, dtype and block_size, or none "
+                             "(catalogue only)")
+        self.catalog_only = not any(given)
+        self.model_fingerprint = None if self.catalog_only else str(model_fingerprint)
+        self.tokenizer_fingerprint = None if self.catalog_only else str(tokenizer_fingerprint)
+        self.dtype = None if self.catalog_only else dtype_name(dtype)
+        self.block_size = None if self.catalog_only else int(block_size)
+        if self.block_size is not None and self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.sharding = sharding
         self.verify = verify
@@ -143,8 +152,13 @@ class ContextDB:
 
     # ------------------------------------------------------------------ catalogue
 
+    def _need_model(self, what: str) -> None:
+        if self.catalog_only:
+            raise SnapshotError(f"{what} needs a ContextDB opened with a model's fingerprints, dtype and block size")
+
     def snapshot_id(self, tokens: Sequence[int]) -> str:
         """The id a snapshot of ``tokens`` gets in this DB."""
+        self._need_model("snapshot_id")
         h = hashlib.sha256(self._seed)
         h.update(np.asarray(tokens, dtype=np.int64).astype("<i4").tobytes())
         return h.hexdigest()[:16]
@@ -198,9 +212,11 @@ class ContextDB:
                 meta, expect_model=self.model_fingerprint, expect_tokenizer=self.tokenizer_fingerprint,
                 expect_dtype=self.dtype, expect_block_size=self.block_size, where=f"snapshot {sid}",
             )
-            toks = load_tokens(p, meta, verify=True)
+            toks = load_tokens(p, meta, verify=True)  # cheap (4 bytes a token); the arrays are checked on load
         except SnapshotError as e:
             return _Entry(key, meta, e)
+        if self.catalog_only:
+            return _Entry(key, meta, None, None)
         return _Entry(key, meta, None, _block_hashes(self._seed, toks, self.block_size))
 
     def _rebuild_index(self) -> None:
@@ -277,6 +293,7 @@ class ContextDB:
         return self._load(sid, capacity)
 
     def _load(self, sid: str, capacity: Optional[int]):
+        self._need_model("loading a snapshot")
         try:
             caches, toks, meta = load_snapshot(
                 self._snap_path(sid), expect_model=self.model_fingerprint,
@@ -297,6 +314,7 @@ class ContextDB:
     def longest_prefix(self, tokens: Sequence[int], *, max_tokens: Optional[int] = None) -> tuple[Optional[str], int]:
         """``(id, n)``: a usable snapshot sharing the longest block-aligned prefix with
         ``tokens`` (``n`` tokens, at most ``max_tokens``), or ``(None, 0)``."""
+        self._need_model("prefix lookup")
         self.refresh()
         limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
         hashes = _block_hashes(self._seed, tokens, self.block_size, max_blocks=limit // self.block_size)

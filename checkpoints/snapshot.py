@@ -180,7 +180,7 @@ def fingerprint(*parts: Any, length: int = 16) -> str:
             h.update(repr((type(x).__name__, x)).encode())
         elif isinstance(x, bytes):
             h.update(b"bytes%d:" % len(x) + x)
-        elif isinstance(x, (np.ndarray, np.generic, jax.Array)):
+        elif isinstance(x, (np.ndarray, np.generic, jax.Array)) or hasattr(x, "__array__"):
             a = np.asarray(x)
             h.update(f"array{a.dtype.name}{a.shape}:".encode())
             h.update(np.ascontiguousarray(a).tobytes())

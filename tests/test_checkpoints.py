@@ -11,6 +11,9 @@ import pytest
 import checkpoints as ck
 from alaya_jax import kv_store
 
+# A refused restore leaves Orbax read coroutines that Python reports when collected.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 FIELDS = ("keys", "values", "kmin", "kmax", "lengths")
 FP = dict(model_fingerprint="model-A", tokenizer_fingerprint="tok-A")
 

@@ -1,0 +1,215 @@
+"""``alaya snapshot save|list|show|delete`` and the context DB glue for ``alaya generate --db``.
+
+``list``, ``show`` and ``delete`` read the catalogue only (no model is loaded);
+``save`` loads the model, prefills the context (reusing any stored prefix of
+it) and stores it. Errors from the store (``checkpoints.SnapshotError``, a
+``ValueError``) reach ``cli.main`` and print one ``alaya: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+# Prompts used to find where the context's tokens stop being stable (see context_prefix_ids).
+_PROBES = ("Q", "?\n1. What is it?")
+
+
+def model_fingerprint(config, engine) -> str:
+    """Hash of the model config, dtype and every weight (reads all weights to the host:
+    about a second per 500 MB)."""
+    import jax
+
+    from checkpoints import fingerprint
+
+    leaves = jax.tree_util.tree_leaves(engine._state)
+    return fingerprint(repr(config), str(engine.dtype), leaves)
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Hash of the tokenizer: its own ``fingerprint`` if it has one, else the serialized
+    ``tokenizers.Tokenizer`` it wraps, else its encodings of a probe text."""
+    from checkpoints import fingerprint
+
+    fp = getattr(tok, "fingerprint", None)
+    if isinstance(fp, str):
+        return fp
+    for obj in (tok, getattr(tok, "tokenizer", None), getattr(tok, "_tok", None), getattr(tok, "_tokenizer", None)):
+        to_str = getattr(obj, "to_str", None)
+        if callable(to_str):
+            return fingerprint("tokenizers-json", to_str())
+    probe = "The quick brown fox, 12345 — naïve café; <|im_start|>user\n def f(x): return x**2\n\n"
+    return fingerprint("probe", tok.encode(probe), sorted(getattr(tok, "stop_ids", ()) or ()))
+
+
+def open_db(path: str, config, tok, engine):
+    """The ``ContextDB`` at ``path`` for this model, tokenizer, dtype and block size."""
+    from alaya_jax.context_db import ContextDB
+
+    return ContextDB(path, model_fingerprint=model_fingerprint(config, engine),
+                     tokenizer_fingerprint=tokenizer_fingerprint(tok), dtype=engine.dtype,
+                     block_size=engine.block_size)
+
+
+def prompt_ids(tok, context, prompt: str, *, raw: bool) -> list[int]:
+    """The token ids ``alaya generate`` builds (must stay identical to ``cli.cmd_generate``)."""
+    if raw:
+        return tok.encode((context + "\n\n" if context else "") + prompt)
+    user = (context.strip() + "\n\n" + prompt) if context else prompt
+    return tok.encode(tok.chat_prompt(user))
+
+
+def context_prefix_ids(tok, context: str, *, raw: bool) -> list[int]:
+    """The token ids that every ``generate --prompt P`` about ``context`` starts with:
+    the common prefix of the prompts built for two unlike questions, so that the BPE
+    merges across the context/question boundary never make a snapshot unusable."""
+    a, b = (prompt_ids(tok, context, p, raw=raw) for p in _PROBES)
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def _print(args, obj, text: str) -> None:
+    if args.json:
+        print(json.dumps(obj))
+    else:
+        print(text)
+
+
+def _meta_json(meta, problem=None) -> dict:
+    d = dataclasses.asdict(meta)
+    d["id"] = d.pop("snapshot_id")
+    d["num_files"] = len(d.pop("checksums"))
+    if problem is not None:
+        d["problem"] = problem
+    return d
+
+
+def cmd_save(args) -> int:
+    from alaya_jax.cli import UsageError, _progress, _read_text, load_model
+    from alaya_jax.corpus import demo_context
+    from alaya_jax.engine import Engine
+
+    if bool(args.context_file) == bool(args.demo_context):
+        raise UsageError("give exactly one of --context-file or --demo-context")
+    context = _read_text(args.context_file, "context file") if args.context_file else demo_context()
+    config, model, tok = load_model(args)
+    ids = context_prefix_ids(tok, context, raw=args.raw)
+    if len(ids) > config.max_position_embeddings:
+        raise UsageError(f"the context has {len(ids)} tokens, more than the model's context of "
+                         f"{config.max_position_embeddings} tokens")
+    engine = Engine(model)
+    db = open_db(args.db, config, tok, engine)
+    sid = db.snapshot_id(ids)
+    existing = {m.snapshot_id for m in db.list()}
+    t0 = time.perf_counter()
+    reused = 0
+    if sid not in existing:
+        # Prefill only what no stored snapshot already holds.
+        session, todo = db.create_session(ids, capacity=len(ids))
+        reused = session.reused_tokens
+        caches = session.caches if session.caches is not None else engine.new_caches(batch=1, capacity=len(ids))
+        bar = _progress(not args.json, len(todo), "prefill")
+        caches, _, _ = engine.prefill(caches, [todo], progress=(bar.update if bar else None))
+        if bar is not None:
+            bar.close()
+        t1 = time.perf_counter()
+        sid = db.import_(ids, caches, name=args.name)
+        t2 = time.perf_counter()
+    else:
+        t1 = t2 = t0
+    meta = db.show(sid)
+    out = {"id": sid, "name": meta.name, "num_tokens": meta.num_tokens, "already_stored": sid in existing,
+           "reused_tokens": reused, "prefill_s": t1 - t0, "save_s": t2 - t1}
+    what = "already stored" if sid in existing else (
+        f"prefilled {len(ids) - reused} tokens in {t1 - t0:.2f} s ({reused} reused), saved in {t2 - t1:.2f} s")
+    _print(args, out, f"{sid}  {meta.num_tokens} tokens  name={meta.name or '-'}  ({what})")
+    return 0
+
+
+def _catalog(args):
+    from alaya_jax.context_db import ContextDB
+    from alaya_jax.cli import UsageError
+    import os
+
+    if not os.path.isdir(args.db):
+        raise UsageError(f"context DB {args.db!r} does not exist")
+    return ContextDB(args.db)
+
+
+def cmd_list(args) -> int:
+    db = _catalog(args)
+    metas = db.list()
+    problems = db.problems()
+    rows = [_meta_json(m) for m in metas] + [{"id": sid, "problem": why} for sid, why in problems.items()]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print(f"no snapshots in {args.db}")
+    for m in metas:
+        print(f"{m.snapshot_id}  {m.num_tokens:>7} tokens  {m.dtype:<8} Bk={m.block_size:<4} "
+              f"model={m.model_fingerprint}  {m.created}  {m.name or ''}")
+    for sid, why in problems.items():
+        print(f"{sid}  UNUSABLE: {why}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    db = _catalog(args)
+    meta = db.show(args.id, verify=args.verify)
+    d = _meta_json(meta)
+    if args.verify:
+        d["verified"] = True
+    if args.json:
+        print(json.dumps(d))
+    else:
+        for k, v in d.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    db = _catalog(args)
+    sid = db.delete(args.id)
+    _print(args, {"deleted": sid}, f"deleted {sid}")
+    return 0
+
+
+def add_snapshot_commands(subparsers) -> None:
+    """Add ``snapshot save|list|show|delete`` to the ``alaya`` sub-command parsers."""
+    sp = subparsers.add_parser("snapshot", help="the context DB: save, list, show, delete prefilled contexts")
+    ssub = sp.add_subparsers(dest="snapshot_command", required=True)
+
+    def common(p):
+        p.add_argument("--db", required=True, help="context DB directory")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    s = ssub.add_parser("save", help="prefill a context file and store its KV cache")
+    common(s)
+    s.add_argument("--context-file", default=None, help="the context text (as given to generate --context-file)")
+    s.add_argument("--demo-context", action="store_true", help="the bundled long context")
+    s.add_argument("--raw", action="store_true", help="for generate --raw (no chat template)")
+    s.add_argument("--name", default=None, help="a name to find the snapshot by")
+    s.set_defaults(func=cmd_save)
+
+    ls = ssub.add_parser("list", help="list stored snapshots (and unusable ones, with the reason)")
+    common(ls)
+    ls.set_defaults(func=cmd_list)
+
+    sh = ssub.add_parser("show", help="one snapshot's metadata")
+    common(sh)
+    sh.add_argument("id", help="id, unique id prefix, or name")
+    sh.add_argument("--verify", action="store_true", help="also re-check every file's sha256")
+    sh.set_defaults(func=cmd_show)
+
+    d = ssub.add_parser("delete", help="delete a snapshot")
+    common(d)
+    d.add_argument("id", help="id, unique id prefix, or name")
+    d.set_defaults(func=cmd_delete)
