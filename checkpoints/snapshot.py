@@ -311,6 +311,16 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _parallel_map(fn, items: list) -> list:
+    """``[fn(x) for x in items]`` on a thread pool (hashlib releases the GIL on large reads)."""
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(items), os.cpu_count() or 1, 16)) as ex:
+        return list(ex.map(fn, items))
+
+
 def _walk_files(root: str) -> list[str]:
     """Relative paths (with '/') of every regular file under root, sorted."""
     out = []
@@ -419,7 +429,8 @@ def save_snapshot(
         _write_file(os.path.join(tmp, TOKENS_FILE), buf)
         _stage("after_tokens")
         _fsync_tree(tmp)
-        checksums = {rel: sha256_file(os.path.join(tmp, rel)) for rel in _walk_files(tmp)}
+        rels = _walk_files(tmp)
+        checksums = dict(zip(rels, _parallel_map(lambda r: sha256_file(os.path.join(tmp, r)), rels)))
         meta = SnapshotMeta(
             format_version=FORMAT_VERSION,
             model_fingerprint=str(model_fingerprint),
@@ -474,14 +485,20 @@ def verify_checksums(path: str | os.PathLike, meta: Optional[SnapshotMeta] = Non
     meta = read_meta(path) if meta is None else meta
     if not meta.checksums:
         raise CorruptSnapshotError(f"snapshot {path}: meta.json lists no checksums")
-    for rel, want in sorted(meta.checksums.items()):
-        fp = os.path.join(path, *rel.split("/"))
+    rels = sorted(meta.checksums)
+
+    def one(rel):
         try:
-            got = sha256_file(fp)
+            return sha256_file(os.path.join(path, *rel.split("/")))
         except FileNotFoundError:
-            raise CorruptSnapshotError(f"snapshot {path}: file {rel} is missing") from None
+            return CorruptSnapshotError(f"snapshot {path}: file {rel} is missing")
         except OSError as e:
-            raise CorruptSnapshotError(f"snapshot {path}: file {rel} is unreadable ({e})") from None
+            return CorruptSnapshotError(f"snapshot {path}: file {rel} is unreadable ({e})")
+
+    for rel, got in zip(rels, _parallel_map(one, rels)):
+        want = meta.checksums[rel]
+        if isinstance(got, Exception):
+            raise got
         if got != want:
             raise CorruptSnapshotError(
                 f"snapshot {path}: checksum mismatch in {rel} (file is corrupt: sha256 {got[:16]}…, "
