@@ -84,3 +84,21 @@ def gqa_groups(num_q_heads: int, num_kv_heads: int, op: str) -> int:
             f"KV heads ({num_kv_heads})"
         )
     return num_q_heads // num_kv_heads
+
+
+# Score arithmetic of the Pallas range mask and sparse attention (they must agree,
+# so that a threshold taken from one is compared against the same numbers in the
+# other). "f32": upcast q and k, IEEE f32 dot. "auto": when q and k are both the
+# same 16-bit float dtype, a 16-bit MMA with f32 accumulation (products exact in
+# f32; only the summation order differs), else "f32".
+DEFAULT_SCORE_MODE = "f32"
+
+
+def score_operand_dtype(q_dtype, k_dtype, mode: str):
+    if mode not in ("f32", "auto"):
+        raise ValueError(f"score mode must be 'f32' or 'auto', got {mode!r}")
+    if mode == "auto" and jnp.dtype(q_dtype) == jnp.dtype(k_dtype) and jnp.dtype(k_dtype) in (
+        jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)
+    ):
+        return jnp.dtype(k_dtype)
+    return jnp.dtype(jnp.float32)

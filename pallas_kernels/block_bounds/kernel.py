@@ -4,6 +4,8 @@ Grid (B, Hkv, NB/T): one program reads a tile of T block summaries of one KV
 head once and bounds them for the whole GQA group (Gp = next pow2 of G query
 heads, padded rows are zero). Element-wise in f32 (no dot: this is a
 max-plus product); shapes are powers of two for the Triton lowering.
+layout="rows" (default) loops over the G query heads on [T, D] tiles;
+layout="3d" forms one [Gp, T, D] product.
 """
 
 from __future__ import annotations
@@ -26,16 +28,29 @@ def _kernel(
     *,
     rel_slack: float,
     tile: int,
+    rows,
 ):
     t = pl.program_id(2)
-    q = q_ref[...][:, None, :]  # [Gp, 1, D]
-    lo = kmin_ref[...][None, :, :]  # [1, T, D]
-    hi = kmax_ref[...][None, :, :]
-    ub = jnp.sum(jnp.maximum(q * hi, q * lo), axis=-1)  # [Gp, T]
-    mag = jnp.sum(jnp.abs(q) * jnp.maximum(jnp.abs(lo), jnp.abs(hi)), axis=-1)
-    ub = ub + jnp.float32(rel_slack) * mag
-    blk = t * tile + jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1)
-    ub_ref[...] = jnp.where(blk < nvb_ref[0], ub, -jnp.inf)
+    if rows is None:  # one [Gp, T, D] product
+        q = q_ref[...][:, None, :]  # [Gp, 1, D]
+        lo = kmin_ref[...][None, :, :]  # [1, T, D]
+        hi = kmax_ref[...][None, :, :]
+        ub = jnp.sum(jnp.maximum(q * hi, q * lo), axis=-1)  # [Gp, T]
+        mag = jnp.sum(jnp.abs(q) * jnp.maximum(jnp.abs(lo), jnp.abs(hi)), axis=-1)
+        ub = ub + jnp.float32(rel_slack) * mag
+        blk = t * tile + jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1)
+        ub_ref[...] = jnp.where(blk < nvb_ref[0], ub, -jnp.inf)
+    else:  # [T, D] tiles, one query head of the group at a time (static loop)
+        lo = kmin_ref[...]
+        hi = kmax_ref[...]
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        blk = t * tile + jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
+        ok = blk < nvb_ref[0]
+        for gi in range(rows):
+            qg = q_ref[gi][None, :]  # [1, D]
+            ub = jnp.sum(jnp.maximum(qg * hi, qg * lo), axis=1)
+            mag = jnp.sum(jnp.abs(qg) * amax, axis=1)
+            ub_ref[gi] = jnp.where(ok, ub + jnp.float32(rel_slack) * mag, -jnp.inf)
 
 
 def block_bounds_pallas(
@@ -48,15 +63,18 @@ def block_bounds_pallas(
     interpret: bool,
     tile: int | None = None,
     num_warps: int = 4,
+    layout: str = "rows",
 ) -> jax.Array:  # [B, Hq, NB] f32
     b, hq, d = q.shape
     _, hkv, nb, _ = kmin.shape
     g = hq // hkv
     gp = next_pow2(g)
     dp = next_pow2(d)
+    if layout not in ("rows", "3d"):
+        raise ValueError(f"layout must be 'rows' or '3d', got {layout!r}")
     if tile is None:
-        # keep the [Gp, T, D] temporaries near 8K elements per program
-        tile = max(1, min(64, 8192 // (gp * dp)))
+        # keep the temporaries near 8K elements per program
+        tile = max(1, min(64, 8192 // ((gp if layout == "3d" else 1) * dp)))
     tile = min(tile, next_pow2(nb))
     nbp = -(-nb // tile) * tile
 
@@ -66,7 +84,8 @@ def block_bounds_pallas(
     hi = pad_axis(pad_axis(kmax.astype(jnp.float32), 2, nbp), 3, dp)
     nvb = num_valid_blocks.astype(jnp.int32).reshape(b)
 
-    kernel = functools.partial(_kernel, rel_slack=float(rel_slack), tile=tile)
+    kernel = functools.partial(_kernel, rel_slack=float(rel_slack), tile=tile,
+                               rows=g if layout == "rows" else None)
     ub = pl.pallas_call(
         kernel,
         grid=(b, hkv, nbp // tile),

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import (
-    check_implementation, gqa_groups, next_pow2, pad_axis, resolve_interpret,
+    DEFAULT_SCORE_MODE, check_implementation, score_operand_dtype, gqa_groups, next_pow2, pad_axis, resolve_interpret,
 )
 from pallas_kernels.range_mask.reference import dipr_range_mask_reference, listed_valid
 
@@ -47,6 +47,7 @@ def dipr_range_mask(
     return_mask: bool = True,
     implementation: str = "reference",
     interpret: Optional[bool] = None,
+    score_mode: str = DEFAULT_SCORE_MODE,
     num_splits: Optional[int] = None,
 ):
     """Exact DIPR mask over the listed blocks of each KV head.
@@ -79,7 +80,8 @@ def dipr_range_mask(
         raise ValueError(f"dipr_range_mask: num_splits must be >= 1, got {s}")
     cs = -(-c // s)
     gp, dp = max(16, next_pow2(g)), next_pow2(d)  # tl.dot needs M >= 16
-    q32 = pad_axis(pad_axis(q.astype(jnp.float32).reshape(b, hkv, g, d), 2, gp), 3, dp)
+    qdt = score_operand_dtype(q.dtype, keys.dtype, score_mode)
+    q32 = pad_axis(pad_axis(q.astype(qdt).reshape(b, hkv, g, d), 2, gp), 3, dp)
     kp = pad_axis(keys, 4, dp)
     bidx = pad_axis(block_idx, 2, s * cs, value=-1)
     scores, pmax = listed_scores_pallas(

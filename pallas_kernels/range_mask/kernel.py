@@ -22,10 +22,20 @@ _HI = jax.lax.Precision.HIGHEST
 
 
 def _scores(q, k):
-    # q [Gp, D] f32, k [Bk, D] -> [Gp, Bk] f32
+    """q [Gp, D], k [Bk, D] -> f32 [Gp, Bk].
+
+    f32 q: both upcast, IEEE f32 dot (precision HIGHEST: no TF32). q and k both
+    16-bit (the wrapper passes q in the key dtype only when that is exact): a
+    16-bit MMA with f32 accumulation — the products are exact in f32, only the
+    summation order differs from the f32 dot.
+    """
+    if q.dtype == jnp.float32:
+        return jax.lax.dot_general(
+            q, k.astype(jnp.float32), (((1,), (1,)), ((), ())),
+            precision=(_HI, _HI), preferred_element_type=jnp.float32,
+        )
     return jax.lax.dot_general(
-        q, k.astype(jnp.float32), (((1,), (1,)), ((), ())),
-        precision=(_HI, _HI), preferred_element_type=jnp.float32,
+        q, k.astype(q.dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
     )
 
 
@@ -69,7 +79,7 @@ def _kernel(
 
 
 def listed_scores_pallas(
-    q: jax.Array,  # [B, Hkv, Gp, Dp] f32 (padded)
+    q: jax.Array,  # [B, Hkv, Gp, Dp] f32, or the key dtype when exact (padded)
     keys: jax.Array,  # [B, Hkv, NB, Bk, Dp]
     block_idx: jax.Array,  # [B, Hkv, S*Cs] int32
     lengths: jax.Array,  # [B] int32

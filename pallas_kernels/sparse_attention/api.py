@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import check_implementation, next_pow2, pad_axis, resolve_interpret
+from pallas_kernels._common import DEFAULT_SCORE_MODE, score_operand_dtype, check_implementation, next_pow2, pad_axis, resolve_interpret
 from pallas_kernels.lse_merge import merge_attention
 from pallas_kernels.range_mask.api import check_listed_args
 from pallas_kernels.sparse_attention.reference import sparse_decode_attention_reference
@@ -28,6 +28,7 @@ def sparse_decode_attention(
     sm_scale: Optional[float] = None,
     implementation: str = "reference",
     interpret: Optional[bool] = None,
+    score_mode: str = DEFAULT_SCORE_MODE,
 ):
     """Decode attention over the listed blocks of each KV head, token-masked.
 
@@ -73,7 +74,8 @@ def sparse_decode_attention(
     s = int(num_splits)
     cs = -(-c // s)
     gp, dp = max(16, next_pow2(g)), next_pow2(d)  # tl.dot needs M >= 16
-    q32 = pad_axis(pad_axis(q.astype(jnp.float32).reshape(b, hkv, g, d), 2, gp), 3, dp)
+    qdt = score_operand_dtype(q.dtype, keys.dtype, score_mode)
+    q32 = pad_axis(pad_axis(q.astype(qdt).reshape(b, hkv, g, d), 2, gp), 3, dp)
     thr = pad_axis(threshold.reshape(b, hkv, g), 2, gp, value=-jnp.inf)
     kp, vp = pad_axis(keys, 4, dp), pad_axis(values, 4, dp)
     bidx = pad_axis(block_idx, 2, s * cs, value=-1)

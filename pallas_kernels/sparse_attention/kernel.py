@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels._common import compiler_params
+from pallas_kernels.range_mask.kernel import _scores
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -27,7 +28,7 @@ def _kernel(
     nhere_ref,  # [1] int32: listed slots in this split
     bidx_ref,  # [Cs] int32
     thr_ref,  # [Gp] f32
-    q_ref,  # [Gp, D] f32
+    q_ref,  # [Gp, D] f32, or the key dtype when exact
     k_ref,  # [NB, Bk, D]
     v_ref,  # [NB, Bk, D]
     o_ref,  # [Gp, D] f32 (out, normalised partial)
@@ -50,9 +51,7 @@ def _kernel(
     def body(i, carry):
         o, m, l = carry
         blk = bidx_ref[i]
-        k = k_ref[blk].astype(jnp.float32)  # [Bk, D]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=(_HI, _HI),
-                                preferred_element_type=jnp.float32)  # [Gp, Bk]
+        s = _scores(q, k_ref[blk])  # [Gp, Bk] f32, same arithmetic as the range mask
         pos = blk * bk + offs_r
         valid = pos < length
         keep = (pos < sink) | (pos >= length - window)
