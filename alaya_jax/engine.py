@@ -30,7 +30,7 @@ class GenerationResult:
     tokens: list[int]  # new tokens (stop token excluded)
     prompt_tokens: int
     ttft_s: float  # start of prefill → first new token on the host
-    tpot_s: float  # mean seconds per later token (nan if only one)
+    tpot_s: float  # mean seconds per decode step, the first (compiling) step excluded; nan if none
     stopped: bool  # ended on a stop token (else on max_new_tokens)
     reused_tokens: int = 0
 
@@ -238,7 +238,9 @@ class Engine:
             tok_host = np.asarray(token)
             step_times.append(time.perf_counter() - ts)
         ttft = t_first - t0
-        tpot = float(np.mean(step_times)) if step_times else float("nan")
+        # The first decode step of a process compiles; it is part of the wall time but not of TPOT.
+        timed = step_times[1:] if len(step_times) > 1 else step_times
+        tpot = float(np.mean(timed)) if timed else float("nan")
         results = [GenerationResult(tokens=out[j], prompt_tokens=int(lens[j]), ttft_s=ttft, tpot_s=tpot,
                                     stopped=bool(stopped[j]), reused_tokens=int(start[j])) for j in range(b)]
         return results, caches
