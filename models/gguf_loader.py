@@ -143,7 +143,11 @@ def load_gguf(path, *, dtype: str = "float32"):
         return w
 
     def put(param, w):
-        param.value = jnp.asarray(w, dt)
+        w = jnp.asarray(w, dt)
+        if hasattr(param, "set_value"):  # flax >= 0.12
+            param.set_value(w)
+        else:
+            param.value = w
 
     put(model.embed.embedding, take("token_embd.weight", (c.vocab_size, c.hidden_size)))
     put(model.norm.weight, take("output_norm.weight", (c.hidden_size,)))

@@ -21,7 +21,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
 def _linear(rngs, din, dout, dtype):
@@ -85,7 +85,7 @@ class Llama(nnx.Module):
             x = x[:, -1:]
         x = self.norm(x)
         if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding.value, preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...], preferred_element_type=jnp.float32)
         else:
             logits = self.lm_head(x).astype(jnp.float32)
         return logits.astype(jnp.float32), tuple(new), tuple(aux)

@@ -54,7 +54,7 @@ def test_needle_copy_under_full_and_dipr(smollm2):
     cut = int(len(filler) * 0.3)
     text = filler[:cut] + "\nThe secret code of the blue house is 68142.\n" + filler[cut:]
     ids = tok.encode(text + "\nThe secret code of the blue house is")
-    s = SamplingConfig(max_new_tokens=4)
+    s = SamplingConfig(max_new_tokens=8)  # digits are one token each
     for att in (AttentionConfig(method="full"), AttentionConfig(method="dipr", beta=32.0)):
         res, _ = engine.generate([ids], sampling=s, attention=att)
         assert "68142" in tok.decode(res[0].tokens), (att.method, tok.decode(res[0].tokens))
