@@ -91,7 +91,10 @@ def gqa_groups(num_q_heads: int, num_kv_heads: int, op: str) -> int:
 # other). "f32": upcast q and k, IEEE f32 dot. "auto": when q and k are both the
 # same 16-bit float dtype, a 16-bit MMA with f32 accumulation (products exact in
 # f32; only the summation order differs), else "f32".
-DEFAULT_SCORE_MODE = "f32"
+# Measured on the H100 (bench/results/kernels_tune_v1.json, 128K, 8B shapes): the
+# IEEE f32 dot runs on the FMA units and made the range mask 6x slower (125 vs 19 us
+# per layer) and attention 1.5x slower than the bf16 MMA; "auto" is the default.
+DEFAULT_SCORE_MODE = "auto"
 
 
 def score_operand_dtype(q_dtype, k_dtype, mode: str):
@@ -102,3 +105,12 @@ def score_operand_dtype(q_dtype, k_dtype, mode: str):
     ):
         return jnp.dtype(k_dtype)
     return jnp.dtype(jnp.float32)
+
+
+def suggest_num_splits(batch: int, num_kv_heads: int, capacity: int, *, target_programs: int = 256) -> int:
+    """Split count that fills an H100 (>= ~256 programs), at least one slot per split.
+
+    Measured (8B shapes, 128K, 64 slots per KV head): 32 splits best for attention.
+    """
+    s = max(1, -(-target_programs // max(1, batch * num_kv_heads)))
+    return max(1, min(next_pow2(s), next_pow2(capacity)))

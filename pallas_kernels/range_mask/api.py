@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import (
-    DEFAULT_SCORE_MODE, check_implementation, score_operand_dtype, gqa_groups, next_pow2, pad_axis, resolve_interpret,
+    DEFAULT_SCORE_MODE, check_implementation, score_operand_dtype, suggest_num_splits, gqa_groups, next_pow2, pad_axis, resolve_interpret,
 )
 from pallas_kernels.range_mask.reference import dipr_range_mask_reference, listed_valid
 
@@ -31,10 +31,9 @@ def check_listed_args(op, q, keys, block_idx, lengths):
     return gqa_groups(hq, hkv, op)
 
 
-def auto_splits(b: int, hkv: int, c: int, target_programs: int = 256) -> int:
+def auto_splits(b: int, hkv: int, c: int) -> int:
     """Enough programs to fill the GPU, at least one slot per split."""
-    s = max(1, -(-target_programs // max(1, b * hkv)))
-    return max(1, min(next_pow2(s), next_pow2(c)))
+    return suggest_num_splits(b, hkv, c)
 
 
 def dipr_range_mask(
@@ -58,6 +57,11 @@ def dipr_range_mask(
       beta: Python float or f32 scalar (inf -> every valid position).
       num_splits: Pallas only: split each block list over this many programs
         (default: enough to fill the GPU).
+      score_mode: Pallas only. "auto" (default): bf16/f16 q and keys use a 16-bit MMA
+        with f32 accumulation (exact products); otherwise, and with "f32", both are
+        upcast and dotted in IEEE f32 (no TF32). Pass the same value to
+        sparse_decode_attention so a threshold taken from max_score is compared
+        against the same score arithmetic.
     Returns:
       (mask [B, Hq, C, Bk] bool or None, max_score [B, Hq] f32).
     """

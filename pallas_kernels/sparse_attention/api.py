@@ -41,6 +41,8 @@ def sparse_decode_attention(
       num_splits: split each block list into this many partials (split-K), merged
         exactly by log-sum-exp (Pallas; the reference computes it in one piece).
       sm_scale: softmax scale (default 1/sqrt(D)).
+      score_mode: Pallas only; as in dipr_range_mask (use the same value in both).
+        Suggested num_splits: pallas_kernels.suggest_num_splits(B, Hkv, C).
     Returns:
       (out [B, Hq, D] in q.dtype, lse f32 [B, Hq]); rows with no token: 0, -inf.
     """

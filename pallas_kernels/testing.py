@@ -1,0 +1,180 @@
+"""Shared test/benchmark data and brute-force NumPy oracles for pallas_kernels.
+
+Data kinds (all with NaN-poisoned keys/values past each length):
+  "gauss"  : standard normal
+  "grid"   : multiples of 1/8 in [-4, 4] (exact in bf16; every f32 dot of them is exact,
+             so masks/maxima must match bit for bit in any summation order)
+  "high"   : low keys (~1e-2) with one very high key inside a block
+  "ties"   : integer q/k where many keys score exactly max - beta_tie
+  "equal"  : all keys equal (grid values)
+  "large"  : very large norms (~3e3 per element)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LENGTHS = (1, 3, 513, 1023, 4097)
+TIE_BETA = 6.0
+
+
+def make_case(kind, *, g, hkv, d, lengths=LENGTHS, bk=64, seed=0):
+    """Returns dict of numpy arrays: q [B,Hq,D], keys/values [B,Hkv,NB,Bk,D] f32, lengths, kmin/kmax."""
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, np.int32)
+    b = len(lengths)
+    nb = -(-int(lengths.max()) // bk)
+    hq = g * hkv
+    shape = (b, hkv, nb, bk, d)
+    if kind == "gauss":
+        k = rng.standard_normal(shape)
+        q = rng.standard_normal((b, hq, d))
+    elif kind == "grid":
+        k = rng.integers(-32, 33, shape) / 8.0
+        q = rng.integers(-32, 33, (b, hq, d)) / 8.0
+    elif kind == "high":
+        k = rng.standard_normal(shape) * 1e-2
+        q = rng.standard_normal((b, hq, d))
+        for i in range(b):
+            n = max(1, int(lengths[i]))
+            for h in range(hkv):
+                p = rng.integers(0, n)
+                k[i, h, p // bk, p % bk] = 50.0 * np.sign(q[i, h * g])  # high for query head h*g
+    elif kind == "ties":
+        # q = 1 (all d); key j has score = sum(k_j). Max key sums to M; many sum to M - TIE_BETA.
+        q = np.ones((b, hq, d))
+        k = np.zeros(shape)
+        k[..., 0] = rng.integers(-20, 0, shape[:-1])  # base scores in [-20, -1]
+        flat = k.reshape(b, hkv, nb * bk, d)
+        for i in range(b):
+            n = int(lengths[i])
+            for h in range(hkv):
+                top = rng.integers(0, n)
+                flat[i, h, top, 0] = 10.0
+                tied = rng.choice(n, size=min(n, max(1, n // 4)), replace=False)
+                flat[i, h, tied, 0] = 10.0 - TIE_BETA
+                flat[i, h, tied, 1] = 0.0
+                flat[i, h, top, 0] = 10.0
+        k = flat.reshape(shape)
+    elif kind == "equal":
+        k = np.broadcast_to(rng.integers(-32, 33, d) / 8.0, shape).copy()  # grid values: exact
+        q = rng.integers(-32, 33, (b, hq, d)) / 8.0
+    elif kind == "large":
+        k = rng.standard_normal(shape) * 3e3
+        q = rng.standard_normal((b, hq, d)) * 3e3
+    else:
+        raise ValueError(kind)
+    v = rng.standard_normal(shape)
+    pos = np.arange(nb * bk).reshape(nb, bk)
+    valid = (pos[None] < lengths[:, None, None])[:, None, :, :, None]
+    k = np.where(valid, k, np.nan).astype(np.float32)
+    v = np.where(valid, v, np.nan).astype(np.float32)
+    kmin = np.where(valid, k, np.inf).min(axis=3)
+    kmax = np.where(valid, k, -np.inf).max(axis=3)
+    ne = valid.any(axis=3)
+    kmin = np.where(ne, kmin, 0).astype(np.float32)
+    kmax = np.where(ne, kmax, 0).astype(np.float32)
+    return dict(q=q.astype(np.float32), keys=k, values=v, lengths=lengths, kmin=kmin, kmax=kmax,
+                bk=bk, nb=nb, g=g)
+
+
+def make_lists(lengths, hkv, nb, bk, *, extra=3, frac=0.6, seed=0, empty_head=True):
+    """Random block lists [B, Hkv, nb + extra]: listed first (shuffled), then -1.
+
+    Lists include blocks past the length; one (b, h) gets an empty list when empty_head.
+    """
+    rng = np.random.default_rng(seed)
+    b = len(lengths)
+    out = np.full((b, hkv, nb + extra), -1, np.int32)
+    for i in range(b):
+        for h in range(hkv):
+            n = rng.integers(1, nb + 1) if frac is None else max(1, int(round(frac * nb)))
+            blocks = rng.permutation(nb)[:n]
+            nvb = -(-int(lengths[i]) // bk)
+            if nvb > 0 and not np.any(blocks < nvb):
+                blocks[0] = rng.integers(0, nvb)
+            out[i, h, :n] = blocks
+    if empty_head and b > 1:
+        out[1, hkv - 1, :] = -1
+    return out
+
+
+def np_scores(q, keys, g):
+    """f64 scores [B, Hq, NB, Bk] of the f32 inputs (NaN where poisoned)."""
+    b, hq, d = q.shape
+    kk = np.repeat(keys.astype(np.float64), g, axis=1)
+    return np.einsum("bhd,bhnjd->bhnj", q.astype(np.float64), kk)
+
+
+def np_valid(lengths, nb, bk):
+    pos = np.arange(nb * bk).reshape(nb, bk)
+    return pos[None] < np.asarray(lengths)[:, None, None]  # [B, NB, Bk]
+
+
+def np_block_bounds(q, kmin, kmax, nvb, g, rel_slack):
+    q64 = q.astype(np.float64)[:, :, None, :]
+    lo = np.repeat(kmin.astype(np.float64), g, axis=1)
+    hi = np.repeat(kmax.astype(np.float64), g, axis=1)
+    ub = np.maximum(q64 * hi, q64 * lo).sum(-1) + rel_slack * (
+        np.abs(q64) * np.maximum(np.abs(lo), np.abs(hi))).sum(-1)
+    nb = kmin.shape[2]
+    ok = np.arange(nb)[None, :] < np.asarray(nvb)[:, None]
+    return np.where(ok[:, None, :], ub, -np.inf)
+
+
+def np_range_mask(q, keys, block_idx, lengths, beta, g):
+    """Brute force: (mask [B,Hq,C,Bk], max [B,Hq]) in f64."""
+    b, hq, d = q.shape
+    bk = keys.shape[3]
+    c = block_idx.shape[-1]
+    s_all = np_scores(q, keys, g)  # [B, Hq, NB, Bk]
+    mask = np.zeros((b, hq, c, bk), bool)
+    mx = np.full((b, hq), -np.inf)
+    for i in range(b):
+        for h in range(hq):
+            lst = block_idx[i, h // g]
+            for ci, blk in enumerate(lst):
+                if blk < 0:
+                    continue
+                pos = blk * bk + np.arange(bk)
+                ok = pos < lengths[i]
+                if ok.any():
+                    mx[i, h] = max(mx[i, h], s_all[i, h, blk][ok].max())
+            for ci, blk in enumerate(lst):
+                if blk < 0:
+                    continue
+                pos = blk * bk + np.arange(bk)
+                ok = pos < lengths[i]
+                with np.errstate(invalid="ignore"):
+                    mask[i, h, ci] = ok & (s_all[i, h, blk] >= mx[i, h] - beta)
+    return mask, mx
+
+
+def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink, window, sm_scale, g):
+    b, hq, d = q.shape
+    bk = keys.shape[3]
+    s_all = np_scores(q, keys, g)
+    out = np.zeros((b, hq, d))
+    lse = np.full((b, hq), -np.inf)
+    for i in range(b):
+        L = int(lengths[i])
+        for h in range(hq):
+            logits, vs = [], []
+            for blk in block_idx[i, h // g]:
+                if blk < 0:
+                    continue
+                for j in range(bk):
+                    p = blk * bk + j
+                    if p >= L:
+                        continue
+                    s = s_all[i, h, blk, j]
+                    if s >= threshold[i, h] or p < sink or p >= L - window:
+                        logits.append(s * sm_scale)
+                        vs.append(values[i, h // g, blk, j].astype(np.float64))
+            if logits:
+                lg = np.array(logits)
+                m = lg.max()
+                w = np.exp(lg - m)
+                out[i, h] = (w[:, None] * np.array(vs)).sum(0) / w.sum()
+                lse[i, h] = m + np.log(w.sum())
+    return out, lse
