@@ -18,8 +18,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/alaya generate --demo-context --max-new-tokens 64 \
-	  --prompt 'According to the reference text above, what happens when a "pass" statement is executed?'
+	$(BIN)/alaya generate --demo-context --max-new-tokens 48
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests

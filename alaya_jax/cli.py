@@ -101,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="answer a prompt, optionally about a long context file")
-    g.add_argument("--prompt", required=True, help="the question or instruction")
+    g.add_argument("--prompt", default=None, help="the question or instruction (required unless --demo-context)")
     g.add_argument("--context-file", default=None, help="text placed before the question in the chat prompt")
     g.add_argument("--demo-context", action="store_true",
-                   help="use the bundled long context (Python's pydoc topics on simple statements)")
+                   help="use the bundled long context (Python's pydoc topics on simple statements, ~5.6K "
+                        "tokens); --prompt defaults to a question about it")
     g.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     g.add_argument("--max-new-tokens", type=_positive_int, default=128)
     g.add_argument("--temperature", type=_nonneg_float, default=0.0, help="0 = greedy")
@@ -154,10 +155,14 @@ def load_model(args):
 
 
 def cmd_generate(args) -> int:
-    from alaya_jax.corpus import demo_context
+    from alaya_jax.corpus import DEMO_QUESTION, demo_context
     from alaya_jax.engine import Engine
     from alaya_jax.sampling import SamplingConfig
 
+    if args.prompt is None:
+        if not args.demo_context:
+            raise UsageError("--prompt is required (or use --demo-context)")
+        args.prompt = DEMO_QUESTION
     if not args.prompt.strip():
         raise UsageError("the prompt is empty")
     context = None

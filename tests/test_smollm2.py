@@ -70,6 +70,7 @@ def _cli(*args, timeout=300):
     "args,needle",
     [
         (["generate", "--prompt", "   "], "prompt is empty"),
+        (["generate"], "--prompt is required"),
         (["generate", "--prompt", "hi", "--context-file", "/nonexistent/file.txt"], "does not exist"),
         (["generate", "--prompt", "hi", "--attention", "magic"], "invalid choice"),
         (["generate", "--prompt", "hi", "--beta", "-3"], ">= 0"),
