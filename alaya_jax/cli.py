@@ -21,41 +21,28 @@ class UsageError(ValueError):
     """A problem with what the user asked for; printed without a traceback."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
-    return v
+def _number(kind: type, *, minimum, inclusive: bool = True, maximum=None):
+    """An argparse type: ``kind`` (int or float) >= ``minimum`` (> if not inclusive), <= ``maximum``."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        low_ok = v >= minimum if inclusive else v > minimum
+        if not low_ok or (maximum is not None and not v <= maximum):
+            rng = f"{'>=' if inclusive else '>'} {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a number {rng}, got {text}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return v
-
-
-def _unit_float(text: str) -> float:
-    v = _nonneg_float(text)
-    if not (0 < v <= 1):
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
-    return v
+_positive_int = _number(int, minimum=1)
+_nonneg_int = _number(int, minimum=0)
+_nonneg_float = _number(float, minimum=0.0)
+_unit_float = _number(float, minimum=0.0, inclusive=False, maximum=1.0)
 
 
 def _read_text(path: str, what: str) -> str:
