@@ -83,16 +83,21 @@ def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.
     k, v = store.dense_keys(), store.dense_values()  # [B,Hkv,S,D]
     hkv, s = k.shape[1], k.shape[2]
     g = group_size(hq, hkv)
-    qg = q.astype(jnp.float32).reshape(b, t, hkv, g, d)
-    sc = jnp.einsum("bthgd,bhsd->bhgts", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    if q.dtype == jnp.float32:
+        qg, kk, prec = q.reshape(b, t, hkv, g, d), k.astype(jnp.float32), jax.lax.Precision.HIGHEST
+    else:  # 16-bit operands, f32 accumulation: products are exact, only the summation order differs
+        qg, kk, prec = q.reshape(b, t, hkv, g, d), k.astype(q.dtype), None
+    sc = jnp.einsum("bthgd,bhsd->bhgts", qg, kk, precision=prec, preferred_element_type=jnp.float32)
     kpos = jnp.arange(s)
     mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
     mask = mask[:, None, None]  # [B,1,1,T,S]
     z = jnp.where(mask, sc / jnp.sqrt(jnp.float32(d)), -jnp.inf)
     p = jax.nn.softmax(z, axis=-1, where=mask)
     p = jnp.where(mask, p, 0.0)
-    vv = jnp.where((kpos[None, :] < store.lengths[:, None])[:, None, :, None], v.astype(jnp.float32), 0.0)
-    o = jnp.einsum("bhgts,bhsd->bthgd", p, vv, precision=jax.lax.Precision.HIGHEST)
+    vv = jnp.where((kpos[None, :] < store.lengths[:, None])[:, None, :, None], v, jnp.zeros((), v.dtype))
+    if v.dtype != jnp.float32:
+        p = p.astype(v.dtype)
+    o = jnp.einsum("bhgts,bhsd->bthgd", p, vv, precision=prec, preferred_element_type=jnp.float32)
     return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
