@@ -271,7 +271,7 @@ def main(argv=None):
     ap.add_argument("--beta", type=float, default=45.0)
     ap.add_argument("--planted", type=int, default=4)
     ap.add_argument("--centre-scale", type=float, default=1.0)
-    ap.add_argument("--noise", type=float, default=0.08)
+    ap.add_argument("--noise", type=float, default=0.03)
     ap.add_argument("--q-norm", type=float, default=15.0)
     ap.add_argument("--capacity-fraction", type=float, default=0.10)
     ap.add_argument("--implementations", nargs="+", default=["reference", "pallas"])
