@@ -34,6 +34,11 @@ def find_smollm2_gguf() -> pathlib.Path:
 _REQUIRED = object()
 
 
+def _f32_value(x) -> float:
+    """GGUF stores these floats as f32: give back the shortest decimal that round-trips (1e-5, not 9.99e-6)."""
+    return float(str(np.float32(x)))
+
+
 def _field(reader, key: str, default=_REQUIRED):
     """Metadata value of ``key``; a missing key is an error unless a ``default`` is given."""
     f = reader.fields.get(key)
@@ -70,8 +75,8 @@ def config_from_gguf(reader, *, dtype: str) -> LlamaConfig:
         num_heads=n_head,
         num_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        rope_theta=float(_field(reader, a + "rope.freq_base", 10000.0)),
-        rms_norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32_value(_field(reader, a + "rope.freq_base", 10000.0)),
+        rms_norm_eps=_f32_value(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(_field(reader, a + "context_length")),
         tie_word_embeddings="output.weight" not in names,
         rope_scaling=None,
