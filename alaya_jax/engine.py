@@ -67,12 +67,16 @@ class Engine:
 
     ``block_size``: KV store block size. ``prefill_chunk``: the largest chunk of
     prompt tokens per jitted prefill call (shorter prompts use a power-of-two bucket).
+    ``prefill_attention``: "reference" (default), "xla" or "cudnn" (see
+    ``AttentionConfig.prefill_attention``).
     """
 
-    def __init__(self, model, *, block_size: int = 64, prefill_chunk: int = 512):
+    def __init__(self, model, *, block_size: int = 64, prefill_chunk: int = 512,
+                 prefill_attention: str = "reference"):
         self.config = model.config
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
+        self._prefill_cfg = dataclasses.replace(FULL, prefill_attention=prefill_attention)
         graphdef, state = nnx.split(model)
         self._state = state
         self.trace_counts = {"forward": 0, "decode": 0}
@@ -149,7 +153,7 @@ class Engine:
                 toks[j, : n[j]] = prompts[j][i : i + n[j]]
             pos = (start + i)[:, None] + np.arange(chunk)[None, :]
             logits, caches, _ = self._forward(self._state, jnp.asarray(toks), jnp.asarray(pos, jnp.int32),
-                                              caches, jnp.asarray(n, jnp.int32), cfg=FULL)
+                                              caches, jnp.asarray(n, jnp.int32), cfg=self._prefill_cfg)
             for j in range(b):
                 if n[j] > 0 and i + n[j] == lens[j]:
                     last[j] = logits[j, n[j] - 1]

@@ -26,6 +26,7 @@ from alaya_jax.masked_attention import full_softmax, group_size, masked_attentio
 
 METHODS = ("full", "dipr", "topk", "topp", "quest", "infllm", "streaming", "auto")
 IMPLEMENTATIONS = ("reference", "pallas")
+PREFILL_ATTENTIONS = ("reference", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -51,6 +52,12 @@ class AttentionConfig:
     max_kept_blocks: Optional[int] = None
     implementation: str = "reference"
     collect_stats: bool = False
+    prefill_attention: str = "reference"
+
+    # ``prefill_attention``: how chunks of T > 1 rows attend. "reference": our jnp code
+    # (materialises f32 scores over the whole capacity); "xla" / "cudnn":
+    # ``jax.nn.dot_product_attention`` with that implementation (cudnn: fused flash
+    # attention on NVIDIA GPUs; it still visits every key up to the capacity, masked).
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +74,8 @@ class AttentionConfig:
             raise ValueError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
         if self.top_r < 1:
             raise ValueError(f"top_r must be >= 1, got {self.top_r}")
+        if self.prefill_attention not in PREFILL_ATTENTIONS:
+            raise ValueError(f"unknown prefill_attention {self.prefill_attention!r}; choose one of {PREFILL_ATTENTIONS}")
 
     def resolve(self, context_length: int) -> "AttentionConfig":
         """Replace ``auto`` by the concrete method for a context of this many tokens."""
@@ -99,6 +108,17 @@ def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.
         p = p.astype(v.dtype)
     o = jnp.einsum("bhgts,bhsd->bthgd", p, vv, precision=prec, preferred_element_type=jnp.float32)
     return o.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def fused_causal_attention(q: jax.Array, store: KVStore, positions: jax.Array, *, implementation: str) -> jax.Array:
+    """Same contract as :func:`causal_attention` through ``jax.nn.dot_product_attention``
+    (``implementation`` "xla" or "cudnn"); the mask is passed as a boolean [B,1,T,S]."""
+    k = jnp.swapaxes(store.dense_keys(), 1, 2).astype(q.dtype)  # [B,S,Hkv,D]
+    v = jnp.swapaxes(store.dense_values(), 1, 2).astype(q.dtype)
+    s = k.shape[1]
+    kpos = jnp.arange(s)
+    mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
 def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dense: bool = False,
@@ -177,6 +197,8 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
             if t == 1 and cfg.collect_stats:
                 out, stats = decode_attention(q[:, 0], cache, cfg, dense=True)
                 return out[:, None], cache, stats
+            if t > 1 and cfg.prefill_attention != "reference":
+                return fused_causal_attention(q, cache, positions, implementation=cfg.prefill_attention), cache, {}
             return causal_attention(q, cache, positions), cache, {}
         out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers, beta=beta, top_p=top_p)
         return out[:, None], cache, stats
