@@ -84,14 +84,16 @@ def timed(fn, args, iters):
 
 
 def layered(attn):
-    """jit of L chained calls: layer i's query gets a small dependence on layer i-1's output."""
+    """jit of L chained calls: layer i's own query gets a small dependence on layer i-1's output."""
 
-    def run(q, layers):
-        acc = jnp.zeros(q.shape, jnp.float32)
-        for lay in layers:
+    def run(qs, layers):
+        acc = jnp.zeros(qs[0].shape, jnp.float32)
+        prev = jnp.zeros(qs[0].shape, jnp.float32)
+        for q, lay in zip(qs, layers):
+            q = (q.astype(jnp.float32) + 1e-6 * prev).astype(q.dtype)  # each layer's own query, chained
             out = attn(q, lay)
-            acc = acc + out.astype(jnp.float32)
-            q = (q.astype(jnp.float32) + 1e-6 * out.astype(jnp.float32)).astype(q.dtype)
+            prev = out.astype(jnp.float32)
+            acc = acc + prev
         return acc
 
     return jax.jit(run)
@@ -153,11 +155,11 @@ def bench_one(b, s, args, bw, log):
     base = dict(context=s, batch=b, layers_in_loop=nl)
     kv_bytes = 2 * b * s * HKV * D * 2
     # ---- DIPR (store layout) first: measure selectivity.
-    stores, q = [], None
+    stores, qs = [], []
     for i in range(nl):
         qi, k, v = make_layer(keys[i], b, s, planted=args.planted, centre_scale=args.centre_scale, noise=args.noise,
                             q_norm=args.q_norm)
-        q = qi if q is None else q
+        qs.append(qi)
         stores.append(kv_store.from_dense(k, v, block_size=BK))
         del k, v
     cap = max(8, int(math.ceil(args.capacity_fraction * s / BK)))
@@ -171,12 +173,12 @@ def bench_one(b, s, args, bw, log):
                 return out
 
             f = layered(dipr)
-            t, _ = timed(f, (q, stores), args.iters)
+            t, _ = timed(f, (qs, stores), args.iters)
             stats_f = jax.jit(lambda q, st, impl=impl: dipr_store_attention(
                 q, st, beta=args.beta, sink=4, window=64, top_r=4, max_kept_blocks=cap, implementation=impl)[1])
-            stt = stats_f(q, stores[0])
+            stt = jax.tree.map(lambda *x: jnp.stack(x), *[stats_f(qq, st) for qq, st in zip(qs, stores)])
             kept = float(np.asarray(stt.blocks_kept).mean())
-            overflow = int(stt.overflow)
+            overflow = int(jnp.sum(stt.overflow))  # layers that took the dense path
             kept_mean = kept
             nb = s // BK
             # Bytes: summaries (f32 kmin+kmax) + probe blocks (K) + kept K for the range max + kept K+V for attention.
@@ -184,7 +186,7 @@ def bench_one(b, s, args, bw, log):
             blk = b * HKV * BK * D * 2
             probe = (4 + 3) * blk
             bytes_read = summ + probe + kept * blk * (1 + 2) * 1.0
-            single, _ = timed(jax.jit(dipr), (q, stores[0]), args.iters)
+            single, _ = timed(jax.jit(dipr), (qs[0], stores[0]), args.iters)
             rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "us_single_call": 1e6 * single,
                          "blocks_kept_per_kv_head": kept, "blocks_total": nb, "kept_fraction": kept / nb,
                          "overflow": overflow, "capacity_blocks": cap, "beta": args.beta,
@@ -200,7 +202,7 @@ def bench_one(b, s, args, bw, log):
             name = f"quest_{impl}"
             try:
                 qf = quest_fn(nq, impl)
-                t, _ = timed(layered(qf), (q, stores), args.iters)
+                t, _ = timed(layered(qf), (qs, stores), args.iters)
                 blk = b * HKV * BK * D * 2
                 bytes_read = 2 * b * HKV * (s // BK) * D * 4 + nq * blk * 2
                 rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "blocks_per_kv_head": nq,
@@ -219,8 +221,8 @@ def bench_one(b, s, args, bw, log):
             log(rows[-1])
             continue
         try:
-            t, _ = timed(layered(fn), (q, dense_layers), args.iters)
-            single, _ = timed(jax.jit(fn), (q, dense_layers[0]), args.iters)
+            t, _ = timed(layered(fn), (qs, dense_layers), args.iters)
+            single, _ = timed(jax.jit(fn), (qs[0], dense_layers[0]), args.iters)
             rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "us_single_call": 1e6 * single,
                          "bytes_read_per_layer": kv_bytes})
             log(rows[-1])
