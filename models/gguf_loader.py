@@ -121,7 +121,8 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
         _field(reader, "tokenizer.ggml.token_type"),
         bos_id=None if (b := _field(reader, "tokenizer.ggml.bos_token_id", None)) is None else int(b),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
-        pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+        # no ``pre`` key: plain GPT-2 byte-level BPE (files from before llama.cpp recorded it)
+        pre=str(_field(reader, "tokenizer.ggml.pre", "gpt2")),
     )
 
 

@@ -10,8 +10,9 @@ _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
 
 # llama.cpp's ``tokenizer.ggml.pre`` names → does the pre-tokenizer split every digit on its own first?
 # (llama-vocab.cpp: SMOLLM, STARCODER, REFACT, COMMAND_R, CODESHELL, EXAONE, MINERVA use "\p{N}" before the
-# GPT-2 regex; GPT2/MPT/OLMO/JAIS and the default use the GPT-2 regex alone.)
-_PRE_SPLITS_DIGITS = {"default": False, "gpt2": False, "mpt": False, "olmo": False, "jais": False,
+# GPT-2 regex; GPT2/MPT/OLMO/JAIS use the GPT-2 regex alone. llama.cpp's "default" is yet another regex,
+# which we do not implement.)
+_PRE_SPLITS_DIGITS = {"gpt2": False, "mpt": False, "olmo": False, "jais": False,
                       "smollm": True, "starcoder": True, "refact": True, "command-r": True, "codeshell": True,
                       "exaone": True, "minerva-7b": True}
 
@@ -20,7 +21,7 @@ class Tokenizer:
     """GPT-2 style byte-level BPE (``tokenizers``) with the GGUF's control tokens as special tokens."""
 
     def __init__(self, tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], *,
-                 bos_id: Optional[int], eos_id: int, pre: str = "default"):
+                 bos_id: Optional[int], eos_id: int, pre: str = "gpt2"):
         """Byte-level BPE from GGUF ``tokenizer.ggml.*`` metadata.
 
         ``pre`` is ``tokenizer.ggml.pre`` (e.g. ``"smollm"``: digits split one by one before the GPT-2 regex);
