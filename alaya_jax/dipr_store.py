@@ -11,6 +11,16 @@ For one decode query per head:
    token mask follow from the kept blocks alone.
 4. Attend over the kept blocks with token mask ``s ≥ M − β`` ∪ sink ∪ window.
 
+Single pass (``single_pass=True``, used when no mask is asked for): step 4 runs
+at once with threshold ``M_lb − β`` and the attention kernel also returns the max
+raw score ``M'`` it saw over the valid tokens of the kept blocks. The kept blocks
+hold the arg-max, so ``M' = M`` (same score arithmetic as the probe). If
+``M' == M_lb`` for every head — the arg-max was in the probe — the threshold used
+*was* ``M − β`` and the result is the two-pass result, bit for bit. Otherwise
+(``lax.cond``) the step re-attends with threshold ``M' − β`` after the two-pass
+range max; counted in ``DiprStats.refined``. This drops the separate range-max
+pass over the kept blocks in the common case.
+
 Kept lists live in a fixed-capacity buffer ``[B, Hkv, C]``. If any list would
 overflow ``C``, the step takes the dense path (every valid block) for the whole
 batch — exact, never a silent drop — and counts it in ``DiprStats.overflow``.
@@ -38,6 +48,7 @@ class DiprStats:
     keys_in_range: jax.Array  # [B, Hq] int32: |DIPR| (only when the mask was asked for, else -1)
     overflow: jax.Array  # [] int32: 1 if this step fell back to the dense path
     max_score: jax.Array  # [B, Hq] f32: the exact max raw score M
+    refined: jax.Array = None  # [] int32: single-pass mode only: 1 if M != M_lb and the step re-attended
 
 
 def _forced_blocks(lengths: jax.Array, num_blocks: int, block_size: int, *, sink: int, window: int) -> jax.Array:
@@ -91,6 +102,8 @@ def dipr_store_attention(
     with_mask: bool = False,
     implementation: str = "reference",
     interpret: Optional[bool] = None,
+    single_pass: bool = True,
+    blocks_per_step: int = 4,
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store, reading only kept blocks.
 
@@ -136,12 +149,31 @@ def dipr_store_attention(
         mask, m = dipr_range_mask(q, store.keys, block_idx, lengths, beta=beta, return_mask=with_mask, **kw)
         out, _ = sparse_decode_attention(
             q, store.keys, store.values, block_idx, lengths, m - beta,
-            sink=sink, window=window, num_splits=num_splits, **kw,
+            sink=sink, window=window, num_splits=num_splits,
+            blocks_per_step=blocks_per_step if single_pass else None, **kw,
         )
         dense_mask = _scatter_mask(mask, block_idx, nb, bk) if with_mask else None
         return out, m, dense_mask
 
-    if cap == nb:
+    refined = jnp.int32(0)
+    if single_pass and not with_mask:
+        def optimistic():
+            out1, _, mx = sparse_decode_attention(
+                q, store.keys, store.values, kept_idx, lengths, m_lb - beta, sink=sink, window=window,
+                num_splits=num_splits, return_max=True, blocks_per_step=blocks_per_step, **kw,
+            )
+            exact = jnp.all(mx == m_lb)
+            o, m_ = jax.lax.cond(exact, lambda: (out1, mx), lambda: attend(kept_idx)[:2])
+            return o, m_, (~exact).astype(jnp.int32)
+
+        if cap == nb:
+            out, m, refined = optimistic()
+        else:
+            all_idx = jnp.where(block_ok[:, None, :], jnp.arange(nb, dtype=jnp.int32), -1)
+            all_idx = jnp.broadcast_to(all_idx, (b, hkv, nb))
+            out, m, refined = jax.lax.cond(overflow, lambda: attend(all_idx)[:2] + (jnp.int32(0),), optimistic)
+        dense_mask = None
+    elif cap == nb:
         out, m, dense_mask = attend(kept_idx)
     else:
         all_idx = jnp.where(block_ok[:, None, :], jnp.arange(nb, dtype=jnp.int32), -1)
@@ -157,5 +189,6 @@ def dipr_store_attention(
         keys_in_range=keys_in_range,
         overflow=overflow.astype(jnp.int32),
         max_score=m,
+        refined=refined,
     )
     return out, stats, dense_mask

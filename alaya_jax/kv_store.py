@@ -116,6 +116,30 @@ def block_summaries(keys: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax
     return jnp.where(nonempty, kmin, 0.0), jnp.where(nonempty, kmax, 0.0)
 
 
+def round_outward(kmin: jax.Array, kmax: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Summaries in ``dtype`` rounded outward: kmin down, kmax up (never inside the f32 box).
+
+    The min/max bound stays a bound: q_d·kmax_d' ≥ q_d·k_d for q_d ≥ 0 because kmax' ≥ kmax,
+    and likewise for kmin' ≤ kmin with q_d < 0. Exact (no rounding at all) when the keys are
+    already in ``dtype`` (min/max of ``dtype`` values are ``dtype`` values).
+    """
+    dtype = jnp.dtype(dtype)
+    lo, hi = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
+    rlo, rhi = lo.astype(dtype), hi.astype(dtype)
+    rlo = jnp.where(rlo.astype(jnp.float32) > lo, jnp.nextafter(rlo, jnp.asarray(-jnp.inf, dtype)), rlo)
+    rhi = jnp.where(rhi.astype(jnp.float32) < hi, jnp.nextafter(rhi, jnp.asarray(jnp.inf, dtype)), rhi)
+    return rlo, rhi
+
+
+def with_summary_dtype(store: "KVStore", dtype) -> "KVStore":
+    """The same store with ``kmin``/``kmax`` held in ``dtype`` (e.g. bf16: half the bytes that the
+    bounds pass reads), rounded outward so that every bound stays ≥ every score. For a
+    read-only context (decode over a fixed cache); :func:`append` on such a store keeps its
+    summary dtype and is exact when the keys are in that dtype too."""
+    lo, hi = round_outward(store.kmin, store.kmax, dtype)
+    return store.replace(kmin=lo, kmax=hi)
+
+
 def _check_kv(name_k: str, k: jax.Array, name_v: str, v: jax.Array, *, ndim: int = 4) -> None:
     if k.ndim != ndim or v.shape != k.shape:
         raise ValueError(

@@ -142,10 +142,29 @@ def quest_fn(num_blocks, implementation):
         idx = jnp.sort(idx, axis=-1).astype(jnp.int32)
         out, _ = sparse_decode_attention(q, st.keys, st.values, idx, st.lengths,
                                          jnp.full(q.shape[:2], -jnp.inf, jnp.float32),
-                                         num_splits=8, implementation=implementation)
+                                         num_splits=8, implementation=implementation, blocks_per_step=4)
         return out
 
     return quest
+
+
+def _kept_idx(q, st, args, cap):
+    """The kept-block list that dipr_store_attention builds (bounds, probe, select, compact)."""
+    from alaya_jax import dipr_store as ds
+    from pallas_kernels.range_mask import dipr_range_mask
+    b = q.shape[0]
+    nb = st.num_blocks
+    nvb = (st.lengths + BK - 1) // BK
+    block_ok = jnp.arange(nb)[None, :] < nvb[:, None]
+    ub = block_bounds(q, st.kmin, st.kmax, nvb, implementation="pallas")
+    gub = jnp.max(ub.reshape(b, HKV, HQ // HKV, nb), axis=2)
+    forced = ds._forced_blocks(st.lengths, nb, BK, sink=4, window=64) & block_ok
+    _, pidx = jax.lax.top_k(jnp.where(forced[:, None, :], jnp.inf, gub), args.top_r + 3)
+    _, m_lb = dipr_range_mask(q, st.keys, pidx.astype(jnp.int32), st.lengths, beta=args.beta, return_mask=False,
+                              implementation="pallas")
+    hit = ub >= (m_lb - args.beta)[..., None]
+    keep = (jnp.any(hit.reshape(b, HKV, HQ // HKV, nb), axis=2) | forced[:, None, :]) & block_ok[:, None, :]
+    return ds._compact(keep, cap)[0]
 
 
 def bench_one(b, s, args, bw, log):
@@ -163,48 +182,123 @@ def bench_one(b, s, args, bw, log):
         stores.append(kv_store.from_dense(k, v, block_size=BK))
         del k, v
     cap = max(8, int(math.ceil(args.capacity_fraction * s / BK)))
+    nsplit = max(1, args.target_programs // (b * HKV))
+    stores = [kv_store.with_summary_dtype(st, DT) for st in stores]  # bf16 keys: exact, half the bytes
     kept_mean = None
-    for impl in args.implementations:
-        name = f"dipr_{impl}"
+    nb = s // BK
+    blk = b * HKV * BK * D * 2  # bytes of one 64-key K (or V) block across batch and KV heads
+    summ = 2 * b * HKV * nb * D * 2  # bf16 kmin + kmax
+    variants = {"dipr_pallas_single_pass": dict(single_pass=True),
+                "dipr_pallas_two_pass": dict(single_pass=False)}
+    for name, extra in variants.items():
         try:
-            def dipr(q, st, impl=impl):
-                out, stats, _ = dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=4,
-                                                     max_kept_blocks=cap, implementation=impl)
+            def dipr(q, st, extra=extra):
+                out, stats, _ = dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r,
+                                                     max_kept_blocks=cap, implementation="pallas",
+                                                     num_splits=nsplit, **extra)
                 return out
 
             f = layered(dipr)
             t, _ = timed(f, (qs, stores), args.iters)
-            stats_f = jax.jit(lambda q, st, impl=impl: dipr_store_attention(
-                q, st, beta=args.beta, sink=4, window=64, top_r=4, max_kept_blocks=cap, implementation=impl)[1])
-            stt = jax.tree.map(lambda *x: jnp.stack(x), *[stats_f(qq, st) for qq, st in zip(qs, stores)])
+            stats_f = jax.jit(lambda q, st, extra=extra: dipr_store_attention(
+                q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r, max_kept_blocks=cap,
+                implementation="pallas", num_splits=nsplit, **extra)[1])
+            stt = stats_f(qs[0], stores[0])
             kept = float(np.asarray(stt.blocks_kept).mean())
-            overflow = int(jnp.sum(stt.overflow))  # layers that took the dense path
+            overflow = int(stt.overflow)
+            refined = int(stt.refined)
             kept_mean = kept
-            nb = s // BK
-            # Bytes: summaries (f32 kmin+kmax) + probe blocks (K) + kept K for the range max + kept K+V for attention.
-            summ = 2 * b * HKV * nb * D * 4
-            blk = b * HKV * BK * D * 2
-            probe = (4 + 3) * blk
-            bytes_read = summ + probe + kept * blk * (1 + 2) * 1.0
+            probe = (args.top_r + 3) * blk
+            passes = 2 if (extra["single_pass"] is False or refined) else 1  # K+V once, plus K again if two-pass
+            bytes_read = summ + probe + kept * blk * (2 + (passes - 1)) * 1.0
             single, _ = timed(jax.jit(dipr), (qs[0], stores[0]), args.iters)
             rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "us_single_call": 1e6 * single,
                          "blocks_kept_per_kv_head": kept, "blocks_total": nb, "kept_fraction": kept / nb,
-                         "overflow": overflow, "capacity_blocks": cap, "beta": args.beta,
-                         "bytes_read_per_layer": bytes_read})
+                         "overflow": overflow, "refined": refined, "capacity_blocks": cap, "beta": args.beta,
+                         "num_splits": nsplit, "bytes_read_per_layer": bytes_read})
             log(rows[-1])
         except Exception as e:
             rows.append({**base, "method": name, "error": f"{type(e).__name__}: {str(e)[:400]}"})
             log(rows[-1])
             traceback.print_exc()
+    # Real-attention-like keys (bench/results/selectivity.md: min/max bounds keep 92-100% of blocks on
+    # SmolLM2): i.i.d. keys N(0, I), same query, same β. Expected: overflow -> exact dense fallback.
+    if args.realistic and b == 1:
+        try:
+            rstores = []
+            for i in range(nl):
+                _, k, v = make_layer(keys[i], b, s, planted=args.planted, centre_scale=0.0, noise=1.0,
+                                     q_norm=args.q_norm)
+                rstores.append(kv_store.with_summary_dtype(kv_store.from_dense(k, v, block_size=BK), DT))
+                del k, v
+
+            def dipr_r(q, st):
+                return dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r,
+                                            max_kept_blocks=cap, implementation="pallas", num_splits=nsplit)[0]
+
+            t, _ = timed(layered(dipr_r), (qs, rstores), args.iters)
+            stt = jax.jit(lambda q, st: dipr_store_attention(q, st, beta=args.beta, sink=4, window=64,
+                                                             top_r=args.top_r, max_kept_blocks=cap,
+                                                             implementation="pallas", num_splits=nsplit)[1])(qs[0], rstores[0])
+            kept = float(np.asarray(stt.blocks_kept).mean())
+            rows.append({**base, "method": "dipr_pallas_single_pass[iid keys: real-like selectivity]",
+                         "us_per_layer": 1e6 * t / nl, "blocks_kept_per_kv_head": kept, "blocks_total": nb,
+                         "kept_fraction": kept / nb, "overflow": int(stt.overflow), "refined": int(stt.refined),
+                         "bytes_read_per_layer": summ + (args.top_r + 3) * blk + nb * blk * 2})
+            log(rows[-1])
+            del rstores
+        except Exception as e:
+            rows.append({**base, "method": "dipr_realistic", "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            log(rows[-1])
+    # Stage timings (leave-the-rest-out), same layered loop.
+    if kept_mean is not None:
+        try:
+            def bounds_only(q, st):
+                nvb = (st.lengths + BK - 1) // BK
+                ub = block_bounds(q, st.kmin, st.kmax, nvb, implementation="pallas")
+                return jnp.broadcast_to(jnp.max(ub, axis=-1)[..., None], q.shape).astype(q.dtype)
+
+            t, _ = timed(layered(bounds_only), (qs, stores), args.iters)
+            rows.append({**base, "method": "stage_bounds_only(bf16 summaries)", "us_per_layer": 1e6 * t / nl,
+                         "bytes_read_per_layer": summ})
+            log(rows[-1])
+            kidx = jax.jit(lambda q, st: _kept_idx(q, st, args, cap))
+            idxs = [kidx(qq, st) for qq, st in zip(qs, stores)]
+
+            def attn_only(q, lay):
+                st, idx = lay
+                out, _, _ = sparse_decode_attention(q, st.keys, st.values, idx, st.lengths,
+                                                    jnp.full(q.shape[:2], -jnp.inf, jnp.float32), sink=4,
+                                                    window=64, num_splits=nsplit, return_max=True,
+                                                    implementation="pallas")
+                return out
+
+            t, _ = timed(layered(attn_only), (qs, list(zip(stores, idxs))), args.iters)
+            rows.append({**base, "method": "stage_attention_only(kept list given)", "us_per_layer": 1e6 * t / nl,
+                         "bytes_read_per_layer": kept_mean * blk * 2})
+            log(rows[-1])
+
+            def select_only(q, st):
+                return jnp.broadcast_to(jnp.sum(_kept_idx(q, st, args, cap), axis=-1, keepdims=True)
+                                        .astype(q.dtype)[:, :1], q.shape)
+
+            t, _ = timed(layered(select_only), (qs, stores), args.iters)
+            rows.append({**base, "method": "stage_bounds+probe+select(no attention)", "us_per_layer": 1e6 * t / nl,
+                         "bytes_read_per_layer": summ + (args.top_r + 3) * blk})
+            log(rows[-1])
+        except Exception as e:
+            rows.append({**base, "method": "stages", "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            log(rows[-1])
+            traceback.print_exc()
     if kept_mean is not None:
         nq = max(1, int(round(kept_mean)))
-        for impl in args.implementations:
+        for impl in ["pallas"]:
             name = f"quest_{impl}"
             try:
                 qf = quest_fn(nq, impl)
                 t, _ = timed(layered(qf), (qs, stores), args.iters)
                 blk = b * HKV * BK * D * 2
-                bytes_read = 2 * b * HKV * (s // BK) * D * 4 + nq * blk * 2
+                bytes_read = 2 * b * HKV * (s // BK) * D * 2 + nq * blk * 2
                 rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "blocks_per_kv_head": nq,
                              "bytes_read_per_layer": bytes_read})
                 log(rows[-1])
@@ -276,7 +370,11 @@ def main(argv=None):
     ap.add_argument("--noise", type=float, default=0.03)
     ap.add_argument("--q-norm", type=float, default=15.0)
     ap.add_argument("--capacity-fraction", type=float, default=0.10)
-    ap.add_argument("--implementations", nargs="+", default=["reference", "pallas"])
+    ap.add_argument("--implementations", nargs="+", default=["pallas"])
+    ap.add_argument("--top-r", type=int, default=4)
+    ap.add_argument("--realistic", action="store_true", help="also DIPR on i.i.d. keys (real-like selectivity)")
+    ap.add_argument("--target-programs", type=int, default=128, help="split-K: programs ~ B*Hkv*splits")
+    ap.add_argument("--pairs", nargs="+", default=None, help="B:S pairs to run, e.g. 1:131072 8:32768")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -292,8 +390,10 @@ def main(argv=None):
                     "keys": f"block-clustered: centre N(0,I)·{args.centre_scale}, noise N(0,I)·{args.noise}, "
                             f"query of norm {args.q_norm} aligned with {args.planted} planted block centres per KV head",
                     "args": vars(args)}, "rows": []}
-    for b in args.batches:
-        for s in args.contexts:
+    pairs = ([tuple(int(x) for x in p.split(":")) for p in args.pairs] if args.pairs
+             else [(b, s) for b in args.batches for s in args.contexts])
+    for b, s in pairs:
+        if True:
             if 2 * b * s * HKV * D * 2 > args.max_kv_gb_per_layer * 2**30:
                 res["rows"].append({"context": s, "batch": b, "method": "all",
                                     "error": f"skipped: K+V of one layer is {2 * b * s * HKV * D * 2 / 2**30:.0f} GiB"})

@@ -43,7 +43,7 @@ def block_bounds(
 
     Args:
       q: [B, Hq, D] any float dtype.
-      kmin, kmax: [B, Hkv, NB, D] f32 element-wise min / max of each block's valid keys.
+      kmin, kmax: [B, Hkv, NB, D] f32 (or 16-bit, see kv_store.with_summary_dtype) element-wise min / max of each block's valid keys.
       num_valid_blocks: [B] int32; blocks n >= num_valid_blocks[b] get -inf.
       rel_slack: added slack, relative to Σ_d |q_d|·max(|kmin_d|, |kmax_d|), so that
         f32 rounding never puts a bound below a computed score.

@@ -33,16 +33,16 @@ def _kernel(
     t = pl.program_id(2)
     if rows is None:  # one [Gp, T, D] product
         q = q_ref[...][:, None, :]  # [Gp, 1, D]
-        lo = kmin_ref[...][None, :, :]  # [1, T, D]
-        hi = kmax_ref[...][None, :, :]
+        lo = kmin_ref[...].astype(jnp.float32)[None, :, :]  # [1, T, D]
+        hi = kmax_ref[...].astype(jnp.float32)[None, :, :]
         ub = jnp.sum(jnp.maximum(q * hi, q * lo), axis=-1)  # [Gp, T]
         mag = jnp.sum(jnp.abs(q) * jnp.maximum(jnp.abs(lo), jnp.abs(hi)), axis=-1)
         ub = ub + jnp.float32(rel_slack) * mag
         blk = t * tile + jax.lax.broadcasted_iota(jnp.int32, (1, tile), 1)
         ub_ref[...] = jnp.where(blk < nvb_ref[0], ub, -jnp.inf)
     else:  # [T, D] tiles, one query head of the group at a time (static loop)
-        lo = kmin_ref[...]
-        hi = kmax_ref[...]
+        lo = kmin_ref[...].astype(jnp.float32)  # summaries may be stored in 16 bits
+        hi = kmax_ref[...].astype(jnp.float32)
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         blk = t * tile + jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
         ok = blk < nvb_ref[0]
@@ -64,6 +64,7 @@ def block_bounds_pallas(
     tile: int | None = None,
     num_warps: int = 4,
     layout: str = "rows",
+    ub_dtype=jnp.float32,
 ) -> jax.Array:  # [B, Hq, NB] f32
     b, hq, d = q.shape
     _, hkv, nb, _ = kmin.shape
@@ -80,8 +81,9 @@ def block_bounds_pallas(
 
     q32 = q.astype(jnp.float32).reshape(b, hkv, g, d)
     q32 = pad_axis(pad_axis(q32, 2, gp), 3, dp)
-    lo = pad_axis(pad_axis(kmin.astype(jnp.float32), 2, nbp), 3, dp)
-    hi = pad_axis(pad_axis(kmax.astype(jnp.float32), 2, nbp), 3, dp)
+    # f32 or 16-bit summaries are read as stored (cast to f32 in the kernel): no f32 copy.
+    lo = pad_axis(pad_axis(kmin, 2, nbp), 3, dp)
+    hi = pad_axis(pad_axis(kmax, 2, nbp), 3, dp)
     nvb = num_valid_blocks.astype(jnp.int32).reshape(b)
 
     kernel = functools.partial(_kernel, rel_slack=float(rel_slack), tile=tile,

@@ -29,6 +29,8 @@ def sparse_decode_attention(
     implementation: str = "reference",
     interpret: Optional[bool] = None,
     score_mode: str = DEFAULT_SCORE_MODE,
+    return_max: bool = False,
+    blocks_per_step: Optional[int] = None,
 ):
     """Decode attention over the listed blocks of each KV head, token-masked.
 
@@ -43,8 +45,15 @@ def sparse_decode_attention(
       sm_scale: softmax scale (default 1/sqrt(D)).
       score_mode: Pallas only; as in dipr_range_mask (use the same value in both).
         Suggested num_splits: pallas_kernels.suggest_num_splits(B, Hkv, C).
+      return_max: also return the max raw score (q·k, the kernel's arithmetic) over the
+        valid tokens of the listed blocks, attended or not: f32 [B, Hq] (-inf if none).
+      blocks_per_step: Pallas only; None: the original kernel (splits of ceil(C/S)
+        slots). An int U: the balanced kernel — split s takes slots
+        [s*n//S, (s+1)*n//S) of the n listed blocks and each loop step issues the loads
+        of U blocks before using them (latency hiding). return_max needs it (default 4).
     Returns:
       (out [B, Hq, D] in q.dtype, lse f32 [B, Hq]); rows with no token: 0, -inf.
+      With return_max: (out, lse, max_score).
     """
     check_implementation(implementation, "sparse_decode_attention")
     g = check_listed_args("sparse_decode_attention", q, keys, block_idx, lengths)
@@ -64,16 +73,49 @@ def sparse_decode_attention(
     lengths = jnp.asarray(lengths, jnp.int32)
     threshold = jnp.asarray(threshold, jnp.float32)
     if implementation == "reference":
-        return sparse_decode_attention_reference(
+        out, lse = sparse_decode_attention_reference(
             q, keys, values, block_idx, lengths, threshold,
             sink=int(sink), window=int(window), sm_scale=sm_scale,
         )
+        if not return_max:
+            return out, lse
+        from pallas_kernels.range_mask.reference import listed_scores
+
+        sc, _ = listed_scores(q, keys, block_idx, lengths)  # [B,Hq,C,Bk], -inf where invalid
+        return out, lse, jnp.max(sc.reshape(b, hq, -1), axis=-1)
     interpret = resolve_interpret(interpret, "sparse_decode_attention")
     from pallas_kernels.sparse_attention.kernel import sparse_attention_partials_pallas
 
     _, hkv, nb, bk, _ = keys.shape
     c = block_idx.shape[-1]
     s = int(num_splits)
+    if return_max and blocks_per_step is None:
+        blocks_per_step = 4
+    if blocks_per_step is not None:
+        from pallas_kernels.sparse_attention.kernel import sparse_attention_balanced_pallas
+
+        u = int(blocks_per_step)
+        if u < 1:
+            raise ValueError(f"sparse_decode_attention: blocks_per_step must be >= 1, got {blocks_per_step}")
+        gp, dp = max(16, next_pow2(g)), next_pow2(d)
+        qdt = score_operand_dtype(q.dtype, keys.dtype, score_mode)
+        q32 = pad_axis(pad_axis(q.astype(qdt).reshape(b, hkv, g, d), 2, gp), 3, dp)
+        thr = pad_axis(threshold.reshape(b, hkv, g), 2, gp, value=-jnp.inf)
+        kp, vp = pad_axis(keys, 4, dp), pad_axis(values, 4, dp)
+        bidx = pad_axis(block_idx, 2, next_pow2(c), value=-1)
+        outs, lses, maxes = sparse_attention_balanced_pallas(
+            q32, kp, vp, bidx, lengths, thr, num_splits=s, unroll=u, sink=sink, window=window,
+            sm_scale=sm_scale, interpret=interpret,
+        )
+        outs = outs[:, :, :, :g, :d].reshape(s, b, hq, d)
+        lses = lses[:, :, :, :g].reshape(s, b, hq)
+        mx = jnp.max(maxes[:, :, :, :g].reshape(s, b, hq), axis=0)
+        if s == 1:
+            out, lse = outs[0], lses[0]
+        else:
+            out, lse = merge_attention(outs, lses)
+        out = out.astype(q.dtype)
+        return (out, lse, mx) if return_max else (out, lse)
     cs = -(-c // s)
     gp, dp = max(16, next_pow2(g)), next_pow2(d)  # tl.dot needs M >= 16
     qdt = score_operand_dtype(q.dtype, keys.dtype, score_mode)

@@ -136,3 +136,148 @@ def sparse_attention_partials_pallas(
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
         name="sparse_decode_attention",
     )(lengths, nhere, block_idx, threshold, q, keys, values)
+
+
+def _balanced_kernel(
+    len_ref,  # [1] int32
+    n_ref,  # [1] int32: listed slots of this KV head (whole list)
+    bidx_ref,  # [Cp] int32: the whole list of this KV head (-1 padded)
+    thr_ref,  # [Gp] f32
+    q_ref,  # [Gp, D]
+    k_ref,  # [NB, Bk, D]
+    v_ref,  # [NB, Bk, D]
+    o_ref,  # [Gp, D] f32 (out, normalised partial)
+    lse_ref,  # [Gp] f32 (out)
+    mx_ref,  # [Gp] f32 (out): max raw score over the valid tokens of this split's blocks
+    *,
+    num_splits: int,
+    unroll: int,
+    sink: int,
+    window: int,
+    sm_scale: float,
+):
+    """Split s of the list gets slots [s*n//S, (s+1)*n//S) (balanced on the real count n);
+    each loop step issues the loads of ``unroll`` blocks before using any of them."""
+    gp, d = q_ref.shape
+    bk = k_ref.shape[1]
+    s_id = pl.program_id(2)
+    length = len_ref[0]
+    n = n_ref[0]
+    start = (s_id * n) // num_splits
+    end = ((s_id + 1) * n) // num_splits
+    q = q_ref[...]
+    thr = thr_ref[...][:, None]
+    offs_r = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    offs_c = jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
+    f32_values = v_ref.dtype == jnp.float32
+    steps = (end - start + unroll - 1) // unroll
+
+    def body(i, carry):
+        o, m, l, mx = carry
+        base = start + i * unroll
+        blks, oks = [], []
+        for u in range(unroll):
+            slot = base + u
+            ok = slot < end
+            blk = jnp.where(ok, bidx_ref[jnp.minimum(slot, bidx_ref.shape[0] - 1)], 0)
+            blk = jnp.maximum(blk, 0)
+            blks.append(blk)
+            oks.append(ok)
+        ks = [k_ref[blk] for blk in blks]  # all loads issued first
+        vs = [v_ref[blk] for blk in blks]
+        logits_l, valid_l, s_l = [], [], []
+        m_new = m
+        for u in range(unroll):
+            s = _scores(q, ks[u])  # [Gp, Bk] f32, same arithmetic as the range mask
+            pos = blks[u] * bk + offs_r
+            valid = (pos < length) & oks[u]
+            keep = (pos < sink) | (pos >= length - window)
+            att = valid & ((s >= thr) | keep)
+            logits = jnp.where(att, s * sm_scale, -jnp.inf)
+            mx = jnp.maximum(mx, jnp.max(jnp.where(valid, s, -jnp.inf), axis=1))
+            m_new = jnp.maximum(m_new, jnp.max(logits, axis=1))
+            logits_l.append(logits)
+            valid_l.append(valid)
+        m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
+        corr = jnp.exp(m - m_safe)
+        o = o * corr[:, None]
+        l = l * corr
+        for u in range(unroll):
+            p = jnp.exp(logits_l[u] - m_safe[:, None])
+            l = l + jnp.sum(p, axis=1)
+            v = vs[u]
+            v = jnp.where((blks[u] * bk + offs_c < length) & oks[u], v, jnp.zeros_like(v))
+            if f32_values:
+                pv = jax.lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=(_HI, _HI),
+                                         preferred_element_type=jnp.float32)
+            else:
+                pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                         preferred_element_type=jnp.float32)
+            o = o + pv
+        return o, m_new, l, mx
+
+    init = (
+        jnp.zeros((gp, d), jnp.float32),
+        jnp.full((gp,), -jnp.inf, jnp.float32),
+        jnp.zeros((gp,), jnp.float32),
+        jnp.full((gp,), -jnp.inf, jnp.float32),
+    )
+    o, m, l, mx = jax.lax.fori_loop(0, steps, body, init)
+    has = l > 0
+    l1 = jnp.where(has, l, 1.0)
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    o_ref[...] = jnp.where(has[:, None], o / l1[:, None], 0.0)
+    lse_ref[...] = jnp.where(has, m_safe + jnp.log(l1), -jnp.inf)
+    mx_ref[...] = mx
+
+
+def sparse_attention_balanced_pallas(
+    q: jax.Array,  # [B, Hkv, Gp, Dp]
+    keys: jax.Array,  # [B, Hkv, NB, Bk, Dp]
+    values: jax.Array,
+    block_idx: jax.Array,  # [B, Hkv, Cp] int32, listed first then -1
+    lengths: jax.Array,  # [B]
+    threshold: jax.Array,  # [B, Hkv, Gp] f32
+    *,
+    num_splits: int,
+    unroll: int,
+    sink: int,
+    window: int,
+    sm_scale: float,
+    interpret: bool,
+    num_warps: int = 4,
+    num_stages: int = 1,
+):
+    """Returns (outs [S,B,Hkv,Gp,Dp] f32, lses [S,B,Hkv,Gp] f32, maxes [S,B,Hkv,Gp] f32)."""
+    b, hkv, gp, dp = q.shape
+    _, _, nb, bk, _ = keys.shape
+    cp = block_idx.shape[-1]
+    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)[..., None]  # [B, Hkv, 1]
+    kernel = functools.partial(_balanced_kernel, num_splits=int(num_splits), unroll=int(unroll),
+                               sink=int(sink), window=int(window), sm_scale=float(sm_scale))
+    return pl.pallas_call(
+        kernel,
+        grid=(b, hkv, num_splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, h, s: (i,)),
+            pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, cp), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, gp), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((None, None, None, gp, dp), lambda i, h, s: (s, i, h, 0, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (s, i, h, 0)),
+            pl.BlockSpec((None, None, None, gp), lambda i, h, s: (s, i, h, 0)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((num_splits, b, hkv, gp, dp), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, hkv, gp), jnp.float32),
+            jax.ShapeDtypeStruct((num_splits, b, hkv, gp), jnp.float32),
+        ],
+        interpret=interpret,
+        compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
+        name="sparse_decode_attention_balanced",
+    )(lengths, nlisted, block_idx, threshold, q, keys, values)
