@@ -297,3 +297,84 @@ def test_concurrent_readers(tmp_path):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
         assert out.split() == ["LOADED", str(n), want]
+
+
+# ---------------------------------------------------------------- with a (tiny, random) model
+
+def _tiny_engine():
+    from flax import nnx
+
+    from alaya_jax.engine import Engine
+    from models import Llama, tiny
+
+    cfg = tiny()
+    # prefill_chunk 32: the context and the full prompt are cut into different chunks.
+    return Engine(Llama(cfg, rngs=nnx.Rngs(3)), block_size=16, prefill_chunk=32), cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_engine():
+    return _tiny_engine()
+
+
+def _model_db(path, engine):
+    return ContextDB(path, model_fingerprint="tiny-3", tokenizer_fingerprint="ids", dtype=engine.dtype,
+                     block_size=engine.block_size)
+
+
+def _sampling(n=12):
+    from alaya_jax.sampling import SamplingConfig
+
+    # Sampling at temperature 1 with a fixed seed: a random tiny model is degenerate under
+    # greedy decoding; sampled tokens change when the logits change at all.
+    return SamplingConfig(max_new_tokens=n, temperature=1.0, seed=7)
+
+
+def test_generation_after_restore_equals_generation_after_prefill(tmp_path, tiny_engine):
+    engine, cfg = tiny_engine
+    rng = np.random.default_rng(5)
+    context = rng.integers(0, cfg.vocab_size, 100).tolist()
+    question = rng.integers(0, cfg.vocab_size, 9).tolist()
+    prompt = context + question
+    cap = len(prompt) + 12
+    ref, _ = engine.generate([prompt], sampling=_sampling(), capacity=cap)
+    assert len(set(ref[0].tokens)) > 3  # not a degenerate sequence
+
+    db = _model_db(tmp_path / "db", engine)
+    caches = engine.new_caches(batch=1, capacity=len(context))
+    caches, _, _ = engine.prefill(caches, [context])
+    sid = db.import_(context, caches)
+
+    db2 = _model_db(tmp_path / "db", engine)  # a fresh process would see the same catalogue
+    session, todo = db2.create_session(prompt, capacity=cap)
+    assert session.snapshot_id == sid and session.reused_tokens == 96  # 6 full blocks of 16
+    assert todo == prompt[96:]
+    got, _ = engine.generate([todo], sampling=_sampling(), caches=session.caches, capacity=cap)
+    assert got[0].reused_tokens == 96
+    assert got[0].tokens == ref[0].tokens
+
+
+def test_longer_prompt_reuses_stored_prefix_and_stored_session_extends(tmp_path, tiny_engine):
+    engine, cfg = tiny_engine
+    rng = np.random.default_rng(6)
+    first = rng.integers(0, cfg.vocab_size, 70).tolist()
+    db = _model_db(tmp_path / "db", engine)
+    session, todo = db.create_session(first, capacity=200)
+    assert session.reused_tokens == 0 and todo == first
+    caches = engine.new_caches(batch=1, capacity=len(first))
+    caches, _, _ = engine.prefill(caches, [first])
+    session.tokens, session.caches = list(first), caches
+    db.store(session)
+
+    longer = first + rng.integers(0, cfg.vocab_size, 60).tolist()
+    ref, _ = engine.generate([longer], sampling=_sampling(8), capacity=200)
+    session, todo = db.create_session(longer, capacity=200)
+    assert session.reused_tokens == 64 and todo == longer[64:]
+    got, caches = engine.generate([todo], sampling=_sampling(8), caches=session.caches, capacity=200)
+    assert got[0].tokens == ref[0].tokens
+    # Store the longer context (truncated to it from the generation's caches): a third
+    # prompt sharing it reuses the longer snapshot.
+    sid = db.import_(longer, tuple(ck.truncate_store(c, len(longer)) for c in caches))
+    third = longer + [1, 2, 3]
+    session, todo = db.create_session(third, capacity=200)
+    assert session.snapshot_id == sid and session.reused_tokens == 128 and todo == third[128:]

@@ -110,3 +110,79 @@ def test_fingerprints():
     assert model_fingerprint("cfg", e(m1)) != model_fingerprint("cfg2", e(m1))
     assert tokenizer_fingerprint(FakeTok()) == tokenizer_fingerprint(FakeTok())
     assert tokenizer_fingerprint(types.SimpleNamespace(fingerprint="abc")) == "abc"
+
+
+# ---------------------------------------------------------------- real SmolLM2, end to end
+
+_SMOL = {}
+
+
+@pytest.fixture
+def smollm2_cached(monkeypatch):
+    """``alaya`` commands load SmolLM2 once per test module (the CLI would load it per call)."""
+    pytest.importorskip("gguf")
+    import models
+
+    real = models.load_smollm2
+
+    def cached(dtype="float32"):
+        if dtype not in _SMOL:
+            _SMOL[dtype] = real(dtype=dtype)
+        return _SMOL[dtype]
+
+    monkeypatch.setattr(models, "load_smollm2", cached)
+
+
+@pytest.mark.slow
+def test_cli_snapshot_then_generate_db_reuses_it_with_the_same_text(tmp_path, capsys, smollm2_cached):
+    from alaya_jax.corpus import pydoc_topics
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(pydoc_topics()[:1200])
+    db = str(tmp_path / "db")
+    q = ["--prompt", "What is this text about?", "--max-new-tokens", "10", "--json"]
+
+    rc, out, err = run(capsys, "snapshot", "save", "--db", db, "--context-file", str(ctx), "--name", "doc", "--json")
+    assert rc == 0, err
+    saved = json.loads(out)
+    assert saved["num_tokens"] > 128 and not saved["already_stored"]
+
+    rc, out, err = run(capsys, "generate", "--context-file", str(ctx), *q)
+    assert rc == 0, err
+    plain = json.loads(out)
+    assert plain["reused_tokens"] == 0 and plain["new_tokens"] > 0
+
+    rc, out, err = run(capsys, "generate", "--db", db, "--context-file", str(ctx), *q)
+    assert rc == 0, err
+    reused = json.loads(out)
+    assert reused["reused_tokens"] == saved["num_tokens"] // 64 * 64
+    assert reused["snapshot_id"] == saved["id"] and reused["stored_snapshot"] is None
+    assert reused["ttft_s"] >= reused["restore_s"] > 0
+    assert reused["text"] == plain["text"]
+    assert reused["prompt_tokens"] == plain["prompt_tokens"]
+
+
+@pytest.mark.slow
+def test_cli_generate_db_stores_the_context_for_the_next_question(tmp_path, capsys, smollm2_cached):
+    from alaya_jax.corpus import pydoc_topics
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(pydoc_topics()[2000:3000])
+    db = str(tmp_path / "db")
+    base = ["generate", "--db", db, "--context-file", str(ctx), "--max-new-tokens", "4", "--json"]
+
+    rc, out, err = run(capsys, *base, "--prompt", "Summarise it.")
+    assert rc == 0, err
+    first = json.loads(out)
+    assert first["reused_tokens"] == 0 and first["stored_snapshot"]
+
+    rc, out, err = run(capsys, *base, "--prompt", "Give one example.", "--no-store")
+    assert rc == 0, err
+    second = json.loads(out)
+    assert second["snapshot_id"] == first["stored_snapshot"] and second["reused_tokens"] >= 128
+
+    # `snapshot save` of the same context finds it already stored (same tokens, same id).
+    rc, out, err = run(capsys, "snapshot", "save", "--db", db, "--context-file", str(ctx), "--json")
+    assert rc == 0, err
+    again = json.loads(out)
+    assert again["already_stored"] and again["id"] == first["stored_snapshot"]
