@@ -187,3 +187,12 @@ def test_bad_attention_config(kwargs, match):
 def test_context_overflow_is_a_clear_error(engine):
     with pytest.raises(ValueError, match="exceed the model's context"):
         engine.generate([_tokens(1000, 12)], sampling=SamplingConfig(max_new_tokens=100))
+
+
+def test_xla_prefill_attention_equals_reference(engine):
+    """The fused prefill path (jax.nn.dot_product_attention, implementation="xla") gives the reference logits."""
+    toks = _tokens(45, 13)
+    cfg = dataclasses.replace(tiny(), max_position_embeddings=1024)
+    fused = Engine(Llama(cfg, rngs=nnx.Rngs(0)), block_size=8, prefill_chunk=32, prefill_attention="xla")
+    ref = engine.score(toks).nll_per_token
+    np.testing.assert_allclose(fused.score(toks).nll_per_token, ref, rtol=1e-4, atol=1e-4)
