@@ -126,7 +126,7 @@ def _store_case(lengths, hq, hkv, d, bk, *, seed=0, dtype=np.float32, int_valued
         ([3, 200, 777], 8, 2, 128, 16),
     ],
 )
-@pytest.mark.parametrize("beta", [0.0, 2.0, 30.0, 1000.0, math.inf])
+@pytest.mark.parametrize("beta", [0.0, 2.0, 30.0, math.inf])
 def test_store_path_equals_brute_force(lengths, hq, hkv, d, bk, beta):
     q, k, v, ln, st = _store_case(lengths, hq, hkv, d, bk, seed=len(lengths) + hq)
     out, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=4, window=16, with_mask=True)
