@@ -114,3 +114,14 @@ def suggest_num_splits(batch: int, num_kv_heads: int, capacity: int, *, target_p
     """
     s = max(1, -(-target_programs // max(1, batch * num_kv_heads)))
     return max(1, min(next_pow2(s), next_pow2(capacity)))
+
+
+def split_counts(block_idx, num_splits: int):
+    """Even split of a -1-padded block list [B, Hkv, C] into ``num_splits`` chunks of C // num_splits.
+
+    Returns (chunk length cs, listed blocks per chunk int32 [B, Hkv, S]).
+    """
+    cs = block_idx.shape[-1] // num_splits
+    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv]
+    starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
+    return cs, jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)

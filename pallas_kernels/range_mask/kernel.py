@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import compiler_params
+from pallas_kernels._common import compiler_params, split_counts
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -94,10 +94,7 @@ def listed_scores_pallas(
     b, hkv, gp, dp = q.shape
     _, _, nb, bk, _ = keys.shape
     cp = block_idx.shape[-1]
-    cs = cp // num_splits
-    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv]
-    starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
-    nhere = jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)  # [B, Hkv, S]
+    cs, nhere = split_counts(block_idx, num_splits)  # nhere [B, Hkv, S]
 
     out_specs = [pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)]

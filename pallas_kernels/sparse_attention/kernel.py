@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import compiler_params
+from pallas_kernels._common import compiler_params, split_counts
 from pallas_kernels.range_mask.kernel import _scores
 
 _HI = jax.lax.Precision.HIGHEST
@@ -106,10 +106,7 @@ def sparse_attention_partials_pallas(
     b, hkv, gp, dp = q.shape
     _, _, nb, bk, _ = keys.shape
     cp = block_idx.shape[-1]
-    cs = cp // num_splits
-    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)
-    starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
-    nhere = jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)  # [B, Hkv, S]
+    cs, nhere = split_counts(block_idx, num_splits)  # nhere [B, Hkv, S]
     kernel = functools.partial(_kernel, sink=int(sink), window=int(window),
                                sm_scale=float(sm_scale))
     return pl.pallas_call(
