@@ -54,14 +54,20 @@ class AttentionConfig:
     auto_dense_layers: tuple[int, ...] = ()
     top_r: int = 4
     max_kept_blocks: Optional[int] = None
+    num_splits: int = 1
+    single_pass: bool = True
     implementation: str = "reference"
     collect_stats: bool = False
     prefill_attention: str = "reference"
 
-    # ``prefill_attention``: how chunks of T > 1 rows attend. "reference": our jnp code
-    # (materialises f32 scores over the whole capacity); "xla" / "cudnn":
-    # ``jax.nn.dot_product_attention`` with that implementation (cudnn: fused flash
-    # attention on NVIDIA GPUs; it still visits every key up to the capacity, masked).
+    # ``prefill_attention``: how dense attention runs — chunks of T > 1 rows, and decode
+    # steps of method "full". "reference": our jnp code (materialises f32 scores over
+    # the whole capacity); "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that
+    # implementation (cudnn: fused flash attention on NVIDIA GPUs; it still visits
+    # every key up to the capacity, masked).
+    # ``max_kept_blocks`` / ``num_splits`` / ``single_pass``: DIPR kernel knobs, see
+    # ``dipr_store_attention`` (kept-list capacity per KV head, split-K of the sparse
+    # attention, refine-in-one-pass vs two passes).
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -78,6 +84,10 @@ class AttentionConfig:
             raise ValueError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
         if self.top_r < 1:
             raise ValueError(f"top_r must be >= 1, got {self.top_r}")
+        if self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
+        if self.max_kept_blocks is not None and self.max_kept_blocks < 1:
+            raise ValueError(f"max_kept_blocks must be >= 1 or None, got {self.max_kept_blocks}")
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ValueError(f"unknown prefill_attention {self.prefill_attention!r}; choose one of {PREFILL_ATTENTIONS}")
 
@@ -151,7 +161,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
         out, dstats, dmask = dipr_store_attention(
             q, store, beta=beta, sink=cfg.sink, window=cfg.window, top_r=cfg.top_r,
             max_kept_blocks=cfg.max_kept_blocks, with_mask=cfg.collect_stats,
-            implementation=cfg.implementation,
+            implementation=cfg.implementation, num_splits=cfg.num_splits, single_pass=cfg.single_pass,
         )
         stats = {"blocks_kept": dstats.blocks_kept, "overflow": dstats.overflow}
         if not cfg.collect_stats:
@@ -201,7 +211,7 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
             if t == 1 and cfg.collect_stats:
                 out, stats = decode_attention(q[:, 0], cache, cfg, dense=True)
                 return out[:, None], cache, stats
-            if t > 1 and cfg.prefill_attention != "reference":
+            if cfg.prefill_attention != "reference":
                 return fused_causal_attention(q, cache, positions, implementation=cfg.prefill_attention), cache, {}
             return causal_attention(q, cache, positions), cache, {}
         out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers, beta=beta, top_p=top_p)

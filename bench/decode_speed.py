@@ -2,10 +2,17 @@
 
 Random weights of a given config (speed does not depend on the values), or the
 real SmolLM2 weights (``--model smollm2-real``, CPU: the GGUF is too large to
-carry to the GPU). Writes one JSON record per run (``--out``) and prints it.
+carry to the GPU). The stores hold either a prefilled context of random token ids
+(``--keys prefill``; with random weights its keys are i.i.d.-like, so min/max block
+bounds prune little) or synthetic block-clustered keys (``--keys synthetic``, no
+prefill; selectivity is then set by β and reported as the kept-block fraction).
+Every attention variant starts from a copy of the same stores; DIPR runs each β
+of ``--betas`` in turn (β is traced: one compilation). Writes one JSON record per
+(variant, β) (``--out``) and a markdown table (``--markdown``).
 
     python bench/decode_speed.py --model smollm2 --context 8192 --dtype bfloat16
-    python bench/decode_speed.py --model llama3-8b --context 8192 --attention full dipr
+    python bench/decode_speed.py --model llama3-8b --context 131072 --keys synthetic \
+        --attention full full-cudnn dipr --implementation pallas --betas 8 16 32 --kept-cap 0.1
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alaya_jax import kv_store
 from alaya_jax.engine import Engine
 from alaya_jax.methods import AttentionConfig
 from alaya_jax.sampling import SamplingConfig
@@ -36,13 +44,15 @@ def _commit() -> str:
 
 
 def build(model: str, dtype: str, context: int):
-    from models import Llama, llama3_8b, load_smollm2, smollm2_135m
+    from models import Llama, llama3_8b, load_smollm2, smollm2_135m, tiny
 
     if model == "smollm2-real":
         cfg, m, _ = load_smollm2(dtype=dtype)
         return cfg, m
     if model == "smollm2":
         cfg = smollm2_135m(dtype=dtype)
+    elif model == "tiny":
+        cfg = tiny(dtype=dtype)
     elif model == "llama3-8b":
         cfg = llama3_8b(dtype=dtype, max_position_embeddings=max(131072, context + 1024))
     else:
@@ -51,35 +61,109 @@ def build(model: str, dtype: str, context: int):
     return cfg, Llama(cfg, rngs=nnx.Rngs(0))
 
 
+def synthetic_caches(engine, batch: int, context: int, capacity: int, *, centre_scale: float, noise: float,
+                     seed: int = 0):
+    """Per layer a store holding ``context`` block-clustered keys: every block has a centre
+    ``c ~ N(0, I)·centre_scale`` and keys ``c + N(0, I)·noise``; values N(0, I). Keys [B,S,Hkv,D]."""
+    c = engine.config
+    bk = engine.block_size
+    nb = -(-context // bk)
+
+    @jax.jit
+    def one(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        centres = jax.random.normal(k1, (batch, nb, 1, c.num_kv_heads, c.head_dim), jnp.float32) * centre_scale
+        k = centres + noise * jax.random.normal(k2, (batch, nb, bk, c.num_kv_heads, c.head_dim), jnp.float32)
+        k = k.reshape(batch, nb * bk, c.num_kv_heads, c.head_dim)[:, :context].astype(engine.dtype)
+        v = jax.random.normal(k3, k.shape, jnp.float32).astype(engine.dtype)
+        return kv_store.from_dense(k, v, block_size=bk, capacity=capacity)
+
+    return tuple(one(k) for k in jax.random.split(jax.random.PRNGKey(seed), c.num_layers))
+
+
+def attention_config(spec: str, args) -> AttentionConfig:
+    """``full`` (jnp reference), ``full-cudnn`` / ``full-xla`` (jax.nn.dot_product_attention), ``dipr``."""
+    if spec in ("full", "full-cudnn", "full-xla"):
+        impl = {"full": "reference", "full-cudnn": "cudnn", "full-xla": "xla"}[spec]
+        return AttentionConfig(method="full", prefill_attention=impl)
+    if spec == "dipr":
+        cap = None if args.kept_cap is None else max(8, int(args.kept_cap * args.context / args.block_size))
+        return AttentionConfig(method="dipr", beta=args.betas[0], implementation=args.implementation,
+                               max_kept_blocks=cap, num_splits=args.num_splits, single_pass=not args.two_pass)
+    raise SystemExit(f"unknown attention spec {spec!r}; use full, full-cudnn, full-xla or dipr")
+
+
+def _kept(aux) -> tuple[float, int]:
+    """Mean DIPR kept blocks per (batch, KV head) over layers, and the number of overflowing layers."""
+    kept = [np.asarray(a["blocks_kept"]).mean() for a in aux if "blocks_kept" in a]
+    over = [int(np.asarray(a["overflow"]).sum() > 0) for a in aux if "overflow" in a]
+    return (float(np.mean(kept)) if kept else float("nan")), int(sum(over))
+
+
 def run(args) -> list[dict]:
     cfg, model = build(args.model, args.dtype, args.context)
-    engine = Engine(model, block_size=args.block_size, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, block_size=args.block_size, prefill_chunk=args.prefill_chunk,
+                    prefill_attention=args.prefill_attention)
+    capacity = args.context + args.new_tokens * (1 + len(args.betas)) + 8
     rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg.vocab_size, size=args.context).tolist()
-    capacity = args.context + args.new_tokens + 8
+    t0 = time.perf_counter()
+    if args.keys == "prefill":
+        prompt = rng.integers(0, cfg.vocab_size, size=args.context).tolist()
+        base = engine.new_caches(batch=args.batch, capacity=capacity)
+        base, logits, _ = engine.prefill(base, [prompt] * args.batch)
+        first = jnp.argmax(logits, -1).astype(jnp.int32)
+    else:
+        base = synthetic_caches(engine, args.batch, args.context, capacity, centre_scale=args.centre_scale,
+                                noise=args.noise)
+        first = jnp.zeros((args.batch,), jnp.int32)
+    jax.block_until_ready(base)
+    setup_s = time.perf_counter() - t0
+    nb = -(-args.context // args.block_size)
     records = []
-    for method in args.attention:
-        att = AttentionConfig(method=method, beta=args.beta, implementation=args.implementation)
-        caches = engine.new_caches(batch=args.batch, capacity=capacity)
-        t0 = time.perf_counter()
-        caches, logits, _ = engine.prefill(caches, [prompt] * args.batch)
-        jax.block_until_ready(logits)
-        prefill_s = time.perf_counter() - t0
-        token = jnp.argmax(logits, -1).astype(jnp.int32)
-        key = jax.random.PRNGKey(0)
-        s = SamplingConfig()
-        times = []
+    for spec in args.attention:
+        att = attention_config(spec, args)
+        betas = args.betas if att.method == "dipr" else [None]
+        try:
+            records += run_variant(engine, base, first, spec, att, betas, args, setup_s, nb)
+        except Exception as e:  # reported, not hidden: the other variants still run
+            rec = {"model": args.model, "context": args.context, "batch": args.batch, "attention": spec,
+                   "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            print(json.dumps(rec), flush=True)
+            records.append(rec)
+    return records
+
+
+def run_variant(engine, base, first, spec, att, betas, args, setup_s, nb) -> list[dict]:
+    """Decode ``args.new_tokens`` steps per β from a copy of ``base``; one record per β."""
+    records = []
+    caches = jax.tree.map(jnp.copy, base)  # the decode step donates its caches
+    token, key, s = first, jax.random.PRNGKey(0), SamplingConfig()
+    for bi, beta in enumerate(betas):
+        a = att if beta is None else dataclasses.replace(att, beta=beta)
+        times, kept, over = [], [], []
         for i in range(args.new_tokens + 1):
             t = time.perf_counter()
-            token, lg, caches, _ = engine.decode_step(caches, token, key=key, sampling=s, attention=att)
+            token, lg, caches, aux = engine.decode_step(caches, token, key=key, sampling=s, attention=a)
             token.block_until_ready()
             times.append(time.perf_counter() - t)
+            if a.method == "dipr":
+                k_, o_ = _kept(aux)
+                kept.append(k_)
+                over.append(o_)
         steady = np.array(times[1:])
         rec = {
             "model": args.model, "dtype": args.dtype, "context": args.context, "batch": args.batch,
-            "attention": method, "beta": args.beta if method == "dipr" else None,
-            "implementation": args.implementation if method == "dipr" else None,
-            "prefill_s_incl_compile": prefill_s, "first_decode_s_incl_compile": times[0],
+            "keys": args.keys if args.keys == "prefill" else
+            f"synthetic block-clustered (centre {args.centre_scale}, noise {args.noise})",
+            "attention": spec, "beta": beta,
+            "implementation": a.implementation if a.method == "dipr" else a.prefill_attention,
+            "max_kept_blocks": a.max_kept_blocks if a.method == "dipr" else None,
+            "num_splits": a.num_splits if a.method == "dipr" else None,
+            "single_pass": a.single_pass if a.method == "dipr" else None,
+            "blocks_kept_mean": float(np.mean(kept)) if kept else None, "blocks_total": nb,
+            "kept_fraction": float(np.mean(kept)) / nb if kept else None,
+            "layers_overflowing_mean": float(np.mean(over)) if over else None,
+            "setup_s": setup_s, "first_decode_s": times[0] if bi == 0 else None,
             "decode_step_median_s": float(np.median(steady)), "decode_step_p90_s": float(np.percentile(steady, 90)),
             "decode_tokens_per_s": float(args.batch / np.median(steady)), "steps_timed": int(steady.size),
             "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
@@ -88,29 +172,70 @@ def run(args) -> list[dict]:
         }
         records.append(rec)
         print(json.dumps(rec), flush=True)
-        del caches
+    del caches
     return records
+
+
+def markdown(records) -> str:
+    full = {}
+    for r in records:
+        if "error" in r:
+            continue
+        if r["attention"].startswith("full"):
+            key = (r["model"], r["context"], r["batch"], r["keys"])
+            full[key] = min(full.get(key, 1e9), r["decode_step_median_s"])
+    out = ["| model | context | B | keys | attention | β | kept blocks | step ms | tok/s | × best full |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['context']} | {r['batch']} | | {r['attention']} | failed: "
+                       f"{r['error'][:150]} |||||")
+            continue
+        best = full.get((r["model"], r["context"], r["batch"], r["keys"]))
+        kept = "" if r["kept_fraction"] is None else f"{r['kept_fraction']:.1%}"
+        if r.get("layers_overflowing_mean"):
+            kept += f" ({r['layers_overflowing_mean']:.0f} layers overflow → dense)"
+        name = r["attention"] + (f" ({r['implementation']})" if r["attention"] == "dipr" else "")
+        ratio = "" if best is None else f"{best / r['decode_step_median_s']:.2f}"
+        beta = "" if r["beta"] is None else f"{r['beta']:g}"
+        out.append(f"| {r['model']} | {r['context']} | {r['batch']} | {r['keys']} | {name} | {beta} | {kept} | "
+                   f"{1e3 * r['decode_step_median_s']:.2f} | {r['decode_tokens_per_s']:.1f} | {ratio} |")
+    return "\n".join(out) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-real", "llama3-8b"))
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "smollm2-real", "llama3-8b", "tiny"))
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--attention", nargs="+", default=["full"])
-    p.add_argument("--beta", type=float, default=32.0)
+    p.add_argument("--attention", nargs="+", default=["full"], help="full, full-cudnn, full-xla, dipr")
+    p.add_argument("--betas", type=float, nargs="+", default=[32.0], help="DIPR β values (traced: one compile)")
     p.add_argument("--implementation", default="reference", choices=("reference", "pallas"))
+    p.add_argument("--kept-cap", type=float, default=None,
+                   help="DIPR kept-list capacity as a fraction of the blocks (default: all blocks)")
+    p.add_argument("--num-splits", type=int, default=1)
+    p.add_argument("--two-pass", action="store_true")
+    p.add_argument("--keys", default="prefill", choices=("prefill", "synthetic"),
+                   help="prefill random token ids, or fill the stores with synthetic block-clustered keys")
+    p.add_argument("--centre-scale", type=float, default=1.0)
+    p.add_argument("--noise", type=float, default=0.03)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--prefill-attention", default="reference", choices=("reference", "xla", "cudnn"))
     p.add_argument("--out", default=None, help="append JSON lines here")
+    p.add_argument("--markdown", default=None, help="append a markdown table here")
     args = p.parse_args(argv)
     recs = run(args)
     if args.out:
         with open(args.out, "a") as f:
             for r in recs:
                 f.write(json.dumps(r) + "\n")
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write(markdown(recs) + "\n")
+    print(markdown(recs))
 
 
 if __name__ == "__main__":
