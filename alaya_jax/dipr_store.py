@@ -149,8 +149,7 @@ def dipr_store_attention(
         mask, m = dipr_range_mask(q, store.keys, block_idx, lengths, beta=beta, return_mask=with_mask, **kw)
         out, _ = sparse_decode_attention(
             q, store.keys, store.values, block_idx, lengths, m - beta,
-            sink=sink, window=window, num_splits=num_splits,
-            blocks_per_step=blocks_per_step if single_pass else None, **kw,
+            sink=sink, window=window, num_splits=num_splits, blocks_per_step=blocks_per_step, **kw,
         )
         dense_mask = _scatter_mask(mask, block_idx, nb, bk) if with_mask else None
         return out, m, dense_mask

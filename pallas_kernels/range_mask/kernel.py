@@ -94,6 +94,9 @@ def listed_scores_pallas(
     b, hkv, gp, dp = q.shape
     _, _, nb, bk, _ = keys.shape
     cp = block_idx.shape[-1]
+    if not with_scores:
+        return None, _listed_max_balanced(q, keys, block_idx, lengths, num_splits=num_splits, interpret=interpret,
+                                          num_warps=num_warps, num_stages=num_stages)
     cs, nhere = split_counts(block_idx, num_splits)  # nhere [B, Hkv, S]
 
     out_specs = [pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0))]
@@ -121,3 +124,57 @@ def listed_scores_pallas(
     if with_scores:
         return outs[0], outs[1]
     return None, outs[0]
+
+
+def _max_balanced_kernel(
+    len_ref,  # [1] int32
+    n_ref,  # [1] int32: listed slots of this KV head (whole list)
+    bidx_ref,  # [Cp] int32: the whole list of this KV head, listed first then -1
+    q_ref,  # [Gp, D]
+    k_ref,  # [NB, Bk, D]
+    m_ref,  # [Gp] f32 (out): partial max of this split
+    *,
+    num_splits: int,
+):
+    """Split s takes slots [s*n//S, (s+1)*n//S): balanced on the real count n, whatever the capacity."""
+    bk = k_ref.shape[1]
+    s_id = pl.program_id(2)
+    length = len_ref[0]
+    n = n_ref[0]
+    start = (s_id * n) // num_splits
+    end = ((s_id + 1) * n) // num_splits
+    q = q_ref[...]
+    offs = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+
+    def body(i, m):
+        blk = bidx_ref[i]
+        s = _scores(q, k_ref[blk])
+        s = jnp.where(blk * bk + offs < length, s, -jnp.inf)
+        return jnp.maximum(m, jnp.max(s, axis=1))
+
+    m_ref[...] = jax.lax.fori_loop(start, end, body, jnp.full((q.shape[0],), -jnp.inf, jnp.float32))
+
+
+def _listed_max_balanced(q, keys, block_idx, lengths, *, num_splits: int, interpret: bool, num_warps: int,
+                         num_stages: int):
+    """Partial max [B, Hkv, S, Gp] over a prefix-packed list [B, Hkv, Cp] split by its real count."""
+    b, hkv, gp, dp = q.shape
+    _, _, nb, bk, _ = keys.shape
+    cp = block_idx.shape[-1]
+    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)[..., None]  # [B, Hkv, 1]
+    return pl.pallas_call(
+        functools.partial(_max_balanced_kernel, num_splits=int(num_splits)),
+        grid=(b, hkv, num_splits),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, h, s: (i,)),
+            pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, cp), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
+            pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
+        ],
+        out_specs=pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0)),
+        out_shape=jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32),
+        interpret=interpret,
+        compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
+        name="dipr_range_max_balanced",
+    )(lengths, nlisted, block_idx, q, keys)
