@@ -3,8 +3,9 @@
 For one decode query per head:
 
 1. ``UB_b = Σ_d max(q_d·kmax_bd, q_d·kmin_bd)`` (+ rounding slack) bounds every key of block b.
-2. ``M_lb``: exact max score over a probe list — the sink and window blocks and
-   the ``top_r`` blocks with the largest bound (per KV head, over its group).
+2. ``M_lb``: exact max score over a probe list — the sink and window blocks, the
+   ``top_r`` blocks with the largest bound (per KV head, over its group) and each
+   query head's own largest-bound block.
 3. Keep every block with ``UB_b ≥ M_lb − β`` for some query head of the group,
    plus the sink and window blocks. Every DIPR key's block is kept (UB ≥ q·k ≥
    M − β ≥ M_lb − β), so is the arg-max's block: the exact max ``M`` and the exact
@@ -137,6 +138,14 @@ def dipr_store_attention(
     probe_key = jnp.where(forced[:, None, :], jnp.inf, group_ub)
     probe_val, probe_idx = jax.lax.top_k(probe_key, n_probe)
     probe_idx = jnp.where(probe_val > -jnp.inf, probe_idx, -1).astype(jnp.int32)
+    if g > 1:
+        # Plus each query head's own best-bound block: the group's top_r can miss a head's arg-max block
+        # entirely (heads of a group disagree), which leaves that head a low M_lb and keeps far too many.
+        head_ub = jnp.where(block_ok[:, None, :], ub, -jnp.inf)  # [B,Hq,NB]
+        own = jnp.argmax(head_ub, axis=-1).astype(jnp.int32)  # [B,Hq]
+        own = jnp.where(jnp.max(head_ub, axis=-1) > -jnp.inf, own, -1).reshape(b, hkv, g)
+        # Listed entries first (the kernels take a prefix-packed list); duplicates only cost a re-read.
+        probe_idx = jnp.flip(jnp.sort(jnp.concatenate([probe_idx, own], axis=-1), axis=-1), axis=-1)
     _, m_lb = dipr_range_mask(q, store.keys, probe_idx, lengths, beta=beta, return_mask=False, **kw)
 
     # 3. Kept blocks: union over the group of UB >= M_lb - beta, plus forced; only valid blocks.

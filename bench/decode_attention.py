@@ -188,20 +188,23 @@ def bench_one(b, s, args, bw, log):
     nb = s // BK
     blk = b * HKV * BK * D * 2  # bytes of one 64-key K (or V) block across batch and KV heads
     summ = 2 * b * HKV * nb * D * 2  # bf16 kmin + kmax
-    variants = {"dipr_pallas_single_pass": dict(single_pass=True),
-                "dipr_pallas_two_pass": dict(single_pass=False)}
+    # Kept-list capacity: 10% of the blocks (an overflow takes the dense path under lax.cond), or all
+    # blocks ("cap all": no overflow possible, no cond; the kernels split the list by its real count).
+    variants = {"dipr_pallas_single_pass": dict(single_pass=True, max_kept_blocks=cap),
+                "dipr_pallas_two_pass": dict(single_pass=False, max_kept_blocks=cap),
+                "dipr_pallas_two_pass_cap_all": dict(single_pass=False, max_kept_blocks=None),
+                "dipr_pallas_single_pass_cap_all": dict(single_pass=True, max_kept_blocks=None)}
     for name, extra in variants.items():
         try:
             def dipr(q, st, extra=extra):
                 out, stats, _ = dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r,
-                                                     max_kept_blocks=cap, implementation="pallas",
-                                                     num_splits=nsplit, **extra)
+                                                     implementation="pallas", num_splits=nsplit, **extra)
                 return out
 
             f = layered(dipr)
             t, _ = timed(f, (qs, stores), args.iters)
             stats_f = jax.jit(lambda q, st, extra=extra: dipr_store_attention(
-                q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r, max_kept_blocks=cap,
+                q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r,
                 implementation="pallas", num_splits=nsplit, **extra)[1])
             stt = stats_f(qs[0], stores[0])
             kept = float(np.asarray(stt.blocks_kept).mean())
@@ -214,7 +217,8 @@ def bench_one(b, s, args, bw, log):
             single, _ = timed(jax.jit(dipr), (qs[0], stores[0]), args.iters)
             rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "us_single_call": 1e6 * single,
                          "blocks_kept_per_kv_head": kept, "blocks_total": nb, "kept_fraction": kept / nb,
-                         "overflow": overflow, "refined": refined, "capacity_blocks": cap, "beta": args.beta,
+                         "overflow": overflow, "refined": refined,
+                         "capacity_blocks": extra["max_kept_blocks"] or nb, "beta": args.beta,
                          "num_splits": nsplit, "bytes_read_per_layer": bytes_read})
             log(rows[-1])
         except Exception as e:
@@ -339,7 +343,7 @@ def markdown(res) -> str:
     m = res["meta"]
     out = [f"# Decode attention, Llama-3-8B shapes (bench/decode_attention.py)", "",
            f"{m['device']}, jax {m['jax']}, {m['date']}, commit {m['commit']}. 32 q / 8 KV heads, D=128, bf16, "
-           f"block {BK}. Copy bandwidth measured in this run: {m['copy_bw_GBps']:.0f} GB/s. "
+           f"block {BK}. XLA_FLAGS: `{m.get('xla_flags', '')}`. Copy bandwidth measured in this run: {m['copy_bw_GBps']:.0f} GB/s. "
            f"µs per layer = one jit over L layers (own K/V each, chained queries) / L; "
            f"DIPR β={m['beta']}, sink 4, window 64, top_r 4. Keys: {m['keys']}.", "",
            "| B | context | method | µs/layer | single call µs | kept blocks | bytes/layer (MB) | GB/s | % copy BW | × best dense |",
@@ -386,7 +390,7 @@ def main(argv=None):
     res = {"meta": {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
                     "python": platform.python_version(),
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "commit": os.environ.get("ALAYA_COMMIT", "unknown"), "copy_bw_GBps": bw / 1e9, "beta": args.beta,
+                    "commit": os.environ.get("ALAYA_COMMIT", "unknown"), "copy_bw_GBps": bw / 1e9, "xla_flags": os.environ.get("XLA_FLAGS", ""), "beta": args.beta,
                     "keys": f"block-clustered: centre N(0,I)·{args.centre_scale}, noise N(0,I)·{args.noise}, "
                             f"query of norm {args.q_norm} aligned with {args.planted} planted block centres per KV head",
                     "args": vars(args)}, "rows": []}

@@ -87,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--planted", type=int, default=4)
     ap.add_argument("--implementation", default="pallas")
     ap.add_argument("--target-programs", type=int, default=128)
+    ap.add_argument("--tag", default="", help="suffix of the output names (e.g. for an XLA_FLAGS variant)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     b, s, nl = args.batch, args.context, args.layers
@@ -105,9 +106,10 @@ def main(argv=None):
                     "context": s, "batch": b, "layers": nl, "reps": args.reps, "beta": args.beta,
                     "num_splits": nsplit, "max_kept_blocks": cap}, "variants": {}}
     variants = {}
-    for name, sp in (("dipr_single_pass", True), ("dipr_two_pass", False)):
-        def f(q, st, sp=sp):
-            return dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=4, max_kept_blocks=cap,
+    for name, sp, c in (("dipr_single_pass", True, cap), ("dipr_two_pass", False, cap),
+                        ("dipr_two_pass_cap_all", False, None)):
+        def f(q, st, sp=sp, c=c):
+            return dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=4, max_kept_blocks=c,
                                         implementation=args.implementation, num_splits=nsplit, single_pass=sp)[0]
         variants[name] = (da.layered(f), (qs, stores))
     dense = [(jnp.array(st.dense_keys().transpose(0, 2, 1, 3)), jnp.array(st.dense_values().transpose(0, 2, 1, 3)))
@@ -115,11 +117,13 @@ def main(argv=None):
     fns = da.dense_fns()
     variants["dense_cudnn"] = (da.layered(fns["dense_cudnn"]), (qs, dense))
     variants["dense_jnp"] = (da.layered(fns["dense_jnp"]), (qs, dense))
+    res["meta"]["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     lines = [f"# Profile of one decode attention call per layer (bench/profile_decode.py)", "",
              f"{res['meta']['device']}, jax {jax.__version__}, {res['meta']['date']}, commit {res['meta']['commit']}. "
              f"Llama-3-8B shapes, B={b}, context {s}, {nl} layers in one jit, block-clustered keys (as "
              f"decode_attention.md), β={args.beta}, split-K {nsplit}, kept-list capacity {cap}. Trace of {args.reps} "
-             f"calls; times are per layer. Wall is measured around the traced calls (the profiler adds some).", ""]
+             f"calls; times are per layer. Wall is measured around the traced calls (the profiler adds a lot: "
+             f"use decode_attention.md for times). XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`.", ""]
     for name, (fn, a) in variants.items():
         try:
             dev, host, wall, procs = trace_events(fn, a, args.reps)
@@ -142,7 +146,7 @@ def main(argv=None):
         lines.append("")
         print(name, {k: v for k, v in summ.items() if k != "kernels"}, flush=True)
     os.makedirs(args.out, exist_ok=True)
-    tag = f"b{b}_{s}"
+    tag = f"b{b}_{s}" + (f"_{args.tag}" if args.tag else "")
     with open(os.path.join(args.out, f"profile_decode_{tag}.json"), "w") as f:
         json.dump(res, f, indent=1)
     with open(os.path.join(args.out, f"profile_decode_{tag}.md"), "w") as f:
