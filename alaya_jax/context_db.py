@@ -22,10 +22,18 @@ tokens gets a chained hash ``h_i = sha256(h_{i-1} || tokens of block i)``
 (``h_{-1}`` binds model, tokenizer, dtype and block size), and an in-memory
 index maps each hash to the snapshots containing that prefix. A prompt hashes
 its own blocks and takes the deepest hit.
+
+Memory tier (``memory_budget_bytes > 0``), like vLLM's GPU prefix cache: the
+snapshots this ``ContextDB`` instance stores or loads from disk stay resident in
+device (or pinned host) memory, trimmed to their valid blocks, up to a byte
+budget, least-recently used evicted first. A lookup still re-scans the on-disk
+catalogue first, so a snapshot deleted or changed on disk (by any process) is
+never served from memory. The tier belongs to the instance, i.e. to one process.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import logging
@@ -36,6 +44,7 @@ import time
 import uuid
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
 
 from alaya_jax.kv_store import KVStore
@@ -44,6 +53,7 @@ from checkpoints.snapshot import (
     SnapshotError,
     SnapshotMeta,
     SnapshotNotFoundError,
+    _check_caches as check_caches,
     check_compatible,
     dtype_name,
     load_snapshot,
@@ -58,6 +68,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOTS = "snapshots"
 _TMP, _TRASH = ".tmp-", ".trash-"
+MEMORY_KINDS = ("device", "pinned_host")
 
 
 @dataclasses.dataclass
@@ -67,6 +78,11 @@ class Session:
     ``reused_tokens``: how many of ``tokens`` came from snapshot ``snapshot_id``
     (0 / None when nothing was reused). ``skipped``: snapshots that matched but were
     refused while looking up (corrupt, vanished, ...), as ``(id, reason)``.
+    ``source``: where the reused caches came from, ``"memory:device"``,
+    ``"memory:pinned_host"`` (the DB's memory tier) or ``"disk"`` (None when nothing
+    was reused); ``restore_s``: wall seconds to fetch them and build ``caches``
+    (ready on the device), 0.0 when nothing was reused. The caches are always new
+    buffers (never shared with the memory tier), so the engine may donate them.
     The engine extends ``tokens`` and ``caches`` together as it prefills and decodes."""
 
     tokens: list[int]
@@ -74,6 +90,28 @@ class Session:
     snapshot_id: Optional[str] = None
     reused_tokens: int = 0
     skipped: list = dataclasses.field(default_factory=list)
+    source: Optional[str] = None
+    restore_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryTierStats:
+    """The memory tier of one ``ContextDB``: ``used_bytes`` of ``budget_bytes`` held
+    in ``memory_kind``; ``snapshots``: resident ids, least recently used first."""
+
+    memory_kind: str
+    budget_bytes: int
+    used_bytes: int
+    snapshots: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class _Resident:
+    caches: tuple[KVStore, ...]  # B=1 stores trimmed to the valid blocks, in the tier's memory kind
+    tokens: list[int]
+    meta: SnapshotMeta
+    stat_key: tuple  # the catalogue entry's stat key when kept: served only while it is unchanged
+    nbytes: int
 
 
 @dataclasses.dataclass
@@ -101,6 +139,34 @@ def _block_hashes(seed: bytes, tokens: Sequence[int], block_size: int, max_block
     return out
 
 
+def _buffer_ids(tree) -> set:
+    """``(device, memory kind, buffer address)`` of every addressable shard of a pytree's arrays."""
+    return {(sh.device, x.sharding.memory_kind, sh.data.unsafe_buffer_pointer())
+            for x in jax.tree.leaves(tree) for sh in x.addressable_shards}
+
+
+def _unaliased(tree, avoid):
+    """``tree`` with every array that shares a buffer with an array of ``avoid`` replaced
+    by a copy (same sharding and memory kind). jax may return an input's buffer for an
+    identity op (a whole-range slice, a device_put to the same sharding, a no-op
+    resize), so identity of the Python objects is not enough."""
+    taken = _buffer_ids(avoid)
+    kinds = {k for _, k, _ in taken}
+
+    def fresh(x):
+        if x.sharding.memory_kind in kinds and any(
+                (sh.device, x.sharding.memory_kind, sh.data.unsafe_buffer_pointer()) in taken
+                for sh in x.addressable_shards):
+            return jax.device_put(x, x.sharding, may_alias=False)
+        return x
+
+    return jax.tree.map(fresh, tree)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
 class ContextDB:
     """Snapshots of prefilled contexts for one model / tokenizer / dtype / block size.
 
@@ -111,7 +177,22 @@ class ContextDB:
 
     ``ContextDB(path)`` with no model arguments opens the catalogue only (for
     listing, showing and deleting without loading a model): every readable snapshot
-    is listed, and lookups, loads and saves raise ``SnapshotError``."""
+    is listed, and lookups, loads and saves raise ``SnapshotError``.
+
+    ``memory_budget_bytes`` > 0 turns on the memory tier (0: off): every snapshot this
+    instance stores (``store``, ``import_``) or loads from disk is kept resident,
+    trimmed to its valid blocks (about ``num_tokens * num_layers * 2 * num_kv_heads *
+    head_dim * itemsize`` bytes plus the f32 block summaries), in ``memory_kind``
+    memory of the devices of ``sharding``: ``"device"`` (accelerator memory; serving
+    costs one on-device copy) or ``"pinned_host"`` (page-locked host RAM; serving
+    costs a host-to-device transfer). Least-recently used snapshots are evicted until
+    the resident bytes fit the budget; a snapshot larger than the whole budget is not
+    kept. ``create_session`` and ``load`` serve a resident snapshot without reading
+    disk, but only after the catalogue re-scan they always do finds it unchanged on
+    disk; ``delete``, a snapshot found unusable, or one removed / rewritten by another
+    process evicts it. The tier is per instance (per process): a CLI call, one process
+    each, gains nothing from it. A ``memory_kind`` the devices do not offer raises
+    ``ValueError`` here (no fallback to another kind)."""
 
     def __init__(
         self,
@@ -124,6 +205,8 @@ class ContextDB:
         sharding=None,
         verify: bool = True,
         stale_tmp_s: float = 6 * 3600,
+        memory_budget_bytes: int = 0,
+        memory_kind: str = "device",
     ):
         self.path = os.path.abspath(os.fspath(path))
         given = [x is not None for x in (model_fingerprint, tokenizer_fingerprint, dtype, block_size)]
@@ -139,6 +222,24 @@ class ContextDB:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.sharding = sharding
         self.verify = verify
+        if memory_kind not in MEMORY_KINDS:
+            raise ValueError(f"memory_kind must be one of {MEMORY_KINDS}, got {memory_kind!r}")
+        if int(memory_budget_bytes) < 0:
+            raise ValueError(f"memory_budget_bytes must be >= 0 (0: no memory tier), got {memory_budget_bytes}")
+        self.memory_kind = memory_kind
+        self.memory_budget_bytes = int(memory_budget_bytes)
+        self._tier_sharding = None
+        if self.memory_budget_bytes:
+            if self.catalog_only:
+                raise ValueError("the memory tier (memory_budget_bytes > 0) needs a ContextDB opened with a "
+                                 "model's fingerprints, dtype and block size")
+            self._tier_sharding = self._device_sharding().with_memory_kind(memory_kind)
+            for d in self._tier_sharding.device_set:
+                kinds = sorted(m.kind for m in d.addressable_memories())
+                if memory_kind not in kinds:
+                    raise ValueError(f"memory_kind {memory_kind!r} is not available on device {d} "
+                                     f"({jax.default_backend()} backend offers {kinds})")
+        self._resident: collections.OrderedDict[str, _Resident] = collections.OrderedDict()
         self._dir = os.path.join(self.path, SNAPSHOTS)
         os.makedirs(self._dir, exist_ok=True)
         self._seed = hashlib.sha256(
@@ -199,6 +300,7 @@ class ContextDB:
                     changed = True
             if changed:
                 self._rebuild_index()
+                self._prune_resident()
 
     def _read_entry(self, sid: str, key: tuple) -> _Entry:
         p = self._snap_path(sid)
@@ -229,6 +331,7 @@ class ContextDB:
 
     def _mark_bad(self, sid: str, err: SnapshotError) -> None:
         with self._lock:
+            self._evict(sid)
             e = self._entries.get(sid)
             if e is not None:
                 e.error = err
@@ -284,21 +387,28 @@ class ContextDB:
         return e.meta
 
     def load(self, ref: str, *, capacity: Optional[int] = None):
-        """``(caches, tokens, meta)`` of one snapshot, padded to ``capacity``."""
+        """``(caches, tokens, meta)`` of one snapshot, padded to ``capacity`` positions
+        (default: its valid blocks). From the memory tier when resident (new buffers
+        either way)."""
         sid = self.resolve(ref)
         with self._lock:
             e = self._entries[sid]
         if e.problem is not None:
             raise e.error
-        return self._load(sid, capacity)
+        if capacity is not None and capacity < e.meta.num_tokens:
+            raise SnapshotError(f"capacity {capacity} is smaller than the snapshot's {e.meta.num_tokens} tokens")
+        caches, toks, meta, _, shared = self._fetch(sid)
+        n = meta.num_tokens
+        return self._materialize(caches, n, n if capacity is None else capacity, shared=shared), toks, meta
 
-    def _load(self, sid: str, capacity: Optional[int]):
+    def _load(self, sid: str):
+        """The snapshot read from disk: ``(caches trimmed to the valid blocks, tokens, meta)``."""
         self._need_model("loading a snapshot")
         try:
             caches, toks, meta = load_snapshot(
                 self._snap_path(sid), expect_model=self.model_fingerprint,
                 expect_tokenizer=self.tokenizer_fingerprint, expect_dtype=self.dtype,
-                expect_block_size=self.block_size, capacity=capacity, sharding=self.sharding,
+                expect_block_size=self.block_size, capacity=None, sharding=self.sharding,
                 verify=self.verify,
             )
         except SnapshotError as err:
@@ -308,6 +418,94 @@ class ContextDB:
                 err = SnapshotNotFoundError(f"snapshot {sid} was deleted while loading")
             raise err from None
         return caches, toks, dataclasses.replace(meta, snapshot_id=sid)
+
+    # ------------------------------------------------------------------ memory tier
+
+    def _device_sharding(self):
+        """Where sessions' caches go: ``sharding`` (default: the first device), device memory."""
+        base = self.sharding if self.sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return base.with_memory_kind("device")
+
+    def memory_stats(self) -> MemoryTierStats:
+        """What the memory tier holds now."""
+        with self._lock:
+            return MemoryTierStats(self.memory_kind, self.memory_budget_bytes,
+                                   sum(r.nbytes for r in self._resident.values()), tuple(self._resident))
+
+    def _fetch(self, sid: str):
+        """``(trimmed caches, tokens, meta, source, shared)`` of a usable snapshot: the
+        resident copy or, on a miss, a disk load, which is then kept resident.
+        ``shared``: the caches are (or were) the resident copy, so that what is handed
+        out must not share their buffers (see ``_materialize``)."""
+        with self._lock:
+            r = self._resident.get(sid)
+            if r is not None:
+                self._resident.move_to_end(sid)
+                return r.caches, r.tokens, r.meta, f"memory:{self.memory_kind}", True
+        caches, toks, meta = self._load(sid)
+        kept = self._keep(sid, caches, toks, meta, owned=True)
+        if kept is None:
+            return caches, toks, meta, "disk", False
+        return kept.caches, toks, meta, "disk", True
+
+    def _materialize(self, caches, n: int, capacity: int, *, shared: bool) -> tuple[KVStore, ...]:
+        """Device-memory stores (on ``sharding``) holding the first ``n`` positions of
+        ``caches``, padded to ``capacity`` positions, ready. ``shared``: ``caches`` are
+        the memory tier's, and the result gets buffers of its own (the engine donates
+        session caches on accelerators, which would delete a shared buffer)."""
+        dev = self._device_sharding()
+        src = caches
+        caches = tuple(c if c.keys.sharding.memory_kind in (None, "device") else jax.device_put(c, dev)
+                       for c in caches)
+        out = tuple(resize_store(truncate_store(c, n), capacity) for c in caches)
+        if shared:
+            out = _unaliased(out, src)
+        return jax.block_until_ready(out)
+
+    def _keep(self, sid: str, caches, tokens: list[int], meta: SnapshotMeta, *, owned: bool) -> Optional[_Resident]:
+        """Keep snapshot ``sid`` resident (tier on, and it fits the budget), evicting the
+        least recently used ones. ``caches``: B=1 stores holding exactly its tokens, any
+        capacity; ``owned``: they are this DB's (a disk load) and may become the
+        resident copy as they are, else the resident copy gets its own buffers."""
+        if not self.memory_budget_bytes:
+            return None
+        with self._lock:
+            e = self._entries.get(sid)
+            if e is None or e.problem is not None:  # deleted or refused meanwhile
+                return None
+            r = self._resident.get(sid)
+            if r is not None and r.stat_key == e.stat_key:
+                self._resident.move_to_end(sid)
+                return r
+            self._evict(sid)
+            trimmed = tuple(resize_store(c, meta.num_tokens) for c in caches)
+            nbytes = _nbytes(trimmed)
+            if nbytes > self.memory_budget_bytes:
+                log.info("context DB: snapshot %s (%d bytes) exceeds the memory budget of %d bytes: not kept",
+                         sid, nbytes, self.memory_budget_bytes)
+                return None
+            used = sum(x.nbytes for x in self._resident.values())
+            while used + nbytes > self.memory_budget_bytes:
+                _, old = self._resident.popitem(last=False)
+                used -= old.nbytes
+            held = jax.device_put(trimmed, self._tier_sharding)
+            if not owned:
+                held = _unaliased(held, caches)
+            r = _Resident(jax.block_until_ready(held), list(tokens), meta, e.stat_key, nbytes)
+            self._resident[sid] = r
+            return r
+
+    def _evict(self, sid: str) -> None:
+        with self._lock:
+            self._resident.pop(sid, None)
+
+    def _prune_resident(self) -> None:
+        """Evict residents whose snapshot is gone, unusable or changed on disk."""
+        with self._lock:
+            for sid, r in list(self._resident.items()):
+                e = self._entries.get(sid)
+                if e is None or e.problem is not None or e.stat_key != r.stat_key:
+                    del self._resident[sid]
 
     # ------------------------------------------------------------------ lookup
 
@@ -345,8 +543,9 @@ class ContextDB:
             sid, n = self.longest_prefix(tokens, max_tokens=len(tokens) - 1)
             if sid is None:
                 return Session(tokens=[], caches=None, skipped=skipped), tokens
+            t0 = time.perf_counter()
             try:
-                caches, stoks, meta = self._load(sid, None)
+                caches, stoks, meta, source, shared = self._fetch(sid)
                 if stoks[:n] != tokens[:n]:  # a hash collision or a changed file
                     raise CorruptSnapshotError(f"snapshot {sid}: token ids differ from its index")
             except SnapshotError as err:
@@ -356,18 +555,21 @@ class ContextDB:
                 skipped.append((sid, str(err)))
                 self._mark_bad(sid, err)
                 continue
-            caches = tuple(resize_store(truncate_store(c, n), capacity) for c in caches)
-            return Session(tokens=tokens[:n], caches=caches, snapshot_id=sid, reused_tokens=n,
-                           skipped=skipped), tokens[n:]
+            caches = self._materialize(caches, n, capacity, shared=shared)
+            return Session(tokens=tokens[:n], caches=caches, snapshot_id=sid, reused_tokens=n, skipped=skipped,
+                           source=source, restore_s=time.perf_counter() - t0), tokens[n:]
 
     # ------------------------------------------------------------------ writes
 
     def import_(self, tokens: Sequence[int], kv: Sequence[KVStore], *, name: Optional[str] = None) -> str:
         """Store a prefilled context (``kv``: one B=1 store per layer holding exactly
-        ``tokens``). Returns its id; a token sequence already stored returns the
-        existing id without writing."""
+        ``tokens``, any capacity). Returns its id; a token sequence already stored
+        returns the existing id without writing. With the memory tier on, a copy of
+        ``kv`` (trimmed to the valid blocks; ``kv`` itself stays the caller's) is kept
+        resident either way."""
         tokens = [int(t) for t in tokens]
         kv = tuple(kv)
+        check_caches(kv, len(tokens))
         if kv:
             got = dtype_name(kv[0].dtype)
             if got != self.dtype:
@@ -381,14 +583,16 @@ class ContextDB:
             with self._lock:
                 e = self._entries.get(sid)
             if e is not None and e.problem is None:
+                self._keep(sid, kv, tokens, e.meta, owned=False)
                 return sid
             # A broken copy under this id: move it aside and write a good one.
             log.warning("context DB: replacing unusable snapshot %s (%s)", sid, e.problem if e else "?")
             self._remove(sid)
-        save_snapshot(path, kv, tokens, model_fingerprint=self.model_fingerprint,
-                      tokenizer_fingerprint=self.tokenizer_fingerprint, name=name,
-                      snapshot_id=sid, exist_ok=True)
+        meta = save_snapshot(path, kv, tokens, model_fingerprint=self.model_fingerprint,
+                             tokenizer_fingerprint=self.tokenizer_fingerprint, name=name,
+                             snapshot_id=sid, exist_ok=True)
         self.refresh()
+        self._keep(sid, kv, tokens, dataclasses.replace(meta, snapshot_id=sid), owned=False)
         return sid
 
     def store(self, session: Session, *, name: Optional[str] = None) -> str:
@@ -409,6 +613,7 @@ class ContextDB:
         return sid
 
     def _remove(self, sid: str) -> None:
+        self._evict(sid)
         trash = os.path.join(self._dir, f"{_TRASH}{sid}-{uuid.uuid4().hex[:12]}")
         try:
             os.rename(self._snap_path(sid), trash)

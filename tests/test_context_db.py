@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -348,6 +349,7 @@ def test_generation_after_restore_equals_generation_after_prefill(tmp_path, tiny
     db2 = _model_db(tmp_path / "db", engine)  # a fresh process would see the same catalogue
     session, todo = db2.create_session(prompt, capacity=cap)
     assert session.snapshot_id == sid and session.reused_tokens == 96  # 6 full blocks of 16
+    assert session.source == "disk" and session.restore_s > 0  # no memory tier by default
     assert todo == prompt[96:]
     got, _ = engine.generate([todo], sampling=_sampling(), caches=session.caches, capacity=cap)
     assert got[0].reused_tokens == 96
@@ -378,3 +380,209 @@ def test_longer_prompt_reuses_stored_prefix_and_stored_session_extends(tmp_path,
     third = longer + [1, 2, 3]
     session, todo = db.create_session(third, capacity=200)
     assert session.snapshot_id == sid and session.reused_tokens == 128 and todo == third[128:]
+
+
+# ---------------------------------------------------------------- memory tier
+
+BIG = 1 << 30
+
+
+def _tier_db(path, kind="device", budget=BIG, **kw):
+    return ContextDB(path, **KW, memory_budget_bytes=budget, memory_kind=kind, **kw)
+
+
+def _no_disk(monkeypatch):
+    """Make every snapshot read from disk fail: what is served then came from memory."""
+    import alaya_jax.context_db as cdb
+
+    def refuse(*a, **k):
+        raise AssertionError("read from disk")
+
+    monkeypatch.setattr(cdb, "load_snapshot", refuse)
+
+
+_donate = jax.jit(lambda caches: jax.tree.map(lambda x: x + 0, caches), donate_argnums=0)
+
+
+def _assert_not_shared(session_caches, resident):
+    """No buffer in common, and donating the session's caches (as the engine does on
+    accelerators) leaves the resident copy alive."""
+    from alaya_jax.context_db import _buffer_ids
+
+    mine = {p for _, _, p in _buffer_ids(session_caches)}
+    assert not mine & {p for _, _, p in _buffer_ids(resident)}
+    _donate(session_caches)
+    assert all(x.is_deleted() for x in jax.tree.leaves(session_caches))  # donation works on this backend
+    assert not any(x.is_deleted() for x in jax.tree.leaves(resident))
+
+
+@pytest.mark.parametrize("kind", ["device", "pinned_host"])
+def test_memory_tier_serves_stored_snapshot_without_disk(tmp_path, monkeypatch, kind):
+    kv = dense_kv(80)
+    t = list(range(80))
+    db = _tier_db(tmp_path / "db", kind)
+    sid = db.import_(t[:70], stores(kv, 70, capacity=128))  # stored at a larger capacity: kept trimmed
+    stats = db.memory_stats()
+    assert stats.snapshots == (sid,) and stats.memory_kind == kind and stats.budget_bytes == BIG
+    resident = db._resident[sid].caches
+    assert resident[0].num_blocks == 5 and resident[0].keys.sharding.memory_kind == kind
+    assert stats.used_bytes == sum(x.nbytes for x in jax.tree.leaves(resident))
+    _no_disk(monkeypatch)
+    # 70 tokens floored to 64; capacity 71 keeps the resident's 5 blocks: the case where
+    # resizing passes keys and values through, so the session must get copies.
+    session, rest = db.create_session(t[:70] + [1], capacity=71)
+    assert session.source == f"memory:{kind}" and session.restore_s > 0
+    assert (session.snapshot_id, session.reused_tokens, rest) == (sid, 64, t[64:70] + [1])
+    want = stores(kv, 70, capacity=80)
+    for a, b in zip(want, session.caches):
+        assert b.keys.sharding.memory_kind == "device" and b.capacity == 80 and int(b.lengths[0]) == 64
+        assert np.array_equal(bits(a.keys[:, :, :4]), bits(b.keys[:, :, :4]))
+        assert np.array_equal(bits(a.kmin[:, :, :4]), bits(b.kmin[:, :, :4]))
+    _assert_not_shared(session.caches, resident)
+    # load() from memory: the whole snapshot, also in buffers of its own.
+    caches, toks, meta = db.load(sid)
+    assert toks == t[:70] and meta.snapshot_id == sid and caches[0].capacity == 80
+    for a, b in zip(want, caches):
+        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+            assert np.array_equal(bits(getattr(a, f)), bits(getattr(b, f))), f
+    _assert_not_shared(caches, resident)
+    # After both were donated, the tier still serves the same contents.
+    again, _ = db.create_session(t[:70] + [1], capacity=71)
+    assert again.source == f"memory:{kind}"
+    assert np.array_equal(bits(again.caches[1].values[:, :, :4]), bits(want[1].values[:, :, :4]))
+
+
+def test_memory_tier_keeps_disk_loads_and_budget_zero_is_off(tmp_path):
+    kv = dense_kv(64)
+    t = list(range(64))
+    sid = ContextDB(tmp_path / "db", **KW).import_(t, stores(kv, 64))
+    off = ContextDB(tmp_path / "db", **KW)  # memory_budget_bytes=0: no tier
+    for _ in range(2):
+        session, _ = off.create_session(t + [5], capacity=80)
+        assert session.source == "disk" and session.snapshot_id == sid
+    assert off.memory_stats() == ck_stats("device", 0, 0, ())
+    on = _tier_db(tmp_path / "db", "pinned_host")
+    first, _ = on.create_session(t + [5], capacity=80)
+    second, _ = on.create_session(t + [5], capacity=80)
+    assert (first.source, second.source) == ("disk", "memory:pinned_host")
+    assert on.memory_stats().snapshots == (sid,)
+    _assert_not_shared(first.caches, on._resident[sid].caches)
+    for a, b in zip(second.caches, stores(kv, 64, capacity=80)):
+        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+            assert np.array_equal(bits(getattr(a, f)), bits(getattr(b, f))), f
+
+
+def ck_stats(*a):
+    from alaya_jax.context_db import MemoryTierStats
+
+    return MemoryTierStats(*a)
+
+
+def test_memory_tier_lru_eviction_by_bytes(tmp_path):
+    kv = dense_kv(96)
+    ctx = {c: [ord(c) * 1000 + i for i in range(32)] for c in "ABCD"}
+    probe = _tier_db(tmp_path / "probe")
+    probe.import_(ctx["A"], stores(kv, 32))
+    size = probe.memory_stats().used_bytes
+    assert size > 0
+    db = _tier_db(tmp_path / "db", budget=int(2.5 * size))  # room for two
+    ids = {c: db.import_(ctx[c], stores(kv, 32)) for c in "ABC"}
+    assert db.memory_stats().snapshots == (ids["B"], ids["C"])  # A, least recently used, evicted
+    assert db.memory_stats().used_bytes == 2 * size
+    assert db.create_session(ctx["B"] + [1], capacity=48)[0].source == "memory:device"  # B now most recent
+    ids["D"] = db.import_(ctx["D"], stores(kv, 32))
+    assert db.memory_stats().snapshots == (ids["B"], ids["D"])
+    # A is still on disk: served from there, then kept, evicting B (used before D was stored).
+    s, _ = db.create_session(ctx["A"] + [1], capacity=48)
+    assert s.source == "disk" and db.memory_stats().snapshots == (ids["D"], ids["A"])
+    # A snapshot larger than the whole budget is not kept, and evicts nothing.
+    big = db.import_(list(range(96)), stores(kv, 96))
+    assert db.memory_stats().snapshots == (ids["D"], ids["A"])
+    assert db.create_session(list(range(97)), capacity=112)[0].source == "disk"
+    assert big not in db.memory_stats().snapshots
+
+
+def test_memory_tier_evicts_on_delete_corruption_and_other_process_delete(tmp_path):
+    kv = dense_kv(64)
+    t = list(range(64))
+    db = _tier_db(tmp_path / "db")
+    a = db.import_(t[:32], stores(kv, 32))
+    b = db.import_(t, stores(kv, 64))
+    assert set(db.memory_stats().snapshots) == {a, b}
+    db.delete(b)
+    assert db.memory_stats().snapshots == (a,)
+    # Another process (here: another instance) deletes a: the next lookup must not serve it.
+    ContextDB(tmp_path / "db", **KW).delete(a)
+    session, rest = db.create_session(t[:32] + [1], capacity=48)
+    assert session.caches is None and session.source is None and rest == t[:32] + [1]
+    assert db.memory_stats().snapshots == ()
+    # ... and re-created by another process: a new directory, so served from disk first.
+    ContextDB(tmp_path / "db", **KW).import_(t[:32], stores(kv, 32))
+    assert db.create_session(t[:32] + [1], capacity=48)[0].source == "disk"
+    assert db.memory_stats().snapshots == (a,)
+    # Found corrupt on disk (verify): evicted, and refused from then on.
+    _flip_largest_state_file(tmp_path / "db" / "snapshots" / a)
+    with pytest.raises(ck.CorruptSnapshotError):
+        db.show(a, verify=True)
+    assert db.memory_stats().snapshots == ()
+    assert db.create_session(t[:32] + [1], capacity=48)[0].reused_tokens == 0
+
+
+class _FakeMemory:
+    def __init__(self, kind):
+        self.kind = kind
+
+
+class _FakeDevice:
+    def addressable_memories(self):
+        return [_FakeMemory("device")]
+
+    def __str__(self):
+        return "FakeDevice(0)"
+
+
+class _FakeSharding:
+    device_set = {_FakeDevice()}
+
+    def with_memory_kind(self, kind):
+        return self
+
+
+def test_memory_tier_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match=r"memory_kind must be one of \('device', 'pinned_host'\), got 'hbm'"):
+        _tier_db(tmp_path / "db", "hbm")
+    with pytest.raises(ValueError, match="memory_kind must be one of"):
+        _tier_db(tmp_path / "db", "unpinned_host")
+    with pytest.raises(ValueError, match="memory_budget_bytes must be >= 0"):
+        _tier_db(tmp_path / "db", budget=-1)
+    with pytest.raises(ValueError, match="needs a ContextDB opened with a model"):
+        ContextDB(tmp_path / "db", memory_budget_bytes=BIG)
+    # A kind the backend does not offer: named, no fallback.
+    with pytest.raises(ValueError, match=r"memory_kind 'pinned_host' is not available on device FakeDevice\(0\)"):
+        _tier_db(tmp_path / "db", "pinned_host", sharding=_FakeSharding())
+    # With the tier off nothing is checked against the devices.
+    ContextDB(tmp_path / "db", **KW, memory_kind="pinned_host", sharding=_FakeSharding())
+
+
+@pytest.mark.parametrize("kind", ["device", "pinned_host"])
+def test_generation_after_memory_tier_hit_equals_generation_after_prefill(tmp_path, monkeypatch, tiny_engine, kind):
+    engine, cfg = tiny_engine
+    rng = np.random.default_rng(8)
+    context = rng.integers(0, cfg.vocab_size, 100).tolist()
+    prompt = context + rng.integers(0, cfg.vocab_size, 9).tolist()
+    cap = len(prompt) + 12
+    ref, _ = engine.generate([prompt], sampling=_sampling(), capacity=cap)
+    assert len(set(ref[0].tokens)) > 3
+
+    db = ContextDB(tmp_path / "db", model_fingerprint="tiny-3", tokenizer_fingerprint="ids", dtype=engine.dtype,
+                   block_size=engine.block_size, memory_budget_bytes=BIG, memory_kind=kind)
+    session = Session(tokens=[], caches=None)
+    session.tokens = list(context)
+    session.caches, _, _ = engine.prefill(engine.new_caches(batch=1, capacity=len(context)), [context])
+    sid = db.store(session)
+    _no_disk(monkeypatch)
+    for _ in range(2):  # the second hit checks that the first session left the resident copy intact
+        s, todo = db.create_session(prompt, capacity=cap)
+        assert (s.snapshot_id, s.source, s.reused_tokens, todo) == (sid, f"memory:{kind}", 96, prompt[96:])
+        got, _ = engine.generate([todo], sampling=_sampling(), caches=s.caches, capacity=cap)
+        assert got[0].tokens == ref[0].tokens
