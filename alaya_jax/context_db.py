@@ -149,14 +149,16 @@ def _unaliased(tree, avoid):
     """``tree`` with every array that shares a buffer with an array of ``avoid`` replaced
     by a copy (same sharding and memory kind). jax may return an input's buffer for an
     identity op (a whole-range slice, a device_put to the same sharding, a no-op
-    resize), so identity of the Python objects is not enough."""
-    taken = _buffer_ids(avoid)
-    kinds = {k for _, k, _ in taken}
+    resize), so identity of the Python objects is not enough. Arrays in different
+    memory kinds cannot share a buffer: only same-kind pairs are compared."""
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+    taken = _buffer_ids([x for x in jax.tree.leaves(avoid) if x.sharding.memory_kind in kinds])
+    if not taken:
+        return tree
 
     def fresh(x):
-        if x.sharding.memory_kind in kinds and any(
-                (sh.device, x.sharding.memory_kind, sh.data.unsafe_buffer_pointer()) in taken
-                for sh in x.addressable_shards):
+        if any((sh.device, x.sharding.memory_kind, sh.data.unsafe_buffer_pointer()) in taken
+               for sh in x.addressable_shards):
             return jax.device_put(x, x.sharding, may_alias=False)
         return x
 
