@@ -4,6 +4,11 @@ The first ``prefill_tokens`` tokens are prefilled densely; every later token is
 fed through decode steps twice — once with the method under test, once with full
 attention, each chain with its own cache — so the method is what is measured and
 the KL to full attention comes from the same run.
+
+For sweeps, the dense prefill and the full-attention chain are shared: build a
+:class:`Reference` once with :func:`prepare_reference`, then call
+:func:`score_against` for every method configuration (each starts from a copy of
+the prefilled caches). :func:`score_sparse` is the one-shot composition of both.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +27,10 @@ from alaya_jax.methods import AttentionConfig
 from alaya_jax.sampling import SamplingConfig
 
 _GREEDY = SamplingConfig(max_new_tokens=1)
+_KEY = jax.random.PRNGKey(0)
+
+# decode(caches, token int32 [1]) -> (logits f32 [1, V], caches, aux)
+DecodeFn = Callable[[tuple, jax.Array], tuple]
 
 
 @jax.jit
@@ -33,6 +42,161 @@ def step_metrics(logits: jax.Array, logits_full: jax.Array, target: jax.Array):
     nll_f = -jnp.take_along_axis(lf, target[:, None], axis=-1)[:, 0]
     kl = jnp.sum(jnp.exp(lf) * (lf - lp), axis=-1)
     return nll, nll_f, kl
+
+
+@dataclasses.dataclass
+class Reference:
+    """A dense prefill and the full-attention chain after it, shared by many scored methods.
+
+    ``caches``: the prefilled caches (never consumed: every chain starts from a copy).
+    ``inputs`` int32 [steps]: the token fed at each decode step; ``targets`` int32
+    [steps]: the token it predicts; ``logits_full`` f32 [steps, V]: full attention's
+    logits at each step.
+    """
+
+    prefill_tokens: int
+    caches: tuple
+    inputs: np.ndarray
+    targets: np.ndarray
+    logits_full: jax.Array
+
+    @property
+    def steps(self) -> int:
+        return int(self.inputs.shape[0])
+
+
+def _copy(caches):
+    return jax.tree.map(jnp.copy, caches)
+
+
+def _check_window(n: int, p: int) -> None:
+    if not (1 <= p <= n - 2):
+        raise ValueError(f"prefill_tokens must be in [1, {n - 2}] for {n} tokens, got {p}")
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
+
+
+def engine_decoder(engine: Engine, attention: AttentionConfig) -> DecodeFn:
+    """The plain decode function of ``engine`` for a resolved ``attention`` config."""
+
+    def decode(caches, tok):
+        _, logits, caches, aux = engine.decode_step(caches, tok, key=_KEY, sampling=_GREEDY, attention=attention)
+        return logits, caches, aux
+
+    return decode
+
+
+def prepare_reference(
+    engine: Engine,
+    tokens: Sequence[int],
+    *,
+    prefill_tokens: int,
+    caches=None,
+    progress: bool = False,
+) -> Reference:
+    """Prefill ``tokens[:prefill_tokens]`` densely (unless prefilled ``caches`` are given)
+    and run the full-attention chain over the rest; every later token is scored."""
+    n, p = len(tokens), prefill_tokens
+    _check_window(n, p)
+    engine.check_fits(n)
+    if caches is None:
+        caches = engine.new_caches(batch=1, capacity=n)
+        caches, _, _ = engine.prefill(caches, [list(tokens[:p])])
+    elif int(np.asarray(caches[0].lengths)[0]) != p or caches[0].capacity < n:
+        raise ValueError(f"the given caches hold {int(np.asarray(caches[0].lengths)[0])} tokens of capacity "
+                         f"{caches[0].capacity}; need {p} tokens and capacity >= {n}")
+    inputs = np.asarray(tokens[p : n - 1], np.int32)
+    targets = np.asarray(tokens[p + 1 : n], np.int32)
+    decode = engine_decoder(engine, FULL)
+    c = _copy(caches)
+    logits = []
+    bar = _bar(progress, len(inputs), "eval full")
+    for tok in inputs:
+        lg, c, _ = decode(c, jnp.asarray([tok], jnp.int32))
+        logits.append(lg[0])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return Reference(prefill_tokens=p, caches=caches, inputs=inputs, targets=targets,
+                     logits_full=jnp.stack(logits))
+
+
+def _mean_stat(aux, name) -> np.ndarray:
+    """aux: per-layer stats dicts of one step → [L] mean of ``name`` over batch and heads (nan if absent)."""
+    return np.array([np.asarray(a[name]).mean() if name in a else np.nan for a in aux], np.float64)
+
+
+def score_against(
+    engine: Engine,
+    ref: Reference,
+    attention: AttentionConfig,
+    *,
+    decode: Optional[DecodeFn] = None,
+    progress: bool = False,
+) -> dict:
+    """Score ``attention`` against a shared :class:`Reference` (see :func:`score_sparse` for the keys).
+
+    ``decode``: an alternative decode function (e.g. per-layer β); it must collect
+    stats. Default: ``engine.decode_step`` with ``attention`` (stats collected).
+    """
+    p = ref.prefill_tokens
+    cfg = dataclasses.replace(attention.resolve(p), collect_stats=True)
+    if decode is None:
+        decode = engine_decoder(engine, cfg)
+    caches = _copy(ref.caches)
+    block = caches[0].block_size
+    logits, auxes = [], []
+    bar = _bar(progress, ref.steps, f"eval {cfg.method}")
+    for tok in ref.inputs:
+        lg, caches, aux = decode(caches, jnp.asarray([tok], jnp.int32))
+        logits.append(lg[0])
+        auxes.append(jax.device_get(aux))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    nll, nll_f, kl = (np.asarray(x, np.float64) for x in
+                      step_metrics(jnp.stack(logits), ref.logits_full, jnp.asarray(ref.targets)))
+    ctx = np.arange(p + 1, p + ref.steps + 1, dtype=np.float64)[:, None]  # keys visible at each step
+    lk = np.stack([_mean_stat(a, "keys_attended") for a in auxes])  # [steps, L]
+    lr = np.stack([_mean_stat(a, "recall") for a in auxes])
+    lf = lk / ctx
+    lb = np.stack([_mean_stat(a, "blocks_kept") for a in auxes]) / np.ceil(ctx / block)
+    overflow = int(sum(int(np.asarray(l.get("overflow", 0))) for a in auxes for l in a))
+    dipr_layers = np.isfinite(lb[0])
+    m, mf = float(nll.mean()), float(nll_f.mean())
+    return {
+        "tokens": ref.steps,
+        "prefill_tokens": p,
+        "attention": cfg.method,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
+        "nll": m,
+        "ppl": math.exp(m),
+        "nll_full": mf,
+        "ppl_full": math.exp(mf),
+        "ppl_increase": math.exp(m - mf) - 1.0,
+        "kl_to_full": float(kl.mean()),
+        "kl_to_full_max": float(kl.max()),
+        "top1_agreement": float(np.mean(np.argmax(np.stack([np.asarray(x) for x in logits]), -1)
+                                        == np.argmax(np.asarray(ref.logits_full), -1))),
+        "mean_keys_attended": float(lk.mean()),
+        "keys_fraction": float(lf.mean()),
+        "attention_recall": float(lr.mean()),
+        "blocks_kept_fraction": float(lb[:, dipr_layers].mean()) if dipr_layers.any() else None,
+        "overflow_steps": overflow,
+        "per_layer": [
+            {"layer": i, "mean_keys_attended": float(lk[:, i].mean()), "keys_fraction": float(lf[:, i].mean()),
+             "attention_recall": float(lr[:, i].mean())}
+            for i in range(lk.shape[1])
+        ],
+    }
 
 
 def score_sparse(
@@ -54,68 +218,9 @@ def score_sparse(
     """
     n = len(tokens)
     p = prefill_tokens if prefill_tokens is not None else max(1, n - 256)
-    if not (1 <= p <= n - 2):
-        raise ValueError(f"prefill_tokens must be in [1, {n - 2}] for {n} tokens, got {p}")
-    engine.check_fits(n)
-    cfg = dataclasses.replace(attention.resolve(p), collect_stats=True)
-    caches = engine.new_caches(batch=1, capacity=n)
-    caches, _, _ = engine.prefill(caches, [list(tokens[:p])])
-    caches_full = jax.tree.map(jnp.copy, caches)
-    key = jax.random.PRNGKey(0)
-    nlls, nlls_f, kls = [], [], []
-    layer_keys, layer_recall, layer_frac, layer_blocks = [], [], [], []
-    overflow = 0
-    steps = range(p, n - 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    _check_window(n, p)
+    ref = prepare_reference(engine, tokens, prefill_tokens=p, progress=progress)
+    return score_against(engine, ref, attention, progress=progress)
 
-        bar = tqdm(total=len(steps), desc=f"eval {cfg.method}", unit="tok", file=sys.stderr, leave=False)
-    nb_total = caches[0].num_blocks
-    for t in steps:
-        tok = jnp.asarray([tokens[t]], jnp.int32)
-        _, logits, caches, aux = engine.decode_step(caches, tok, key=key, sampling=_GREEDY, attention=cfg)
-        _, logits_f, caches_full, _ = engine.decode_step(caches_full, tok, key=key, sampling=_GREEDY, attention=FULL)
-        nll, nll_f, kl = step_metrics(logits, logits_f, jnp.asarray([tokens[t + 1]], jnp.int32))
-        nlls.append(float(nll[0]))
-        nlls_f.append(float(nll_f[0]))
-        kls.append(float(kl[0]))
-        ctx = t + 1  # keys visible to this step
-        keys = np.array([np.asarray(a["keys_attended"]).mean() for a in aux])
-        layer_keys.append(keys)
-        layer_frac.append(keys / ctx)
-        layer_recall.append(np.array([np.asarray(a["recall"]).mean() for a in aux]))
-        blocks = [np.asarray(a["blocks_kept"]).mean() / -(-ctx // caches[0].block_size) if "blocks_kept" in a
-                  else np.nan for a in aux]
-        layer_blocks.append(np.array(blocks))
-        overflow += int(sum(int(a.get("overflow", 0)) for a in aux))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    del nb_total
-    lk, lf, lr, lb = (np.stack(x) for x in (layer_keys, layer_frac, layer_recall, layer_blocks))
-    nll, nll_f = float(np.mean(nlls)), float(np.mean(nlls_f))
-    bk = lb[:, np.isfinite(lb[0])] if np.isfinite(lb).any() else None
-    return {
-        "tokens": len(nlls),
-        "prefill_tokens": p,
-        "attention": cfg.method,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-        "nll": nll,
-        "ppl": math.exp(nll),
-        "nll_full": nll_f,
-        "ppl_full": math.exp(nll_f),
-        "ppl_increase": math.exp(nll - nll_f) - 1.0,
-        "kl_to_full": float(np.mean(kls)),
-        "mean_keys_attended": float(lk.mean()),
-        "keys_fraction": float(lf.mean()),
-        "attention_recall": float(lr.mean()),
-        "blocks_kept_fraction": None if bk is None else float(bk.mean()),
-        "overflow_steps": overflow,
-        "per_layer": [
-            {"layer": i, "mean_keys_attended": float(lk[:, i].mean()), "keys_fraction": float(lf[:, i].mean()),
-             "attention_recall": float(lr[:, i].mean())}
-            for i in range(lk.shape[1])
-        ],
-    }
+
+__all__ = ["Reference", "prepare_reference", "score_against", "score_sparse", "step_metrics", "engine_decoder"]
