@@ -4,8 +4,8 @@ For one decode query per head:
 
 1. ``UB_b = Σ_d max(q_d·kmax_bd, q_d·kmin_bd)`` (+ rounding slack) bounds every key of block b.
 2. ``M_lb``: exact max score over a probe list — the sink and window blocks, the
-   ``top_r`` blocks with the largest bound (per KV head, over its group) and each
-   query head's own largest-bound block.
+   ``top_r`` blocks with the largest bound (per KV head, over its group; 0 = none)
+   and each query head's own largest-bound block.
 3. Keep every block with ``UB_b ≥ M_lb − β`` for some query head of the group,
    plus the sink and window blocks. Every DIPR key's block is kept (UB ≥ q·k ≥
    M − β ≥ M_lb − β), so is the arg-max's block: the exact max ``M`` and the exact
@@ -52,6 +52,26 @@ class DiprStats:
     refined: jax.Array = None  # [] int32: single-pass mode only: 1 if M != M_lb and the step re-attended
 
 
+def _forced_list(lengths: jax.Array, num_blocks: int, block_size: int, *, sink: int, window: int,
+                 num_kv_heads: int) -> jax.Array:
+    """int32 [B, Hkv, F]: the sink and window blocks below each length (-1 where none), without a search."""
+    ln = lengths[:, None]
+    cols = []
+    ns = -(-sink // block_size)
+    if ns:
+        i = jnp.arange(ns)[None, :]
+        cols.append(jnp.where(i * block_size < jnp.minimum(sink, ln), i, -1))
+    if window > 0:
+        nw = -(-window // block_size) + 1
+        first = jnp.maximum(ln - window, 0) // block_size
+        i = first + jnp.arange(nw)[None, :]
+        cols.append(jnp.where((i * block_size < ln) & (i < num_blocks), i, -1))
+    if not cols:
+        return jnp.full((lengths.shape[0], num_kv_heads, 0), -1, jnp.int32)
+    f = jnp.concatenate(cols, axis=-1).astype(jnp.int32)
+    return jnp.broadcast_to(f[:, None, :], (f.shape[0], num_kv_heads, f.shape[1]))
+
+
 def _forced_blocks(lengths: jax.Array, num_blocks: int, block_size: int, *, sink: int, window: int) -> jax.Array:
     """bool [B, NB]: blocks holding a sink or window position (below each length)."""
     start = jnp.arange(num_blocks)[None, :] * block_size
@@ -87,6 +107,48 @@ def _scatter_mask(mask: jax.Array, block_idx: jax.Array, num_blocks: int, block_
     dense = jnp.zeros((b, hq, num_blocks, bk), bool)
     dense = dense.at[jnp.arange(b)[:, None, None], jnp.arange(hq)[None, :, None], idx].set(mask, mode="drop")
     return dense.reshape(b, hq, num_blocks * bk)
+
+
+def kept_blocks(q: jax.Array, store: KVStore, *, beta, sink: int, window: int, top_r: int, capacity: int,
+                rel_slack: float = 1e-4, implementation: str = "reference", interpret: Optional[bool] = None):
+    """Steps 1–3: bounds, probe, kept blocks. q [B,Hq,D] → (M_lb f32 [B,Hq], kept_idx int32
+    [B,Hkv,capacity] ascending and -1 padded, kept_count int32 [B,Hkv] (may exceed ``capacity``))."""
+    if top_r < 0:
+        raise ValueError(f"top_r must be >= 0, got {top_r}")
+    b, hq, _ = q.shape
+    hkv, nb, bk = store.num_kv_heads, store.num_blocks, store.block_size
+    g = group_size(hq, hkv)
+    kw = dict(implementation=implementation, interpret=interpret)
+    lengths = store.lengths
+    nvb = (lengths + bk - 1) // bk
+    block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]
+    beta = jnp.float32(beta)
+
+    # 1. Upper bound of every block's scores, per query head.
+    ub = block_bounds(q, store.kmin, store.kmax, nvb, rel_slack=rel_slack, **kw)  # [B,Hq,NB]
+    group_ub = jnp.max(ub.reshape(b, hkv, g, nb), axis=2)  # [B,Hkv,NB]
+    forced = _forced_blocks(lengths, nb, bk, sink=sink, window=window) & block_ok  # [B,NB]
+
+    # 2. Lower bound M_lb from a probe list: the forced blocks (by arithmetic), each query head's own
+    # largest-bound block and the group's top_r blocks by bound (top_r = 0: none; saves a top-k).
+    parts = [_forced_list(lengths, nb, bk, sink=sink, window=window, num_kv_heads=hkv)]
+    head_ub = jnp.where(block_ok[:, None, :], ub, -jnp.inf)  # [B,Hq,NB]
+    # The group's top_r can miss a head's arg-max block entirely (heads of a group disagree), which
+    # leaves that head a low M_lb and keeps far too many blocks: each head adds its own best block.
+    own = jnp.argmax(head_ub, axis=-1).astype(jnp.int32)  # [B,Hq]
+    parts.append(jnp.where(jnp.max(head_ub, axis=-1) > -jnp.inf, own, -1).reshape(b, hkv, g))
+    if top_r > 0:
+        val, idx = jax.lax.top_k(jnp.where(block_ok[:, None, :], group_ub, -jnp.inf), min(nb, top_r))
+        parts.append(jnp.where(val > -jnp.inf, idx, -1).astype(jnp.int32))
+    # Listed entries first (the kernels take a prefix-packed list); duplicates only cost a re-read.
+    probe_idx = jnp.flip(jnp.sort(jnp.concatenate(parts, axis=-1), axis=-1), axis=-1)
+    _, m_lb = dipr_range_mask(q, store.keys, probe_idx, lengths, beta=beta, return_mask=False, **kw)
+
+    # 3. Kept blocks: union over the group of UB >= M_lb - beta, plus forced; only valid blocks.
+    hit = ub >= (m_lb - beta)[..., None]  # [B,Hq,NB]
+    keep = (jnp.any(hit.reshape(b, hkv, g, nb), axis=2) | forced[:, None, :]) & block_ok[:, None, :]
+    kept_idx, kept_count = _compact(keep, capacity)
+    return m_lb, kept_idx, kept_count
 
 
 def dipr_store_attention(
@@ -128,30 +190,8 @@ def dipr_store_attention(
     nvb = (lengths + bk - 1) // bk
     block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]
 
-    ub = block_bounds(q, store.kmin, store.kmax, nvb, rel_slack=rel_slack, **kw)  # [B,Hq,NB]
-    group_ub = jnp.max(ub.reshape(b, hkv, g, nb), axis=2)  # [B,Hkv,NB]
-    forced = _forced_blocks(lengths, nb, bk, sink=sink, window=window) & block_ok  # [B,NB]
-
-    # 2. Lower bound M_lb from the forced blocks and the top_r blocks by bound.
-    max_forced = -(-sink // bk) + -(-window // bk) + 1 if window > 0 else -(-sink // bk)
-    n_probe = min(nb, top_r + max_forced)
-    probe_key = jnp.where(forced[:, None, :], jnp.inf, group_ub)
-    probe_val, probe_idx = jax.lax.top_k(probe_key, n_probe)
-    probe_idx = jnp.where(probe_val > -jnp.inf, probe_idx, -1).astype(jnp.int32)
-    if g > 1:
-        # Plus each query head's own best-bound block: the group's top_r can miss a head's arg-max block
-        # entirely (heads of a group disagree), which leaves that head a low M_lb and keeps far too many.
-        head_ub = jnp.where(block_ok[:, None, :], ub, -jnp.inf)  # [B,Hq,NB]
-        own = jnp.argmax(head_ub, axis=-1).astype(jnp.int32)  # [B,Hq]
-        own = jnp.where(jnp.max(head_ub, axis=-1) > -jnp.inf, own, -1).reshape(b, hkv, g)
-        # Listed entries first (the kernels take a prefix-packed list); duplicates only cost a re-read.
-        probe_idx = jnp.flip(jnp.sort(jnp.concatenate([probe_idx, own], axis=-1), axis=-1), axis=-1)
-    _, m_lb = dipr_range_mask(q, store.keys, probe_idx, lengths, beta=beta, return_mask=False, **kw)
-
-    # 3. Kept blocks: union over the group of UB >= M_lb - beta, plus forced; only valid blocks.
-    hit = ub >= (m_lb - beta)[..., None]  # [B,Hq,NB]
-    keep = (jnp.any(hit.reshape(b, hkv, g, nb), axis=2) | forced[:, None, :]) & block_ok[:, None, :]
-    kept_idx, kept_count = _compact(keep, cap)
+    m_lb, kept_idx, kept_count = kept_blocks(q, store, beta=beta, sink=sink, window=window, top_r=top_r,
+                                             capacity=cap, rel_slack=rel_slack, **kw)
     overflow = jnp.any(kept_count > cap)
 
     def attend(block_idx):

@@ -82,8 +82,8 @@ class AttentionConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.sink < 0 or self.window < 0:
             raise ValueError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
-        if self.top_r < 1:
-            raise ValueError(f"top_r must be >= 1, got {self.top_r}")
+        if self.top_r < 0:
+            raise ValueError(f"top_r must be >= 0, got {self.top_r}")
         if self.num_splits < 1:
             raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
         if self.max_kept_blocks is not None and self.max_kept_blocks < 1:

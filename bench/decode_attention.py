@@ -150,21 +150,9 @@ def quest_fn(num_blocks, implementation):
 
 def _kept_idx(q, st, args, cap):
     """The kept-block list that dipr_store_attention builds (bounds, probe, select, compact)."""
-    from alaya_jax import dipr_store as ds
-    from pallas_kernels.range_mask import dipr_range_mask
-    b = q.shape[0]
-    nb = st.num_blocks
-    nvb = (st.lengths + BK - 1) // BK
-    block_ok = jnp.arange(nb)[None, :] < nvb[:, None]
-    ub = block_bounds(q, st.kmin, st.kmax, nvb, implementation="pallas")
-    gub = jnp.max(ub.reshape(b, HKV, HQ // HKV, nb), axis=2)
-    forced = ds._forced_blocks(st.lengths, nb, BK, sink=4, window=64) & block_ok
-    _, pidx = jax.lax.top_k(jnp.where(forced[:, None, :], jnp.inf, gub), args.top_r + 3)
-    _, m_lb = dipr_range_mask(q, st.keys, pidx.astype(jnp.int32), st.lengths, beta=args.beta, return_mask=False,
-                              implementation="pallas")
-    hit = ub >= (m_lb - args.beta)[..., None]
-    keep = (jnp.any(hit.reshape(b, HKV, HQ // HKV, nb), axis=2) | forced[:, None, :]) & block_ok[:, None, :]
-    return ds._compact(keep, cap)[0]
+    from alaya_jax.dipr_store import kept_blocks
+    return kept_blocks(q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r, capacity=cap,
+                       implementation="pallas")[1]
 
 
 def bench_one(b, s, args, bw, log):
@@ -193,32 +181,36 @@ def bench_one(b, s, args, bw, log):
     variants = {"dipr_pallas_single_pass": dict(single_pass=True, max_kept_blocks=cap),
                 "dipr_pallas_two_pass": dict(single_pass=False, max_kept_blocks=cap),
                 "dipr_pallas_two_pass_cap_all": dict(single_pass=False, max_kept_blocks=None),
-                "dipr_pallas_single_pass_cap_all": dict(single_pass=True, max_kept_blocks=None)}
+                "dipr_pallas_single_pass_cap_all": dict(single_pass=True, max_kept_blocks=None),
+                "dipr_pallas_two_pass_cap_all_top_r0": dict(single_pass=False, max_kept_blocks=None, top_r=0),
+                "dipr_pallas_single_pass_cap_all_top_r0": dict(single_pass=True, max_kept_blocks=None, top_r=0)}
+    variants = {k: {"top_r": args.top_r, **v} for k, v in variants.items()}
     for name, extra in variants.items():
         try:
             def dipr(q, st, extra=extra):
-                out, stats, _ = dipr_store_attention(q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r,
+                out, stats, _ = dipr_store_attention(q, st, beta=args.beta, sink=4, window=64,
                                                      implementation="pallas", num_splits=nsplit, **extra)
                 return out
 
             f = layered(dipr)
             t, _ = timed(f, (qs, stores), args.iters)
             stats_f = jax.jit(lambda q, st, extra=extra: dipr_store_attention(
-                q, st, beta=args.beta, sink=4, window=64, top_r=args.top_r,
+                q, st, beta=args.beta, sink=4, window=64,
                 implementation="pallas", num_splits=nsplit, **extra)[1])
             stt = stats_f(qs[0], stores[0])
             kept = float(np.asarray(stt.blocks_kept).mean())
             overflow = int(stt.overflow)
             refined = int(stt.refined)
             kept_mean = kept
-            probe = (args.top_r + 3) * blk
+            probe = (extra["top_r"] + 3 + HQ // HKV) * blk  # forced + top_r + one per query head (upper bound)
             passes = 2 if (extra["single_pass"] is False or refined) else 1  # K+V once, plus K again if two-pass
             bytes_read = summ + probe + kept * blk * (2 + (passes - 1)) * 1.0
             single, _ = timed(jax.jit(dipr), (qs[0], stores[0]), args.iters)
             rows.append({**base, "method": name, "us_per_layer": 1e6 * t / nl, "us_single_call": 1e6 * single,
                          "blocks_kept_per_kv_head": kept, "blocks_total": nb, "kept_fraction": kept / nb,
                          "overflow": overflow, "refined": refined,
-                         "capacity_blocks": extra["max_kept_blocks"] or nb, "beta": args.beta,
+                         "capacity_blocks": extra["max_kept_blocks"] or nb, "top_r": extra["top_r"],
+                         "beta": args.beta,
                          "num_splits": nsplit, "bytes_read_per_layer": bytes_read})
             log(rows[-1])
         except Exception as e:
@@ -248,7 +240,7 @@ def bench_one(b, s, args, bw, log):
             rows.append({**base, "method": "dipr_pallas_single_pass[iid keys: real-like selectivity]",
                          "us_per_layer": 1e6 * t / nl, "blocks_kept_per_kv_head": kept, "blocks_total": nb,
                          "kept_fraction": kept / nb, "overflow": int(stt.overflow), "refined": int(stt.refined),
-                         "bytes_read_per_layer": summ + (args.top_r + 3) * blk + nb * blk * 2})
+                         "bytes_read_per_layer": summ + (args.top_r + 3 + HQ // HKV) * blk + nb * blk * 2})
             log(rows[-1])
             del rstores
         except Exception as e:
@@ -288,7 +280,7 @@ def bench_one(b, s, args, bw, log):
 
             t, _ = timed(layered(select_only), (qs, stores), args.iters)
             rows.append({**base, "method": "stage_bounds+probe+select(no attention)", "us_per_layer": 1e6 * t / nl,
-                         "bytes_read_per_layer": summ + (args.top_r + 3) * blk})
+                         "bytes_read_per_layer": summ + (args.top_r + 3 + HQ // HKV) * blk})
             log(rows[-1])
         except Exception as e:
             rows.append({**base, "method": "stages", "error": f"{type(e).__name__}: {str(e)[:400]}"})

@@ -141,11 +141,12 @@ def test_store_path_equals_brute_force(lengths, hq, hkv, d, bk, beta):
 
 
 @pytest.mark.parametrize("adversarial", ["hidden_high", "all_equal", "large_norm"])
-@pytest.mark.parametrize("hq,hkv", [(3, 1), (8, 2)])
-def test_store_path_adversarial(adversarial, hq, hkv):
+@pytest.mark.parametrize("hq,hkv,top_r", [(3, 1, 4), (8, 2, 4), (8, 2, 0)])
+def test_store_path_adversarial(adversarial, hq, hkv, top_r):
     q, k, v, ln, st = _store_case([1, 130, 1000], hq, hkv, 64, 32, seed=3, adversarial=adversarial)
     for beta in (0.0, 1.0, 40.0):
-        _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=0, window=0, with_mask=True)
+        _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=0, window=0, with_mask=True,
+                                              top_r=top_r)
         np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))
 
 
@@ -194,6 +195,25 @@ def test_store_path_reads_few_blocks_when_scores_are_peaked():
     _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=5.0, sink=4, window=64, with_mask=True)
     np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k, 5.0, [s]))
     assert int(stats.blocks_kept[0, 0]) <= 4  # sink block, window block, the block holding the peak
+
+
+@pytest.mark.parametrize("top_r", [0, 1])
+def test_probe_covers_every_query_head_of_a_group(top_r):
+    # The 4 query heads of one KV head each point at a different planted block; the group's top-1 by
+    # bound holds only one of them. Each head's own best block is probed, so every head gets M_lb = M and
+    # only the planted blocks (plus sink/window) are kept.
+    rng = np.random.default_rng(7)
+    d, s, bk, g = 64, 4096, 64, 4
+    centres = rng.normal(size=(s // bk, d)).astype(np.float32)
+    k = (np.repeat(centres, bk, axis=0) + 0.01 * rng.normal(size=(s, d))).astype(np.float32)[None, :, None, :]
+    v = rng.normal(size=(1, s, 1, d)).astype(np.float32)
+    planted = [5, 17, 29, 41]
+    q = np.stack([centres[b] / np.linalg.norm(centres[b]) * (20 + i) for i, b in enumerate(planted)])[None]
+    st = kv_store.from_dense(jnp.asarray(k), jnp.asarray(v), block_size=bk)
+    _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=1.0, sink=4, window=64, top_r=top_r,
+                                          with_mask=True)
+    np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k, 1.0, [s]))
+    assert int(stats.blocks_kept[0, 0]) <= len(planted) + 3, int(stats.blocks_kept[0, 0])
 
 
 def test_jit_and_traced_beta():
