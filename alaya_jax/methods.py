@@ -46,16 +46,20 @@ class AttentionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: tuple[int, ...] = ()
-    # Chosen from measurement (bench/results/decode_attention.md, quality.md): on an H100 with 8B shapes,
-    # exact DIPR decode only matched the best dense attention at 128K (0.98x) and beat it at 512K (1.3x),
-    # on keys far more block-clustered than real ones; so `auto` stays dense below 128K tokens. A dense
-    # first layer did not lower the KL to full attention at an equal fraction of keys on SmolLM2.
+    # Chosen from measurement (bench/results/decode_attention_v2.md, decode_speed_8b.md, quality.md): on an
+    # H100 with 8B shapes exact DIPR decode attention beats the best dense from 32K up (1.4x at 32K, 2x at
+    # 128K, 4.5x at 512K) *on block-clustered keys*; the whole 8B step gains 1.29x at 128K and loses at 32K.
+    # On real SmolLM2 keys the min/max block bound keeps ~100% of blocks (selectivity.md), so DIPR is then
+    # slower than dense: `auto` stays dense below 128K tokens. A dense first layer did not lower the KL to
+    # full attention at an equal fraction of keys on SmolLM2.
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
-    top_r: int = 4
+    # DIPR kernel knobs; defaults are the fastest measured on the H100 at 32K-512K, B=1
+    # (decode_attention_v2.md: probe without a group top-k, two passes, kept lists of all blocks).
+    top_r: int = 0
     max_kept_blocks: Optional[int] = None
-    num_splits: int = 1
-    single_pass: bool = True
+    num_splits: int = 16
+    single_pass: bool = False
     implementation: str = "reference"
     collect_stats: bool = False
     prefill_attention: str = "reference"
