@@ -45,6 +45,7 @@ import uuid
 from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from alaya_jax.kv_store import KVStore
@@ -131,18 +132,30 @@ def _block_hashes(seed: bytes, tokens: Sequence[int], block_size: int, max_block
     nb = len(arr) // block_size
     if max_blocks is not None:
         nb = min(nb, max_blocks)
-    blocks = arr[: nb * block_size].astype("<i4").reshape(nb, block_size)
+    buf = memoryview(arr[: nb * block_size].astype("<i4").tobytes())  # one conversion for all blocks
+    step = 4 * block_size
     out, h = [], seed
     for i in range(nb):
-        h = hashlib.sha256(h + blocks[i].tobytes()).digest()
+        d = hashlib.sha256(h)
+        d.update(buf[i * step:(i + 1) * step])
+        h = d.digest()
         out.append(h)
     return out
 
 
+def _leaf_ids(x) -> tuple:
+    """``(device, memory kind, buffer address)`` of every addressable shard of one array
+    (a single-device array without building its shard objects: the serve path's common case)."""
+    sh = x.sharding
+    if isinstance(sh, jax.sharding.SingleDeviceSharding):
+        (d,) = sh.device_set
+        return ((d, sh.memory_kind, x.unsafe_buffer_pointer()),)
+    return tuple((s.device, sh.memory_kind, s.data.unsafe_buffer_pointer()) for s in x.addressable_shards)
+
+
 def _buffer_ids(tree) -> set:
     """``(device, memory kind, buffer address)`` of every addressable shard of a pytree's arrays."""
-    return {(sh.device, x.sharding.memory_kind, sh.data.unsafe_buffer_pointer())
-            for x in jax.tree.leaves(tree) for sh in x.addressable_shards}
+    return {i for x in jax.tree.leaves(tree) for i in _leaf_ids(x)}
 
 
 def _unaliased(tree, avoid):
@@ -157,8 +170,7 @@ def _unaliased(tree, avoid):
         return tree
 
     def fresh(x):
-        if any((sh.device, x.sharding.memory_kind, sh.data.unsafe_buffer_pointer()) in taken
-               for sh in x.addressable_shards):
+        if any(i in taken for i in _leaf_ids(x)):
             return jax.device_put(x, x.sharding, may_alias=False)
         return x
 
@@ -167,6 +179,37 @@ def _unaliased(tree, avoid):
 
 def _nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def _serve_copy_impl(caches, n, keep_blocks, *, num_blocks: int):
+    """All layers' stores cut to their first ``n`` positions (``n``: a traced int32; the
+    block summaries of blocks ``>= keep_blocks`` zeroed) and padded / cut to ``num_blocks``
+    blocks, in one compiled dispatch. Every output is computed by an op of its own (a
+    select, a pad, a slice or an explicit copy), never an input passed through, so jit
+    returns new buffers (no input is donated)."""
+    out = []
+    for c in caches:
+        cur = c.num_blocks
+        blk = jnp.arange(cur)[None, None, :, None]
+        kmin = jnp.where(blk < keep_blocks, c.kmin, 0.0)
+        kmax = jnp.where(blk < keep_blocks, c.kmax, 0.0)
+
+        def fit(x):
+            if num_blocks > cur:
+                widths = [(0, 0)] * x.ndim
+                widths[2] = (0, num_blocks - cur)
+                return jnp.pad(x, widths)
+            if num_blocks < cur:
+                return jax.lax.slice_in_dim(x, 0, num_blocks, axis=2)
+            return jnp.copy(x)
+
+        out.append(c.replace(keys=fit(c.keys), values=fit(c.values), kmin=fit(kmin), kmax=fit(kmax),
+                             lengths=jnp.full(c.lengths.shape, n, jnp.int32)))
+    return tuple(out)
+
+
+# One executable per (layer count, shapes, dtypes, shardings, output blocks): jit's own cache.
+_serve_copy = jax.jit(_serve_copy_impl, static_argnames=("num_blocks",))
 
 
 class ContextDB:
@@ -401,7 +444,7 @@ class ContextDB:
             raise SnapshotError(f"capacity {capacity} is smaller than the snapshot's {e.meta.num_tokens} tokens")
         caches, toks, meta, _, shared = self._fetch(sid)
         n = meta.num_tokens
-        return self._materialize(caches, n, n if capacity is None else capacity, shared=shared), toks, meta
+        return self._materialize(caches, n, n, n if capacity is None else capacity, shared=shared), toks, meta
 
     def _load(self, sid: str):
         """The snapshot read from disk: ``(caches trimmed to the valid blocks, tokens, meta)``."""
@@ -450,18 +493,41 @@ class ContextDB:
             return caches, toks, meta, "disk", False
         return kept.caches, toks, meta, "disk", True
 
-    def _materialize(self, caches, n: int, capacity: int, *, shared: bool) -> tuple[KVStore, ...]:
+    def _materialize(self, caches, length: int, n: int, capacity: int, *, shared: bool) -> tuple[KVStore, ...]:
         """Device-memory stores (on ``sharding``) holding the first ``n`` positions of
-        ``caches``, padded to ``capacity`` positions, ready. ``shared``: ``caches`` are
-        the memory tier's, and the result gets buffers of its own (the engine donates
-        session caches on accelerators, which would delete a shared buffer)."""
+        ``caches`` (B=1 stores of ``length`` valid positions each), padded to ``capacity``
+        positions, ready. ``shared``: ``caches`` are the memory tier's, and the result gets
+        buffers of its own (the engine donates session caches on accelerators, which would
+        delete a shared buffer).
+
+        One compiled dispatch for all layers (``_serve_copy``) instead of a few ops per
+        array; the same values, bit for bit, as ``truncate_store`` then ``resize_store``."""
+        n, length = int(n), int(length)
+        if not 0 <= n <= length:
+            raise ValueError(f"cannot truncate to {n} positions: the snapshot holds {length}")
+        if not caches:
+            return ()
+        bk = caches[0].block_size
+        nb = -(-int(capacity) // bk)
+        if nb <= 0 or nb < -(-n // bk):
+            raise ValueError(f"capacity {capacity} ({nb} blocks of {bk}) cannot hold {n} valid positions")
         dev = self._device_sharding()
         src = caches
-        caches = tuple(c if c.keys.sharding.memory_kind in (None, "device") else jax.device_put(c, dev)
-                       for c in caches)
-        out = tuple(resize_store(truncate_store(c, n), capacity) for c in caches)
+        moved = [c.keys.sharding.memory_kind not in (None, "device") for c in caches]
+        if any(moved):  # e.g. pinned host: one batched transfer of every store that needs it
+            put = iter(jax.device_put([c for c, m in zip(caches, moved) if m], dev))
+            caches = tuple(next(put) if m else c for c, m in zip(caches, moved))
+        if n < length and n % bk:
+            # A cut inside a block (no caller of this class does that: prefix hits are
+            # block-aligned, loads are whole): the partial block's summary is recomputed.
+            out = tuple(resize_store(truncate_store(c, n), capacity) for c in caches)
+        else:
+            # Whole blocks kept: summaries of the blocks past n zeroed (all left as they
+            # are when n is the whole length, as truncate_store does).
+            keep = np.int32(caches[0].num_blocks if n == length else n // bk)
+            out = _serve_copy(tuple(caches), np.int32(n), keep, num_blocks=nb)
         if shared:
-            out = _unaliased(out, src)
+            out = _unaliased(out, src)  # a guard: _serve_copy never passes an input through
         return jax.block_until_ready(out)
 
     def _keep(self, sid: str, caches, tokens: list[int], meta: SnapshotMeta, *, owned: bool) -> Optional[_Resident]:
@@ -516,6 +582,7 @@ class ContextDB:
         ``tokens`` (``n`` tokens, at most ``max_tokens``), or ``(None, 0)``."""
         self._need_model("prefix lookup")
         self.refresh()
+        tokens = np.asarray(tokens, dtype=np.int64)  # once: _block_hashes takes it as it is
         limit = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
         hashes = _block_hashes(self._seed, tokens, self.block_size, max_blocks=limit // self.block_size)
         with self._lock:
@@ -535,14 +602,17 @@ class ContextDB:
         are padded to ``capacity`` positions (rounded up to blocks). A matching snapshot
         that fails to load is recorded in ``session.skipped`` and the next best match is
         tried (``strict=True``: raise its error instead)."""
-        tokens = [int(t) for t in tokens]
+        ids = np.asarray(tokens, dtype=np.int64)  # one conversion, reused by every lookup below
+        if ids.ndim != 1:
+            raise TypeError(f"tokens must be a flat sequence of token ids, got shape {ids.shape}")
+        tokens = ids.tolist()
         if not tokens:
             raise ValueError("create_session needs at least one token")
         if capacity < len(tokens):
             raise ValueError(f"capacity {capacity} is smaller than the {len(tokens)}-token prompt")
         skipped = []
         while True:
-            sid, n = self.longest_prefix(tokens, max_tokens=len(tokens) - 1)
+            sid, n = self.longest_prefix(ids, max_tokens=len(tokens) - 1)
             if sid is None:
                 return Session(tokens=[], caches=None, skipped=skipped), tokens
             t0 = time.perf_counter()
@@ -557,7 +627,7 @@ class ContextDB:
                 skipped.append((sid, str(err)))
                 self._mark_bad(sid, err)
                 continue
-            caches = self._materialize(caches, n, capacity, shared=shared)
+            caches = self._materialize(caches, meta.num_tokens, n, capacity, shared=shared)
             return Session(tokens=tokens[:n], caches=caches, snapshot_id=sid, reused_tokens=n, skipped=skipped,
                            source=source, restore_s=time.perf_counter() - t0), tokens[n:]
 

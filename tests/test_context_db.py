@@ -452,6 +452,40 @@ def test_memory_tier_serves_stored_snapshot_without_disk(tmp_path, monkeypatch, 
     assert np.array_equal(bits(again.caches[1].values[:, :, :4]), bits(want[1].values[:, :, :4]))
 
 
+@pytest.mark.parametrize("kind", ["device", "pinned_host"])
+@pytest.mark.parametrize("capacity", [33, 49, 64, 65, 200])  # fewer, as many and more blocks than resident
+def test_memory_tier_serve_is_truncate_then_resize_bit_for_bit(tmp_path, monkeypatch, kind, capacity):
+    """The one-dispatch serve copy (all layers at once) gives what truncate_store then
+    resize_store give, every field bit for bit, in buffers of its own: a prefix of a
+    longer resident snapshot (summaries past it zeroed), cut or padded to the capacity."""
+    kv = dense_kv(64, layers=3)
+    t = list(range(64))
+    db = _tier_db(tmp_path / "db", kind)
+    sid = db.import_(t[:60], stores(kv, 60))  # 4 blocks resident, the last one partial
+    resident = db._resident[sid].caches
+    _no_disk(monkeypatch)
+    prompt = t[:32] + [99] * (capacity - 32)  # shares 2 blocks
+    session, rest = db.create_session(prompt, capacity=capacity)
+    assert (session.source, session.reused_tokens, rest) == (f"memory:{kind}", 32, prompt[32:])
+    for c, got in zip(stores(kv, 60), session.caches):
+        want = ck.resize_store(ck.truncate_store(c, 32), capacity)
+        assert got.num_blocks == want.num_blocks == -(-capacity // BK)
+        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+            a, b = getattr(want, f), getattr(got, f)
+            assert a.dtype == b.dtype and a.shape == b.shape, f
+            if f in ("keys", "values"):  # past the length: undefined contents
+                a, b = a[:, :, :2], b[:, :, :2]
+            assert np.array_equal(bits(a), bits(b)), f
+    _assert_not_shared(session.caches, resident)
+    # The whole snapshot (load): summaries of the partial last block kept as stored.
+    caches, _, _ = db.load(sid, capacity=capacity if capacity >= 60 else None)
+    for c, got in zip(stores(kv, 60), caches):
+        want = ck.resize_store(c, max(capacity, 60) if capacity >= 60 else 60)
+        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+            assert np.array_equal(bits(getattr(want, f)), bits(getattr(got, f))), f
+    _assert_not_shared(caches, resident)
+
+
 def test_memory_tier_keeps_disk_loads_and_budget_zero_is_off(tmp_path):
     kv = dense_kv(64)
     t = list(range(64))
