@@ -125,3 +125,9 @@ def split_counts(block_idx, num_splits: int):
     nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv]
     starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
     return cs, jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)
+
+
+def balanced_slots(n, num_splits: int, split_id):
+    """Slots [start, end) of split ``split_id`` when a list of ``n`` real entries is cut into
+    ``num_splits`` near-equal parts (inside a kernel: ``split_id = pl.program_id(...)``)."""
+    return (split_id * n) // num_splits, ((split_id + 1) * n) // num_splits

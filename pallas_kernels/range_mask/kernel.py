@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import compiler_params, split_counts
+from pallas_kernels._common import balanced_slots, compiler_params, split_counts
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -39,19 +39,21 @@ def _scores(q, k):
     )
 
 
+def _listed_scores(q, k_ref, blk, length, offs):
+    """f32 [Gp, Bk]: raw scores of block ``blk``, -inf at positions >= length."""
+    s = _scores(q, k_ref[blk])
+    return jnp.where(blk * k_ref.shape[1] + offs < length, s, -jnp.inf)
+
+
 def _kernel(
     len_ref,  # [1] int32
     nhere_ref,  # [1] int32: listed slots in this split
     bidx_ref,  # [Cs] int32
     q_ref,  # [Gp, D] f32
     k_ref,  # [NB, Bk, D]
-    *out_refs,  # scores [Cs, Gp, Bk] f32 (if with_scores), max [Gp] f32
-    with_scores: bool,
+    s_ref,  # [Cs, Gp, Bk] f32 (out): scores of the listed blocks, -inf after them
+    m_ref,  # [Gp] f32 (out): partial max
 ):
-    if with_scores:
-        s_ref, m_ref = out_refs
-    else:
-        (m_ref,) = out_refs
     gp = q_ref.shape[0]
     bk = k_ref.shape[1]
     cs = bidx_ref.shape[0]
@@ -61,21 +63,17 @@ def _kernel(
     offs = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
 
     def body(i, m):
-        blk = bidx_ref[i]
-        s = _scores(q, k_ref[blk])
-        s = jnp.where(blk * bk + offs < length, s, -jnp.inf)
-        if with_scores:
-            s_ref[i] = s
+        s = _listed_scores(q, k_ref, bidx_ref[i], length, offs)
+        s_ref[i] = s
         return jnp.maximum(m, jnp.max(s, axis=1))
 
-    m = jax.lax.fori_loop(0, n, body, jnp.full((gp,), -jnp.inf, jnp.float32))
-    m_ref[...] = m
-    if with_scores:
-        def fill(i, c):
-            s_ref[i] = jnp.full((gp, bk), -jnp.inf, jnp.float32)
-            return c
+    m_ref[...] = jax.lax.fori_loop(0, n, body, jnp.full((gp,), -jnp.inf, jnp.float32))
 
-        jax.lax.fori_loop(n, cs, fill, 0)
+    def fill(i, c):
+        s_ref[i] = jnp.full((gp, bk), -jnp.inf, jnp.float32)
+        return c
+
+    jax.lax.fori_loop(n, cs, fill, 0)
 
 
 def listed_scores_pallas(
@@ -90,7 +88,10 @@ def listed_scores_pallas(
     num_warps: int = 4,
     num_stages: int = 2,
 ):
-    """Returns (scores [B, Hkv, S*Cs, Gp, Bk] or None, partial max [B, Hkv, S, Gp])."""
+    """Returns (scores [B, Hkv, S*Cs, Gp, Bk] or None, partial max [B, Hkv, S, Gp]).
+
+    Scores: the list is cut into S chunks of Cs slots. Max only (``with_scores=False``):
+    the S splits share the real count of the (prefix-packed) list evenly instead."""
     b, hkv, gp, dp = q.shape
     _, _, nb, bk, _ = keys.shape
     cp = block_idx.shape[-1]
@@ -98,15 +99,8 @@ def listed_scores_pallas(
         return None, _listed_max_balanced(q, keys, block_idx, lengths, num_splits=num_splits, interpret=interpret,
                                           num_warps=num_warps, num_stages=num_stages)
     cs, nhere = split_counts(block_idx, num_splits)  # nhere [B, Hkv, S]
-
-    out_specs = [pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0))]
-    out_shape = [jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)]
-    if with_scores:
-        out_specs.insert(0, pl.BlockSpec((None, None, cs, gp, bk), lambda i, h, s: (i, h, s, 0, 0)))
-        out_shape.insert(0, jax.ShapeDtypeStruct((b, hkv, cp, gp, bk), jnp.float32))
-
-    outs = pl.pallas_call(
-        functools.partial(_kernel, with_scores=with_scores),
+    scores, pmax = pl.pallas_call(
+        _kernel,
         grid=(b, hkv, num_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda i, h, s: (i,)),
@@ -115,15 +109,15 @@ def listed_scores_pallas(
             pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
         ],
-        out_specs=out_specs,
-        out_shape=out_shape,
+        out_specs=[pl.BlockSpec((None, None, cs, gp, bk), lambda i, h, s: (i, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, gp), lambda i, h, s: (i, h, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, cp, gp, bk), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, num_splits, gp), jnp.float32)],
         interpret=interpret,
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
         name="dipr_range_scores",
     )(lengths, nhere, block_idx, q, keys)
-    if with_scores:
-        return outs[0], outs[1]
-    return None, outs[0]
+    return scores, pmax
 
 
 def _max_balanced_kernel(
@@ -137,20 +131,13 @@ def _max_balanced_kernel(
     num_splits: int,
 ):
     """Split s takes slots [s*n//S, (s+1)*n//S): balanced on the real count n, whatever the capacity."""
-    bk = k_ref.shape[1]
-    s_id = pl.program_id(2)
     length = len_ref[0]
-    n = n_ref[0]
-    start = (s_id * n) // num_splits
-    end = ((s_id + 1) * n) // num_splits
+    start, end = balanced_slots(n_ref[0], num_splits, pl.program_id(2))
     q = q_ref[...]
-    offs = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    offs = jax.lax.broadcasted_iota(jnp.int32, (1, k_ref.shape[1]), 1)
 
     def body(i, m):
-        blk = bidx_ref[i]
-        s = _scores(q, k_ref[blk])
-        s = jnp.where(blk * bk + offs < length, s, -jnp.inf)
-        return jnp.maximum(m, jnp.max(s, axis=1))
+        return jnp.maximum(m, jnp.max(_listed_scores(q, k_ref, bidx_ref[i], length, offs), axis=1))
 
     m_ref[...] = jax.lax.fori_loop(start, end, body, jnp.full((q.shape[0],), -jnp.inf, jnp.float32))
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import compiler_params, split_counts
+from pallas_kernels._common import balanced_slots, compiler_params, split_counts
 from pallas_kernels.range_mask.kernel import _scores
 
 _HI = jax.lax.Precision.HIGHEST
@@ -157,11 +157,8 @@ def _balanced_kernel(
     each loop step issues the loads of ``unroll`` blocks before using any of them."""
     gp, d = q_ref.shape
     bk = k_ref.shape[1]
-    s_id = pl.program_id(2)
     length = len_ref[0]
-    n = n_ref[0]
-    start = (s_id * n) // num_splits
-    end = ((s_id + 1) * n) // num_splits
+    start, end = balanced_slots(n_ref[0], num_splits, pl.program_id(2))
     q = q_ref[...]
     thr = thr_ref[...][:, None]
     offs_r = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
