@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from alaya_jax.masked_attention import masked_attention, raw_scores, sink_window_mask, valid_positions
+from pallas_kernels._common import query_slack
 
 
 def _check(q: jax.Array, k: jax.Array, v: Optional[jax.Array] = None) -> None:
@@ -40,12 +41,14 @@ def _lengths(lengths, b: int, s: int) -> jax.Array:
     return lengths
 
 
-def range_mask_from_scores(scores: jax.Array, valid: jax.Array, beta) -> jax.Array:
-    """bool [B,Hq,S]: valid & (score ≥ max over valid − β). scores [B,Hq,S], valid [B,S] or [B,Hq,S]."""
+def range_mask_from_scores(scores: jax.Array, valid: jax.Array, beta, tol: Optional[jax.Array] = None) -> jax.Array:
+    """bool [B,Hq,S]: valid & (score + tol ≥ max over valid − β). scores [B,Hq,S], valid [B,S] or
+    [B,Hq,S], tol (None = 0) broadcastable to scores."""
     if valid.ndim == 2:
         valid = valid[:, None, :]
     m = jnp.max(jnp.where(valid, scores, -jnp.inf), axis=-1, keepdims=True)
-    return valid & (scores >= m - jnp.float32(beta))
+    lhs = scores if tol is None else scores + tol
+    return valid & (lhs >= m - jnp.float32(beta))
 
 
 def dipr_mask(q: jax.Array, k: jax.Array, *, beta, lengths: Optional[jax.Array] = None) -> jax.Array:
@@ -67,15 +70,26 @@ def dipr_attention(
     lengths: Optional[jax.Array] = None,
     sink: int = 4,
     window: int = 64,
+    rounding_slack: float = 0.0,
 ) -> jax.Array:
-    """Attention over DIPR ∪ first ``sink`` ∪ last ``window`` positions → [B, Hq, D]."""
+    """Attention over DIPR ∪ first ``sink`` ∪ last ``window`` positions → [B, Hq, D].
+
+    ``rounding_slack`` > 0 widens the range to ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥ M − β``, the
+    rule of the store path's attention kernels (see ``pallas_kernels.sparse_decode_attention``);
+    pass the same value to compare against them. 0 (default): the plain DIPR definition."""
     _check(q, k, v)
     check_beta(beta)
     b, s = k.shape[0], k.shape[1]
     lengths = _lengths(lengths, b, s)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = raw_scores(q, kt)
-    mask = range_mask_from_scores(scores, valid_positions(lengths, s), beta)
+    tol = None
+    if rounding_slack:
+        valid = valid_positions(lengths, s)[:, None, :, None]  # [B, 1, S, 1]
+        kinf = jnp.max(jnp.abs(jnp.where(valid, kt.astype(jnp.float32), 0.0)), axis=-1)  # [B, Hkv, S]
+        g = q.shape[1] // k.shape[2]
+        tol = query_slack(q, rounding_slack)[..., None] * jnp.repeat(kinf, g, axis=1)
+    mask = range_mask_from_scores(scores, valid_positions(lengths, s), beta, tol)
     mask = mask | sink_window_mask(lengths, s, sink=sink, window=window)[:, None, :]
     out, _ = masked_attention(q, kt, vt, mask, scores=scores)
     return out

@@ -10,7 +10,9 @@ For one decode query per head:
    plus the sink and window blocks. Every DIPR key's block is kept (UB ≥ q·k ≥
    M − β ≥ M_lb − β), so is the arg-max's block: the exact max ``M`` and the exact
    token mask follow from the kept blocks alone.
-4. Attend over the kept blocks with token mask ``s ≥ M − β`` ∪ sink ∪ window.
+4. Attend over the kept blocks with token mask ``s ≥ M − β`` ∪ sink ∪ window (the
+   compare widened by the dot's rounding bound, ``rounding_slack``: M comes from
+   another kernel, which may sum q·k in another order).
 
 Single pass (``single_pass=True``, used when no mask is asked for): step 4 runs
 at once with threshold ``M_lb − β`` and the attention kernel also returns the max
@@ -167,13 +169,18 @@ def dipr_store_attention(
     interpret: Optional[bool] = None,
     single_pass: bool = True,
     blocks_per_step: int = 4,
+    rounding_slack: Optional[float] = None,
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store, reading only kept blocks.
 
     q [B, Hq, D] → ``(out [B,Hq,D], stats: DiprStats, mask)`` where ``mask`` is the
     DIPR token mask bool [B, Hq, S=capacity] (without sink/window) when
     ``with_mask`` else None. ``max_kept_blocks`` (static, default: all blocks) is
-    the capacity C of the kept-block lists per KV head.
+    the capacity C of the kept-block lists per KV head. ``rounding_slack`` is passed to
+    the attention (None: 2·D·2^-24): a token is attended when ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥
+    M − β``, so that the threshold, computed by the range-max kernel, never drops a key
+    that the attention kernel's own rounding puts just below it (the arg-max at β = 0).
+    The mask (``with_mask``) is the plain DIPR mask of the range kernel.
     """
     check_beta(beta)
     b, hq, d = q.shape
@@ -198,7 +205,8 @@ def dipr_store_attention(
         mask, m = dipr_range_mask(q, store.keys, block_idx, lengths, beta=beta, return_mask=with_mask, **kw)
         out, _ = sparse_decode_attention(
             q, store.keys, store.values, block_idx, lengths, m - beta,
-            sink=sink, window=window, num_splits=num_splits, blocks_per_step=blocks_per_step, **kw,
+            sink=sink, window=window, num_splits=num_splits, blocks_per_step=blocks_per_step,
+            rounding_slack=rounding_slack, **kw,
         )
         dense_mask = _scatter_mask(mask, block_idx, nb, bk) if with_mask else None
         return out, m, dense_mask
@@ -208,7 +216,8 @@ def dipr_store_attention(
         def optimistic():
             out1, _, mx = sparse_decode_attention(
                 q, store.keys, store.values, kept_idx, lengths, m_lb - beta, sink=sink, window=window,
-                num_splits=num_splits, return_max=True, blocks_per_step=blocks_per_step, **kw,
+                num_splits=num_splits, return_max=True, blocks_per_step=blocks_per_step,
+                rounding_slack=rounding_slack, **kw,
             )
             exact = jnp.all(mx == m_lb)
             o, m_ = jax.lax.cond(exact, lambda: (out1, mx), lambda: attend(kept_idx)[:2])

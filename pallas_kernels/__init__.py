@@ -11,7 +11,7 @@ A requested Pallas backend that cannot run raises ``BackendUnavailableError``;
 nothing ever falls back silently. This package imports nothing else of ours.
 """
 
-from pallas_kernels._common import BackendUnavailableError, suggest_num_splits
+from pallas_kernels._common import BackendUnavailableError, default_rounding_slack, suggest_num_splits
 from pallas_kernels.block_bounds import block_bounds
 from pallas_kernels.lse_merge import merge_attention
 from pallas_kernels.range_mask import dipr_range_mask
@@ -20,6 +20,7 @@ from pallas_kernels.sparse_attention import sparse_decode_attention
 __all__ = [
     "BackendUnavailableError",
     "block_bounds",
+    "default_rounding_slack",
     "dipr_range_mask",
     "merge_attention",
     "sparse_decode_attention",

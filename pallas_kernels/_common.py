@@ -107,6 +107,33 @@ def score_operand_dtype(q_dtype, k_dtype, mode: str):
     return jnp.dtype(jnp.float32)
 
 
+# Rounding slack of the attention threshold. The threshold ``M - beta`` comes from
+# another computation (the range-max kernel, or the jnp reference on another
+# fusion) whose dot may sum in another order; on the H100 that rounded a beta = 0
+# arg-max below its own threshold (f32, group 1) and the head attended nothing.
+# Every |fl(q·k) - q·k| <= D·2^-24·Σ_d|q_d k_d| <= D·2^-24·‖q‖₁·‖k‖∞, so two
+# computations differ by at most twice that: attention compares
+# ``s + slack·‖q‖₁·‖k‖∞ >= threshold`` with slack = 2·D·2^-24 by default. It can only
+# add keys within that rounding bound of the boundary, never drop one.
+def default_rounding_slack(head_dim: int) -> float:
+    """2·D·2^-24: twice the f32 dot's worst-case relative summation error for head dim D."""
+    return 2.0 * int(head_dim) * 2.0 ** -24
+
+
+def resolve_rounding_slack(rounding_slack, head_dim: int, op: str) -> float:
+    if rounding_slack is None:
+        return default_rounding_slack(head_dim)
+    r = float(rounding_slack)
+    if not r >= 0.0:
+        raise ValueError(f"{op}: rounding_slack must be >= 0 (or None for the default), got {rounding_slack!r}")
+    return r
+
+
+def query_slack(q: jax.Array, rounding_slack: float) -> jax.Array:
+    """f32 [..., ] = rounding_slack · ‖q‖₁ over the last axis (the per-query factor of the slack)."""
+    return jnp.float32(rounding_slack) * jnp.sum(jnp.abs(q.astype(jnp.float32)), axis=-1)
+
+
 def suggest_num_splits(batch: int, num_kv_heads: int, capacity: int, *, target_programs: int = 256) -> int:
     """Split count that fills an H100 (>= ~256 programs), at least one slot per split.
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pallas_kernels._common import default_rounding_slack
+
 LENGTHS = (1, 3, 513, 1023, 4097)
 TIE_BETA = 6.0
 
@@ -150,9 +152,13 @@ def np_range_mask(q, keys, block_idx, lengths, beta, g):
     return mask, mx
 
 
-def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink, window, sm_scale, g):
+def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink, window, sm_scale, g,
+                        rounding_slack=None):
+    """Brute force in f64; a token is in range when s + rounding_slack·‖q‖₁·‖k‖∞ >= threshold
+    (rounding_slack None: the kernels' default 2·D·2^-24)."""
     b, hq, d = q.shape
     bk = keys.shape[3]
+    slack = default_rounding_slack(d) if rounding_slack is None else float(rounding_slack)
     s_all = np_scores(q, keys, g)
     out = np.zeros((b, hq, d))
     lse = np.full((b, hq), -np.inf)
@@ -168,7 +174,8 @@ def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink,
                     if p >= L:
                         continue
                     s = s_all[i, h, blk, j]
-                    if s >= threshold[i, h] or p < sink or p >= L - window:
+                    tol = slack * np.abs(q[i, h]).astype(np.float64).sum() * np.abs(keys[i, h // g, blk, j]).max()
+                    if s + tol >= threshold[i, h] or p < sink or p >= L - window:
                         logits.append(s * sm_scale)
                         vs.append(values[i, h // g, blk, j].astype(np.float64))
             if logits:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dipr_range_mask, sparse_decode_attention
+from pallas_kernels import default_rounding_slack, dipr_range_mask, sparse_decode_attention
 from pallas_kernels.testing import make_case, make_lists, np_sparse_attention
 
 COMBOS = [(1, 64, jnp.float32), (3, 128, jnp.bfloat16), (4, 64, jnp.bfloat16), (4, 128, jnp.float32)]
@@ -117,6 +117,38 @@ def test_sparse_attention_adversarial(kind):
             assert _rel(o, o_np) <= 1e-4
 
 
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_rounding_slack_keeps_an_argmax_rounded_below_its_threshold(impl):
+    """A beta = 0 threshold computed elsewhere can sit a rounding error above the arg-max's
+    score as this kernel computes it (seen on the H100). The plain compare then attends
+    nothing; the default slack (2·D·2^-24·‖q‖₁·‖k‖∞) attends the arg-max, and only it."""
+    c, q, keys, values, lists, lengths = _inputs("gauss", 3, 64, jnp.float32, seed=4, frac=1.0)
+    np_in = [np.asarray(x) for x in (q, keys, values)]
+    from pallas_kernels.testing import np_range_mask
+    _, mx = np_range_mask(*np_in[:2], np.asarray(lists), c["lengths"], 0.0, 3)
+    b, hq, d = q.shape
+    has = np.isfinite(mx)
+    # the arg-max key of every head, and its rounding bound
+    flat = np_in[1].reshape(b, 2, -1, d)
+    s_all = np.einsum("bhd,bhsd->bhs", np_in[0].astype(np.float64), np.repeat(flat, 3, axis=1).astype(np.float64))
+    pos = np.arange(flat.shape[2])
+    s_all = np.where(pos[None, None] < c["lengths"][:, None, None], s_all, -np.inf)
+    arg = np.argmax(s_all, axis=-1)
+    kstar = np.take_along_axis(np.repeat(flat, 3, axis=1), arg[..., None, None], axis=2)[:, :, 0]
+    tol = default_rounding_slack(d) * np.abs(np_in[0]).sum(-1) * np.abs(kstar).max(-1)
+    thr = np.where(has, mx + 0.5 * tol, np.inf).astype(np.float32)  # above the arg-max, within the bound
+    assert np.all(thr[has] > mx[has])
+    run = functools.partial(sparse_decode_attention, q, keys, values, lists, lengths, jnp.asarray(thr),
+                            num_splits=2, implementation=impl)
+    _, lse0 = run(rounding_slack=0.0)
+    assert np.all(np.isneginf(np.asarray(lse0)))  # the plain compare drops every arg-max
+    out, lse = run()
+    np.testing.assert_array_equal(np.isfinite(np.asarray(lse)), has)
+    want = np.take_along_axis(np.repeat(np_in[2].reshape(b, 2, -1, d), 3, axis=1), arg[..., None, None], axis=2)[:, :, 0]
+    np.testing.assert_allclose(np.asarray(out)[has], want[has], rtol=1e-5, atol=1e-6)  # the arg-max alone
+    np.testing.assert_allclose(np.asarray(lse)[has], (mx / math.sqrt(d))[has], rtol=1e-5)
+
+
 def test_sparse_attention_errors():
     q = jnp.zeros((1, 4, 64))
     kv = jnp.zeros((1, 2, 3, 64, 64))
@@ -126,3 +158,5 @@ def test_sparse_attention_errors():
         sparse_decode_attention(q, kv, kv, bi, L, jnp.zeros((1, 2)))
     with pytest.raises(ValueError, match="num_splits"):
         sparse_decode_attention(q, kv, kv, bi, L, jnp.zeros((1, 4)), num_splits=0)
+    with pytest.raises(ValueError, match="rounding_slack"):
+        sparse_decode_attention(q, kv, kv, bi, L, jnp.zeros((1, 4)), rounding_slack=-1e-6)

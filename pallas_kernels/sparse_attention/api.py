@@ -8,7 +8,10 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import DEFAULT_SCORE_MODE, score_operand_dtype, check_implementation, next_pow2, pad_axis, resolve_interpret
+from pallas_kernels._common import (
+    DEFAULT_SCORE_MODE, check_implementation, next_pow2, pad_axis, query_slack, resolve_interpret,
+    resolve_rounding_slack, score_operand_dtype,
+)
 from pallas_kernels.lse_merge import merge_attention
 from pallas_kernels.range_mask.api import check_listed_args
 from pallas_kernels.sparse_attention.reference import sparse_decode_attention_reference
@@ -31,6 +34,7 @@ def sparse_decode_attention(
     score_mode: str = DEFAULT_SCORE_MODE,
     return_max: bool = False,
     blocks_per_step: Optional[int] = None,
+    rounding_slack: Optional[float] = None,
 ):
     """Decode attention over the listed blocks of each KV head, token-masked.
 
@@ -38,6 +42,7 @@ def sparse_decode_attention(
       q: [B, Hq, D]; keys, values: [B, Hkv, NB, Bk, D]; block_idx: [B, Hkv, C] int32
         (listed blocks first, then -1; no duplicates); lengths: [B] int32;
       threshold: f32 [B, Hq] in raw-score units (-inf = attend all listed valid tokens).
+        A token is in range when ``s + rounding_slack·‖q‖₁·‖k‖∞ >= threshold``.
       sink, window: positions p < sink or p >= length - window of listed blocks are
         attended whatever their score.
       num_splits: split each block list into this many partials (split-K), merged
@@ -51,6 +56,11 @@ def sparse_decode_attention(
         slots). An int U: the balanced kernel — split s takes slots
         [s*n//S, (s+1)*n//S) of the n listed blocks and each loop step issues the loads
         of U blocks before using them (latency hiding). return_max needs it (default 4).
+      rounding_slack: widens the threshold compare by this times ‖q‖₁·‖k‖∞, a bound on
+        how far two f32 summation orders of q·k can differ, so that a threshold taken
+        from another computation (the range-max kernel) never drops a key it put in
+        range — on the H100 it once dropped a beta = 0 arg-max. None (default):
+        2·D·2^-24; 0: the plain compare.
     Returns:
       (out [B, Hq, D] in q.dtype, lse f32 [B, Hq]); rows with no token: 0, -inf.
       With return_max: (out, lse, max_score).
@@ -72,10 +82,11 @@ def sparse_decode_attention(
     block_idx = jnp.asarray(block_idx, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     threshold = jnp.asarray(threshold, jnp.float32)
+    slack = resolve_rounding_slack(rounding_slack, d, "sparse_decode_attention")
     if implementation == "reference":
         out, lse = sparse_decode_attention_reference(
             q, keys, values, block_idx, lengths, threshold,
-            sink=int(sink), window=int(window), sm_scale=sm_scale,
+            sink=int(sink), window=int(window), sm_scale=sm_scale, rounding_slack=slack,
         )
         if not return_max:
             return out, lse
@@ -101,10 +112,11 @@ def sparse_decode_attention(
         qdt = score_operand_dtype(q.dtype, keys.dtype, score_mode)
         q32 = pad_axis(pad_axis(q.astype(qdt).reshape(b, hkv, g, d), 2, gp), 3, dp)
         thr = pad_axis(threshold.reshape(b, hkv, g), 2, gp, value=-jnp.inf)
+        qsl = pad_axis(query_slack(q, slack).reshape(b, hkv, g), 2, gp)
         kp, vp = pad_axis(keys, 4, dp), pad_axis(values, 4, dp)
         bidx = pad_axis(block_idx, 2, next_pow2(c), value=-1)
         outs, lses, maxes = sparse_attention_balanced_pallas(
-            q32, kp, vp, bidx, lengths, thr, num_splits=s, unroll=u, sink=sink, window=window,
+            q32, kp, vp, bidx, lengths, thr, qsl, num_splits=s, unroll=u, sink=sink, window=window,
             sm_scale=sm_scale, interpret=interpret,
         )
         outs = outs[:, :, :, :g, :d].reshape(s, b, hq, d)
@@ -121,10 +133,11 @@ def sparse_decode_attention(
     qdt = score_operand_dtype(q.dtype, keys.dtype, score_mode)
     q32 = pad_axis(pad_axis(q.astype(qdt).reshape(b, hkv, g, d), 2, gp), 3, dp)
     thr = pad_axis(threshold.reshape(b, hkv, g), 2, gp, value=-jnp.inf)
+    qsl = pad_axis(query_slack(q, slack).reshape(b, hkv, g), 2, gp)
     kp, vp = pad_axis(keys, 4, dp), pad_axis(values, 4, dp)
     bidx = pad_axis(block_idx, 2, s * cs, value=-1)
     outs, lses = sparse_attention_partials_pallas(
-        q32, kp, vp, bidx, lengths, thr, num_splits=s, sink=sink, window=window,
+        q32, kp, vp, bidx, lengths, thr, qsl, num_splits=s, sink=sink, window=window,
         sm_scale=sm_scale, interpret=interpret,
     )
     outs = outs[:, :, :, :g, :d].reshape(s, b, hq, d)

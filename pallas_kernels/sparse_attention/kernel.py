@@ -3,8 +3,8 @@
 Grid (B, Hkv, S). Program (b, h, s) owns slots [s*Cs, s*Cs + n) of KV head h's
 block list; it loads each K/V block once for the whole GQA group (q rows padded
 to Gp >= 16 for tl.dot), scores in f32 (IEEE dot: no TF32), applies the token
-rule (valid & (s >= thr | sink | window)), runs an online softmax and writes the
-normalised partial output and its log-sum-exp. Padding past a length may be NaN:
+rule (valid & (s + rounding_slack·‖q‖₁·‖k‖∞ >= thr | sink | window)), runs an
+online softmax and writes the normalised partial output and its log-sum-exp. Padding past a length may be NaN:
 scores are masked with `where` and values zeroed. Partials are merged by the LSE
 merge (op 4) in the wrapper.
 """
@@ -23,11 +23,17 @@ from pallas_kernels.range_mask.kernel import _scores
 _HI = jax.lax.Precision.HIGHEST
 
 
+def _key_inf_norm(k):
+    """k [Bk, D] -> f32 [1, Bk]: max_d |k_d| per key (NaN padding stays NaN; callers mask it)."""
+    return jnp.max(jnp.abs(k.astype(jnp.float32)), axis=1)[None, :]
+
+
 def _kernel(
     len_ref,  # [1] int32
     nhere_ref,  # [1] int32: listed slots in this split
     bidx_ref,  # [Cs] int32
     thr_ref,  # [Gp] f32
+    qsl_ref,  # [Gp] f32: rounding_slack·‖q‖₁ per query row
     q_ref,  # [Gp, D] f32, or the key dtype when exact
     k_ref,  # [NB, Bk, D]
     v_ref,  # [NB, Bk, D]
@@ -44,6 +50,7 @@ def _kernel(
     n = nhere_ref[0]
     q = q_ref[...]
     thr = thr_ref[...][:, None]  # [Gp, 1]
+    qsl = qsl_ref[...][:, None]  # [Gp, 1]
     offs_r = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     offs_c = jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     f32_values = v_ref.dtype == jnp.float32
@@ -51,11 +58,12 @@ def _kernel(
     def body(i, carry):
         o, m, l = carry
         blk = bidx_ref[i]
-        s = _scores(q, k_ref[blk])  # [Gp, Bk] f32, same arithmetic as the range mask
+        k = k_ref[blk]
+        s = _scores(q, k)  # [Gp, Bk] f32, same arithmetic as the range mask
         pos = blk * bk + offs_r
         valid = pos < length
         keep = (pos < sink) | (pos >= length - window)
-        att = valid & ((s >= thr) | keep)
+        att = valid & ((s + qsl * _key_inf_norm(k) >= thr) | keep)
         logits = jnp.where(att, s * sm_scale, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(logits, axis=1))
         m_safe = jnp.where(m_new > -jnp.inf, m_new, 0.0)
@@ -93,6 +101,7 @@ def sparse_attention_partials_pallas(
     block_idx: jax.Array,  # [B, Hkv, S*Cs] int32
     lengths: jax.Array,  # [B] int32
     threshold: jax.Array,  # [B, Hkv, Gp] f32
+    qslack: jax.Array,  # [B, Hkv, Gp] f32
     *,
     num_splits: int,
     sink: int,
@@ -117,6 +126,7 @@ def sparse_attention_partials_pallas(
             pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, s)),
             pl.BlockSpec((None, None, cs), lambda i, h, s: (i, h, s)),
             pl.BlockSpec((None, None, gp), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, gp), lambda i, h, s: (i, h, 0)),
             pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
             pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
@@ -132,7 +142,7 @@ def sparse_attention_partials_pallas(
         interpret=interpret,
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
         name="sparse_decode_attention",
-    )(lengths, nhere, block_idx, threshold, q, keys, values)
+    )(lengths, nhere, block_idx, threshold, qslack, q, keys, values)
 
 
 def _balanced_kernel(
@@ -140,6 +150,7 @@ def _balanced_kernel(
     n_ref,  # [1] int32: listed slots of this KV head (whole list)
     bidx_ref,  # [Cp] int32: the whole list of this KV head (-1 padded)
     thr_ref,  # [Gp] f32
+    qsl_ref,  # [Gp] f32: rounding_slack·‖q‖₁ per query row
     q_ref,  # [Gp, D]
     k_ref,  # [NB, Bk, D]
     v_ref,  # [NB, Bk, D]
@@ -161,6 +172,7 @@ def _balanced_kernel(
     start, end = balanced_slots(n_ref[0], num_splits, pl.program_id(2))
     q = q_ref[...]
     thr = thr_ref[...][:, None]
+    qsl = qsl_ref[...][:, None]
     offs_r = jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
     offs_c = jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     f32_values = v_ref.dtype == jnp.float32
@@ -186,7 +198,7 @@ def _balanced_kernel(
             pos = blks[u] * bk + offs_r
             valid = (pos < length) & oks[u]
             keep = (pos < sink) | (pos >= length - window)
-            att = valid & ((s >= thr) | keep)
+            att = valid & ((s + qsl * _key_inf_norm(ks[u]) >= thr) | keep)
             logits = jnp.where(att, s * sm_scale, -jnp.inf)
             mx = jnp.maximum(mx, jnp.max(jnp.where(valid, s, -jnp.inf), axis=1))
             m_new = jnp.maximum(m_new, jnp.max(logits, axis=1))
@@ -232,6 +244,7 @@ def sparse_attention_balanced_pallas(
     block_idx: jax.Array,  # [B, Hkv, Cp] int32, listed first then -1
     lengths: jax.Array,  # [B]
     threshold: jax.Array,  # [B, Hkv, Gp] f32
+    qslack: jax.Array,  # [B, Hkv, Gp] f32
     *,
     num_splits: int,
     unroll: int,
@@ -257,6 +270,7 @@ def sparse_attention_balanced_pallas(
             pl.BlockSpec((None, None, 1), lambda i, h, s: (i, h, 0)),
             pl.BlockSpec((None, None, cp), lambda i, h, s: (i, h, 0)),
             pl.BlockSpec((None, None, gp), lambda i, h, s: (i, h, 0)),
+            pl.BlockSpec((None, None, gp), lambda i, h, s: (i, h, 0)),
             pl.BlockSpec((None, None, gp, dp), lambda i, h, s: (i, h, 0, 0)),
             pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
             pl.BlockSpec((None, None, nb, bk, dp), lambda i, h, s: (i, h, 0, 0, 0)),
@@ -274,4 +288,4 @@ def sparse_attention_balanced_pallas(
         interpret=interpret,
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
         name="sparse_decode_attention_balanced",
-    )(lengths, nlisted, block_idx, threshold, q, keys, values)
+    )(lengths, nlisted, block_idx, threshold, qslack, q, keys, values)
