@@ -83,6 +83,10 @@ def measure(kind, g, d, dtype_name, seed=0, *, rounding_slack=0.0):
     # the jnp reference, threshold from its own range max (XLA may fuse the two dots differently)
     ref = sparse_decode_attention(q, k, v, lists, lengths, jnp.asarray(m_ref), rounding_slack=rounding_slack)
     empty["reference"] = int(np.sum(has & np.isneginf(np.asarray(ref[1]))))
+    # the same under jit (the failing unit test's setting: XLA fuses the dot with its consumers)
+    ref_jit = jax.jit(lambda *a: sparse_decode_attention(*a, rounding_slack=rounding_slack))(
+        q, k, v, lists, lengths, jnp.asarray(m_ref))
+    empty["reference_jit"] = int(np.sum(has & np.isneginf(np.asarray(ref_jit[1]))))
     for name, bps in (("partials", None), ("balanced", 4)):
         res = sparse_decode_attention(q, k, v, lists, lengths, thr, num_splits=2, implementation="pallas",
                                       blocks_per_step=bps, return_max=bps is not None,
@@ -92,6 +96,7 @@ def measure(kind, g, d, dtype_name, seed=0, *, rounding_slack=0.0):
         empty[name] = int(np.sum(has & np.isneginf(np.asarray(res[1]))))
     row = {"kind": kind, "g": g, "d": d, "dtype": dtype_name, "heads": int(has.sum()),
            "rounding_slack": rounding_slack, "empty_at_beta0_reference": empty["reference"],
+           "empty_at_beta0_reference_jit": empty["reference_jit"],
            "empty_at_beta0_partials": empty["partials"], "empty_at_beta0_balanced": empty["balanced"]}
     for name, m in (("range_max", m_rm), ("range_scores", m_rs), ("attention", m_att), ("reference", m_ref)):
         gap = np.abs(m[has] - m64[has])
@@ -129,7 +134,8 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    cols = ["dtype", "g", "d", "kind", "heads", "rounding_slack", "empty_at_beta0_reference", "empty_at_beta0_partials", "empty_at_beta0_balanced",
+    cols = ["dtype", "g", "d", "kind", "heads", "rounding_slack", "empty_at_beta0_reference",
+            "empty_at_beta0_reference_jit", "empty_at_beta0_partials", "empty_at_beta0_balanced",
             "range_max_above_attention_heads", "range_max_minus_attention_max_abs", "cross_gap_rel_scale",
             "attention_vs_f64_max_rel_scale", "range_max_vs_f64_max_rel_scale"]
     lines = [f"# Cross-kernel score agreement ({meta['device']}, jax {meta['jax']})", "",
