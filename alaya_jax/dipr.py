@@ -83,13 +83,13 @@ def dipr_attention(
     lengths = _lengths(lengths, b, s)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = raw_scores(q, kt)
+    valid = valid_positions(lengths, s)  # [B, S]
     tol = None
     if rounding_slack:
-        valid = valid_positions(lengths, s)[:, None, :, None]  # [B, 1, S, 1]
-        kinf = jnp.max(jnp.abs(jnp.where(valid, kt.astype(jnp.float32), 0.0)), axis=-1)  # [B, Hkv, S]
-        g = q.shape[1] // k.shape[2]
+        kinf = jnp.max(jnp.abs(jnp.where(valid[:, None, :, None], kt.astype(jnp.float32), 0.0)), axis=-1)
+        g = q.shape[1] // k.shape[2]  # kinf [B, Hkv, S] = ‖k‖∞ per key
         tol = query_slack(q, rounding_slack)[..., None] * jnp.repeat(kinf, g, axis=1)
-    mask = range_mask_from_scores(scores, valid_positions(lengths, s), beta, tol)
+    mask = range_mask_from_scores(scores, valid, beta, tol)
     mask = mask | sink_window_mask(lengths, s, sink=sink, window=window)[:, None, :]
     out, _ = masked_attention(q, kt, vt, mask, scores=scores)
     return out

@@ -166,6 +166,7 @@ def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink,
         L = int(lengths[i])
         for h in range(hq):
             logits, vs = [], []
+            qslack = slack * np.abs(q[i, h]).astype(np.float64).sum()
             for blk in block_idx[i, h // g]:
                 if blk < 0:
                     continue
@@ -174,7 +175,7 @@ def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink,
                     if p >= L:
                         continue
                     s = s_all[i, h, blk, j]
-                    tol = slack * np.abs(q[i, h]).astype(np.float64).sum() * np.abs(keys[i, h // g, blk, j]).max()
+                    tol = qslack * np.abs(keys[i, h // g, blk, j]).max()
                     if s + tol >= threshold[i, h] or p < sink or p >= L - window:
                         logits.append(s * sm_scale)
                         vs.append(values[i, h // g, blk, j].astype(np.float64))

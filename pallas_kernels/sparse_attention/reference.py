@@ -3,8 +3,8 @@
 Token at absolute position p of a listed block is attended by query head h iff
 p < lengths[b] and (s + tol >= threshold[b, h] or p < sink or p >= lengths[b] - window),
 with s = q·k raw f32 (HIGHEST) and tol = rounding_slack·‖q_h‖₁·‖k‖∞ (the dot's rounding
-bound, so a threshold computed elsewhere never drops a key it put in range). Softmax over s * sm_scale. Rows with no token:
-out 0, lse -inf.
+bound, so a threshold computed elsewhere never drops a key it put in range). Softmax
+over s * sm_scale. Rows with no token: out 0, lse -inf.
 """
 
 from __future__ import annotations
