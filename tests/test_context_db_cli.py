@@ -10,7 +10,7 @@ import pytest
 
 import checkpoints as ck
 from alaya_jax import cli, kv_store
-from alaya_jax.cli_snapshot import context_prefix_ids, model_fingerprint, prompt_ids, tokenizer_fingerprint
+from alaya_jax.model_db import context_prefix_ids, model_fingerprint, prompt_ids, tokenizer_fingerprint
 from alaya_jax.context_db import ContextDB
 
 KW = dict(model_fingerprint="model-A", tokenizer_fingerprint="tok-A", dtype="bfloat16", block_size=16)

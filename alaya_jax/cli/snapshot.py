@@ -1,4 +1,4 @@
-"""``alaya snapshot save|list|show|delete`` and the context DB glue for ``alaya generate --db``.
+"""``alaya snapshot save|list|show|delete``: the context DB from the command line.
 
 ``list``, ``show`` and ``delete`` read the catalogue only (no model is loaded);
 ``save`` loads the model, prefills the context (reusing any stored prefix of
@@ -8,71 +8,13 @@ it) and stores it. Errors from the store (``checkpoints.SnapshotError``, a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
+import os
 import time
 
-# Prompts used to find where the context's tokens stop being stable (see context_prefix_ids).
-_PROBES = ("Q", "?\n1. What is it?")
-
-
-def model_fingerprint(config, engine) -> str:
-    """Hash of the model config, dtype and every weight (reads all weights to the host:
-    about a second per 500 MB)."""
-    import jax
-
-    from checkpoints import fingerprint
-
-    leaves = jax.tree_util.tree_leaves(engine._state)
-    return fingerprint(repr(config), str(engine.dtype), leaves)
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """Hash of the tokenizer: its own ``fingerprint`` if it has one, else the serialized
-    ``tokenizers.Tokenizer`` it wraps, else its encodings of a probe text."""
-    from checkpoints import fingerprint
-
-    fp = getattr(tok, "fingerprint", None)
-    if isinstance(fp, str):
-        return fp
-    for obj in (tok, getattr(tok, "tokenizer", None), getattr(tok, "_tok", None), getattr(tok, "_tokenizer", None)):
-        to_str = getattr(obj, "to_str", None)
-        if callable(to_str):
-            return fingerprint("tokenizers-json", to_str())
-    probe = "The quick brown fox, 12345 — naïve café; <|im_start|>user\n def f(x): return x**2\n\n"
-    return fingerprint("probe", tok.encode(probe), sorted(getattr(tok, "stop_ids", ()) or ()))
-
-
-def open_db(path: str, config, tok, engine):
-    """The ``ContextDB`` at ``path`` for this model, tokenizer, dtype and block size."""
-    from alaya_jax.context_db import ContextDB
-
-    return ContextDB(path, model_fingerprint=model_fingerprint(config, engine),
-                     tokenizer_fingerprint=tokenizer_fingerprint(tok), dtype=engine.dtype,
-                     block_size=engine.block_size)
-
-
-def prompt_ids(tok, context, prompt: str, *, raw: bool) -> list[int]:
-    """The token ids ``alaya generate`` builds (must stay identical to ``cli.cmd_generate``)."""
-    if raw:
-        return tok.encode((context + "\n\n" if context else "") + prompt)
-    user = (context.strip() + "\n\n" + prompt) if context else prompt
-    return tok.encode(tok.chat_prompt(user))
-
-
-def context_prefix_ids(tok, context: str, *, raw: bool) -> list[int]:
-    """The token ids that every ``generate --prompt P`` about ``context`` starts with:
-    the common prefix of the prompts built for two unlike questions, so that the BPE
-    merges across the context/question boundary never make a snapshot unusable."""
-    a, b = (prompt_ids(tok, context, p, raw=raw) for p in _PROBES)
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
+from alaya_jax.cli.common import UsageError, load_model, progress_bar, read_text
+from alaya_jax.model_db import context_prefix_ids, open_db
 
 
 def _print(args, obj, text: str) -> None:
@@ -92,13 +34,12 @@ def _meta_json(meta, problem=None) -> dict:
 
 
 def cmd_save(args) -> int:
-    from alaya_jax.cli import UsageError, _progress, _read_text, load_model
     from alaya_jax.corpus import demo_context
     from alaya_jax.engine import Engine
 
     if bool(args.context_file) == bool(args.demo_context):
         raise UsageError("give exactly one of --context-file or --demo-context")
-    context = _read_text(args.context_file, "context file") if args.context_file else demo_context()
+    context = read_text(args.context_file, "context file") if args.context_file else demo_context()
     config, model, tok = load_model(args)
     ids = context_prefix_ids(tok, context, raw=args.raw)
     if len(ids) > config.max_position_embeddings:
@@ -115,7 +56,7 @@ def cmd_save(args) -> int:
         session, todo = db.create_session(ids, capacity=len(ids))
         reused = session.reused_tokens
         caches = session.caches if session.caches is not None else engine.new_caches(batch=1, capacity=len(ids))
-        bar = _progress(not args.json, len(todo), "prefill")
+        bar = progress_bar(not args.json, len(todo), "prefill")
         caches, _, _ = engine.prefill(caches, [todo], progress=(bar.update if bar else None))
         if bar is not None:
             bar.close()
@@ -135,8 +76,6 @@ def cmd_save(args) -> int:
 
 def _catalog(args):
     from alaya_jax.context_db import ContextDB
-    from alaya_jax.cli import UsageError
-    import os
 
     if not os.path.isdir(args.db):
         raise UsageError(f"context DB {args.db!r} does not exist")
@@ -182,7 +121,7 @@ def cmd_delete(args) -> int:
     return 0
 
 
-def add_snapshot_commands(subparsers) -> None:
+def add_parser(subparsers) -> None:
     """Add ``snapshot save|list|show|delete`` to the ``alaya`` sub-command parsers."""
     sp = subparsers.add_parser("snapshot", help="the context DB: save, list, show, delete prefilled contexts")
     ssub = sp.add_subparsers(dest="snapshot_command", required=True)

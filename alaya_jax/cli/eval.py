@@ -1,0 +1,57 @@
+"""``alaya eval``: teacher-forced perplexity of a text, and with a sparse attention its KL to
+full attention, keys attended and attention mass recalled."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from alaya_jax.cli.common import UsageError, add_attention_args, attention_config, load_model, positive_int, progress_bar, read_text
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="teacher-forced perplexity of a text")
+    e.add_argument("--text-file", required=True)
+    e.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="score the first N tokens (default: all that fit the context)")
+    e.add_argument("--prefill-tokens", type=positive_int, default=None,
+                   help="with a sparse --attention: tokens prefilled densely before decode-step scoring")
+    e.add_argument("--json", action="store_true")
+    add_attention_args(e)
+    e.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from alaya_jax.engine import Engine
+
+    text = read_text(args.text_file, "text file")
+    attention = attention_config(args)
+    config, model, tok = load_model(args)
+    ids = tok.encode(text)
+    limit = config.max_position_embeddings
+    n = min(len(ids), args.max_tokens or limit)
+    if n > limit:
+        raise UsageError(f"--max-tokens {n} exceeds the model's context of {limit} tokens")
+    if n < 2:
+        raise UsageError(f"the text has {len(ids)} token(s); scoring needs at least 2")
+    ids = ids[:n]
+    engine = Engine(model)
+    if attention.method == "full" and args.prefill_tokens is None:
+        bar = progress_bar(not args.json, n, "eval")
+        res = engine.score(ids, progress=(bar.update if bar else None))
+        if bar is not None:
+            bar.close()
+        out = {"tokens": res.tokens, "nll": res.nll, "ppl": res.ppl, "attention": "full"}
+    else:
+        from alaya_jax.evaluation import score_sparse
+
+        out = score_sparse(engine, ids, attention=attention, prefill_tokens=args.prefill_tokens,
+                           progress=not args.json and sys.stderr.isatty())
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"tokens {out['tokens']}  nll {out['nll']:.4f}  ppl {out['ppl']:.3f}  attention {out['attention']}")
+        for k in ("kl_to_full", "keys_fraction", "mean_keys_attended", "attention_recall"):
+            if k in out:
+                print(f"{k} {out[k]:.4g}")
+    return 0
