@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.key_codes import (
-    bound, decode, encode, eps_for_dim, hadamard, rotate, rotation_signs, unpack_nibbles,
+    bound, decode, encode, eps_for_dim, estimate, hadamard, rotate, rotation_signs, unpack_nibbles,
 )
 
 _HI = jax.lax.Precision.HIGHEST
@@ -121,14 +121,16 @@ def test_bound_guarantee(kind, d, dtype):
     q_rot = rotate(jnp.swapaxes(q, 0, 1), signs).swapaxes(0, 1)  # rotate takes [..., Hkv, D]
     k_rot = rotate(jnp.swapaxes(k, 0, 1), signs).swapaxes(0, 1)
     codes, scale, err = encode(k_rot)
-    est = np.asarray(_est(q_rot, codes, scale), np.float64)
+    ests = [np.asarray(_est(q_rot, codes, scale), np.float64),  # q' exact (f32)
+            np.asarray(estimate(q_rot, codes, scale), np.float64)]  # the kernels' f16 operand
     delta = np.asarray(bound(q_rot[:, :, None, :], scale[:, None, :], err[:, None, :]), np.float64)
     assert np.all(np.isfinite(delta)) and np.all(delta >= 0)
     s = np.asarray(_exact_scores(q, k), np.float64)
     truth = np.einsum("hqd,hnd->hqn", np.asarray(q.astype(jnp.float32), np.float64),
                       np.asarray(k.astype(jnp.float32), np.float64))
-    for ref in (s, truth):
-        assert np.all(est - delta <= ref) and np.all(ref <= est + delta)
+    for est in ests:
+        for ref in (s, truth):
+            assert np.all(est - delta <= ref) and np.all(ref <= est + delta)
     # and the interval is useful: δ is about the code's own error, not vacuous
     eps_part = eps_for_dim(d) * np.asarray(jnp.sum(jnp.abs(q_rot), -1), np.float64)[..., None] * \
         np.asarray(scale, np.float64)[:, None, :]

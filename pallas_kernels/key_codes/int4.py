@@ -10,7 +10,11 @@ with q' = rotate(q), k' = rotate(k) computed in f32, and s = q·k computed by th
 arithmetic (16-bit or f32 operands, f32 accumulation, any summation order),
 
     |s - est| <= δ = min(‖q'‖₁·scale/2, ‖q'‖₂·err) + eps_D·‖q'‖₁·scale,
-    eps_D = 16·(D + 2)·(√D + 1)²·2^-24.
+    eps_D = 16·(D + 2)·(√D + 1)²·2^-24 + 8·2^-11,
+
+where est = scale·(q̃·c) may take q̃ = q' rounded to f16 after a power-of-two scaling
+(``estimate_operand``: the kernels' f16 MMA with exact products and f32 accumulation) or
+q̃ = q' itself.
 
 Derivation (u = 2^-24, γ_n = n·u/(1 - n·u), Q = ‖q'‖₁, S = scale; |k'_d| <= 7S so
 ‖k'‖₁ <= 7·D·S and ‖k‖₂ = ‖k'‖₂ <= 7·√D·S; ‖q‖₂ = ‖q'‖₂ <= Q; ‖q‖₁ <= √D·Q):
@@ -23,7 +27,10 @@ Derivation (u = 2^-24, γ_n = n·u/(1 - n·u), Q = ‖q'‖₁, S = scale; |k'_d
      <= γ_{D+1}·(‖q‖₁/√D·7DS + Q·7√D·S) <= 7γ_{D+1}·(D + √D)·Q·S.
   3. refine score: |s - q·k| <= γ_{D+1}·Σ|q_d k_d| <= γ_{D+1}·‖q‖₂‖k‖₂ <= 7γ_{D+1}·√D·Q·S.
   4. estimate: Σ q'_d·c_d (|c_d| <= 7) in f32 then times S: <= 7γ_{D+2}·Q·S.
-  Sum: <= 7·(D + 2)·u·(D + 2√D + 2)·Q·S·(1 + O(Du)) <= 7·(D + 2)(√D + 1)²·u·Q·S·(1+O(Du)),
+  5. f16 operand: q̃ = f16(q'·2^e)·2^-e with max|q'·2^e| in [2^14, 2^15) errs per dim by
+     <= 2^-11·|q'_d| + 2^-25·2^-e (f16 subnormal half-spacing, <= 2^-39·‖q'‖∞), so
+     |(q̃ - q')·k̂| <= 7·S·(2^-11 + D·2^-39)·Q <= 8·2^-11·Q·S: the second term of eps_D.
+  Sum of 1-4: <= 7·(D + 2)·u·(D + 2√D + 2)·Q·S·(1 + O(Du)) <= 7·(D + 2)(√D + 1)²·u·Q·S·(1+O(Du)),
   plus the f32 rounding of δ itself (a few u of δ <= Q·S). The factor 16 instead of 7
   doubles u everywhere, which also covers accumulators that truncate instead of rounding
   to nearest (tensor-core MMAs) and the rounding of δ. (The contract's first draft had
@@ -48,9 +55,22 @@ _ERR_INFLATE = 1.0 + 2.0 ** -10  # covers the f32 rounding of the error norm
 
 
 def eps_for_dim(head_dim: int) -> float:
-    """eps_D = 16·(D + 2)·(√D + 1)²·2^-24 (derivation in the module docstring)."""
+    """eps_D = 16·(D + 2)·(√D + 1)²·2^-24 + 8·2^-11 (derivation in the module docstring)."""
     d = int(head_dim)
-    return 16.0 * (d + 2) * (math.sqrt(d) + 1.0) ** 2 * 2.0 ** -24
+    return 16.0 * (d + 2) * (math.sqrt(d) + 1.0) ** 2 * 2.0 ** -24 + 8.0 * 2.0 ** -11
+
+
+def estimate_operand(q_rot: jax.Array):
+    """q_rot f32 [..., D] -> (q16 f16 [..., D], qscale f32 [...]) with q' ≈ qscale·q16.
+
+    q16 = f16(q'·2^(15-e)) where max|q'| = m·2^e, m in [0.5, 1): the largest entry lands in
+    [2^14, 2^15), so every entry keeps f16's 11 bits (relative 2^-11, covered by eps_D).
+    The estimate is est = scale·(qscale·(q16 · c)) with exact f16 products, f32 sums.
+    """
+    q = q_rot.astype(jnp.float32)
+    _, ex = jnp.frexp(jnp.max(jnp.abs(q), axis=-1))
+    up = jnp.ldexp(jnp.float32(1.0), 15 - ex)
+    return (q * up[..., None]).astype(jnp.float16), jnp.ldexp(jnp.float32(1.0), ex - 15)
 
 
 def _round_up_f16(x: jax.Array) -> jax.Array:
@@ -118,3 +138,19 @@ def bound(q_rot: jax.Array, scale: jax.Array, err: jax.Array) -> jax.Array:
     """
     l1, l2 = query_norms(q_rot)
     return bound_from_norms(l1, l2, scale, err, q_rot.shape[-1])
+
+
+def estimate(q_rot: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    """est f32 [..., G, S] for q_rot f32 [..., G, D], codes uint8 [..., S, D/2], scale [..., S].
+
+    The kernels' arithmetic: est = scale·(qscale·(q16[:D/2]·lo + q16[D/2:]·hi)) with
+    (q16, qscale) = estimate_operand(q_rot), exact products, f32 sums (any order).
+    """
+    q16, qs = estimate_operand(q_rot)
+    lo, hi = unpack_nibbles(codes)
+    h = q16.shape[-1] // 2
+    hi_p = jax.lax.Precision.HIGHEST
+    q32 = q16.astype(jnp.float32)
+    dot = (jnp.einsum("...gd,...sd->...gs", q32[..., :h], lo.astype(jnp.float32), precision=hi_p)
+           + jnp.einsum("...gd,...sd->...gs", q32[..., h:], hi.astype(jnp.float32), precision=hi_p))
+    return (dot * qs[..., None]) * scale.astype(jnp.float32)[..., None, :]
