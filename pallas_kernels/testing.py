@@ -186,3 +186,57 @@ def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink,
                 out[i, h] = (w[:, None] * np.array(vs)).sum(0) / w.sum()
                 lse[i, h] = m + np.log(w.sum())
     return out, lse
+
+
+def make_coded_case(kind, *, g, hkv, d, dtype, lengths=(3, 513, 1023), seed=0, rotation_seed=1,
+                    max_in_window=False):
+    """A make_case store in the filter-refine layout, with its key codes.
+
+    max_in_window: copy the key that scores highest for query head h·g into the last position
+    (a window position), so the exact window max equals the searched max and the candidate
+    threshold is tight (real keys look like this: the window holds the arg-max ~98% of the time).
+
+    Returns dict of jnp arrays: q [B,Hq,D] (dtype), q_rot f32, keys/values [B,Hkv,S,D] (dtype; NaN past
+    each length), codes uint8 [B,Hkv,S,D/2] (random bytes past each length: the kernels must mask by
+    position), scales/errs f16 [B,Hkv,S], lengths [B]; plus numpy f64 q64/keys64 of the rounded inputs.
+    """
+    import jax.numpy as jnp
+
+    from pallas_kernels.key_codes import encode, rotate, rotation_signs
+
+    c = make_case(kind, g=g, hkv=hkv, d=d, lengths=lengths, seed=seed)
+    b, _, nb, bk, _ = c["keys"].shape
+    s = nb * bk
+    k_np = c["keys"].reshape(b, hkv, s, d).copy()
+    if max_in_window:
+        for i, L in enumerate(np.asarray(lengths)):
+            if L < 2:
+                continue
+            for h in range(hkv):
+                sc = k_np[i, h, :L - 1].astype(np.float64) @ c["q"][i, h * g].astype(np.float64)
+                k_np[i, h, L - 1] = k_np[i, h, int(np.argmax(sc))]
+    q = jnp.asarray(c["q"]).astype(dtype)
+    keys = jnp.asarray(k_np).astype(dtype)
+    values = jnp.asarray(c["values"].reshape(b, hkv, s, d)).astype(dtype)
+    signs = rotation_signs(hkv, d, seed=rotation_seed)
+    k_rot = jnp.swapaxes(rotate(jnp.swapaxes(keys, 1, 2), signs), 1, 2)
+    codes, scales, errs = encode(k_rot)
+    q_rot = rotate(q.reshape(b, hkv, g, d).swapaxes(1, 2), signs).swapaxes(1, 2).reshape(b, hkv * g, d)
+    valid = np.arange(s)[None, :] < np.asarray(lengths)[:, None]  # [B, S]
+    junk = np.random.default_rng(seed + 99).integers(0, 256, codes.shape, dtype=np.uint8)
+    codes = jnp.asarray(np.where(valid[:, None, :, None], np.asarray(codes), junk))
+    return dict(q=q, q_rot=q_rot, keys=keys, values=values, codes=codes, scales=scales, errs=errs,
+                lengths=jnp.asarray(np.asarray(lengths, np.int32)), g=g, valid=valid,
+                q64=np.asarray(q.astype(jnp.float32), np.float64),
+                keys64=np.asarray(keys.astype(jnp.float32), np.float64))
+
+
+def np_dipr(q64, keys64, lengths, beta, g):
+    """Brute force in f64: (scores [B,Hq,S] (-inf past length), M [B,Hq], DIPR mask [B,Hq,S])."""
+    b, hq, d = q64.shape
+    s = np.einsum("bhd,bhsd->bhs", q64, np.repeat(np.nan_to_num(keys64), g, axis=1))
+    valid = np.arange(keys64.shape[2])[None, None, :] < np.asarray(lengths)[:, None, None]
+    s = np.where(valid, s, -np.inf)
+    m = s.max(-1)
+    beta = np.broadcast_to(np.asarray(beta, np.float64), (b, hq))
+    return s, m, valid & (s >= (m - beta)[..., None])
