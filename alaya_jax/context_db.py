@@ -62,7 +62,6 @@ from checkpoints.snapshot import (
     read_meta,
     resize_store,
     save_snapshot,
-    truncate_store,
 )
 
 log = logging.getLogger(__name__)
@@ -181,30 +180,26 @@ def _nbytes(tree) -> int:
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
 
 
-def _serve_copy_impl(caches, n, keep_blocks, *, num_blocks: int):
-    """All layers' stores cut to their first ``n`` positions (``n``: a traced int32; the
-    block summaries of blocks ``>= keep_blocks`` zeroed) and padded / cut to ``num_blocks``
-    blocks, in one compiled dispatch. Every output is computed by an op of its own (a
-    select, a pad, a slice or an explicit copy), never an input passed through, so jit
-    returns new buffers (no input is donated)."""
+def _serve_copy_impl(caches, n, *, num_blocks: int):
+    """All layers' stores cut to their first ``n`` positions (``n``: a traced int32) and
+    padded / cut to ``num_blocks`` blocks, in one compiled dispatch. Every output is
+    computed by an op of its own (a pad, a slice or an explicit copy), never an input
+    passed through, so jit returns new buffers (no input is donated)."""
     out = []
     for c in caches:
         cur = c.num_blocks
-        blk = jnp.arange(cur)[None, None, :, None]
-        kmin = jnp.where(blk < keep_blocks, c.kmin, 0.0)
-        kmax = jnp.where(blk < keep_blocks, c.kmax, 0.0)
 
-        def fit(x):
+        def fit(x, blank):
             if num_blocks > cur:
                 widths = [(0, 0)] * x.ndim
                 widths[2] = (0, num_blocks - cur)
-                return jnp.pad(x, widths)
+                return jnp.pad(x, widths, constant_values=blank)
             if num_blocks < cur:
                 return jax.lax.slice_in_dim(x, 0, num_blocks, axis=2)
             return jnp.copy(x)
 
-        out.append(c.replace(keys=fit(c.keys), values=fit(c.values), kmin=fit(kmin), kmax=fit(kmax),
-                             lengths=jnp.full(c.lengths.shape, n, jnp.int32)))
+        out.append(c.map_blocked(fit).replace(rot_signs=jnp.copy(c.rot_signs),
+                                              lengths=jnp.full(c.lengths.shape, n, jnp.int32)))
     return tuple(out)
 
 
@@ -517,15 +512,7 @@ class ContextDB:
         if any(moved):  # e.g. pinned host: one batched transfer of every store that needs it
             put = iter(jax.device_put([c for c, m in zip(caches, moved) if m], dev))
             caches = tuple(next(put) if m else c for c, m in zip(caches, moved))
-        if n < length and n % bk:
-            # A cut inside a block (no caller of this class does that: prefix hits are
-            # block-aligned, loads are whole): the partial block's summary is recomputed.
-            out = tuple(resize_store(truncate_store(c, n), capacity) for c in caches)
-        else:
-            # Whole blocks kept: summaries of the blocks past n zeroed (all left as they
-            # are when n is the whole length, as truncate_store does).
-            keep = np.int32(caches[0].num_blocks if n == length else n // bk)
-            out = _serve_copy(tuple(caches), np.int32(n), keep, num_blocks=nb)
+        out = _serve_copy(tuple(caches), np.int32(n), num_blocks=nb)
         if shared:
             out = _unaliased(out, src)  # a guard: _serve_copy never passes an input through
         return jax.block_until_ready(out)

@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alaya_jax.masked_attention import masked_attention, raw_scores, sink_window_mask, valid_positions
 from pallas_kernels._common import query_slack
@@ -28,7 +29,10 @@ def _check(q: jax.Array, k: jax.Array, v: Optional[jax.Array] = None) -> None:
 
 
 def check_beta(beta) -> None:
-    if not isinstance(beta, jax.core.Tracer) and not (float(beta) >= 0):
+    """β (a number or an array, e.g. one per query head) must be >= 0 everywhere (inf allowed; NaN not)."""
+    if isinstance(beta, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(beta, np.float64) >= 0):
         raise ValueError(f"beta must be >= 0 (inf allowed), got {beta}")
 
 

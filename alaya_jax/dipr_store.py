@@ -1,156 +1,149 @@
-"""Exact DIPR over a :class:`~alaya_jax.kv_store.KVStore` by block bounds (DESIGN.md §2).
+"""Exact DIPR over a :class:`~alaya_jax.kv_store.KVStore` by filter–refine over per-key codes
+(DESIGN.md §2).
 
-For one decode query per head:
+For one decode query per head (query heads grouped over KV heads, GQA):
 
-1. ``UB_b = Σ_d max(q_d·kmax_bd, q_d·kmin_bd)`` (+ rounding slack) bounds every key of block b.
-2. ``M_lb``: exact max score over a probe list — the sink and window blocks, the
-   ``top_r`` blocks with the largest bound (per KV head, over its group; 0 = none)
-   and each query head's own largest-bound block.
-3. Keep every block with ``UB_b ≥ M_lb − β`` for some query head of the group,
-   plus the sink and window blocks. Every DIPR key's block is kept (UB ≥ q·k ≥
-   M − β ≥ M_lb − β), so is the arg-max's block: the exact max ``M`` and the exact
-   token mask follow from the kept blocks alone.
-4. Attend over the kept blocks with token mask ``s ≥ M − β`` ∪ sink ∪ window (the
-   compare widened by the dot's rounding bound, ``rounding_slack``: M comes from
-   another kernel, which may sum q·k in another order).
+1. **Filter** (``pallas_kernels.code_scan``, one pass over the 4-bit codes of every key,
+   once for all query heads of a KV head): ``M_sw`` = exact max over the sink and window
+   positions; per key an estimate ``ŝ`` from its code and a rigorous interval ``ŝ ± δ``;
+   a key is a *candidate* when ``ŝ + δ ≥ M_sw − β`` for some query head of its group.
+   Every DIPR key is a candidate (``ŝ + δ ≥ s ≥ M − β ≥ M_sw − β``), and so is the
+   arg-max unless it is a sink/window key: zero false negatives by construction. The scan
+   also returns the per-split max of ``ŝ − δ``, a lower bound of ``M``.
+2. **Refine and attend** (``pallas_kernels.refine_attention``): exact scores of the
+   candidates (their exact keys gathered), token mask ``s ≥ M_lb − β`` with
+   ``M_lb = max(M_sw, max ŝ − δ) ≤ M``, V read only for the keys in range, sink and
+   window always attended, splits merged by log-sum-exp. The kernel returns ``M'``, the
+   max exact score it saw over the candidates ∪ sink ∪ window, which is the exact ``M``.
+   If ``M' == M_lb`` for every head (the common case: the arg-max sits in the recent
+   window) the threshold used *was* ``M − β`` and the result is exact; otherwise the step
+   re-runs the refine with ``M'`` (``lax.cond``; counted in ``DiprStats.refined``).
 
-Single pass (``single_pass=True``, used when no mask is asked for): step 4 runs
-at once with threshold ``M_lb − β`` and the attention kernel also returns the max
-raw score ``M'`` it saw over the valid tokens of the kept blocks. The kept blocks
-hold the arg-max, so ``M' = M`` (same score arithmetic as the probe). If
-``M' == M_lb`` for every head — the arg-max was in the probe — the threshold used
-*was* ``M − β`` and the result is the two-pass result, bit for bit. Otherwise
-(``lax.cond``) the step re-attends with threshold ``M' − β`` after the two-pass
-range max; counted in ``DiprStats.refined``. This drops the separate range-max
-pass over the kept blocks in the common case.
+Candidate lists live in fixed-capacity buffers ``[B, Hkv, splits, capacity]``. If any
+split has more candidates than ``capacity`` — typically because the arg-max lies outside
+sink and window, so ``M_sw`` is a loose threshold — the codes are scanned again with the
+threshold ``M_lb − β`` (``DiprStats.rescanned``). If a list still overflows, the step takes
+the exact dense path (brute force over every valid key) for the whole batch — never a
+silent drop — and counts it in ``DiprStats.overflow``.
 
-Kept lists live in a fixed-capacity buffer ``[B, Hkv, C]``. If any list would
-overflow ``C``, the step takes the dense path (every valid block) for the whole
-batch — exact, never a silent drop — and counts it in ``DiprStats.overflow``.
+β may be a number or an array broadcastable to ``[B, Hq]`` (a β per query head).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-from alaya_jax.dipr import check_beta
+from alaya_jax.dipr import check_beta, dipr_attention, range_mask_from_scores
 from alaya_jax.kv_store import KVStore
-from alaya_jax.masked_attention import group_size
-from pallas_kernels.block_bounds import block_bounds
-from pallas_kernels.range_mask import dipr_range_mask
-from pallas_kernels.sparse_attention import sparse_decode_attention
+from alaya_jax.masked_attention import group_size, raw_scores, sink_window_mask
+from pallas_kernels.code_scan import code_scan
+from pallas_kernels.code_scan.api import DEFAULT_TILE
+from pallas_kernels.key_codes import rotate
+from pallas_kernels.refine_attention import refine_attention
+from pallas_kernels._common import default_rounding_slack
+
+#: Default candidate capacity, as a fraction of each split's keys. Measured candidate
+#: shares on real SmolLM2 keys are 2–16% (bench/results/code_choice.md); above the
+#: capacity a step takes the exact dense path.
+DEFAULT_CAPACITY_FRACTION = 0.25
 
 
 @struct.dataclass
 class DiprStats:
-    blocks_kept: jax.Array  # [B, Hkv] int32: blocks read per KV head (sink/window blocks included)
+    candidates: jax.Array  # [B, Hkv] int32: keys whose code interval reached the range (refined exactly)
     keys_in_range: jax.Array  # [B, Hq] int32: |DIPR| (only when the mask was asked for, else -1)
-    overflow: jax.Array  # [] int32: 1 if this step fell back to the dense path
+    overflow: jax.Array  # [] int32: 1 if this step took the dense path (a candidate list overflowed)
     max_score: jax.Array  # [B, Hq] f32: the exact max raw score M
-    refined: jax.Array = None  # [] int32: single-pass mode only: 1 if M != M_lb and the step re-attended
+    refined: jax.Array  # [] int32: 1 if M != M_lb for some head and the refine ran twice
+    rescanned: jax.Array  # [] int32: 1 if the first scan overflowed and the codes were scanned again
 
 
-def _forced_list(lengths: jax.Array, num_blocks: int, block_size: int, *, sink: int, window: int,
-                 num_kv_heads: int) -> jax.Array:
-    """int32 [B, Hkv, F]: the sink and window blocks below each length (-1 where none), without a search."""
-    ln = lengths[:, None]
-    cols = []
-    ns = -(-sink // block_size)
-    if ns:
-        i = jnp.arange(ns)[None, :]
-        cols.append(jnp.where(i * block_size < jnp.minimum(sink, ln), i, -1))
-    if window > 0:
-        nw = -(-window // block_size) + 1
-        first = jnp.maximum(ln - window, 0) // block_size
-        i = first + jnp.arange(nw)[None, :]
-        cols.append(jnp.where((i * block_size < ln) & (i < num_blocks), i, -1))
-    if not cols:
-        return jnp.full((lengths.shape[0], num_kv_heads, 0), -1, jnp.int32)
-    f = jnp.concatenate(cols, axis=-1).astype(jnp.int32)
-    return jnp.broadcast_to(f[:, None, :], (f.shape[0], num_kv_heads, f.shape[1]))
+def default_num_splits(batch: int, num_kv_heads: int, capacity: int, *, programs: int = 256,
+                       min_keys: int = 512) -> int:
+    """Splits of the sequence per (batch, KV head): enough programs to fill a GPU
+    (``programs``), each split at least ``min_keys`` positions; a power of two."""
+    want = max(1, -(-programs // max(1, batch * num_kv_heads)))
+    cap = max(1, capacity // min_keys)
+    n = 1
+    while n * 2 <= min(want, cap):
+        n *= 2
+    return n
 
 
-def _forced_blocks(lengths: jax.Array, num_blocks: int, block_size: int, *, sink: int, window: int) -> jax.Array:
-    """bool [B, NB]: blocks holding a sink or window position (below each length)."""
-    start = jnp.arange(num_blocks)[None, :] * block_size
-    end = start + block_size  # exclusive
-    ln = lengths[:, None]
-    in_sink = start < jnp.minimum(sink, ln)
-    if window <= 0:
-        return in_sink
-    in_window = (end > ln - window) & (start < ln)
-    return in_sink | in_window
+def split_capacity(capacity: int, num_splits: int, fraction: float, *, tile: int = DEFAULT_TILE) -> int:
+    """Candidate slots per split: ``fraction`` of the most positions one split can scan (splits
+    are whole tiles of ``tile`` keys, balanced by tiles), at least 16, a multiple of 16."""
+    tiles = -(-capacity // tile) + 1  # the tile cover of [sink, end) within [0, capacity)
+    longest = min(capacity, -(-tiles // num_splits) * tile)
+    c = max(16, int(math.ceil(longest * fraction)))
+    return -(-c // 16) * 16
 
 
-def _compact(keep: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array]:
-    """keep bool [..., NB] → (indices int32 [..., capacity] ascending, -1 padded; count [...])."""
-    count = jnp.sum(keep, axis=-1, dtype=jnp.int32)
-    rank = jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1
-    nb = keep.shape[-1]
-    target = jnp.where(keep & (rank < capacity), rank, capacity)  # out of range → dropped
-    flat_t = target.reshape(-1, nb)
-    src = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), flat_t.shape)
-    out = jnp.full((flat_t.shape[0], capacity), -1, jnp.int32)
-    out = out.at[jnp.arange(flat_t.shape[0])[:, None], flat_t].set(src, mode="drop")
-    return out.reshape(keep.shape[:-1] + (capacity,)), count
+def _beta_heads(beta, b: int, hq: int) -> jax.Array:
+    """β as f32 [B, Hq] (a number, [Hq], [B, Hq] or anything broadcastable to it)."""
+    beta = jnp.asarray(beta, jnp.float32)
+    if beta.ndim > 2:
+        raise ValueError(f"beta must be a number or broadcastable to [B={b}, Hq={hq}], got shape {beta.shape}")
+    try:
+        return jnp.broadcast_to(beta, (b, hq))
+    except ValueError:
+        raise ValueError(f"beta of shape {beta.shape} does not broadcast to [B={b}, Hq={hq}]") from None
 
 
-def _scatter_mask(mask: jax.Array, block_idx: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
-    """mask [B,Hq,C,Bk] over listed blocks (block_idx [B,Hkv,C]) → dense bool [B,Hq,S]."""
-    b, hq, c, bk = mask.shape
-    hkv = block_idx.shape[1]
-    g = hq // hkv
-    idx = jnp.repeat(block_idx, g, axis=1)  # [B,Hq,C]
-    idx = jnp.where(idx >= 0, idx, num_blocks)  # dropped
-    dense = jnp.zeros((b, hq, num_blocks, bk), bool)
-    dense = dense.at[jnp.arange(b)[:, None, None], jnp.arange(hq)[None, :, None], idx].set(mask, mode="drop")
-    return dense.reshape(b, hq, num_blocks * bk)
-
-
-def kept_blocks(q: jax.Array, store: KVStore, *, beta, sink: int, window: int, top_r: int, capacity: int,
-                rel_slack: float = 1e-4, implementation: str = "reference", interpret: Optional[bool] = None):
-    """Steps 1–3: bounds, probe, kept blocks. q [B,Hq,D] → (M_lb f32 [B,Hq], kept_idx int32
-    [B,Hkv,capacity] ascending and -1 padded, kept_count int32 [B,Hkv] (may exceed ``capacity``))."""
-    if top_r < 0:
-        raise ValueError(f"top_r must be >= 0, got {top_r}")
-    b, hq, _ = q.shape
-    hkv, nb, bk = store.num_kv_heads, store.num_blocks, store.block_size
+def rotate_queries(q: jax.Array, rot_signs: jax.Array) -> jax.Array:
+    """q [B, Hq, D] → the rotated queries f32 [B, Hq, D] (query head h belongs to KV head h // G)."""
+    b, hq, d = q.shape
+    hkv = rot_signs.shape[0]
     g = group_size(hq, hkv)
-    kw = dict(implementation=implementation, interpret=interpret)
-    lengths = store.lengths
-    nvb = (lengths + bk - 1) // bk
-    block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]
-    beta = jnp.float32(beta)
+    qg = q.reshape(b, hkv, g, d).transpose(0, 2, 1, 3)  # [B, G, Hkv, D]
+    return rotate(qg, rot_signs).transpose(0, 2, 1, 3).reshape(b, hq, d)
 
-    # 1. Upper bound of every block's scores, per query head.
-    ub = block_bounds(q, store.kmin, store.kmax, nvb, rel_slack=rel_slack, **kw)  # [B,Hq,NB]
-    group_ub = jnp.max(ub.reshape(b, hkv, g, nb), axis=2)  # [B,Hkv,NB]
-    forced = _forced_blocks(lengths, nb, bk, sink=sink, window=window) & block_ok  # [B,NB]
 
-    # 2. Lower bound M_lb from a probe list: the forced blocks (by arithmetic), each query head's own
-    # largest-bound block and the group's top_r blocks by bound (top_r = 0: none; saves a top-k).
-    parts = [_forced_list(lengths, nb, bk, sink=sink, window=window, num_kv_heads=hkv)]
-    head_ub = jnp.where(block_ok[:, None, :], ub, -jnp.inf)  # [B,Hq,NB]
-    # The group's top_r can miss a head's arg-max block entirely (heads of a group disagree), which
-    # leaves that head a low M_lb and keeps far too many blocks: each head adds its own best block.
-    own = jnp.argmax(head_ub, axis=-1).astype(jnp.int32)  # [B,Hq]
-    parts.append(jnp.where(jnp.max(head_ub, axis=-1) > -jnp.inf, own, -1).reshape(b, hkv, g))
-    if top_r > 0:
-        val, idx = jax.lax.top_k(jnp.where(block_ok[:, None, :], group_ub, -jnp.inf), min(nb, top_r))
-        parts.append(jnp.where(val > -jnp.inf, idx, -1).astype(jnp.int32))
-    # Listed entries first (the kernels take a prefix-packed list); duplicates only cost a re-read.
-    probe_idx = jnp.flip(jnp.sort(jnp.concatenate(parts, axis=-1), axis=-1), axis=-1)
-    _, m_lb = dipr_range_mask(q, store.keys, probe_idx, lengths, beta=beta, return_mask=False, **kw)
+def _found_mask(q, keys, lengths, cand_idx, cand_count, beta, *, sink: int, window: int) -> jax.Array:
+    """bool [B, Hq, S]: the DIPR set as the search found it — over the listed candidates and the
+    forced positions only, their scores recomputed in jnp (``raw_scores``), ``s ≥ max − β`` with
+    the max over the same keys. A DIPR key that the scan failed to list is missing here, so
+    comparing with brute force tests the search. Stats and tests only (gathers keys again)."""
+    b, hq, d = q.shape
+    hkv, s = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    ns, cap = cand_idx.shape[2], cand_idx.shape[3]
+    ok = ((jnp.arange(cap)[None, None, None, :] < cand_count[..., None]) & (cand_idx >= 0)).reshape(b, hkv, ns * cap)
+    idx = jnp.where(ok, cand_idx.reshape(b, hkv, ns * cap), 0)
+    ok_q = jnp.repeat(ok, g, axis=1)  # [B,Hq,N]
+    sc_c = jnp.where(ok_q, raw_scores(q, jnp.take_along_axis(keys, idx[..., None], axis=2)), -jnp.inf)
+    valid = jnp.arange(s)[None, :] < lengths[:, None]
+    forced = sink_window_mask(lengths, s, sink=sink, window=window) & valid  # [B,S]
+    sc_f = raw_scores(q, jnp.where(forced[:, None, :, None], keys, jnp.zeros((), keys.dtype)))
+    sc_f = jnp.where(forced[:, None, :], sc_f, -jnp.inf)
+    m = jnp.maximum(jnp.max(sc_c, axis=-1), jnp.max(sc_f, axis=-1))[..., None] - beta[..., None]
+    bi = jnp.arange(b)[:, None, None]
+    hi = jnp.arange(hq)[None, :, None]
+    listed = jnp.zeros((b, hq, s), bool).at[bi, hi, jnp.repeat(idx, g, axis=1)].max(ok_q & (sc_c >= m))
+    return listed | (forced[:, None, :] & (sc_f >= m))
 
-    # 3. Kept blocks: union over the group of UB >= M_lb - beta, plus forced; only valid blocks.
-    hit = ub >= (m_lb - beta)[..., None]  # [B,Hq,NB]
-    keep = (jnp.any(hit.reshape(b, hkv, g, nb), axis=2) | forced[:, None, :]) & block_ok[:, None, :]
-    kept_idx, kept_count = _compact(keep, capacity)
-    return m_lb, kept_idx, kept_count
+
+def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
+               num_splits: Optional[int] = None, capacity_fraction: float = DEFAULT_CAPACITY_FRACTION,
+               implementation: str = "reference", interpret: Optional[bool] = None):
+    """The filter stage alone: ``(cand_idx [B,Hkv,NS,C], cand_count [B,Hkv,NS], lb_max [B,Hq,NS],
+    m_sw [B,Hq], C)`` for q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``)."""
+    b, hkv, s = store.batch, store.num_kv_heads, store.capacity
+    ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
+    if ns < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    cap = split_capacity(s, ns, capacity_fraction)
+    codes, scales, errs = store.dense_codes()
+    out = code_scan(q, rotate_queries(q, store.rot_signs), store.dense_keys(), codes, scales, errs,
+                    store.lengths, beta, sink=sink, window=window, num_splits=ns, capacity=cap,
+                    implementation=implementation, interpret=interpret)
+    return (*out, cap)
 
 
 def dipr_store_attention(
@@ -160,92 +153,96 @@ def dipr_store_attention(
     beta,
     sink: int = 4,
     window: int = 64,
-    top_r: int = 4,
-    max_kept_blocks: Optional[int] = None,
-    num_splits: int = 1,
-    rel_slack: float = 1e-4,
     with_mask: bool = False,
     implementation: str = "reference",
     interpret: Optional[bool] = None,
-    single_pass: bool = True,
-    blocks_per_step: int = 4,
+    num_splits: Optional[int] = None,
+    capacity_fraction: float = DEFAULT_CAPACITY_FRACTION,
     rounding_slack: Optional[float] = None,
 ):
-    """Exact DIPR ∪ sink ∪ window attention over a store, reading only kept blocks.
+    """Exact DIPR ∪ sink ∪ window attention over a store by filter–refine.
 
-    q [B, Hq, D] → ``(out [B,Hq,D], stats: DiprStats, mask)`` where ``mask`` is the
-    DIPR token mask bool [B, Hq, S=capacity] (without sink/window) when
-    ``with_mask`` else None. ``max_kept_blocks`` (static, default: all blocks) is
-    the capacity C of the kept-block lists per KV head. ``rounding_slack`` is passed to
-    the attention (None: 2·D·2^-24): a token is attended when ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥
-    M − β``, so that the threshold, computed by the range-max kernel, never drops a key
-    that the attention kernel's own rounding puts just below it (the arg-max at β = 0).
-    The mask (``with_mask``) is the plain DIPR mask of the range kernel.
+    Args:
+      q: [B, Hq, D] (Hq a multiple of the store's Hkv).
+      store: the layer's KVStore (keys, values and their codes).
+      beta: the range, a number or broadcastable to [B, Hq] (may be traced; ≥ 0, inf allowed).
+      sink, window: positions p < sink and p ≥ length − window are always attended.
+      with_mask: also return the DIPR token mask bool [B, Hq, S=capacity] (sink/window not
+        included unless in range) and count ``keys_in_range``.
+      implementation: "reference" (plain jnp) or "pallas" (``interpret`` None: True on CPU).
+      num_splits: splits of each sequence (default :func:`default_num_splits`).
+      capacity_fraction: candidate slots per split, as a fraction of the split's keys.
+      rounding_slack: the refine's compare is ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥ M − β`` (None:
+        2·D·2^-24), so that a threshold taken from one computation never drops a key that
+        another computation of the same score rounds just below it.
+
+    Returns:
+      ``(out [B, Hq, D] in q's dtype, stats: DiprStats, mask or None)``.
     """
-    check_beta(beta)
+    if q.ndim != 3:
+        raise ValueError(f"q [B,Hq,D] must have 3 dims, got shape {tuple(q.shape)}")
     b, hq, d = q.shape
     if (b, d) != (store.batch, store.head_dim):
         raise ValueError(f"q [B,Hq,D]={tuple(q.shape)} does not match the store (B={store.batch}, D={store.head_dim})")
-    hkv, nb, bk = store.num_kv_heads, store.num_blocks, store.block_size
-    g = group_size(hq, hkv)
-    cap = nb if max_kept_blocks is None else min(int(max_kept_blocks), nb)
-    if cap < 1:
-        raise ValueError(f"max_kept_blocks must be >= 1, got {max_kept_blocks}")
+    hkv, s = store.num_kv_heads, store.capacity
+    group_size(hq, hkv)
+    check_beta(beta)
+    if not 0.0 < capacity_fraction <= 1.0:
+        raise ValueError(f"capacity_fraction must be in (0, 1], got {capacity_fraction}")
+    beta = _beta_heads(beta, b, hq)
+    slack = default_rounding_slack(d) if rounding_slack is None else float(rounding_slack)
     kw = dict(implementation=implementation, interpret=interpret)
-    beta = jnp.float32(beta)
     lengths = store.lengths
-    nvb = (lengths + bk - 1) // bk
-    block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]
+    keys, values = store.dense_keys(), store.dense_values()
+    scan = functools.partial(scan_codes, q, store, sink=sink, window=window, num_splits=num_splits,
+                             capacity_fraction=capacity_fraction, **kw)
+    cand_idx, cand_count, lb_max, m_sw, cap = scan(beta)
+    m_lb = jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
+    rescanned = jnp.any(cand_count > cap)
 
-    m_lb, kept_idx, kept_count = kept_blocks(q, store, beta=beta, sink=sink, window=window, top_r=top_r,
-                                             capacity=cap, rel_slack=rel_slack, **kw)
-    overflow = jnp.any(kept_count > cap)
+    def rescan():
+        # The first scan's threshold was M_sw − β (sink and window only); M_lb ≥ M_sw is known now.
+        # Scanning with β' = β − (M_lb − M_sw) makes the kernel's threshold ≤ M_lb − β ≤ M − β:
+        # still exact, usually far tighter when the arg-max lies outside sink and window.
+        shift = jnp.where(jnp.isfinite(m_sw) & jnp.isfinite(m_lb), m_lb - m_sw, 0.0)
+        return scan(beta - shift)[:2]
 
-    def attend(block_idx):
-        mask, m = dipr_range_mask(q, store.keys, block_idx, lengths, beta=beta, return_mask=with_mask, **kw)
-        out, _ = sparse_decode_attention(
-            q, store.keys, store.values, block_idx, lengths, m - beta,
-            sink=sink, window=window, num_splits=num_splits, blocks_per_step=blocks_per_step,
-            rounding_slack=rounding_slack, **kw,
-        )
-        dense_mask = _scatter_mask(mask, block_idx, nb, bk) if with_mask else None
-        return out, m, dense_mask
+    cand_idx, cand_count = jax.lax.cond(rescanned, rescan, lambda: (cand_idx, cand_count))
+    overflow = jnp.any(cand_count > cap)
 
-    refined = jnp.int32(0)
-    if single_pass and not with_mask:
-        def optimistic():
-            out1, _, mx = sparse_decode_attention(
-                q, store.keys, store.values, kept_idx, lengths, m_lb - beta, sink=sink, window=window,
-                num_splits=num_splits, return_max=True, blocks_per_step=blocks_per_step,
-                rounding_slack=rounding_slack, **kw,
-            )
-            exact = jnp.all(mx == m_lb)
-            o, m_ = jax.lax.cond(exact, lambda: (out1, mx), lambda: attend(kept_idx)[:2])
-            return o, m_, (~exact).astype(jnp.int32)
+    def refine(m_base):
+        return refine_attention(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, sink=sink,
+                                window=window, rounding_slack=slack, **kw)
 
-        if cap == nb:
-            out, m, refined = optimistic()
-        else:
-            all_idx = jnp.where(block_ok[:, None, :], jnp.arange(nb, dtype=jnp.int32), -1)
-            all_idx = jnp.broadcast_to(all_idx, (b, hkv, nb))
-            out, m, refined = jax.lax.cond(overflow, lambda: attend(all_idx)[:2] + (jnp.int32(0),), optimistic)
-        dense_mask = None
-    elif cap == nb:
-        out, m, dense_mask = attend(kept_idx)
-    else:
-        all_idx = jnp.where(block_ok[:, None, :], jnp.arange(nb, dtype=jnp.int32), -1)
-        all_idx = jnp.broadcast_to(all_idx, (b, hkv, nb))
-        # Static shapes differ (C vs NB); both branches return dense-shaped results.
-        out, m, dense_mask = jax.lax.cond(overflow, lambda: attend(all_idx), lambda: attend(kept_idx))
-    blocks_kept = jnp.where(overflow, nvb[:, None], kept_count)
-    keys_in_range = (
-        jnp.sum(dense_mask, axis=-1, dtype=jnp.int32) if with_mask else jnp.full((b, hq), -1, jnp.int32)
-    )
-    stats = DiprStats(
-        blocks_kept=blocks_kept.astype(jnp.int32),
-        keys_in_range=keys_in_range,
-        overflow=overflow.astype(jnp.int32),
-        max_score=m,
-        refined=refined,
-    )
-    return out, stats, dense_mask
+    def filter_refine():
+        out1, m1, _ = refine(m_lb)
+        exact = jnp.all(m1 <= m_lb)
+        out, m = jax.lax.cond(exact, lambda: (out1, m1), lambda: refine(m1)[:2])
+        return out, m, (~exact).astype(jnp.int32)
+
+    def dense():
+        kd, vd = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2)  # [B,S,Hkv,D]
+        out = dipr_attention(q, kd, vd, beta=beta[..., None], lengths=lengths, sink=sink, window=window,
+                             rounding_slack=slack)
+        sc = raw_scores(q, keys)
+        valid = jnp.arange(s)[None, :] < lengths[:, None]
+        m = jnp.max(jnp.where(valid[:, None, :], sc, -jnp.inf), axis=-1)
+        return out.astype(q.dtype), m, jnp.int32(0)
+
+    out, m, refined = jax.lax.cond(overflow, dense, filter_refine)
+    mask = None
+    keys_in_range = jnp.full((b, hq), -1, jnp.int32)
+    if with_mask:
+        def dense_mask():  # overflow: the brute-force mask
+            valid = jnp.arange(s)[None, :] < lengths[:, None]
+            return range_mask_from_scores(raw_scores(q, keys), valid, beta[..., None])
+
+        mask = jax.lax.cond(overflow, dense_mask, lambda: _found_mask(q, keys, lengths, cand_idx, cand_count, beta,
+                                                                      sink=sink, window=window))
+        keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
+    valid_count = jnp.broadcast_to(lengths[:, None], (b, hkv))
+    candidates = jnp.where(overflow, valid_count, jnp.sum(cand_count, axis=-1))
+    stats = DiprStats(candidates=candidates.astype(jnp.int32), keys_in_range=keys_in_range,
+                      overflow=overflow.astype(jnp.int32), max_score=m, refined=refined,
+                      rescanned=rescanned.astype(jnp.int32))
+    return out, stats, mask

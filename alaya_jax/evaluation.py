@@ -151,7 +151,6 @@ def score_against(
     if decode is None:
         decode = engine_decoder(engine, cfg)
     caches = _copy(ref.caches)
-    block = caches[0].block_size
     logits, auxes = [], []
     bar = _bar(progress, ref.steps, f"eval {cfg.method}")
     for tok in ref.inputs:
@@ -168,7 +167,7 @@ def score_against(
     lk = np.stack([_mean_stat(a, "keys_attended") for a in auxes])  # [steps, L]
     lr = np.stack([_mean_stat(a, "recall") for a in auxes])
     lf = lk / ctx
-    lb = np.stack([_mean_stat(a, "blocks_kept") for a in auxes]) / np.ceil(ctx / block)
+    lb = np.stack([_mean_stat(a, "candidates") for a in auxes]) / ctx
     overflow = int(sum(int(np.asarray(l.get("overflow", 0))) for a in auxes for l in a))
     dipr_layers = np.isfinite(lb[0])
     m, mf = float(nll.mean()), float(nll_f.mean())
@@ -189,7 +188,7 @@ def score_against(
         "mean_keys_attended": float(lk.mean()),
         "keys_fraction": float(lf.mean()),
         "attention_recall": float(lr.mean()),
-        "blocks_kept_fraction": float(lb[:, dipr_layers].mean()) if dipr_layers.any() else None,
+        "candidates_fraction": float(lb[:, dipr_layers].mean()) if dipr_layers.any() else None,
         "overflow_steps": overflow,
         "per_layer": [
             {"layer": i, "mean_keys_attended": float(lk[:, i].mean()), "keys_fraction": float(lf[:, i].mean()),
@@ -214,7 +213,7 @@ def score_sparse(
     distribution of full attention to the method's), ``mean_keys_attended``,
     ``keys_fraction`` (keys attended / context length, mean over steps, heads and
     layers), ``attention_recall`` (share of the full softmax mass on the attended
-    keys), ``blocks_kept_fraction`` and ``overflow_steps`` (DIPR), and ``per_layer``.
+    keys), ``candidates_fraction`` (keys refined exactly, DIPR) and ``overflow_steps``, and ``per_layer``.
     """
     n = len(tokens)
     p = prefill_tokens if prefill_tokens is not None else max(1, n - 256)

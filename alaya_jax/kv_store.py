@@ -1,35 +1,60 @@
-"""The blocked KV store: an immutable pytree of keys, values and block summaries.
+"""The KV store: an immutable pytree of blocked keys and values with per-key codes.
 
-One ``KVStore`` holds one layer's cache for a ragged batch. Keys and values are
-laid out in blocks so that a query can read a few blocks instead of the whole
-context::
+One ``KVStore`` holds one layer's cache for a ragged batch. Exact keys and values
+are the truth; beside them every key keeps a small code that the DIPR search
+scans instead of the key (DESIGN.md §2, filter–refine)::
 
-    keys, values : [B, Hkv, NB, Bk, D]   (model dtype; contents past a length are
-                                          undefined and may be anything, NaN too)
-    kmin, kmax   : [B, Hkv, NB, D] f32   element-wise min / max of the *valid*
-                                          keys of each block (0 for empty blocks)
+    keys, values : [B, Hkv, NB, Bk, D]   model dtype; contents past a length are
+                                          undefined and may be anything, NaN too
+    codes        : [B, Hkv, NB, Bk, D/2] uint8: the rotated key, 4 bits a dimension
+                                          (dim j low nibble, dim j + D/2 high nibble)
+    code_scale   : [B, Hkv, NB, Bk] f16  per-key scale of the 4-bit levels −7..7
+    code_err     : [B, Hkv, NB, Bk] f16  ‖rotated key − decoded code‖₂, rounded up
+    rot_signs    : [Hkv, D] f32           ±1: the rotation H·diag(signs)/√D per KV head
     lengths      : [B] int32             valid positions per sequence
 
-``capacity = NB * Bk`` is static. Every update returns a new store; nothing is
-mutated in place.
+``capacity = NB * Bk`` is static. Codes are built from the stored (dtype-cast)
+keys at prefill and appended with every new key, so they always describe the
+keys that the refine step reads. Every update returns a new store; nothing is
+mutated in place. Block structure (``Bk``) is what prefix reuse hashes and what
+the block baselines (Quest, InfLLM) select; the DIPR search is per key.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from pallas_kernels.key_codes import CODE_MAX
+from pallas_kernels.key_codes import encode as encode_codes
+from pallas_kernels.key_codes import rotate, rotation_signs
+
+#: Seed of the default rotation signs (recorded in snapshots as ``code_seed``).
+DEFAULT_CODE_SEED = 0
+
+#: Fields with a block axis (axis 2) and a position inside the block (axis 3).
+BLOCKED_FIELDS = ("keys", "values", "codes", "code_scale", "code_err")
+
+#: The code byte of an all-zero key (both nibbles hold code 0): what empty positions hold, so
+#: that padding a store and building it from zero-padded keys give the same bits.
+ZERO_CODE = (CODE_MAX + 1) * 0x11
+
+#: Fill value of each blocked field for positions that hold no key.
+BLANK = {"keys": 0, "values": 0, "codes": ZERO_CODE, "code_scale": 0, "code_err": 0}
+
 
 @struct.dataclass
 class KVStore:
     keys: jax.Array  # [B, Hkv, NB, Bk, D]
     values: jax.Array  # [B, Hkv, NB, Bk, D]
-    kmin: jax.Array  # [B, Hkv, NB, D] f32
-    kmax: jax.Array  # [B, Hkv, NB, D] f32
+    codes: jax.Array  # [B, Hkv, NB, Bk, D/2] uint8
+    code_scale: jax.Array  # [B, Hkv, NB, Bk] f16
+    code_err: jax.Array  # [B, Hkv, NB, Bk] f16
+    rot_signs: jax.Array  # [Hkv, D] f32
     lengths: jax.Array  # [B] int32
 
     @property
@@ -62,17 +87,34 @@ class KVStore:
 
     def dense_keys(self) -> jax.Array:
         """Keys as ``[B, Hkv, S=capacity, D]`` (a free reshape)."""
-        b, h, nb, bk, d = self.keys.shape
-        return self.keys.reshape(b, h, nb * bk, d)
+        return _flat(self.keys)
 
     def dense_values(self) -> jax.Array:
         """Values as ``[B, Hkv, S=capacity, D]`` (a free reshape)."""
-        b, h, nb, bk, d = self.values.shape
-        return self.values.reshape(b, h, nb * bk, d)
+        return _flat(self.values)
+
+    def dense_codes(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(codes [B,Hkv,S,D/2] uint8, scale [B,Hkv,S] f16, err [B,Hkv,S] f16)`` (free reshapes)."""
+        return _flat(self.codes), _flat(self.code_scale), _flat(self.code_err)
+
+    def map_blocked(self, fn: Callable[[jax.Array, int], jax.Array]) -> "KVStore":
+        """The store with ``fn(array, blank)`` applied to every field that has the block axis
+        (axis 2); ``blank`` is the field's fill value for empty positions (:data:`BLANK`)."""
+        return self.replace(**{f: fn(getattr(self, f), BLANK[f]) for f in BLOCKED_FIELDS})
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """[B, Hkv, NB, Bk, ...] -> [B, Hkv, NB*Bk, ...]."""
+    return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
 
 
 def _num_blocks_for(capacity: int, block_size: int) -> int:
     return -(-capacity // block_size)
+
+
+def _check_head_dim(head_dim: int) -> None:
+    if head_dim < 2 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two >= 2 for the key codes (Hadamard rotation), got {head_dim}")
 
 
 def empty(
@@ -83,27 +125,47 @@ def empty(
     capacity: int,
     block_size: int = 64,
     dtype=jnp.float32,
+    code_seed: int = DEFAULT_CODE_SEED,
 ) -> KVStore:
     """An empty store able to hold ``capacity`` positions (rounded up to whole blocks)."""
     if block_size <= 0 or capacity <= 0:
         raise ValueError(f"block_size and capacity must be positive, got {block_size=}, {capacity=}")
+    _check_head_dim(head_dim)
     nb = _num_blocks_for(capacity, block_size)
-    shape = (batch, num_kv_heads, nb, block_size, head_dim)
+    shape = (batch, num_kv_heads, nb, block_size)
     return KVStore(
-        keys=jnp.zeros(shape, dtype),
-        values=jnp.zeros(shape, dtype),
-        kmin=jnp.zeros((batch, num_kv_heads, nb, head_dim), jnp.float32),
-        kmax=jnp.zeros((batch, num_kv_heads, nb, head_dim), jnp.float32),
+        keys=jnp.zeros(shape + (head_dim,), dtype),
+        values=jnp.zeros(shape + (head_dim,), dtype),
+        codes=jnp.full(shape + (head_dim // 2,), ZERO_CODE, jnp.uint8),
+        code_scale=jnp.zeros(shape, jnp.float16),
+        code_err=jnp.zeros(shape, jnp.float16),
+        rot_signs=jnp.asarray(rotation_signs(num_kv_heads, head_dim, seed=code_seed)),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
 
 
+def key_codes(keys: jax.Array, rot_signs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Codes of stored keys: keys [B, Hkv, ..., D] (store dtype), rot_signs [Hkv, D] →
+    ``(codes [..., D/2] uint8, scale [...] f16, err [...] f16)`` with the leading shape of ``keys``."""
+    moved = jnp.moveaxis(keys, 1, -2)  # [B, ..., Hkv, D]
+    codes, scale, err = encode_codes(rotate(moved, rot_signs))
+    return jnp.moveaxis(codes, -2, 1), jnp.moveaxis(scale, -1, 1), jnp.moveaxis(err, -1, 1)
+
+
+def with_codes(store: KVStore, *, code_seed: Optional[int] = None) -> KVStore:
+    """The store with every code rebuilt from its keys (optionally under a new rotation seed).
+    Used to upgrade stores loaded from snapshots that predate the codes."""
+    signs = store.rot_signs if code_seed is None else jnp.asarray(
+        rotation_signs(store.num_kv_heads, store.head_dim, seed=code_seed))
+    codes, scale, err = key_codes(store.keys, signs)
+    return store.replace(codes=codes, code_scale=scale, code_err=err, rot_signs=signs)
+
+
 def block_summaries(keys: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Element-wise min/max of the valid keys of every block.
+    """Element-wise min/max of the valid keys of every block (Quest's page summary).
 
     keys: [B, Hkv, NB, Bk, D]; lengths: [B]. Returns (kmin, kmax), each
-    [B, Hkv, NB, D] f32; blocks without a valid key get 0 (queries never read
-    them: their start is >= the length).
+    [B, Hkv, NB, D] f32; blocks without a valid key get 0.
     """
     _, _, nb, bk, _ = keys.shape
     pos = jnp.arange(nb * bk, dtype=jnp.int32).reshape(nb, bk)
@@ -114,30 +176,6 @@ def block_summaries(keys: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax
     kmax = jnp.max(jnp.where(valid, k32, -jnp.inf), axis=3)
     nonempty = jnp.any(valid, axis=3)
     return jnp.where(nonempty, kmin, 0.0), jnp.where(nonempty, kmax, 0.0)
-
-
-def round_outward(kmin: jax.Array, kmax: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """Summaries in ``dtype`` rounded outward: kmin down, kmax up (never inside the f32 box).
-
-    The min/max bound stays a bound: q_d·kmax_d' ≥ q_d·k_d for q_d ≥ 0 because kmax' ≥ kmax,
-    and likewise for kmin' ≤ kmin with q_d < 0. Exact (no rounding at all) when the keys are
-    already in ``dtype`` (min/max of ``dtype`` values are ``dtype`` values).
-    """
-    dtype = jnp.dtype(dtype)
-    lo, hi = kmin.astype(jnp.float32), kmax.astype(jnp.float32)
-    rlo, rhi = lo.astype(dtype), hi.astype(dtype)
-    rlo = jnp.where(rlo.astype(jnp.float32) > lo, jnp.nextafter(rlo, jnp.asarray(-jnp.inf, dtype)), rlo)
-    rhi = jnp.where(rhi.astype(jnp.float32) < hi, jnp.nextafter(rhi, jnp.asarray(jnp.inf, dtype)), rhi)
-    return rlo, rhi
-
-
-def with_summary_dtype(store: "KVStore", dtype) -> "KVStore":
-    """The same store with ``kmin``/``kmax`` held in ``dtype`` (e.g. bf16: half the bytes that the
-    bounds pass reads), rounded outward so that every bound stays ≥ every score. For a
-    read-only context (decode over a fixed cache); :func:`append` on such a store keeps its
-    summary dtype and is exact when the keys are in that dtype too."""
-    lo, hi = round_outward(store.kmin, store.kmax, dtype)
-    return store.replace(kmin=lo, kmax=hi)
 
 
 def _check_kv(name_k: str, k: jax.Array, name_v: str, v: jax.Array, *, ndim: int = 4) -> None:
@@ -155,14 +193,17 @@ def from_dense(
     *,
     block_size: int = 64,
     capacity: Optional[int] = None,
+    code_seed: int = DEFAULT_CODE_SEED,
 ) -> KVStore:
     """Build a store from dense keys/values.
 
     k, v: [B, S, Hkv, D]; lengths: [B] (default: all S). ``capacity`` (default S)
-    is rounded up to whole blocks and must be >= S. Summaries are built once.
+    is rounded up to whole blocks and must be >= S. Key codes are built once, under
+    the rotation of ``code_seed``.
     """
     _check_kv("k", k, "v", v)
     b, s, hkv, d = k.shape
+    _check_head_dim(d)
     capacity = s if capacity is None else capacity
     if capacity < s:
         raise ValueError(f"capacity {capacity} is smaller than the {s} positions given")
@@ -178,11 +219,13 @@ def from_dense(
 
     def blocked(x):
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-        return x.reshape(b, nb, block_size, hkv, d).transpose(0, 3, 1, 2, 4)
+        return x.reshape(b, nb, block_size, hkv, x.shape[-1]).transpose(0, 3, 1, 2, 4)
 
+    signs = jnp.asarray(rotation_signs(hkv, d, seed=code_seed))
     keys, values = blocked(k), blocked(v)
-    kmin, kmax = block_summaries(keys, lengths)
-    return KVStore(keys=keys, values=values, kmin=kmin, kmax=kmax, lengths=lengths)
+    codes, scale, err = key_codes(keys, signs)
+    return KVStore(keys=keys, values=values, codes=codes, code_scale=scale, code_err=err,
+                   rot_signs=signs, lengths=lengths)
 
 
 def append(
@@ -194,9 +237,9 @@ def append(
     """Append up to T new positions per sequence; returns a new store.
 
     k_new, v_new: [B, T, Hkv, D]; num_new: [B] int (default T) — sequence b takes
-    its first ``num_new[b]`` rows at positions ``lengths[b] ...``. Summaries of the
-    touched blocks are updated incrementally (min/max with the new keys), so the
-    store stays exact for block-bound queries after every append.
+    its first ``num_new[b]`` rows at positions ``lengths[b] ...``. The new keys'
+    codes are built and written beside them, so the store stays searchable after
+    every append.
 
     Capacity: with concrete lengths an overflow raises ``ValueError``. Under
     ``jit`` the caller must check capacity up front (the generation loop does);
@@ -231,40 +274,15 @@ def append(
 
     kt = k_new.astype(store.dtype).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
     vt = v_new.astype(store.dtype).transpose(0, 2, 1, 3)
+    codes, scale, err = key_codes(kt, store.rot_signs)  # [B, Hkv, T, D/2], [B, Hkv, T] x2
 
     def scatter(dst, src):
-        # dst [B, Hkv, NB, Bk, D]; src [B, Hkv, T, D] -> write dst[b, :, blk, off] = src[b, :, t]
-        return dst.at[bidx, :, blk, off].set(src.transpose(0, 2, 1, 3), mode="drop")
+        # dst [B, Hkv, NB, Bk, ...]; src [B, Hkv, T, ...] -> dst[b, :, blk, off] = src[b, :, t]
+        return dst.at[bidx, :, blk, off].set(jnp.swapaxes(src, 1, 2), mode="drop")
 
-    keys = scatter(store.keys, kt)
-    values = scatter(store.values, vt)
-
-    k32 = k_new.astype(store.dtype).astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, T, D]
-    was_empty = (blk * bk >= store.lengths[:, None])  # block had no valid key before this append
-    # Per new row: current summary of its block (0-filled if the block was empty).
-    safe_blk = jnp.minimum(blk, store.num_blocks - 1)
-    gather = lambda s: s[bidx, :, safe_blk]  # [B, T, Hkv, D]
-    cur_min = jnp.where(was_empty[..., None, None], jnp.inf, gather(store.kmin))
-    cur_max = jnp.where(was_empty[..., None, None], -jnp.inf, gather(store.kmax))
-    kn = k32.transpose(0, 2, 1, 3)
-    upd_min = jnp.minimum(cur_min, kn)
-    upd_max = jnp.maximum(cur_max, kn)
-    # Several new rows may hit one block: a scatter-min/max over them is exact.
-    base_min = jnp.where(
-        (jnp.arange(store.num_blocks)[None, :] * bk >= store.lengths[:, None])[:, None, :, None],
-        jnp.inf,
-        store.kmin,
-    )
-    base_max = jnp.where(
-        (jnp.arange(store.num_blocks)[None, :] * bk >= store.lengths[:, None])[:, None, :, None],
-        -jnp.inf,
-        store.kmax,
-    )
-    kmin = base_min.at[bidx, :, blk].min(upd_min, mode="drop")
-    kmax = base_max.at[bidx, :, blk].max(upd_max, mode="drop")
-    kmin = jnp.where(jnp.isfinite(kmin), kmin, 0.0)
-    kmax = jnp.where(jnp.isfinite(kmax), kmax, 0.0)
-    return KVStore(keys=keys, values=values, kmin=kmin, kmax=kmax, lengths=new_lengths)
+    return store.replace(keys=scatter(store.keys, kt), values=scatter(store.values, vt),
+                         codes=scatter(store.codes, codes), code_scale=scatter(store.code_scale, scale),
+                         code_err=scatter(store.code_err, err), lengths=new_lengths)
 
 
 def check_capacity(store: KVStore) -> None:

@@ -46,20 +46,15 @@ class AttentionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: tuple[int, ...] = ()
-    # Chosen from measurement (bench/results/decode_attention_v2.md, decode_speed_8b.md, quality.md): on an
-    # H100 with 8B shapes exact DIPR decode attention beats the best dense from 32K up (1.4x at 32K, 2x at
-    # 128K, 4.5x at 512K) *on block-clustered keys*; the whole 8B step gains 1.29x at 128K and loses at 32K.
-    # On real SmolLM2 keys the min/max block bound keeps ~100% of blocks (selectivity.md), so DIPR is then
-    # slower than dense: `auto` stays dense below 128K tokens. A dense first layer did not lower the KL to
-    # full attention at an equal fraction of keys on SmolLM2.
+    # ``auto``: full attention below ``auto_min_context`` tokens, DIPR above (see the README's speed
+    # table for where the filter–refine DIPR path beats dense attention on real-key-proxy data).
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
-    # DIPR kernel knobs; defaults are the fastest measured on the H100 at 32K-512K, B=1
-    # (decode_attention_v2.md: probe without a group top-k, two passes, kept lists of all blocks).
-    top_r: int = 0
-    max_kept_blocks: Optional[int] = None
-    num_splits: int = 16
-    single_pass: bool = False
+    # DIPR kernel knobs (``dipr_store_attention``): splits of each sequence (None: enough to fill
+    # the GPU) and candidate slots per split as a fraction of its keys (an overflow takes the exact
+    # dense path for that step and is counted).
+    num_splits: Optional[int] = None
+    capacity_fraction: float = 0.25
     implementation: str = "reference"
     collect_stats: bool = False
     prefill_attention: str = "reference"
@@ -69,9 +64,6 @@ class AttentionConfig:
     # the whole capacity); "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that
     # implementation (cudnn: fused flash attention on NVIDIA GPUs; it still visits
     # every key up to the capacity, masked).
-    # ``max_kept_blocks`` / ``num_splits`` / ``single_pass``: DIPR kernel knobs, see
-    # ``dipr_store_attention`` (kept-list capacity per KV head, split-K of the sparse
-    # attention, refine-in-one-pass vs two passes).
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -86,12 +78,10 @@ class AttentionConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.sink < 0 or self.window < 0:
             raise ValueError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
-        if self.top_r < 0:
-            raise ValueError(f"top_r must be >= 0, got {self.top_r}")
-        if self.num_splits < 1:
-            raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
-        if self.max_kept_blocks is not None and self.max_kept_blocks < 1:
-            raise ValueError(f"max_kept_blocks must be >= 1 or None, got {self.max_kept_blocks}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1 or None, got {self.num_splits}")
+        if not (0.0 < self.capacity_fraction <= 1.0):
+            raise ValueError(f"capacity_fraction must be in (0, 1], got {self.capacity_fraction}")
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ValueError(f"unknown prefill_attention {self.prefill_attention!r}; choose one of {PREFILL_ATTENTIONS}")
 
@@ -148,7 +138,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
 
     Stats (when ``cfg.collect_stats``): ``keys_attended`` [B,Hq] and ``recall``
     [B,Hq] (share of the full softmax mass on the attended keys); DIPR adds
-    ``blocks_kept`` [B,Hkv] and ``overflow`` [].
+    ``candidates`` [B,Hkv], ``overflow`` [] and ``refined`` [].
     """
     method = "full" if dense else cfg.method
     beta = cfg.beta if beta is None else beta
@@ -163,11 +153,12 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
     stats = {}
     if method == "dipr":
         out, dstats, dmask = dipr_store_attention(
-            q, store, beta=beta, sink=cfg.sink, window=cfg.window, top_r=cfg.top_r,
-            max_kept_blocks=cfg.max_kept_blocks, with_mask=cfg.collect_stats,
-            implementation=cfg.implementation, num_splits=cfg.num_splits, single_pass=cfg.single_pass,
+            q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=cfg.collect_stats,
+            implementation=cfg.implementation, num_splits=cfg.num_splits,
+            capacity_fraction=cfg.capacity_fraction,
         )
-        stats = {"blocks_kept": dstats.blocks_kept, "overflow": dstats.overflow}
+        stats = {"candidates": dstats.candidates, "overflow": dstats.overflow, "refined": dstats.refined,
+                 "rescanned": dstats.rescanned}
         if not cfg.collect_stats:
             return out, stats
         mask = dmask | sw
@@ -184,7 +175,8 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
             mask = baselines.topp_mask(scores, valid, p=top_p, head_dim=d) | sw
         elif method == "quest":
             nblk = -(-cfg.budget // store.block_size)
-            mask = baselines.quest_mask(q, store.kmin, store.kmax, valid, num_blocks=nblk) | sw
+            kmin, kmax = kv_store.block_summaries(store.keys, store.lengths)
+            mask = baselines.quest_mask(q, kmin, kmax, valid, num_blocks=nblk) | sw
         elif method == "infllm":
             nblk = -(-cfg.budget // store.block_size)
             mask = baselines.infllm_mask(q, store.keys, valid, num_blocks=nblk) | sw

@@ -35,13 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.kv_store import KVStore
+from alaya_jax import kv_store
+from alaya_jax.kv_store import BLOCKED_FIELDS, KVStore
 
-FORMAT_VERSION = 1
+#: Format 2 stores the per-key codes (and rotation signs) beside keys and values; format 1
+#: (block min/max summaries, no codes) is still read: its codes are rebuilt from the keys on load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 TOKENS_FILE = "tokens.npy"
 STATE_DIR = "state"
-_FIELDS = ("keys", "values", "kmin", "kmax", "lengths")
 
 
 # ----------------------------------------------------------------------------- errors
@@ -122,10 +125,10 @@ def read_meta(path: str | os.PathLike) -> SnapshotMeta:
     if not isinstance(raw, dict):
         raise CorruptSnapshotError(f"snapshot {path}: {META_FILE} is not a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise IncompatibleSnapshotError(
-            f"snapshot {path} has format version {version!r}; this alaya-jax reads format version "
-            f"{FORMAT_VERSION} only"
+            f"snapshot {path} has format version {version!r}; this alaya-jax reads format versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     try:
         return SnapshotMeta.from_json(raw)
@@ -232,42 +235,27 @@ def resize_store(store: KVStore, capacity: int) -> KVStore:
     if nb == cur:
         return store
     if nb < cur:
-        cut = lambda x: x[:, :, :nb]
-        return store.replace(keys=cut(store.keys), values=cut(store.values),
-                             kmin=cut(store.kmin), kmax=cut(store.kmax))
+        return store.map_blocked(lambda x, _: x[:, :, :nb])
 
-    def pad(x):
+    def pad(x, blank):
         widths = [(0, 0)] * x.ndim
         widths[2] = (0, nb - cur)
-        return jnp.pad(x, widths)
+        return jnp.pad(x, widths, constant_values=blank)
 
-    return store.replace(keys=pad(store.keys), values=pad(store.values),
-                         kmin=pad(store.kmin), kmax=pad(store.kmax))
+    return store.map_blocked(pad)
 
 
 def truncate_store(store: KVStore, num_tokens: int) -> KVStore:
     """Keep the first ``num_tokens`` positions of every sequence (which must not
-    exceed any length): sets ``lengths`` and makes the summaries of the blocks past
-    it exact again (a partial last block's min/max is recomputed, blocks past it
-    get 0, as ``kv_store`` expects of empty blocks). Keys/values past the new
-    length are left as they are (undefined contents)."""
+    exceed any length): sets ``lengths``. Keys, values and codes past the new length
+    are left as they are (undefined contents; every reader masks by length)."""
     n = int(num_tokens)
     lengths = np.asarray(store.lengths)
     if n < 0 or (lengths < n).any():
         raise ValueError(f"cannot truncate to {n} positions: lengths are {lengths.tolist()}")
     if (lengths == n).all():
         return store
-    bk = store.block_size
-    full = n // bk
-    blk = jnp.arange(store.num_blocks)[None, None, :, None]
-    kmin = jnp.where(blk < full, store.kmin, 0.0)
-    kmax = jnp.where(blk < full, store.kmax, 0.0)
-    if n % bk:  # partial last block: recompute its summary from its valid keys
-        part = store.keys[:, :, full, : n % bk].astype(jnp.float32)  # [B, Hkv, r, D]
-        kmin = kmin.at[:, :, full].set(part.min(axis=2))
-        kmax = kmax.at[:, :, full].set(part.max(axis=2))
-    return store.replace(kmin=kmin, kmax=kmax,
-                         lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+    return store.replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
 
 
 def _check_caches(caches: Sequence[KVStore], num_tokens: int) -> KVStore:
@@ -407,8 +395,8 @@ def save_snapshot(
     trim = lambda x: x[:, :, :nb]
     tree = {
         "layers": [
-            {"keys": trim(c.keys), "values": trim(c.values), "kmin": trim(c.kmin),
-             "kmax": trim(c.kmax), "lengths": c.lengths}
+            {**{f: trim(getattr(c, f)) for f in BLOCKED_FIELDS}, "rot_signs": c.rot_signs,
+             "lengths": c.lengths}
             for c in caches
         ]
     }
@@ -528,21 +516,38 @@ def load_tokens(path: str | os.PathLike, meta: Optional[SnapshotMeta] = None, *,
 
 
 def abstract_tree(meta: SnapshotMeta, sharding=None) -> dict:
-    """The ``jax.ShapeDtypeStruct`` tree that ``state/`` holds (trimmed block axis)."""
+    """The ``jax.ShapeDtypeStruct`` tree that ``state/`` holds (trimmed block axis), for the
+    snapshot's format version."""
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    kv = (1, meta.num_kv_heads, meta.num_blocks, meta.block_size, meta.head_dim)
-    summ = (1, meta.num_kv_heads, meta.num_blocks, meta.head_dim)
+    pos = (1, meta.num_kv_heads, meta.num_blocks, meta.block_size)
+    d = meta.head_dim
 
     def sds(shape, dtype):
         return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
 
-    layer = lambda: {
-        "keys": sds(kv, meta.dtype), "values": sds(kv, meta.dtype),
-        "kmin": sds(summ, jnp.float32), "kmax": sds(summ, jnp.float32),
-        "lengths": sds((1,), jnp.int32),
-    }
+    def layer():
+        out = {"keys": sds(pos + (d,), meta.dtype), "values": sds(pos + (d,), meta.dtype),
+               "lengths": sds((1,), jnp.int32)}
+        if meta.format_version == 1:  # block min/max summaries, no codes
+            summ = (1, meta.num_kv_heads, meta.num_blocks, d)
+            return {**out, "kmin": sds(summ, jnp.float32), "kmax": sds(summ, jnp.float32)}
+        return {**out, "codes": sds(pos + (d // 2,), jnp.uint8), "code_scale": sds(pos, jnp.float16),
+                "code_err": sds(pos, jnp.float16), "rot_signs": sds((meta.num_kv_heads, d), jnp.float32)}
+
     return {"layers": [layer() for _ in range(meta.num_layers)]}
+
+
+def _store_from_tree(layer: dict, meta: SnapshotMeta) -> KVStore:
+    """A restored layer as a ``KVStore``; format-1 layers get their codes built from the keys
+    (default rotation seed)."""
+    if meta.format_version == 1:
+        signs = jnp.asarray(kv_store.rotation_signs(meta.num_kv_heads, meta.head_dim,
+                                                    seed=kv_store.DEFAULT_CODE_SEED))
+        codes, scale, err = kv_store.key_codes(layer["keys"], signs)
+        return KVStore(keys=layer["keys"], values=layer["values"], codes=codes, code_scale=scale,
+                       code_err=err, rot_signs=signs, lengths=layer["lengths"])
+    return KVStore(**{f: layer[f] for f in (*BLOCKED_FIELDS, "rot_signs", "lengths")})
 
 
 def load_snapshot(
@@ -592,7 +597,7 @@ def load_snapshot(
         ckptr.close()
     caches = []
     for i, layer in enumerate(restored["layers"]):
-        store = KVStore(**{f: layer[f] for f in _FIELDS})
+        store = _store_from_tree(layer, meta)
         if store.keys.shape != target["layers"][i]["keys"].shape:
             raise CorruptSnapshotError(f"snapshot {path}: layer {i} has shape {store.keys.shape}")
         if int(np.asarray(store.lengths)[0]) != meta.num_tokens:

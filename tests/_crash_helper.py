@@ -41,7 +41,7 @@ def caches_fingerprint(caches, n: int) -> str:
 
     return fingerprint([(np.asarray(c.dense_keys()[:, :, :n]).view(np.uint16),
                          np.asarray(c.dense_values()[:, :, :n]).view(np.uint16),
-                         np.asarray(c.kmin), np.asarray(c.kmax), np.asarray(c.lengths)) for c in caches])
+                         *(np.asarray(x[:, :, :n]) for x in c.dense_codes()), np.asarray(c.lengths)) for c in caches])
 
 
 def main(argv):

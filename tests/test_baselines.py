@@ -56,7 +56,7 @@ def test_topp_is_smallest_set_with_mass_p():
 
 def test_quest_pages_by_min_max_bound():
     q, k, _, ln, st, scores, valid = _case(seed=2)
-    m = np.asarray(baselines.quest_mask(jnp.asarray(q), st.kmin, st.kmax, valid, num_blocks=3))
+    m = np.asarray(baselines.quest_mask(jnp.asarray(q), *kv_store.block_summaries(st.keys, st.lengths), valid, num_blocks=3))
     bk, g = 8, 3
     for i, n in enumerate(ln):
         nb = -(-n // bk)

@@ -10,11 +10,12 @@ import pytest
 
 import checkpoints as ck
 from alaya_jax import kv_store
+from checkpoints import snapshot as ck_snapshot
 
 # A refused restore leaves Orbax read coroutines that Python reports when collected.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-FIELDS = ("keys", "values", "kmin", "kmax", "lengths")
+FIELDS = (*kv_store.BLOCKED_FIELDS, "rot_signs", "lengths")
 FP = dict(model_fingerprint="model-A", tokenizer_fingerprint="tok-A")
 
 
@@ -60,7 +61,7 @@ def test_round_trip_bitwise(tmp_path, dtype):
 
 def test_meta_and_trimmed_block_axis(saved):
     path, caches, tokens, meta = saved
-    assert meta.format_version == ck.FORMAT_VERSION == 1
+    assert meta.format_version == ck.FORMAT_VERSION == 2
     assert (meta.block_size, meta.num_kv_heads, meta.head_dim, meta.num_tokens) == (16, 2, 8, 70)
     assert meta.name == "ctx" and meta.created
     assert "tokens.npy" in meta.checksums and any(k.startswith("state/") for k in meta.checksums)
@@ -89,7 +90,7 @@ def test_resize_store():
     big = ck.resize_store(c, 100)  # rounded up to 7 blocks
     assert big.num_blocks == 7 and big.capacity == 112
     assert np.array_equal(np.asarray(big.keys[:, :, :4]), np.asarray(c.keys))
-    assert not np.asarray(big.kmin[:, :, 4:]).any()
+    assert (np.asarray(big.codes[:, :, 4:]) == kv_store.ZERO_CODE).all() and not np.asarray(big.code_scale[:, :, 4:]).any()
     small = ck.resize_store(big, 48)
     assert small.num_blocks == 3
     assert_bitwise_equal(small, ck.resize_store(c, 48))
@@ -105,9 +106,10 @@ def test_truncate_store_matches_from_dense_of_prefix(n):
     full = kv_store.from_dense(k, v, block_size=16, capacity=96)
     want = kv_store.from_dense(k[:, :n], v[:, :n], block_size=16, capacity=96)
     got = ck.truncate_store(full, n)
-    for f in ("kmin", "kmax", "lengths"):
-        assert np.array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(want, f))), f
+    assert np.array_equal(np.asarray(got.lengths), np.asarray(want.lengths))
     assert np.array_equal(np.asarray(got.dense_keys()[:, :, :n]), np.asarray(want.dense_keys()[:, :, :n]))
+    for x, y in zip(got.dense_codes(), want.dense_codes()):  # codes of the kept positions, as built
+        assert np.array_equal(np.asarray(x[:, :, :n]), np.asarray(y[:, :, :n]))
     with pytest.raises(ValueError):
         ck.truncate_store(full, 71)
 
@@ -214,3 +216,45 @@ def test_fingerprint():
     assert ck.fingerprint(a) != ck.fingerprint(b)
     assert ck.fingerprint(a) != ck.fingerprint({**a, "w": a["w"].astype(np.float16)})
     assert len(ck.fingerprint("x")) == 16
+
+
+def _rewrite_as_format_1(path):
+    """Turn a format-2 snapshot into what format 1 wrote (keys, values, block min/max summaries,
+    lengths; no codes), with its own checksums: the snapshots made before the key codes."""
+    import shutil
+
+    import orbax.checkpoint as ocp
+
+    meta = ck.read_meta(path)
+    caches, _, _ = ck.load_snapshot(path)
+    layers = []
+    for c in caches:
+        kmin, kmax = kv_store.block_summaries(c.keys, c.lengths)
+        layers.append({"keys": c.keys, "values": c.values, "kmin": kmin, "kmax": kmax, "lengths": c.lengths})
+    state = os.path.join(path, ck_snapshot.STATE_DIR)
+    shutil.rmtree(state)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(state), {"layers": layers})
+    ckptr.wait_until_finished()
+    ckptr.close()
+    rels = ck_snapshot._walk_files(str(path))
+    sums = {r: ck_snapshot.sha256_file(os.path.join(path, r)) for r in rels if r != ck_snapshot.META_FILE}
+    d = dict(meta.to_json(), format_version=1, checksums=sums)
+    with open(os.path.join(path, ck_snapshot.META_FILE), "w") as f:
+        json.dump(d, f)
+
+
+def test_format_1_snapshot_gets_its_codes_rebuilt_on_load(tmp_path):
+    caches = make_caches(70, capacity=80, d=16)
+    ck.save_snapshot(tmp_path / "old", caches, list(range(70)), **FP)
+    _rewrite_as_format_1(tmp_path / "old")
+    assert ck.read_meta(tmp_path / "old").format_version == 1
+    got, toks, meta = ck.load_snapshot(tmp_path / "old", capacity=80)  # checksums verified too
+    assert meta.format_version == 1 and toks == list(range(70))
+    for a, b in zip(caches, got):
+        assert np.array_equal(np.asarray(a.rot_signs), np.asarray(b.rot_signs))
+        for x, y in zip(a.dense_codes(), b.dense_codes()):  # rebuilt from the keys: as prefill built them
+            assert np.array_equal(np.asarray(x[:, :, :70]).view(np.uint8), np.asarray(y[:, :, :70]).view(np.uint8))
+        assert np.array_equal(np.asarray(a.dense_keys()[:, :, :70]).view(np.uint8),
+                              np.asarray(b.dense_keys()[:, :, :70]).view(np.uint8))
+

@@ -38,6 +38,9 @@ def stores(kv, n, capacity=None):
     return tuple(kv_store.from_dense(k[:, :n], v[:, :n], block_size=BK, capacity=capacity) for k, v in kv)
 
 
+ALL_FIELDS = (*kv_store.BLOCKED_FIELDS, "rot_signs", "lengths")
+
+
 def bits(x):
     return np.asarray(x).view(np.uint8)
 
@@ -57,13 +60,13 @@ def test_prefix_reuse_block_aligned_then_append_is_exact(db):
     assert session.tokens == tokens[:96] and rest == tokens[96:]
     c = session.caches[0]
     assert c.capacity == 208 and int(c.lengths[0]) == 96
-    assert not np.asarray(c.kmin[:, :, 6:]).any() and not np.asarray(c.kmax[:, :, 6:]).any()
     # Prefilling the rest by append gives the store a full prefill would have built.
     for (k, v), c in zip(kv, session.caches):
         got = kv_store.append(c, k[:, 96:], v[:, 96:])
         want = kv_store.from_dense(k, v, block_size=BK, capacity=208)
-        for f in ("kmin", "kmax", "lengths"):
-            assert np.array_equal(bits(getattr(got, f)), bits(getattr(want, f))), f
+        assert np.array_equal(bits(got.lengths), bits(want.lengths))
+        for x, y in zip(got.dense_codes(), want.dense_codes()):
+            assert np.array_equal(bits(x[:, :, :150]), bits(y[:, :, :150]))
         assert np.array_equal(bits(got.dense_keys()[:, :, :150]), bits(want.dense_keys()[:, :, :150]))
         assert np.array_equal(bits(got.dense_values()[:, :, :150]), bits(want.dense_values()[:, :, :150]))
 
@@ -82,7 +85,7 @@ def test_diverging_token_limits_reuse(db):
     session, rest = db.create_session(tokens + [1], capacity=80)
     assert session.reused_tokens == 64 and rest == [1]
     for a, b in zip(stores(kv, 64, capacity=80), session.caches):
-        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+        for f in ALL_FIELDS:
             assert np.array_equal(bits(getattr(a, f)), bits(getattr(b, f))), f
     # Nothing in common, or shorter than a block: nothing reused.
     for prompt in ([5] + tokens, tokens[:10]):
@@ -193,12 +196,12 @@ def test_foreign_and_broken_snapshots_listed_as_problems(tmp_path, db):
     os.makedirs(snaps / "0000deadbeef0000")  # no meta.json
     newer = ContextDB(tmp_path / "db", **KW).import_(t[:16], stores(kv, 16))
     meta = json.loads((snaps / newer / "meta.json").read_text())
-    meta["format_version"] = 2
+    meta["format_version"] = 3
     (snaps / newer / "meta.json").write_text(json.dumps(meta))
     probs = db.problems()
     assert "was made with model model-B, this model is model-A" in probs[theirs]
     assert "has no meta.json" in probs["0000deadbeef0000"]
-    assert "format version 2" in probs[newer]
+    assert "format version 3" in probs[newer]
     assert [m.snapshot_id for m in db.list()] == [mine]
     with pytest.raises(ck.IncompatibleSnapshotError, match="model model-B"):
         db.load(theirs)
@@ -437,13 +440,13 @@ def test_memory_tier_serves_stored_snapshot_without_disk(tmp_path, monkeypatch, 
     for a, b in zip(want, session.caches):
         assert b.keys.sharding.memory_kind == "device" and b.capacity == 80 and int(b.lengths[0]) == 64
         assert np.array_equal(bits(a.keys[:, :, :4]), bits(b.keys[:, :, :4]))
-        assert np.array_equal(bits(a.kmin[:, :, :4]), bits(b.kmin[:, :, :4]))
+        assert np.array_equal(bits(a.codes[:, :, :4]), bits(b.codes[:, :, :4]))
     _assert_not_shared(session.caches, resident)
     # load() from memory: the whole snapshot, also in buffers of its own.
     caches, toks, meta = db.load(sid)
     assert toks == t[:70] and meta.snapshot_id == sid and caches[0].capacity == 80
     for a, b in zip(want, caches):
-        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+        for f in ALL_FIELDS:
             assert np.array_equal(bits(getattr(a, f)), bits(getattr(b, f))), f
     _assert_not_shared(caches, resident)
     # After both were donated, the tier still serves the same contents.
@@ -470,7 +473,7 @@ def test_memory_tier_serve_is_truncate_then_resize_bit_for_bit(tmp_path, monkeyp
     for c, got in zip(stores(kv, 60), session.caches):
         want = ck.resize_store(ck.truncate_store(c, 32), capacity)
         assert got.num_blocks == want.num_blocks == -(-capacity // BK)
-        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+        for f in ALL_FIELDS:
             a, b = getattr(want, f), getattr(got, f)
             assert a.dtype == b.dtype and a.shape == b.shape, f
             if f in ("keys", "values"):  # past the length: undefined contents
@@ -481,7 +484,7 @@ def test_memory_tier_serve_is_truncate_then_resize_bit_for_bit(tmp_path, monkeyp
     caches, _, _ = db.load(sid, capacity=capacity if capacity >= 60 else None)
     for c, got in zip(stores(kv, 60), caches):
         want = ck.resize_store(c, max(capacity, 60) if capacity >= 60 else 60)
-        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+        for f in ALL_FIELDS:
             assert np.array_equal(bits(getattr(want, f)), bits(getattr(got, f))), f
     _assert_not_shared(caches, resident)
 
@@ -502,7 +505,7 @@ def test_memory_tier_keeps_disk_loads_and_budget_zero_is_off(tmp_path):
     assert on.memory_stats().snapshots == (sid,)
     _assert_not_shared(first.caches, on._resident[sid].caches)
     for a, b in zip(second.caches, stores(kv, 64, capacity=80)):
-        for f in ("keys", "values", "kmin", "kmax", "lengths"):
+        for f in ALL_FIELDS:
             assert np.array_equal(bits(getattr(a, f)), bits(getattr(b, f))), f
 
 

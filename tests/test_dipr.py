@@ -1,4 +1,4 @@
-"""DIPR: brute-force jnp against NumPy, and the block-pruned store path against brute force.
+"""DIPR: brute-force jnp against NumPy, and the filter–refine store path against brute force.
 
 Exactness is asserted as identical masks (zero false negatives, zero false
 positives), never as a tolerance.
@@ -17,6 +17,14 @@ from alaya_jax.dipr_store import dipr_store_attention
 from pallas_kernels import default_rounding_slack
 
 RAGGED = [1, 3, 513, 1023, 4097]
+
+# One compilation per (shapes, knobs); beta is traced, so a sweep of beta reuses it.
+_run = jax.jit(dipr_store_attention, static_argnames=("sink", "window", "with_mask", "implementation", "interpret",
+                                                      "num_splits", "capacity_fraction", "rounding_slack"))
+
+
+def run(q, st, beta, **kw):
+    return _run(jnp.asarray(q), st, beta=jnp.float32(beta), **kw)
 
 
 def np_dipr_mask(q, k, beta, lengths):
@@ -123,46 +131,47 @@ def _store_case(lengths, hq, hkv, d, bk, *, seed=0, dtype=np.float32, int_valued
     "lengths,hq,hkv,d,bk",
     [
         (RAGGED, 4, 4, 64, 64),
-        (RAGGED, 6, 2, 64, 32),
+        ([1, 3, 513, 1023], 6, 2, 64, 32),
         ([3, 200, 777], 8, 2, 128, 16),
     ],
 )
-@pytest.mark.parametrize("beta", [0.0, 2.0, 30.0, math.inf])
-def test_store_path_equals_brute_force(lengths, hq, hkv, d, bk, beta):
+def test_store_path_equals_brute_force(lengths, hq, hkv, d, bk):
     q, k, v, ln, st = _store_case(lengths, hq, hkv, d, bk, seed=len(lengths) + hq)
-    out, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=4, window=16, with_mask=True)
-    want = np_dipr_mask(q, k, beta, ln)
-    got = np.asarray(mask)[:, :, : k.shape[1]]
-    assert not (want & ~got).any(), "false negatives"
-    np.testing.assert_array_equal(got, want)
-    assert int(stats.overflow) == 0
-    # the store path's attention widens the compare by its rounding slack (superset, never fewer keys)
-    ref = dipr_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), beta=beta, lengths=jnp.asarray(ln),
-                         sink=4, window=16, rounding_slack=default_rounding_slack(d))
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    for beta in (0.0, 2.0, 30.0, math.inf):
+        # capacity_fraction=1: every candidate fits, so the filter–refine path (not the dense fallback) runs
+        out, stats, mask = run(q, st, beta, sink=4, window=16, with_mask=True, capacity_fraction=1.0)
+        assert int(stats.overflow) == 0
+        want = np_dipr_mask(q, k, beta, ln)
+        got = np.asarray(mask)[:, :, : k.shape[1]]
+        assert not (want & ~got).any(), f"false negatives at beta={beta}"
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.asarray(stats.keys_in_range), want.sum(-1))
+        # the attention widens the compare by its rounding slack (superset, never fewer keys)
+        ref = dipr_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), beta=beta, lengths=jnp.asarray(ln),
+                             sink=4, window=16, rounding_slack=default_rounding_slack(d))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("adversarial", ["hidden_high", "all_equal", "large_norm"])
-@pytest.mark.parametrize("hq,hkv,top_r", [(3, 1, 4), (8, 2, 4), (8, 2, 0)])
-def test_store_path_adversarial(adversarial, hq, hkv, top_r):
+@pytest.mark.parametrize("hq,hkv", [(3, 1), (8, 2)])
+def test_store_path_adversarial(adversarial, hq, hkv):
     q, k, v, ln, st = _store_case([1, 130, 1000], hq, hkv, 64, 32, seed=3, adversarial=adversarial)
     for beta in (0.0, 1.0, 40.0):
-        _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=0, window=0, with_mask=True,
-                                              top_r=top_r)
+        _, stats, mask = run(q, st, beta, sink=0, window=0, with_mask=True)
         np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))
 
 
 def test_store_path_exact_ties_integer_keys():
     q, k, v, ln, st = _store_case([257, 1025], 4, 2, 64, 32, seed=5, int_valued=True)
     for beta in (0.0, 1.0, 5.0, 12.0):
-        _, _, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=0, window=0, with_mask=True)
+        _, _, mask = run(q, st, beta, sink=0, window=0, with_mask=True)
         np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))
 
 
 def test_store_path_bf16():
     q, k, v, ln, st = _store_case([100, 513], 8, 2, 64, 32, seed=9, dtype=jnp.bfloat16)
     qb = jnp.asarray(q, jnp.bfloat16)
-    out, _, mask = dipr_store_attention(qb, st, beta=10.0, sink=4, window=16, with_mask=True)
+    out, _, mask = run(qb, st, 10.0, sink=4, window=16, with_mask=True)
     qf = np.asarray(qb.astype(jnp.float32))
     np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(qf, k, 10.0, ln))
     ref = dipr_attention(qb.astype(jnp.float32), jnp.asarray(k), jnp.asarray(v), beta=10.0,
@@ -172,55 +181,95 @@ def test_store_path_bf16():
 
 def test_overflow_takes_exact_dense_path_and_is_counted():
     q, k, v, ln, st = _store_case([600, 900], 4, 2, 32, 16, seed=11)
-    beta = 1000.0  # every block qualifies: far more than the 3 slots
-    out, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=beta, sink=0, window=0,
-                                            max_kept_blocks=3, with_mask=True)
-    assert int(stats.overflow) == 1
+    beta = 1000.0  # every key is a candidate, also in the second scan: far more than the slots
+    out, stats, mask = run(q, st, beta, sink=0, window=0, with_mask=True, num_splits=2, capacity_fraction=0.05)
+    assert int(stats.overflow) == 1 and int(stats.rescanned) == 1
     np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))
-    np.testing.assert_array_equal(np.asarray(stats.blocks_kept), np.array([[38, 38], [57, 57]]))
-    # A capacity that holds every block: no overflow, still exact.
-    _, stats2, mask2 = dipr_store_attention(jnp.asarray(q), st, beta=0.0, sink=0, window=0,
-                                            max_kept_blocks=57, with_mask=True)
+    np.testing.assert_array_equal(np.asarray(stats.candidates), np.array([[600, 600], [900, 900]]))
+    ref = dipr_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), beta=beta, lengths=jnp.asarray(ln),
+                         sink=0, window=0, rounding_slack=default_rounding_slack(32))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # Slots for every key: no overflow, still exact.
+    _, stats2, mask2 = run(q, st, beta, sink=0, window=0, with_mask=True, num_splits=2, capacity_fraction=1.0)
     assert int(stats2.overflow) == 0
-    np.testing.assert_array_equal(np.asarray(mask2)[:, :, : k.shape[1]], np_dipr_mask(q, k, 0.0, ln))
+    np.testing.assert_array_equal(np.asarray(mask2)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))
 
 
-def test_store_path_reads_few_blocks_when_scores_are_peaked():
-    # Keys clustered away from the query except a few: the pruned path must keep few blocks.
+def test_store_path_refines_few_keys_when_scores_are_peaked():
+    # Keys pointing away from the query except one: the codes' intervals must rule out most keys.
     rng = np.random.default_rng(2)
-    d, s, bk = 64, 4096, 64
+    d, s = 64, 4096
     q = rng.normal(size=(1, 2, d)).astype(np.float32)
     k = rng.normal(size=(1, s, 1, d)).astype(np.float32) * 0.1 - 0.3 * np.sign(q[0, 0])
-    k[0, 3000, 0] = q[0, 0] * 2
     v = rng.normal(size=(1, s, 1, d)).astype(np.float32)
-    st = kv_store.from_dense(jnp.asarray(k), jnp.asarray(v), block_size=bk)
-    _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=5.0, sink=4, window=64, with_mask=True)
-    np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k, 5.0, [s]))
-    assert int(stats.blocks_kept[0, 0]) <= 4  # sink block, window block, the block holding the peak
+    # The peak in the recent window: the scan's threshold (sink/window max - beta) is tight.
+    k_in = k.copy()
+    k_in[0, s - 5, 0] = q[0, 0] * 2
+    st = kv_store.from_dense(jnp.asarray(k_in), jnp.asarray(v), block_size=64)
+    _, stats, mask = run(q, st, 5.0, sink=4, window=64, with_mask=True)
+    np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k_in, 5.0, [s]))
+    assert int(stats.overflow) == 0 and int(stats.refined) == 0
+    assert int(stats.candidates[0, 0]) <= 40, int(stats.candidates[0, 0])
+    # The peak far from the window: the threshold from the window alone admits every key and the
+    # candidate lists overflow; the second scan, with M_lb - beta, keeps few keys again.
+    k_far = k.copy()
+    k_far[0, 3000, 0] = q[0, 0] * 2
+    st = kv_store.from_dense(jnp.asarray(k_far), jnp.asarray(v), block_size=64)
+    _, stats, mask = run(q, st, 5.0, sink=4, window=64, with_mask=True)
+    np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k_far, 5.0, [s]))
+    assert int(stats.rescanned) == 1 and int(stats.overflow) == 0
+    assert int(stats.candidates[0, 0]) <= 64, int(stats.candidates[0, 0])  # 1.6%: the peak's own δ widens M_lb
 
 
-@pytest.mark.parametrize("top_r", [0, 1])
-def test_probe_covers_every_query_head_of_a_group(top_r):
-    # The 4 query heads of one KV head each point at a different planted block; the group's top-1 by
-    # bound holds only one of them. Each head's own best block is probed, so every head gets M_lb = M and
-    # only the planted blocks (plus sink/window) are kept.
-    rng = np.random.default_rng(7)
-    d, s, bk, g = 64, 4096, 64, 4
-    centres = rng.normal(size=(s // bk, d)).astype(np.float32)
-    k = (np.repeat(centres, bk, axis=0) + 0.01 * rng.normal(size=(s, d))).astype(np.float32)[None, :, None, :]
-    v = rng.normal(size=(1, s, 1, d)).astype(np.float32)
-    planted = [5, 17, 29, 41]
-    q = np.stack([centres[b] / np.linalg.norm(centres[b]) * (20 + i) for i, b in enumerate(planted)])[None]
-    st = kv_store.from_dense(jnp.asarray(k), jnp.asarray(v), block_size=bk)
-    _, stats, mask = dipr_store_attention(jnp.asarray(q), st, beta=1.0, sink=4, window=64, top_r=top_r,
-                                          with_mask=True)
-    np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k, 1.0, [s]))
-    assert int(stats.blocks_kept[0, 0]) <= len(planted) + 3, int(stats.blocks_kept[0, 0])
+def test_argmax_outside_the_window_is_refined_again_and_exact():
+    rng = np.random.default_rng(8)
+    d, s = 64, 2048
+    q = rng.normal(size=(1, 2, d)).astype(np.float32)
+    k = rng.normal(size=(1, s, 2, d)).astype(np.float32)
+    v = rng.normal(size=(1, s, 2, d)).astype(np.float32)
+    # Every head's arg-max in the window: M_lb = M, one refine pass.
+    k_in = k.copy()
+    k_in[0, s - 10] = q[0]
+    # Head 0's arg-max far from sink and window: M_lb < M, the refine runs again with the exact M.
+    k_out = k.copy()
+    k_out[0, 700, 0] = q[0, 0]
+    for kk, refined in ((k_in, 0), (k_out, 1)):
+        st = kv_store.from_dense(jnp.asarray(kk), jnp.asarray(v), block_size=64)
+        out, stats, mask = run(q, st, 3.0, sink=4, window=64, with_mask=True)
+        assert int(stats.refined) == refined and int(stats.overflow) == 0
+        np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, kk, 3.0, [s]))
+        ref = dipr_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), beta=3.0, sink=4, window=64,
+                             rounding_slack=default_rounding_slack(d))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_beta_per_query_head():
+    q, k, v, ln, st = _store_case([300, 1000], 6, 2, 64, 32, seed=6)
+    betas = np.array([0.0, 1.0, 4.0, 10.0, 25.0, np.inf], np.float32)
+    _, _, mask = run(q, st, betas, sink=0, window=0, with_mask=True, capacity_fraction=1.0)
+    got = np.asarray(mask)[:, :, : k.shape[1]]
+    for h, bt in enumerate(betas):
+        np.testing.assert_array_equal(got[:, h], np_dipr_mask(q, k, float(bt), ln)[:, h], err_msg=f"head {h}")
+    with pytest.raises(ValueError, match="beta"):
+        dipr_store_attention(jnp.asarray(q), st, beta=jnp.asarray(betas[:4]))
+    with pytest.raises(ValueError, match="beta"):
+        dipr_store_attention(jnp.asarray(q), st, beta=-betas - 1)
+
+
+def test_pallas_implementation_matches_brute_force():
+    q, k, v, ln, st = _store_case([3, 513, 700], 8, 2, 64, 32, seed=12)
+    for beta in (0.0, 8.0):
+        out, stats, mask = run(q, st, beta, sink=4, window=16, with_mask=True, implementation="pallas",
+                               num_splits=2, capacity_fraction=1.0)
+        np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))
+        ref = dipr_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), beta=beta, lengths=jnp.asarray(ln),
+                             sink=4, window=16, rounding_slack=default_rounding_slack(64))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_jit_and_traced_beta():
     q, k, v, ln, st = _store_case([50, 300], 4, 2, 32, 16, seed=4)
-    f = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, with_mask=True, max_kept_blocks=6))
+    f = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, with_mask=True, capacity_fraction=0.5))
     for beta in (0.5, 3.0, 100.0):
         _, _, mask = f(jnp.asarray(q), st, jnp.float32(beta))
         np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], np_dipr_mask(q, k, beta, ln))

@@ -1,0 +1,198 @@
+"""Whole-model decode step, random-weight Llama-3-8B, attention on real-key-proxy stores.
+
+Speed does not depend on the weights' values, but DIPR's does depend on the keys and
+queries: with random weights they would be unrealistic. So every layer's store holds a
+real-key proxy (bench/real_key_proxy.py: Llama-3-8B attention shapes built from keys and
+queries SmolLM2 produced on real text; its 8K real sequence laid end to end to reach the
+context) and each layer attends with that proxy's real query (plus 1e-6 times the model's
+own query, so that the layers stay chained). Everything else — embeddings, projections,
+RoPE, the append of the new key/value and its code, MLPs, logits, sampling — is the model's
+own decode step, jitted once, caches donated.
+
+Variants: ``full`` (our jnp dense attention over the store), ``full-xla`` / ``full-cudnn``
+(``jax.nn.dot_product_attention``; the store's [B, Hkv, S, D] layout costs them a transpose
+per call — reported as measured), ``dipr`` (filter–refine, Pallas kernels) per β.
+
+    python bench/decode_step_real.py --contexts 131072 524288 --out $OUT
+    python bench/decode_step_real.py --smoke --out /tmp/x        # CPU: tiny model, interpret mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import timing  # noqa: E402
+from alaya_jax import kv_store  # noqa: E402
+from alaya_jax.methods import AttentionConfig, make_attention_fn  # noqa: E402
+
+
+def build_model(name: str, context: int):
+    from models import Llama, llama3_8b, tiny
+
+    if name == "llama3-8b":
+        cfg = llama3_8b(dtype="bfloat16", max_position_embeddings=max(131072, context + 1024))
+    else:
+        cfg = tiny(dtype="bfloat16")
+        cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, context + 1024))
+    return cfg, Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def proxy_stores(cfg, batch: int, context: int, capacity: int, *, segment: int):
+    """Per layer a store of ``context`` real-proxy keys (an 8K real segment tiled on the device)
+    and random values; and the per-layer real queries [L, B, Hq, D]."""
+    import real_key_proxy
+
+    stores, qs = [], []
+    reps = -(-context // segment)
+    for layer in range(cfg.num_layers):
+        p = real_key_proxy.build_proxy(context=min(segment, context), batch=batch, num_kv_heads=cfg.num_kv_heads,
+                                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim, layer=layer)
+        seg = jnp.asarray(p["keys"]).astype(jnp.bfloat16)  # [B, Hkv, seg, D]
+        k = jnp.tile(seg, (1, 1, reps, 1))[:, :, :context].transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
+        v = jax.random.normal(jax.random.PRNGKey(layer), k.shape, jnp.float32).astype(jnp.bfloat16)
+        stores.append(jax.block_until_ready(kv_store.from_dense(k, v, block_size=64, capacity=capacity)))
+        del k, v
+        qs.append(jnp.asarray(p["q"], jnp.float32).astype(jnp.bfloat16))
+    return tuple(stores), jnp.stack(qs)
+
+
+def make_step(model, attention: AttentionConfig):
+    graphdef, state = nnx.split(model)
+    donate = jax.default_backend() != "cpu"
+
+    def step(state, caches, token, qs, beta):
+        m = nnx.merge(graphdef, state)
+        positions = caches[0].lengths[:, None]
+        base = make_attention_fn(attention, beta=beta)
+
+        def attn(layer, q, k, v, cache, pos):
+            qq = (qs[layer][:, None].astype(jnp.float32) + 1e-6 * q.astype(jnp.float32)).astype(q.dtype)
+            return base(layer, qq, k, v, cache, pos)
+
+        logits, caches, aux = m(token[:, None], positions, caches, attention=attn)
+        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), caches, aux
+
+    f = jax.jit(step, donate_argnums=(1,) if donate else ())
+    return f, state
+
+
+def run_variant(model, base_caches, qs, name, attention, betas, args):
+    f, state = make_step(model, attention)
+    caches = jax.tree.map(jnp.copy, base_caches)
+    token = jnp.zeros((qs.shape[1],), jnp.int32)
+    rows = []
+    for beta in betas:
+        times = []
+        aux = None
+        for i in range(args.steps + 2):
+            t = time.perf_counter()
+            token, caches, aux = f(state, caches, token, qs, jnp.float32(beta if beta is not None else 0.0))
+            token.block_until_ready()
+            times.append(time.perf_counter() - t)
+        steady = np.array(times[2:])
+        row = {"variant": name, "beta": beta, "step_ms": 1e3 * float(np.median(steady)),
+               "step_p90_ms": 1e3 * float(np.percentile(steady, 90)), "first_step_s": times[0],
+               "tokens_per_s": qs.shape[1] / float(np.median(steady))}
+        if attention.method == "dipr":
+            a = jax.device_get(aux)
+            row["overflow_layers"] = int(sum(int(np.asarray(x["overflow"])) for x in a))
+            row["refined_layers"] = int(sum(int(np.asarray(x["refined"])) for x in a))
+            row["rescanned_layers"] = int(sum(int(np.asarray(x["rescanned"])) for x in a))
+            ln = float(np.asarray(caches[0].lengths).mean())
+            row["candidate_fraction"] = float(np.mean([np.asarray(x["candidates"]).mean() for x in a])) / ln
+        rows.append(row)
+    del caches
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b", choices=("llama3-8b", "tiny"))
+    ap.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--betas64", type=float, nargs="+", default=[24.0], help="β at d=64, mapped to the model's D")
+    ap.add_argument("--variants", nargs="+", default=["full", "full-xla", "full-cudnn", "dipr"])
+    ap.add_argument("--segment", type=int, default=8192, help="real keys per tile of the proxy")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.contexts, args.steps, args.variants = "tiny", [1024], 2, ["full", "dipr"]
+    os.makedirs(args.out, exist_ok=True)
+    import real_key_proxy
+
+    impl = "pallas"
+    meta = timing.run_meta(model=args.model, batch=args.batch)
+    rows = []
+    for context in args.contexts:
+        cfg, model = build_model(args.model, context)
+        capacity = context + args.steps + 16
+        t0 = time.perf_counter()
+        stores, qs = proxy_stores(cfg, args.batch, context, capacity, segment=args.segment)
+        setup = time.perf_counter() - t0
+        for name in args.variants:
+            if name == "dipr":
+                att = AttentionConfig(method="dipr", implementation=impl)
+                betas = [float(real_key_proxy.beta_for_head_dim(b, cfg.head_dim)) for b in args.betas64]
+            else:
+                pa = {"full": "reference", "full-xla": "xla", "full-cudnn": "cudnn"}[name]
+                att, betas = AttentionConfig(method="full", prefill_attention=pa), [None]
+            try:
+                for r in run_variant(model, stores, qs, name, att, betas, args):
+                    rows.append({**meta, "context": context, "setup_s": setup, **r})
+                    print(json.dumps(rows[-1]), flush=True)
+            except Exception as e:
+                rows.append({**meta, "context": context, "variant": name, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                print(json.dumps(rows[-1]), flush=True)
+                traceback.print_exc()
+        del stores
+        with open(os.path.join(args.out, "decode_step_real.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        with open(os.path.join(args.out, "decode_step_real.md"), "w") as f:
+            f.write(markdown(rows))
+    print(markdown(rows))
+
+
+def markdown(rows) -> str:
+    if not rows:
+        return ""
+    m = rows[0]
+    out = [f"# Whole decode step, random-weight {m['model']}, attention on real-key-proxy stores", "",
+           f"{m['device']}, jax {m['jax']}, jaxlib {m.get('jaxlib')}, triton {m.get('triton')}, {m['date']}, "
+           f"commit {m['commit']}, batch {m['batch']}. Step = one jitted decode call incl. the host sync "
+           "on the sampled token (median of the timed steps).", "",
+           "| context | variant | β (D) | step ms | tok/s | × best full | candidates | overflow / refined layers |",
+           "|---|---|---|---|---|---|---|---|"]
+    best = {}
+    for r in rows:
+        if "error" not in r and r["variant"].startswith("full"):
+            best[r["context"]] = min(best.get(r["context"], 1e18), r["step_ms"])
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['context']} | {r['variant']} | failed: {r['error'][:120]} ||||||")
+            continue
+        b = best.get(r["context"])
+        out.append(f"| {r['context']} | {r['variant']} | {'' if r['beta'] is None else format(r['beta'], '.1f')} | "
+                   f"{r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | {'' if b is None else format(b / r['step_ms'], '.2f')} | "
+                   f"{'' if 'candidate_fraction' not in r else format(r['candidate_fraction'], '.2%')} | "
+                   f"{'' if 'overflow_layers' not in r else str(r['overflow_layers']) + ' / ' + str(r['refined_layers'])} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
