@@ -87,15 +87,14 @@ def attention_config(spec: str, args) -> AttentionConfig:
         impl = {"full": "reference", "full-cudnn": "cudnn", "full-xla": "xla"}[spec]
         return AttentionConfig(method="full", prefill_attention=impl)
     if spec == "dipr":
-        cap = None if args.kept_cap is None else max(8, int(args.kept_cap * args.context / args.block_size))
         return AttentionConfig(method="dipr", beta=args.betas[0], implementation=args.implementation,
-                               max_kept_blocks=cap, num_splits=args.num_splits, single_pass=not args.two_pass)
+                               num_splits=args.num_splits, capacity_fraction=args.capacity_fraction)
     raise SystemExit(f"unknown attention spec {spec!r}; use full, full-cudnn, full-xla or dipr")
 
 
 def _kept(aux) -> tuple[float, int]:
-    """Mean DIPR kept blocks per (batch, KV head) over layers, and the number of overflowing layers."""
-    kept = [np.asarray(a["blocks_kept"]).mean() for a in aux if "blocks_kept" in a]
+    """Mean DIPR candidates per (batch, KV head) over layers, and the number of overflowing layers."""
+    kept = [np.asarray(a["candidates"]).mean() for a in aux if "candidates" in a]
     over = [int(np.asarray(a["overflow"]).sum() > 0) for a in aux if "overflow" in a]
     return (float(np.mean(kept)) if kept else float("nan")), int(sum(over))
 
@@ -157,11 +156,10 @@ def run_variant(engine, base, first, spec, att, betas, args, setup_s, nb) -> lis
             f"synthetic block-clustered (centre {args.centre_scale}, noise {args.noise})",
             "attention": spec, "beta": beta,
             "implementation": a.implementation if a.method == "dipr" else a.prefill_attention,
-            "max_kept_blocks": a.max_kept_blocks if a.method == "dipr" else None,
             "num_splits": a.num_splits if a.method == "dipr" else None,
-            "single_pass": a.single_pass if a.method == "dipr" else None,
-            "blocks_kept_mean": float(np.mean(kept)) if kept else None, "blocks_total": nb,
-            "kept_fraction": float(np.mean(kept)) / nb if kept else None,
+            "capacity_fraction": a.capacity_fraction if a.method == "dipr" else None,
+            "candidates_mean": float(np.mean(kept)) if kept else None,
+            "kept_fraction": float(np.mean(kept)) / args.context if kept else None,
             "layers_overflowing_mean": float(np.mean(over)) if over else None,
             "setup_s": setup_s, "first_decode_s": times[0] if bi == 0 else None,
             "decode_step_median_s": float(np.median(steady)), "decode_step_p90_s": float(np.percentile(steady, 90)),
@@ -184,7 +182,7 @@ def markdown(records) -> str:
         if r["attention"].startswith("full"):
             key = (r["model"], r["context"], r["batch"], r["keys"])
             full[key] = min(full.get(key, 1e9), r["decode_step_median_s"])
-    out = ["| model | context | B | keys | attention | β | kept blocks | step ms | tok/s | × best full |",
+    out = ["| model | context | B | keys | attention | β | candidates | step ms | tok/s | × best full |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
@@ -213,10 +211,9 @@ def main(argv=None):
     p.add_argument("--attention", nargs="+", default=["full"], help="full, full-cudnn, full-xla, dipr")
     p.add_argument("--betas", type=float, nargs="+", default=[32.0], help="DIPR β values (traced: one compile)")
     p.add_argument("--implementation", default="reference", choices=("reference", "pallas"))
-    p.add_argument("--kept-cap", type=float, default=None,
-                   help="DIPR kept-list capacity as a fraction of the blocks (default: all blocks)")
-    p.add_argument("--num-splits", type=int, default=1)
-    p.add_argument("--two-pass", action="store_true")
+    p.add_argument("--capacity-fraction", type=float, default=0.25,
+                   help="DIPR candidate slots per split, as a fraction of its keys")
+    p.add_argument("--num-splits", type=int, default=None)
     p.add_argument("--keys", default="prefill", choices=("prefill", "synthetic"),
                    help="prefill random token ids, or fill the stores with synthetic block-clustered keys")
     p.add_argument("--centre-scale", type=float, default=1.0)

@@ -51,18 +51,17 @@ def build_model(name: str, context: int):
     return cfg, Llama(cfg, rngs=nnx.Rngs(0))
 
 
-def proxy_stores(cfg, batch: int, context: int, capacity: int, *, segment: int):
-    """Per layer a store of ``context`` real-proxy keys (an 8K real segment tiled on the device)
-    and random values; and the per-layer real queries [L, B, Hq, D]."""
+def proxy_stores(cfg, batch: int, context: int, capacity: int):
+    """Per layer a store of ``context`` real-proxy keys (bench/real_key_proxy.py, sources drawn
+    with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D]."""
     import real_key_proxy
 
     stores, qs = [], []
-    reps = -(-context // segment)
     for layer in range(cfg.num_layers):
-        p = real_key_proxy.build_proxy(context=min(segment, context), batch=batch, num_kv_heads=cfg.num_kv_heads,
-                                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim, layer=layer)
-        seg = jnp.asarray(p["keys"]).astype(jnp.bfloat16)  # [B, Hkv, seg, D]
-        k = jnp.tile(seg, (1, 1, reps, 1))[:, :, :context].transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
+        p = real_key_proxy.build_proxy(context=context, batch=batch, num_kv_heads=cfg.num_kv_heads,
+                                       group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim, seed=layer,
+                                       values=False)
+        k = jnp.asarray(p["keys"]).astype(jnp.bfloat16).transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
         v = jax.random.normal(jax.random.PRNGKey(layer), k.shape, jnp.float32).astype(jnp.bfloat16)
         stores.append(jax.block_until_ready(kv_store.from_dense(k, v, block_size=64, capacity=capacity)))
         del k, v
@@ -127,15 +126,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--betas64", type=float, nargs="+", default=[24.0], help="β at d=64, mapped to the model's D")
     ap.add_argument("--variants", nargs="+", default=["full", "full-xla", "full-cudnn", "dipr"])
-    ap.add_argument("--segment", type=int, default=8192, help="real keys per tile of the proxy")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.contexts, args.steps, args.variants = "tiny", [1024], 2, ["full", "dipr"]
     os.makedirs(args.out, exist_ok=True)
-    import real_key_proxy
-
     impl = "pallas"
     meta = timing.run_meta(model=args.model, batch=args.batch)
     rows = []
@@ -143,12 +139,12 @@ def main(argv=None):
         cfg, model = build_model(args.model, context)
         capacity = context + args.steps + 16
         t0 = time.perf_counter()
-        stores, qs = proxy_stores(cfg, args.batch, context, capacity, segment=args.segment)
+        stores, qs = proxy_stores(cfg, args.batch, context, capacity)
         setup = time.perf_counter() - t0
         for name in args.variants:
             if name == "dipr":
                 att = AttentionConfig(method="dipr", implementation=impl)
-                betas = [float(real_key_proxy.beta_for_head_dim(b, cfg.head_dim)) for b in args.betas64]
+                betas = [float(b * (cfg.head_dim / 64) ** 0.5) for b in args.betas64]
             else:
                 pa = {"full": "reference", "full-xla": "xla", "full-cudnn": "cudnn"}[name]
                 att, betas = AttentionConfig(method="full", prefill_attention=pa), [None]

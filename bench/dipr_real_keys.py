@@ -58,20 +58,22 @@ def synthetic_layer(key, b, s, *, hq, hkv, d, planted=8):
 
 
 def proxy_layer(layer, b, s, *, hq, hkv, d):
+    """Real-key proxy (bench/real_key_proxy.py, construction "embed", sources drawn with seed
+    ``layer``): q [B,Hq,D], keys [B,S,Hkv,D] bf16; values Gaussian, drawn on the device."""
     import real_key_proxy
 
     p = real_key_proxy.build_proxy(context=s, batch=b, num_kv_heads=hkv, group=hq // hkv, head_dim=d,
-                                   layer=layer)
+                                   seed=layer, values=False)
     q = jnp.asarray(p["q"], jnp.float32).astype(DT)
     k = jnp.asarray(p["keys"]).astype(DT).transpose(0, 2, 1, 3)  # [B,Hkv,S,D] -> [B,S,Hkv,D]
-    v = jnp.asarray(p["values"]).astype(DT).transpose(0, 2, 1, 3)
+    v = jax.random.normal(jax.random.PRNGKey(layer), k.shape, jnp.float32).astype(DT)
     return q, k, v
 
 
-def proxy_beta(beta64: float) -> float:
-    import real_key_proxy
-
-    return float(real_key_proxy.beta_for_head_dim(beta64, 128))
+def proxy_beta(beta64: float, head_dim: int) -> float:
+    """β at ``head_dim`` for the CPU's β at d=64 (same softmax ratio exp(−β/√d); exact for the
+    "embed" proxy, whose scores are √(D/64) times the real ones)."""
+    return float(beta64 * math.sqrt(head_dim / 64))
 
 
 def bench_case(kind, b, s, args, bw, log):
@@ -104,7 +106,7 @@ def bench_case(kind, b, s, args, bw, log):
             log({**base, "dense_impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
     best_impl = "cudnn" if "cudnn" in dense_us else (min(dense_us, key=dense_us.get) if dense_us else None)
     code_bytes = sum(x.nbytes for x in stores[0].dense_codes())
-    betas = args.betas if kind == "synthetic" else [proxy_beta(b64) for b64 in args.betas64]
+    betas = args.betas if kind == "synthetic" else [proxy_beta(b64, d) for b64 in args.betas64]
     for beta in betas:
         row = {**base, "beta": beta, "dense_impl": best_impl, "dense_us": dense_us.get(best_impl),
                "dense_all_us": dense_us}

@@ -1,8 +1,14 @@
-"""pallas_kernels: the DIPR decode kernels, one folder per op.
+"""pallas_kernels: the filter–refine DIPR decode kernels, one folder per op.
 
-Each op folder holds ``reference.py`` (plain jnp), ``kernel.py`` (Pallas,
-written for the GPU Triton lowering and run with ``interpret=True`` on CPU)
-and a public wrapper (``api.py``) that picks one explicitly::
+- ``key_codes``: the fixed rotation of keys/queries, the per-key 4-bit codes and their
+  error bound (plain jnp; runs at prefill and at every append).
+- ``code_scan``: the filter — one pass over the codes of every key, candidates per split.
+- ``refine_attention``: refine and attend — exact scores of the candidates, attention over
+  the keys in range ∪ sink ∪ window, splits merged by log-sum-exp (``lse_merge``).
+
+Each kernel folder holds ``reference.py`` (plain jnp), the lowering-specific Pallas body
+(``kernel_triton.py``, written for the GPU Triton lowering and run with ``interpret=True``
+on CPU) and a public wrapper (``api.py``) that picks one explicitly::
 
     implementation="reference" | "pallas"     (keyword-only, default "reference")
     interpret=None                            (None -> True on CPU, False on GPU)
@@ -11,18 +17,15 @@ A requested Pallas backend that cannot run raises ``BackendUnavailableError``;
 nothing ever falls back silently. This package imports nothing else of ours.
 """
 
-from pallas_kernels._common import BackendUnavailableError, default_rounding_slack, suggest_num_splits
-from pallas_kernels.block_bounds import block_bounds
+from pallas_kernels._common import BackendUnavailableError, default_rounding_slack
+from pallas_kernels.code_scan import code_scan
 from pallas_kernels.lse_merge import merge_attention
-from pallas_kernels.range_mask import dipr_range_mask
-from pallas_kernels.sparse_attention import sparse_decode_attention
+from pallas_kernels.refine_attention import refine_attention
 
 __all__ = [
     "BackendUnavailableError",
-    "block_bounds",
+    "code_scan",
     "default_rounding_slack",
-    "dipr_range_mask",
     "merge_attention",
-    "sparse_decode_attention",
-    "suggest_num_splits",
+    "refine_attention",
 ]

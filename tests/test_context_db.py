@@ -205,7 +205,7 @@ def test_foreign_and_broken_snapshots_listed_as_problems(tmp_path, db):
     assert [m.snapshot_id for m in db.list()] == [mine]
     with pytest.raises(ck.IncompatibleSnapshotError, match="model model-B"):
         db.load(theirs)
-    with pytest.raises(ck.IncompatibleSnapshotError, match="format version 2"):
+    with pytest.raises(ck.IncompatibleSnapshotError, match="format version 3"):
         db.show(newer)
     assert db.create_session(t + [1], capacity=64)[0].snapshot_id == mine
 
