@@ -255,8 +255,10 @@ def _choice(res: dict) -> list[str]:
             "candidate capacity or the refine gather is the bottleneck (short contexts, large β).",
             f"* **A scale per 32 dims** cuts candidates by ~{1 - rg['candidate_fraction'] / r4['candidate_fraction']:.0%} "
             f"({rg['candidate_fraction']:.2%}) but its extra 2 bytes a key cost more than that saves at d=64 "
-            f"({rg['byte_ceiling']:.1f}×). At d=128 a scale per 64 dims is worth measuring: `proxy_check.md` shows "
-            "the one-scale d=128 code ~12% looser relative to the scores than at d=64 on the same keys.",
+            f"({rg['byte_ceiling']:.1f}×). At d=128 (`proxy_check.md`, the real-key proxy) the one-scale code's bound is "
+            "~14% wider relative to the scores than at d=64 on the same keys and leaves 1.3–1.5× the candidates; "
+            "one scale per 64 dims brings them back to the d=64 share at about the same byte ceiling: the choice "
+            "at d=128 is between fewer candidates (smaller capacity, fewer gathers) and a 2-byte-smaller scan.",
             "* **M_sw − β** (exact sink/window max, no lower bounds from the codes) costs little: "
             f"{r4['candidate_fraction_sw']:.2%} vs {r4['candidate_fraction']:.2%} candidates at {n1} tokens, β={bm:g} "
             f"({ns[0]} tokens: {get(rows, ns[0], bm, DEFAULT)['candidate_fraction_sw']:.2%} vs "

@@ -42,7 +42,14 @@ from real_key_proxy import build_proxy, load_capture  # noqa: E402
 INT4 = next(c for c in CODES if c.name == "int4 rotated")
 INT4_G64 = CodeSpec("int4 rotated, scale per 64 dims", "scalar", 4, group=64)  # = INT4 at d=64
 SINK, WINDOW = 4, 64
-KEYS = ("searched", "in_range_head", "cand", "cand_sw", "cand_g64", "fn")
+
+
+def _ceiling(tot: dict, i: int, d: int, cand: str, code_bytes: float) -> float:
+    """Dense bf16 K+V bytes over: codes of the searched keys + bf16 K of the candidates + bf16 V of the
+    keys in range (group union) + K+V of sink/window (the byte model of code_choice.py)."""
+    sr, vis = tot["searched"][i], tot["visible"][i]
+    used = sr * code_bytes + tot[cand][i] * 2 * d + tot["in_range_union"][i] * 2 * d + (vis - sr) * 4 * d
+    return float(vis * 4 * d / used)
 
 
 def _counts(res: dict, codes) -> dict:
@@ -50,6 +57,7 @@ def _counts(res: dict, codes) -> dict:
     c = res[codes[0].name]
     g = res[codes[-1].name]
     return {"searched": res["searched"].sum(1), "in_range_head": res["in_range_head"].sum(1),
+            "in_range_union": res["in_range_union"].sum(1), "visible": res["visible"],
             "cand": c["cand"].sum(1), "cand_sw": c["cand_sw"].sum(1), "cand_g64": g["cand"].sum(1),
             "fn": sum(x[k].sum(1) for x in (c, g) for k in ("fn", "fn_sw"))}
 
@@ -65,6 +73,7 @@ def reference(cap: dict, li: int, h: int, o: int, group: int, betas, seed: int, 
         q = qs[li, qs.shape[1] - 1 - o, [h * gq + j % gq for j in range(group)]].astype(np.float64)[None]
         rot = rotation(d, [seed, int(cap["layers"][li]), h])
         res = evaluate(k, q, np.asarray([s - 1 - o]), [Coded(INT4, k, rot)], betas, sink=SINK, window=WINDOW)
+        res["visible"] = np.full(len(betas), float(s - o))
         memo[key] = _counts(res, [INT4])
     return memo[key]
 
@@ -89,6 +98,7 @@ def check_case(cap: dict, construction: str, head_dim: int, context: int, offset
                 rot = rotation(head_dim, [seed, int(l), h, head_dim])
                 res = evaluate(k, q, pos, [Coded(c, k, rot) for c in codes], np.asarray(betas) * scale,
                                sink=SINK, window=WINDOW)
+                res["visible"] = np.full(len(betas), float(context))
                 for key, val in _counts(res, codes).items():
                     px[key] = px.get(key, 0) + val
                 for rh in src["real_kv_heads"]:
@@ -140,7 +150,8 @@ def render(res: dict) -> str:
           "j mod 3, same offsets): the reference is paired, head by head.", "",
           "| construction | d | context | β d=64 → proxy | DIPR keys ref / proxy (ratio) | int4 candidates ref / proxy "
           "(ratio) | vs M_sw−β ref / proxy (ratio) | int4, scale per 64 dims: proxy (ratio) | pass: int4 / "
-          "scale per 64 dims |", "|---|---|---|---|---|---|---|---|---|"]
+          "scale per 64 dims | byte ceiling: ref / proxy / proxy, scale per 64 dims |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fn = "" if not (r["ref_false_negatives"] or r["proxy_false_negatives"]) else \
             f" FAILURE: {r['ref_false_negatives']}/{r['proxy_false_negatives']} missed"
@@ -149,7 +160,8 @@ def render(res: dict) -> str:
                   f"{r['proxy_cand']:.2%} ({r['ratio_cand']:.2f}) | {r['ref_cand_sw']:.2%} / "
                   f"{r['proxy_cand_sw']:.2%} ({r['ratio_cand_sw']:.2f}) | {r['proxy_cand_g64']:.2%} "
                   f"({r['ratio_cand_g64']:.2f}) | {'yes' if r['pass_cand'] else 'NO'} / "
-                  f"{'yes' if r['pass_cand_g64'] else 'NO'}{fn} |")
+                  f"{'yes' if r['pass_cand_g64'] else 'NO'}{fn} | {r['ref_ceiling']:.2f}× / {r['proxy_ceiling']:.2f}× / "
+                  f"{r['proxy_ceiling_g64']:.2f}× |")
     md += ["", f"Bound width: on the same tokens the d=128 int4 bound δ is {m['int4_bound_width_ratio_d128_over_d64']:.3f}× √2·δ at d=64 (median over "
            "keys, mean over captured layers, KV and query heads): the per-key scale is the largest of 128 rotated "
            "coordinates instead of 64, so the d=128 code is looser relative to the scores, and candidates grow."]
@@ -222,6 +234,9 @@ def main(argv=None):
                 row[f"{name}_false_negatives"] = int(tot["fn"][i])
             for key in ("dipr", "cand", "cand_sw", "cand_g64"):
                 row[f"ratio_{key}"] = row[f"proxy_{key}"] / row[f"ref_{key}"]
+            row["ref_ceiling"] = _ceiling(ref, i, 64, "cand", INT4.bytes_per_key(64))
+            row["proxy_ceiling"] = _ceiling(px, i, hd, "cand", INT4.bytes_per_key(hd))
+            row["proxy_ceiling_g64"] = _ceiling(px, i, hd, "cand_g64", INT4_G64.bytes_per_key(hd))
             ok = not row["ref_false_negatives"] and not row["proxy_false_negatives"]
             for key in ("cand", "cand_g64"):
                 row[f"pass_{key}"] = bool(ok and all(abs(row[f"ratio_{k}"] - 1) <= a.tolerance for k in ("dipr", key)))
