@@ -49,9 +49,11 @@ from pallas_kernels.refine_attention import refine_attention
 from pallas_kernels._common import default_rounding_slack
 
 #: Default candidate capacity, as a fraction of each split's keys. Measured candidate
-#: shares on real SmolLM2 keys are 2–16% (bench/results/code_choice.md); above the
-#: capacity a step takes the exact dense path.
-DEFAULT_CAPACITY_FRACTION = 0.25
+#: shares on real SmolLM2 keys are 2–20% of all keys (bench/results/code_choice.md), but
+#: they crowd into the most recent split (on the real-key proxy at 2K, 42% of the last
+#: split's keys at β=24·√2 vs 1–10% elsewhere); above the capacity the codes are scanned
+#: again with M_lb − β, then the step takes the exact dense path.
+DEFAULT_CAPACITY_FRACTION = 0.5
 
 
 @struct.dataclass

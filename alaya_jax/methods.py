@@ -54,7 +54,7 @@ class AttentionConfig:
     # the GPU) and candidate slots per split as a fraction of its keys (an overflow takes the exact
     # dense path for that step and is counted).
     num_splits: Optional[int] = None
-    capacity_fraction: float = 0.25
+    capacity_fraction: float = 0.5
     implementation: str = "reference"
     collect_stats: bool = False
     prefill_attention: str = "reference"

@@ -41,13 +41,13 @@ from alaya_jax.methods import AttentionConfig, make_attention_fn  # noqa: E402
 
 
 def build_model(name: str, context: int):
-    from models import Llama, llama3_8b, tiny
+    from models import Llama, llama3_8b, smollm2_135m
 
     if name == "llama3-8b":
         cfg = llama3_8b(dtype="bfloat16", max_position_embeddings=max(131072, context + 1024))
-    else:
-        cfg = tiny(dtype="bfloat16")
-        cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, context + 1024))
+    else:  # "smollm2-2l": SmolLM2's shapes (head dim 64, as the captured keys), 2 layers
+        cfg = dataclasses.replace(smollm2_135m(dtype="bfloat16"), num_layers=2,
+                                  max_position_embeddings=max(8192, context + 1024))
     return cfg, Llama(cfg, rngs=nnx.Rngs(0))
 
 
@@ -120,7 +120,7 @@ def run_variant(model, base_caches, qs, name, attention, betas, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="llama3-8b", choices=("llama3-8b", "tiny"))
+    ap.add_argument("--model", default="llama3-8b", choices=("llama3-8b", "smollm2-2l"))
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
@@ -130,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if args.smoke:
-        args.model, args.contexts, args.steps, args.variants = "tiny", [1024], 2, ["full", "dipr"]
+        args.model, args.contexts, args.steps, args.variants = "smollm2-2l", [1024], 2, ["full", "dipr"]
     os.makedirs(args.out, exist_ok=True)
     impl = "pallas"
     meta = timing.run_meta(model=args.model, batch=args.batch)
