@@ -80,11 +80,12 @@ def default_num_splits(batch: int, num_kv_heads: int, capacity: int, *, programs
 
 def split_capacity(capacity: int, num_splits: int, fraction: float, *, tile: int = DEFAULT_TILE) -> int:
     """Candidate slots per split: ``fraction`` of the most positions one split can scan (splits
-    are whole tiles of ``tile`` keys, balanced by tiles), at least 16, a multiple of 16."""
+    are whole tiles of ``tile`` keys, balanced by tiles), rounded up to a power of two ≥ 16
+    (the scan kernel fills the unused slots in power-of-two chunks)."""
     tiles = -(-capacity // tile) + 1  # the tile cover of [sink, end) within [0, capacity)
     longest = min(capacity, -(-tiles // num_splits) * tile)
     c = max(16, int(math.ceil(longest * fraction)))
-    return -(-c // 16) * 16
+    return 1 << (c - 1).bit_length()
 
 
 def _beta_heads(beta, b: int, hq: int) -> jax.Array:

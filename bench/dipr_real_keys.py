@@ -107,7 +107,8 @@ def bench_case(kind, b, s, args, bw, log):
     best_impl = "cudnn" if "cudnn" in dense_us else (min(dense_us, key=dense_us.get) if dense_us else None)
     code_bytes = sum(x.nbytes for x in stores[0].dense_codes())
     betas = args.betas if kind == "synthetic" else [proxy_beta(b64, d) for b64 in args.betas64]
-    kw = dict(sink=4, window=64, implementation=args.implementation, capacity_fraction=args.capacity_fraction)
+    kw = dict(sink=4, window=64, implementation=args.implementation, capacity_fraction=args.capacity_fraction,
+              num_splits=args.num_splits)
 
     def dipr(q, lay):  # β travels as data: one compilation for every β
         st, beta = lay
@@ -117,13 +118,13 @@ def bench_case(kind, b, s, args, bw, log):
         st, beta = lay
         bt = jnp.broadcast_to(beta, q.shape[:2])
         _, cnt, lb, msw, _ = scan_codes(q, st, bt, sink=4, window=64, implementation=args.implementation,
-                                        capacity_fraction=args.capacity_fraction)
+                                        capacity_fraction=args.capacity_fraction, num_splits=args.num_splits)
         return jnp.broadcast_to((jnp.max(lb, -1) + msw)[..., None], q.shape).astype(q.dtype)
 
     run_dipr, run_scan = timing.layered(dipr), timing.layered(scan_only)
     stats = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, with_mask=True, **kw)[1])
     for beta in betas:
-        row = {**base, "beta": beta, "dense_impl": best_impl, "dense_us": dense_us.get(best_impl),
+        row = {**base, "beta": beta, "num_splits": args.num_splits, "dense_impl": best_impl, "dense_us": dense_us.get(best_impl),
                "dense_all_us": dense_us}
         bj = jnp.float32(beta)
         lays = [(st, bj) for st in stores]
@@ -195,6 +196,7 @@ def main(argv=None):
     ap.add_argument("--layer-budget-gb", type=float, default=48.0)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--capacity-fraction", type=float, default=0.5)
+    ap.add_argument("--num-splits", type=int, default=None, help="splits per (batch, KV head); default: auto")
     ap.add_argument("--dense", nargs="+", default=["cudnn", "xla"])
     ap.add_argument("--implementation", default="pallas")
     ap.add_argument("--hq", type=int, default=32)
