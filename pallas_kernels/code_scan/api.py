@@ -110,8 +110,22 @@ def code_scan(
     interpret = resolve_interpret(interpret, op)
     from pallas_kernels.code_scan.kernel_triton import code_scan_pallas
 
+    args, static = pallas_scan_inputs(q, q_rot, keys, codes, scales, errs, lengths, beta, tile_size=tile,
+                                      rounding_slack=slack, **kw)
+    cidx, counts, lb, msw = code_scan_pallas(*args, interpret=interpret, num_warps=int(num_warps),
+                                             num_stages=int(num_stages), **static)
+    return unpack_scan_outputs(cidx, counts, lb, msw, g=static["g"])
+
+
+def pallas_scan_inputs(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, capacity,
+                       tile_size, rounding_slack):
+    """The kernel's operands (group rows padded to Gp >= 16, S padded to the tile only when needed)
+    and static knobs: ``code_scan_pallas(*args, interpret=..., **static)``. Validated inputs only."""
+    b, hq, d = q.shape
+    hkv, s_cap = keys.shape[1], keys.shape[2]
+    g = hq // hkv
     gp = max(16, next_pow2(g))
-    sp = -(-s_cap // tile) * tile  # no copy when S is already a multiple of the tile
+    sp = -(-s_cap // tile_size) * tile_size  # no copy when S is already a multiple of the tile
 
     def grp(x, value=0.0):  # [B, Hq, ...] -> [B, Hkv, Gp, ...]
         return pad_axis(x.reshape(b, hkv, g, *x.shape[2:]), 2, gp, value=value)
@@ -120,11 +134,16 @@ def code_scan(
     q16, qs = estimate_operand(q_rot)
     l1, l2 = query_norms(q_rot)
     qdt = score_operand_dtype(q.dtype, keys.dtype, "auto")
-    cidx, counts, lb, msw = code_scan_pallas(
-        lengths, grp(q.astype(qdt)), grp(query_slack(q, slack)), grp(q16), grp(qs), grp(l1), grp(l2),
-        grp(beta), pad_axis(keys, 2, sp), pad_axis(codes, 2, sp), pad_axis(scales, 2, sp),
-        pad_axis(errs, 2, sp), g=g, tile=tile, fsize=forced_size(sink, window), interpret=interpret,
-        num_warps=int(num_warps), num_stages=int(num_stages), **kw,
-    )
-    lb_max = jnp.moveaxis(lb[..., :g], 2, 3).reshape(b, hq, -1)
-    return cidx, counts, lb_max, msw[:, :, 0, :g].reshape(b, hq)
+    args = (jnp.asarray(lengths, jnp.int32), grp(q.astype(qdt)), grp(query_slack(q, rounding_slack)), grp(q16),
+            grp(qs), grp(l1), grp(l2), grp(jnp.asarray(beta, jnp.float32)), pad_axis(keys, 2, sp),
+            pad_axis(codes, 2, sp), pad_axis(scales, 2, sp), pad_axis(errs, 2, sp))
+    static = dict(g=g, sink=int(sink), window=int(window), tile=int(tile_size), num_splits=int(num_splits),
+                  capacity=int(capacity), fsize=forced_size(sink, window))
+    return args, static
+
+
+def unpack_scan_outputs(cidx, counts, lb, msw, *, g):
+    """Kernel outputs -> (cand_idx, cand_count, lb_max [B, Hq, NS], m_sw [B, Hq])."""
+    b, hkv, ns = counts.shape
+    lb_max = jnp.moveaxis(lb[..., :g], 2, 3).reshape(b, hkv * g, ns)
+    return cidx, counts, lb_max, msw[:, :, 0, :g].reshape(b, hkv * g)

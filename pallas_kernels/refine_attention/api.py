@@ -95,6 +95,19 @@ def refine_attention(
     r = int(chunk)
     if r < 16 or r & (r - 1):
         raise ValueError(f"{op}: chunk must be a power of two >= 16, got {chunk}")
+    args, static = pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, sink=sink,
+                                        window=window, chunk=r, sm_scale=sm_scale, rounding_slack=slack)
+    parts = refine_attention_pallas(*args, interpret=interpret, num_warps=int(num_warps),
+                                    num_stages=int(num_stages), **static)
+    return merge_refine_partials(*parts, g=g, dtype=q.dtype)
+
+
+def pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, sink, window, chunk,
+                         sm_scale, rounding_slack):
+    """The kernel's operands and static knobs: ``refine_attention_pallas(*args, interpret=..., **static)``."""
+    b, hq, d = q.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
     cap = cand_idx.shape[-1]
     gp = max(16, next_pow2(g))
     qdt = score_operand_dtype(q.dtype, keys.dtype, "auto")
@@ -102,17 +115,23 @@ def refine_attention(
     def grp(x, value=0.0):
         return pad_axis(x.reshape(b, hkv, g, *x.shape[2:]), 2, gp, value=value)
 
-    outs, lses, mx, n = refine_attention_pallas(
-        lengths, cand_count, pad_axis(cand_idx, 3, -(-cap // r) * r, value=-1), grp(q.astype(qdt)),
-        grp(query_slack(q, slack)), grp(m_base - beta, value=jnp.inf), keys, values, g=g, sink=int(sink),
-        window=int(window), capacity=cap, chunk=r, fsize=forced_size(sink, window), sm_scale=sm_scale,
-        interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages),
-    )
-    p = outs.shape[0]
+    args = (jnp.asarray(lengths, jnp.int32), jnp.asarray(cand_count, jnp.int32),
+            pad_axis(jnp.asarray(cand_idx, jnp.int32), 3, -(-cap // chunk) * chunk, value=-1),
+            grp(q.astype(qdt)), grp(query_slack(q, rounding_slack)),
+            grp(jnp.asarray(m_base, jnp.float32) - jnp.asarray(beta, jnp.float32), value=jnp.inf), keys, values)
+    static = dict(g=g, sink=int(sink), window=int(window), capacity=cap, chunk=int(chunk),
+                  fsize=forced_size(sink, window), sm_scale=float(sm_scale))
+    return args, static
+
+
+def merge_refine_partials(outs, lses, mx, n, *, g, dtype):
+    """Kernel partials [NS+1, B, Hkv, Gp, ...] -> (out [B, Hq, D] dtype, m_seen, n_attended), LSE-merged."""
+    p, b, hkv, _, d = outs.shape
+    hq = hkv * g
     out, _ = merge_attention(outs[:, :, :, :g].reshape(p, b, hq, d), lses[:, :, :, :g].reshape(p, b, hq))
     m_seen = jnp.max(mx[:, :, :, :g], axis=0).reshape(b, hq)
     n_att = jnp.sum(n[:, :, :, :g], axis=0).reshape(b, hq)
-    return out.astype(q.dtype), m_seen, n_att
+    return out.astype(dtype), m_seen, n_att
 
 
 def refine_mask(q, keys, cand_idx, cand_count, m_base, beta, *, rounding_slack: Optional[float] = None):
