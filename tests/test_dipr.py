@@ -211,11 +211,12 @@ def test_store_path_refines_few_keys_when_scores_are_peaked():
     assert int(stats.overflow) == 0 and int(stats.refined) == 0
     assert int(stats.candidates[0, 0]) <= 40, int(stats.candidates[0, 0])
     # The peak far from the window: the threshold from the window alone admits every key and the
-    # candidate lists overflow; the second scan, with M_lb - beta, keeps few keys again.
+    # candidate lists overflow (a quarter of each 512-key split: 256 slots); the second scan, with
+    # M_lb - beta, keeps few keys again.
     k_far = k.copy()
     k_far[0, 3000, 0] = q[0, 0] * 2
     st = kv_store.from_dense(jnp.asarray(k_far), jnp.asarray(v), block_size=64)
-    _, stats, mask = run(q, st, 5.0, sink=4, window=64, with_mask=True)
+    _, stats, mask = run(q, st, 5.0, sink=4, window=64, with_mask=True, capacity_fraction=0.25)
     np.testing.assert_array_equal(np.asarray(mask), np_dipr_mask(q, k_far, 5.0, [s]))
     assert int(stats.rescanned) == 1 and int(stats.overflow) == 0
     assert int(stats.candidates[0, 0]) <= 64, int(stats.candidates[0, 0])  # 1.6%: the peak's own δ widens M_lb
