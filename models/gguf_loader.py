@@ -78,7 +78,7 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{_GGUF_LAYER[rest]}"
 
 
-def _shape(t) -> tuple[int, ...]:
+def tensor_shape(t) -> tuple[int, ...]:
     """numpy-order logical shape of a GGUF tensor (GGUF lists dims fastest-first)."""
     return tuple(int(x) for x in reversed(t.shape.tolist()))
 
@@ -86,7 +86,7 @@ def _shape(t) -> tuple[int, ...]:
 def _dequantize(t) -> np.ndarray:
     from gguf.quants import dequantize
 
-    return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(_shape(t))
+    return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tensor_shape(t))
 
 
 def rope_scaling_from_factors(factors: np.ndarray, *, head_dim: int, theta: float,
@@ -181,7 +181,7 @@ def tensor_problems_gguf(reader, config: LlamaConfig) -> list[str]:
     """Missing, unknown, duplicated, wrong-shaped and unsupported-type tensors of a GGUF file (empty: loadable)."""
     names = [t.name for t in reader.tensors]
     problems = [f"GGUF tensor {n!r} appears twice" for n in sorted({n for n in names if names.count(n) > 1})]
-    present = {t.name: _shape(t) for t in reader.tensors if t.name != ROPE_FREQS}
+    present = {t.name: tensor_shape(t) for t in reader.tensors if t.name != ROPE_FREQS}
     problems += tensor_problems({k: s for k, (s, _) in expected_tensors(config).items()}, present,
                                 what="GGUF file", rename=gguf_name)
     problems += [f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which is not supported (supported: "
