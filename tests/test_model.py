@@ -22,29 +22,8 @@ TOL = dict(rtol=2e-4, atol=2e-4)
 from numpy_llama import np_inv_freq, np_llama_model as np_llama, np_rope  # noqa: E402
 
 
-# ----------------------------------------------------------------------------- a minimal attention fn
-
-def concat_attention(layer, q, k, v, cache, positions):
-    """cache = (k_all [B,S,Hkv,D], v_all [B,S,Hkv,D], kpos [B,S]) or None; causal by absolute position."""
-    if cache is not None:
-        k = jnp.concatenate([cache[0], k], axis=1)
-        v = jnp.concatenate([cache[1], v], axis=1)
-        kpos = jnp.concatenate([cache[2], positions], axis=1)
-    else:
-        kpos = positions
-    g = q.shape[2] // k.shape[2]
-    kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, kk, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    mask = kpos[:, None, None, :] <= positions[:, None, :, None]
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, vv.astype(jnp.float32)).astype(q.dtype)
-    return out, (k, v, kpos), layer
-
-
-def forward(model, toks, start, caches):
-    toks = jnp.asarray(toks, jnp.int32)[None]
-    pos = start + jnp.arange(toks.shape[1], dtype=jnp.int32)[None]
-    return model(toks, pos, caches, attention=concat_attention)
+# a minimal attention fn and forward: tests/llama_helpers.py
+from llama_helpers import concat_attention, forward  # noqa: E402
 
 
 @pytest.fixture(scope="module")

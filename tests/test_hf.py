@@ -1,0 +1,230 @@
+"""Strict Hugging Face checkpoint loading on tiny synthetic directories (Llama with llama3 RoPE, Qwen2 with
+biases, sharded and single-file, f32 and bf16 safetensors), against the NumPy Llama; every refusal."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+pytest.importorskip("jinja2")
+
+from llama_helpers import LLAMA3_TEMPLATE, dense_logits, llama3_expected, write_tokenizer_json  # noqa: E402
+from models import RopeScaling, describe_model_path, load_hf, load_model_path  # noqa: E402
+from models.tokenizer import _LLAMA3_REGEX  # noqa: E402
+from numpy_llama import np_inv_freq, np_llama  # noqa: E402
+
+H, HKV, D, HID, FF, NL = 4, 2, 16, 64, 96, 2
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 64}
+QWEN_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                 "{{ '<|im_start|>system\nYou are Qwen.<|im_end|>\n' }}{% endif %}"
+                 "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def write_hf(d, *, arch="llama", tied=False, shards=1, dtype="F32", rope_scaling=None, config_extra=None, drop=None,
+             extra=None, reshape=None, seed=0, vocab_pad=0):
+    """A 2-layer checkpoint directory; returns the weights as stored (float64, Hugging Face names)."""
+    from safetensors.numpy import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    qwen = arch == "qwen2"
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if qwen else None
+    n_tok = (write_tokenizer_json(d / "tokenizer.json", specials=specials, regex=_LLAMA3_REGEX) if qwen
+             else write_tokenizer_json(d / "tokenizer.json", regex=_LLAMA3_REGEX))
+    vocab = n_tok + vocab_pad
+    rng = np.random.default_rng(seed)
+
+    def r(*shape, s=0.3):
+        return rng.normal(size=shape) * s
+
+    w = {"model.embed_tokens.weight": r(vocab, HID), "model.norm.weight": 1 + r(HID, s=0.1)}
+    if not tied:
+        w["lm_head.weight"] = r(vocab, HID)
+    for i in range(NL):
+        p = f"model.layers.{i}."
+        w.update({p + "input_layernorm.weight": 1 + r(HID, s=0.1), p + "post_attention_layernorm.weight": 1 + r(HID, s=0.1),
+                  p + "self_attn.q_proj.weight": r(H * D, HID), p + "self_attn.k_proj.weight": r(HKV * D, HID),
+                  p + "self_attn.v_proj.weight": r(HKV * D, HID), p + "self_attn.o_proj.weight": r(HID, H * D),
+                  p + "mlp.gate_proj.weight": r(FF, HID), p + "mlp.up_proj.weight": r(FF, HID),
+                  p + "mlp.down_proj.weight": r(HID, FF)})
+        if qwen:
+            w.update({p + "self_attn.q_proj.bias": r(H * D), p + "self_attn.k_proj.bias": r(HKV * D),
+                      p + "self_attn.v_proj.bias": r(HKV * D)})
+    for name, shape in (reshape or {}).items():
+        w[name] = r(*shape)
+    if extra:
+        w[extra] = r(3)
+    w.pop(drop, None)
+    np_dtype = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16, "I8": np.int8}[dtype]
+    stored = {k: v.astype(np_dtype) for k, v in w.items()}
+    names = sorted(stored)
+    parts = [names[i::shards] for i in range(shards)]
+    if shards == 1:
+        save_file({k: stored[k] for k in names}, str(d / "model.safetensors"))
+    else:
+        weight_map = {}
+        for j, part in enumerate(parts):
+            fname = f"model-{j + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: stored[k] for k in part}, str(d / fname))
+            weight_map.update({k: fname for k in part})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"], "model_type": arch,
+           "vocab_size": vocab, "hidden_size": HID, "intermediate_size": FF, "num_hidden_layers": NL,
+           "num_attention_heads": H, "num_key_value_heads": HKV, "rms_norm_eps": 1e-5,
+           "rope_theta": 1000000.0 if qwen else 500000.0, "max_position_embeddings": 256, "hidden_act": "silu",
+           "tie_word_embeddings": tied, "rope_scaling": rope_scaling, "torch_dtype": "bfloat16",
+           "bos_token_id": n_tok - 3 if not qwen else None, "eos_token_id": n_tok - 1}
+    cfg.update(config_extra or {})
+    (d / "config.json").write_text(json.dumps(cfg))
+    tcfg = ({"bos_token": None, "eos_token": "<|im_end|>", "chat_template": QWEN_TEMPLATE} if qwen else
+            {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "chat_template": LLAMA3_TEMPLATE})
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    if not qwen:
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [n_tok - 4, n_tok - 1]}))
+    return {k: v.astype(np.float64) for k, v in stored.items()}
+
+
+def _np_logits(w, toks, *, theta, scaling=None):
+    return np_llama(w, toks, num_heads=H, num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-5,
+                    inv_freq=np_inv_freq(D, theta, scaling), num_layers=NL)
+
+
+TOL = dict(rtol=3e-4, atol=3e-4)
+
+
+def test_llama3_single_file_matches_numpy(tmp_path):
+    """Llama-3.x: llama3 rope_scaling, untied head, tokenizer.json with Llama-3's pre-tokenizer and chat template."""
+    w = write_hf(tmp_path / "m", rope_scaling=LLAMA31)
+    cfg, model, tok = load_hf(tmp_path / "m")
+    assert cfg.rope_scaling == RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                           original_max_position_embeddings=64)
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.attention_bias) == (NL, H, HKV, D, False)
+    toks = np.random.default_rng(1).integers(0, cfg.vocab_size, size=13)
+    want = _np_logits(w, toks, theta=500000.0, scaling=LLAMA31)
+    np.testing.assert_allclose(dense_logits(model, toks), want, **TOL)
+    assert not np.allclose(want, _np_logits(w, toks, theta=500000.0), **TOL)  # the scaling matters here
+    # tokenizer: special tokens, chat template, stop ids from tokenizer_config + generation_config
+    prompt = tok.chat_prompt("Hi?", system="Be brief.")
+    assert prompt == llama3_expected("<|begin_of_text|>", "Be brief.", "Hi?")
+    ids = tok.encode(prompt)
+    assert ids[0] == tok.bos_id and tok.decode(ids, skip_special=False) == prompt
+    n = tok.vocab_size
+    assert tok.eos_id == n - 1 and tok.stop_ids == {n - 1, n - 4}  # <|eot_id|>, <|end_of_text|>
+    assert tok.encode("the thing") and tok.decode(tok.encode("the thing")) == "the thing"
+
+
+def test_qwen2_sharded_bf16_with_biases_matches_numpy(tmp_path):
+    """Qwen2: q/k/v biases, tied head, 3 shards with an index, bf16 storage loaded into f32 exactly, an
+    embedding padded beyond the tokenizer."""
+    w = write_hf(tmp_path / "q", arch="qwen2", tied=True, shards=3, dtype="BF16", vocab_pad=5)
+    cfg, model, tok = load_hf(tmp_path / "q")
+    assert cfg.attention_bias and cfg.tie_word_embeddings and cfg.rms_norm_eps == 1e-5
+    assert cfg.vocab_size == tok.vocab_size + 5
+    np.testing.assert_array_equal(np.asarray(model.layers[1].v_proj.bias[...]), w["model.layers.1.self_attn.v_proj.bias"])
+    toks = np.random.default_rng(2).integers(0, cfg.vocab_size, size=9)
+    np.testing.assert_allclose(dense_logits(model, toks), _np_logits(w, toks, theta=1e6), **TOL)
+    assert tok.chat_prompt("Hi?") == ("<|im_start|>system\nYou are Qwen.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+                                      "<|im_start|>assistant\n")
+    assert tok.bos_id is None and tok.stop_ids == {tok.eos_id}
+    # bf16 on the device: the same stored values, cast once
+    _, mb, _ = load_model_path(tmp_path / "q", dtype="bfloat16")
+    assert str(mb.layers[0].q_proj.kernel[...].dtype) == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(mb.layers[0].q_proj.kernel[...], np.float32),
+                                  w["model.layers.0.self_attn.q_proj.weight"].T)
+
+
+def test_describe_reports_and_lists_refusals(tmp_path):
+    write_hf(tmp_path / "ok", shards=2)
+    info = describe_model_path(tmp_path / "ok")
+    n_params = sum(int(np.prod(v.shape)) for v in write_hf(tmp_path / "ok2").values())
+    assert info["loadable"] and info["refused"] == []
+    assert (info["format"], info["architecture"], info["layers"], info["heads"], info["kv_heads"],
+            info["head_dim"], info["context_length"], info["tensor_dtypes"]) == ("hf", "LlamaForCausalLM", NL, H, HKV,
+                                                                                 D, 256, {"F32": NL * 9 + 3})
+    assert info["parameters"] == n_params
+    write_hf(tmp_path / "bad", drop="model.layers.1.mlp.up_proj.weight", extra="model.layers.0.foo")
+    bad = describe_model_path(tmp_path / "bad")
+    assert not bad["loadable"] and len(bad["refused"]) == 2
+    assert any("missing tensor 'model.layers.1.mlp.up_proj.weight'" in r for r in bad["refused"])
+    assert any("unknown tensor 'model.layers.0.foo'" in r for r in bad["refused"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(drop="model.layers.1.self_attn.k_proj.weight"), r"missing tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"),
+    (dict(extra="model.layers.0.self_attn.q_proj.bias"), r"unknown tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
+    (dict(reshape={"model.layers.0.mlp.down_proj.weight": (HID, FF + 1)}),
+     r"'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(64, 97\), expected \(64, 96\)"),
+    (dict(arch="qwen2", drop="model.layers.0.self_attn.q_proj.bias"), r"missing tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"),
+    (dict(dtype="I8"), r"has dtype I8, which is not supported"),
+    (dict(config_extra={"architectures": ["MistralForCausalLM"]}), r"unsupported architectures \['MistralForCausalLM'\]"),
+    (dict(config_extra={"model_type": "mistral"}), r"unsupported model_type 'mistral' for LlamaForCausalLM"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"unsupported rope_scaling type 'yarn'"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), r"unsupported rope_scaling type 'linear'"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), r"rope_scaling of type 'llama3' has no 'low_freq_factor'"),
+    (dict(config_extra={"hidden_act": "gelu"}), r"unsupported hidden_act 'gelu'"),
+    (dict(config_extra={"attention_bias": True}), r"Llama config with attention_bias=true is not supported"),
+    (dict(arch="qwen2", config_extra={"use_sliding_window": True}), r"use_sliding_window=true is not supported"),
+    (dict(config_extra={"quantization_config": {"quant_method": "gptq"}}), r"quant_method 'gptq'"),
+    (dict(config_extra={"num_hidden_layers": None}), r"config\.json has no 'num_hidden_layers'"),
+    (dict(config_extra={"partial_rotary_factor": 0.5}), r"partial_rotary_factor 0\.5 is not supported"),
+])
+def test_refusals_are_named(tmp_path, kwargs, message):
+    write_hf(tmp_path / "m", **kwargs)
+    with pytest.raises(ValueError, match=message):
+        load_hf(tmp_path / "m")
+
+
+def test_directory_level_refusals(tmp_path):
+    d = tmp_path / "m"
+    write_hf(d, shards=2)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "model-00001-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"'model\.layers\.9\.mlp\.up_proj\.weight' is in the index but not in its shard"):
+        load_hf(d)
+    (d / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"shard 'model-00002-of-00002\.safetensors' listed in the index does not exist"):
+        load_hf(d)
+    e = tmp_path / "e"
+    write_hf(e, tied=True)
+    from safetensors.numpy import load_file, save_file
+    t = load_file(str(e / "model.safetensors"))
+    t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1
+    save_file(t, str(e / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'"):
+        load_hf(e)
+    t["lm_head.weight"] = t["model.embed_tokens.weight"]  # a tied head saved twice, identical: accepted
+    save_file(t, str(e / "model.safetensors"))
+    load_hf(e)
+    (e / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match=r"tokenizer\.json' is missing"):
+        load_hf(e)
+    (e / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"config\.json' is missing"):
+        load_hf(e)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model_path(tmp_path / "nothing")
+    (tmp_path / "garbage").mkdir()
+    write_hf(tmp_path / "garbage")
+    (tmp_path / "garbage" / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_hf(tmp_path / "garbage")
+
+
+def test_chat_template_refusal_and_tojson(tmp_path):
+    from models.chat_template import ChatTemplateError, render_chat_template
+
+    t = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be user') }}{% endif %}"
+         "{% for m in messages %}{{ m | tojson }}\n{% endfor %}")
+    assert render_chat_template(t, [{"role": "user", "content": "café 東京"}]) == \
+        '{"role": "user", "content": "café 東京"}\n'
+    with pytest.raises(ChatTemplateError, match="first message must be user"):
+        render_chat_template(t, [{"role": "system", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="not valid Jinja"):
+        render_chat_template("{% for %}", [])
+    # sandboxed: no attribute escapes
+    with pytest.raises(ChatTemplateError):
+        render_chat_template("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
