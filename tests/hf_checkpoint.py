@@ -10,6 +10,28 @@ from llama_helpers import LLAMA3_TEMPLATE, write_tokenizer_json
 from models.tokenizer import _LLAMA3_REGEX
 
 
+_HF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+             "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+             "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+             "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+             "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
+             "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
+
+
+def hf_named(weights):
+    """llama.cpp names -> Hugging Face names (written out here, independently of the loader)."""
+    out = {}
+    for k, v in weights.items():
+        if k in _HF_TOP:
+            out[_HF_TOP[k]] = v
+        else:
+            _, i, rest = k.split(".", 2)
+            out[f"model.layers.{i}.{_HF_LAYER[rest]}"] = v
+    return out
+
+
 def save_hf_checkpoint(d, weights, config, *, shards=1, tokenizer_config=None, generation_config=None):
     """``config.json``, ``weights`` as safetensors (``shards`` files + index when > 1) and the optional
     ``tokenizer_config.json`` / ``generation_config.json`` in directory ``d`` (tokenizer.json is the caller's)."""

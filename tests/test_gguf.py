@@ -5,6 +5,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
+from hf_checkpoint import hf_named  # noqa: E402
 from llama_helpers import LLAMA3_TEMPLATE, dense_logits, llama3_expected  # noqa: E402
 from models import Llama, find_smollm2_gguf, load_gguf, permute_qk, smollm2_135m, unpermute_qk  # noqa: E402
 from numpy_llama import np_inv_freq, np_llama  # noqa: E402
@@ -227,30 +228,8 @@ def test_directory_is_not_a_gguf(tmp_path):
 
 # ----------------------------------------------------------------------------- Llama-3, Qwen2, quant types
 
-_HF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-_HF_LAYER = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
-             "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
-             "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
-             "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
-             "attn_v.bias": "self_attn.v_proj.bias", "ffn_gate.weight": "mlp.gate_proj.weight",
-             "ffn_up.weight": "mlp.up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"}
-
-
-def _hf_named(weights):
-    """llama.cpp names -> Hugging Face names (written out here, independently of the loader)."""
-    out = {}
-    for k, v in weights.items():
-        if k in _HF_TOP:
-            out[_HF_TOP[k]] = v
-        else:
-            _, i, rest = k.split(".", 2)
-            out[f"model.layers.{i}.{_HF_LAYER[rest]}"] = v
-    return out
-
-
 def _np_logits(weights, toks, *, theta, scaling=None):
-    return np_llama(_hf_named(weights), toks, num_heads=H, num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-5,
+    return np_llama(hf_named(weights), toks, num_heads=H, num_kv_heads=HKV, head_dim=D, rms_norm_eps=1e-5,
                     inv_freq=np_inv_freq(D, theta, scaling), num_layers=NL)
 
 

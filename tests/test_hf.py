@@ -155,3 +155,77 @@ def test_chat_template_refusal_and_tojson(tmp_path):
     # sandboxed: no attribute escapes
     with pytest.raises(ChatTemplateError):
         render_chat_template("{{ messages.__class__.__mro__[1].__subclasses__() }}", [])
+
+
+# ----------------------------------------------------------------------------- the real SmolLM2, as an HF directory
+
+def _unpermute_llama_cpp(w, n_head):
+    """Undo convert_hf_to_gguf.py's LlamaModel.permute: per head, rows (re0, im0, re1, im1, ...) -> (re..., im...)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_as_hf_directory_gives_the_same_model(tmp_path):
+    """SmolLM2's GGUF converted here (gguf dequantize, Q/K un-permuted, 2 f32 safetensors shards, tokenizer.json,
+    its chat template) loads through load_hf into the same config, weights, logits and greedy answer as load_gguf."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from alaya_jax.engine import Engine
+    from alaya_jax.sampling import SamplingConfig
+    from hf_checkpoint import hf_named, save_hf_checkpoint
+    from models import find_smollm2_gguf, load_gguf, smollm2_135m
+
+    try:
+        path = find_smollm2_gguf()
+    except FileNotFoundError as e:  # pragma: no cover - depends on the environment
+        pytest.skip(str(e))
+    g_cfg, g_model, g_tok = load_gguf(path)
+    reader = GGUFReader(str(path))
+    weights = {}
+    for t in reader.tensors:
+        w = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute_llama_cpp(w, 9)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute_llama_cpp(w, 3)
+        weights[t.name] = w
+    d = tmp_path / "SmolLM2-135M-Instruct"
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+              "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "rope_theta": 100000.0, "rms_norm_eps": 1e-05, "max_position_embeddings": 8192,
+              "tie_word_embeddings": True, "hidden_act": "silu", "rope_scaling": None, "bos_token_id": 1,
+              "eos_token_id": 2, "torch_dtype": "float32"}
+    tcfg = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+            "chat_template": reader.fields["tokenizer.chat_template"].contents()}
+    save_hf_checkpoint(d, hf_named(weights), config, shards=2, tokenizer_config=tcfg)
+    del weights
+    (d / "tokenizer.json").write_text(g_tok._tk.to_str())
+    h_cfg, h_model, h_tok = load_hf(d)
+    assert h_cfg == g_cfg == smollm2_135m()
+    for (path_g, a), (path_h, b) in zip(*(jax_leaves(m) for m in (g_model, h_model))):
+        assert path_g == path_h
+        np.testing.assert_array_equal(a, b, err_msg=path_g)
+    prompt = g_tok.chat_prompt("What is the capital of France?")
+    assert h_tok.chat_prompt("What is the capital of France?") == prompt
+    ids = g_tok.encode(prompt)
+    assert h_tok.encode(prompt) == ids and h_tok.stop_ids == g_tok.stop_ids
+    s = SamplingConfig(max_new_tokens=10)
+    answers, last = [], []
+    for model, tok in ((g_model, g_tok), (h_model, h_tok)):
+        engine = Engine(model)
+        res, _ = engine.generate([ids], sampling=s, stop_ids=sorted(tok.stop_ids))
+        answers.append(tok.decode(res[0].tokens))
+        # the same compiled prefill (same capacity) gives the prompt's last logits
+        _, logits, _ = engine.prefill(engine.new_caches(batch=1, capacity=len(ids) + 10), [ids])
+        last.append(np.asarray(logits[0]))
+    assert answers[0] == answers[1] and "Paris" in answers[0], answers
+    np.testing.assert_array_equal(last[0], last[1])
+
+
+def jax_leaves(model):
+    import jax
+    from flax import nnx
+
+    return [(jax.tree_util.keystr(k), np.asarray(v)) for k, v in
+            jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))]
