@@ -71,7 +71,8 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
 
 
 def gguf_name(hf_name: str) -> str:
-    """llama.cpp's name of a Hugging Face tensor name (``model.layers.3.mlp.up_proj.weight`` → ``blk.3.ffn_up.weight``)."""
+    """llama.cpp's name for a Hugging Face tensor name
+    (``model.layers.3.mlp.up_proj.weight`` → ``blk.3.ffn_up.weight``)."""
     if hf_name in _GGUF_TOP:
         return _GGUF_TOP[hf_name]
     _, _, i, rest = hf_name.split(".", 3)

@@ -24,7 +24,8 @@ from models.weights import expected_tensors, fill_model, raise_problems, tensor_
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 TENSOR_DTYPES = ("F32", "F16", "BF16")
 ROPE_TYPES = ("default", "llama3")
-INV_FREQ_SUFFIX = "self_attn.rotary_emb.inv_freq"  # a buffer some old Llama conversions saved; checked, not loaded
+# A buffer some old Llama conversions saved: checked against our frequencies, not loaded.
+INV_FREQ_SUFFIX = "self_attn.rotary_emb.inv_freq"
 _REQUIRED = object()
 
 
@@ -217,7 +218,8 @@ def tokenizer_from_hf(directory: pathlib.Path, cfg: dict) -> Tokenizer:
     bos = bos if bos is not None else next(iter(_ids(cfg.get("bos_token_id"))), None)
     eos_all = _ids(token_id("eos_token")) + _ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
     if not eos_all:
-        raise ValueError("no eos token: neither tokenizer_config.json, generation_config.json nor config.json names one")
+        raise ValueError("no eos token: neither tokenizer_config.json, generation_config.json nor config.json "
+                         "names one")
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
@@ -258,7 +260,8 @@ def load_hf(path, *, dtype: str = "float32", device=None):
     raise_problems(tensor_problems_hf(index, config))
     want_inv = inv_frequencies(config.head_dim, theta=config.rope_theta, scaling=config.rope_scaling)
     for n in index.tensors:
-        if n.endswith(INV_FREQ_SUFFIX) and not np.allclose(np.asarray(index.read(n), np.float32), want_inv, rtol=1e-5):
+        if n.endswith(INV_FREQ_SUFFIX) and not np.allclose(np.asarray(index.read(n), np.float32), want_inv,
+                                                           rtol=1e-5):
             raise ValueError(f"tensor {n!r} differs from the RoPE frequencies of config.json")
     if config.tie_word_embeddings and "lm_head.weight" in index.tensors:
         if not np.array_equal(index.read("lm_head.weight"), index.read("model.embed_tokens.weight")):

@@ -7,7 +7,8 @@ gguf = pytest.importorskip("gguf")
 
 from hf_checkpoint import hf_named  # noqa: E402
 from llama_helpers import LLAMA3_TEMPLATE, dense_logits, llama3_expected  # noqa: E402
-from models import Llama, find_smollm2_gguf, load_gguf, permute_qk, smollm2_135m, unpermute_qk  # noqa: E402
+from models import (Llama, describe_model_path, find_smollm2_gguf, load_gguf, permute_qk, smollm2_135m,  # noqa: E402
+                    unpermute_qk)
 from numpy_llama import np_inv_freq, np_llama  # noqa: E402
 
 H, HKV, D, HID, FF, NL = 4, 2, 8, 32, 48, 2
@@ -350,6 +351,10 @@ def test_gguf_refusals_are_named(tmp_path):
     write_gguf(c, quant=gguf.GGMLQuantizationType.MXFP4)
     with pytest.raises(ValueError, match=r"GGUF tensor '\S+' has type MXFP4, which is not supported"):
         load_gguf(c)
+    info = describe_model_path(c)  # inspect lists every refused tensor instead of stopping at the first
+    assert not info["loadable"] and info["tensor_dtypes"]["MXFP4"] == len(info["refused"]) > 1
+    assert info["architecture"] == "llama" and info["layers"] == NL and info["head_dim"] == D
+    assert describe_model_path(a)["refused"] == ["unsupported GGUF architecture 'gemma' (supported: llama, qwen2)"]
 
 
 # ----------------------------------------------------------------------------- the real SmolLM2 file

@@ -97,6 +97,7 @@ def test_describe_reports_and_lists_refusals(tmp_path):
     (dict(config_extra={"quantization_config": {"quant_method": "gptq"}}), r"quant_method 'gptq'"),
     (dict(config_extra={"num_hidden_layers": None}), r"config\.json has no 'num_hidden_layers'"),
     (dict(config_extra={"partial_rotary_factor": 0.5}), r"partial_rotary_factor 0\.5 is not supported"),
+    (dict(config_extra={"vocab_size": 10}), r"tokenizer\.json has 264 tokens, more than the model's vocab_size 10"),
 ])
 def test_refusals_are_named(tmp_path, kwargs, message):
     write_hf(tmp_path / "m", **kwargs)
@@ -124,8 +125,14 @@ def test_directory_level_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'"):
         load_hf(e)
     t["lm_head.weight"] = t["model.embed_tokens.weight"]  # a tied head saved twice, identical: accepted
+    inv = "model.layers.1.self_attn.rotary_emb.inv_freq"  # an old conversion's RoPE buffer: checked, not loaded
+    t[inv] = (1.0 / (500000.0 ** (np.arange(0, D, 2) / D))).astype(np.float32)
     save_file(t, str(e / "model.safetensors"))
     load_hf(e)
+    t[inv] = t[inv] * 1.01
+    save_file(t, str(e / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.rotary_emb\.inv_freq' differs from the RoPE"):
+        load_hf(e)
     (e / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match=r"tokenizer\.json' is missing"):
         load_hf(e)

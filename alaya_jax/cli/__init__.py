@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_args_to_subcommands(parser: argparse.ArgumentParser) -> None:
-    """The model options also after every (sub)subcommand: ``alaya generate --model M`` = ``alaya --model M generate``."""
+    """The model options also after every (sub)subcommand:
+    ``alaya generate --model M`` = ``alaya --model M generate``."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sp in action.choices.values():
