@@ -44,6 +44,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     rope_scaling: Optional[RopeScaling] = None
     dtype: str = "float32"
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2); o_proj and the MLP never have one
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
@@ -67,6 +68,8 @@ class LlamaConfig:
         """Stable sha256 hex of every architecture field (``dtype`` excluded: snapshots check it separately)."""
         d = dataclasses.asdict(self)
         d.pop("dtype")
+        if not d["attention_bias"]:  # added later: bias-free configs keep the fingerprint they always had
+            d.pop("attention_bias")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,21 +1,22 @@
-"""Strict GGUF loading of a llama-architecture model into the Flax Llama.
+"""Strict GGUF loading of a llama- or qwen2-architecture model into the Flax Llama.
 
 Every tensor in the file must be consumed exactly once: a missing or an unknown
-tensor is an error naming it. Q and K weight rows are un-permuted from
-llama.cpp's interleaved-RoPE order back to the rotate-half order our RoPE uses.
+tensor is an error naming it. For ``llama`` files, Q and K weight rows are
+un-permuted from llama.cpp's interleaved-RoPE order back to the rotate-half order
+our RoPE uses (``qwen2`` files keep rotate-half order), and Llama-3's
+``rope_freqs.weight`` is accepted when it matches llama3 RoPE scaling.
 """
 from __future__ import annotations
 
 import importlib.util
 import pathlib
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
-from models.config import LlamaConfig
-from models.llama import Llama
+import numpy as np
+
+from models.config import LlamaConfig, RopeScaling
+from models.rope import llama3_rope_factors
 from models.tokenizer import Tokenizer
+from models.weights import expected_tensors, fill_model, raise_problems, tensor_problems
 
 
 def find_smollm2_gguf() -> pathlib.Path:
@@ -49,24 +50,102 @@ def _field(reader, key: str, default=_REQUIRED):
     return f.contents()
 
 
+# llama.cpp tensor names for the Hugging Face names of models.weights.expected_tensors.
+_GGUF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+_GGUF_LAYER = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+               "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+               "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+               "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+               "self_attn.v_proj.bias": "attn_v.bias", "mlp.gate_proj.weight": "ffn_gate.weight",
+               "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+ROPE_FREQS = "rope_freqs.weight"
+
+# GGUF architectures read here: llama (Q/K rows permuted by llama.cpp's converter, optional rope_freqs) and
+# qwen2 (rotate-half RoPE as stored, q/k/v biases).
+ARCHITECTURES = ("llama", "qwen2")
+# Tensor types dequantized with gguf.quants.dequantize. F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 are checked
+# against gguf's own quantizer in the tests; the k-quants only against gguf's dequantizer on random blocks.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's name for a Hugging Face tensor name
+    (``model.layers.3.mlp.up_proj.weight`` → ``blk.3.ffn_up.weight``)."""
+    if hf_name in _GGUF_TOP:
+        return _GGUF_TOP[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    return f"blk.{i}.{_GGUF_LAYER[rest]}"
+
+
+def tensor_shape(t) -> tuple[int, ...]:
+    """numpy-order logical shape of a GGUF tensor (GGUF lists dims fastest-first)."""
+    return tuple(int(x) for x in reversed(t.shape.tolist()))
+
+
+def _dequantize(t) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    return np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(tensor_shape(t))
+
+
+def rope_scaling_from_factors(factors: np.ndarray, *, head_dim: int, theta: float,
+                              original_max_position_embeddings: int = 8192) -> RopeScaling:
+    """The Llama-3 scaling that ``rope_freqs.weight`` encodes, checked entry by entry.
+
+    A GGUF file keeps only the factors, not the fields: the factor is their maximum, and low/high frequency
+    factors 1 and 4 with 8192 original positions are Meta's values for every Llama-3.1/3.2/3.3 model. Any
+    other file is refused with the first entry that differs, rather than run with a RoPE we cannot name."""
+    factors = np.asarray(factors, np.float64)
+    if factors.shape != (head_dim // 2,):
+        raise ValueError(f"GGUF tensor {ROPE_FREQS!r} has shape {factors.shape}, expected ({head_dim // 2},)")
+    if not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        raise ValueError(f"GGUF tensor {ROPE_FREQS!r} holds non-positive or non-finite factors")
+    sc = RopeScaling(factor=float(np.float32(factors.max())), low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=original_max_position_embeddings)
+    want = llama3_rope_factors(head_dim, theta=theta, scaling=sc)
+    bad = np.flatnonzero(~np.isclose(factors, want, rtol=1e-5, atol=0))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"GGUF tensor {ROPE_FREQS!r} does not match llama3 rope scaling (factor {sc.factor}, "
+                         f"low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings "
+                         f"{original_max_position_embeddings}): entry {i} is {factors[i]:.6g}, expected "
+                         f"{want[i]:.6g} ({bad.size} of {factors.size} entries differ)")
+    return sc
+
+
 def config_from_gguf(reader, *, dtype: str) -> LlamaConfig:
-    """``LlamaConfig`` from the ``llama.*`` metadata (tied head when there is no ``output.weight``)."""
+    """``LlamaConfig`` from the ``llama.*``/``qwen2.*`` metadata (tied head when there is no ``output.weight``;
+    Llama-3 RoPE scaling from ``rope_freqs.weight``)."""
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (only 'llama')")
-    a = "llama."
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+    a = arch + "."
     n_head = int(_field(reader, a + "attention.head_count"))
     hidden = int(_field(reader, a + "embedding_length"))
     head_dim = int(_field(reader, a + "attention.key_length", hidden // n_head))
+    if int(_field(reader, a + "attention.value_length", head_dim)) != head_dim:
+        raise ValueError("GGUF attention.value_length != attention.key_length is not supported")
     rope_dim = int(_field(reader, a + "rope.dimension_count", head_dim))
     if rope_dim != head_dim:
         raise ValueError(f"GGUF rope.dimension_count {rope_dim} != head_dim {head_dim}: partial RoPE is not supported")
-    names = {t.name for t in reader.tensors}
+    tensors = {t.name: t for t in reader.tensors}
     vocab = _field(reader, a + "vocab_size", None)
     if vocab is None:
         vocab = len(_field(reader, "tokenizer.ggml.tokens"))
-    if _field(reader, a + "rope.scaling.type", "none") != "none":
-        raise ValueError("GGUF rope scaling types other than none are not supported")
+    scaling_type = _field(reader, a + "rope.scaling.type", "none")
+    if scaling_type != "none":
+        raise ValueError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, and llama3 "
+                         f"through {ROPE_FREQS!r})")
+    theta = _f32_value(_field(reader, a + "rope.freq_base", 10000.0))
+    scaling = None
+    if ROPE_FREQS in tensors:
+        if arch != "llama":
+            raise ValueError(f"GGUF tensor {ROPE_FREQS!r} is only supported for the llama architecture, not {arch!r}")
+        scaling = rope_scaling_from_factors(
+            _dequantize(tensors[ROPE_FREQS]), head_dim=head_dim, theta=theta,
+            original_max_position_embeddings=int(_field(reader, a + "rope.scaling.original_context_length", 8192)))
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -75,12 +154,13 @@ def config_from_gguf(reader, *, dtype: str) -> LlamaConfig:
         num_heads=n_head,
         num_kv_heads=int(_field(reader, a + "attention.head_count_kv", n_head)),
         head_dim=head_dim,
-        rope_theta=_f32_value(_field(reader, a + "rope.freq_base", 10000.0)),
+        rope_theta=theta,
         rms_norm_eps=_f32_value(_field(reader, a + "attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(_field(reader, a + "context_length")),
-        tie_word_embeddings="output.weight" not in names,
-        rope_scaling=None,
+        tie_word_embeddings="output.weight" not in tensors,
+        rope_scaling=scaling,
         dtype=dtype,
+        attention_bias=arch == "qwen2",
     )
 
 
@@ -98,23 +178,24 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, hd // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def _tensors(reader) -> dict[str, np.ndarray]:
-    from gguf.quants import dequantize
-
-    out = {}
-    for t in reader.tensors:
-        if t.name in out:
-            raise ValueError(f"GGUF tensor {t.name!r} appears twice")
-        arr = dequantize(t.data, t.tensor_type)
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        out[t.name] = np.asarray(arr, np.float32).reshape(shape)
-    return out
+def tensor_problems_gguf(reader, config: LlamaConfig) -> list[str]:
+    """Missing, unknown, duplicated, wrong-shaped and unsupported-type tensors of a GGUF file (empty: loadable)."""
+    names = [t.name for t in reader.tensors]
+    problems = [f"GGUF tensor {n!r} appears twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    present = {t.name: tensor_shape(t) for t in reader.tensors if t.name != ROPE_FREQS}
+    problems += tensor_problems({k: s for k, (s, _) in expected_tensors(config).items()}, present,
+                                what="GGUF file", rename=gguf_name)
+    problems += [f"GGUF tensor {t.name!r} has type {t.tensor_type.name}, which is not supported (supported: "
+                 f"{', '.join(SUPPORTED_TYPES)})" for t in reader.tensors if t.tensor_type.name not in SUPPORTED_TYPES]
+    return problems
 
 
 def tokenizer_from_gguf(reader) -> Tokenizer:
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model!r} (only byte-level BPE 'gpt2')")
+    extra = [int(v) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+             if (v := _field(reader, k, None)) is not None]
     return Tokenizer(
         _field(reader, "tokenizer.ggml.tokens"),
         _field(reader, "tokenizer.ggml.merges"),
@@ -123,18 +204,13 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
         # no ``pre`` key: plain GPT-2 byte-level BPE (files from before llama.cpp recorded it)
         pre=str(_field(reader, "tokenizer.ggml.pre", "gpt2")),
+        chat_template=_field(reader, "tokenizer.chat_template", None),
+        extra_stop_ids=extra,
     )
 
 
-def load_gguf(path, *, dtype: str = "float32"):
-    """Load ``(LlamaConfig, Llama, Tokenizer)`` from a llama-architecture GGUF file, strictly.
-
-    Tensors are dequantized to f32 with ``gguf.quants.dequantize`` and cast to ``dtype``. GGUF lists a
-    tensor's dims fastest-first (``ne``), so a ``[out, in]`` matrix reads as numpy ``[out, in]`` after
-    reversing; our ``nnx.Linear`` kernels are ``[in, out]``. Errors: ``FileNotFoundError`` for a missing
-    path; ``ValueError`` naming the problem for an unreadable file, bad metadata, a missing, unknown or
-    mis-shaped tensor.
-    """
+def open_gguf(path):
+    """A ``GGUFReader`` (memory-mapped) for ``path``; clear errors for a missing, odd or unreadable file."""
     from gguf import GGUFReader
 
     path = pathlib.Path(path)
@@ -143,61 +219,38 @@ def load_gguf(path, *, dtype: str = "float32"):
     if not path.is_file():
         raise ValueError(f"GGUF path {str(path)!r} is not a regular file")
     try:
-        reader = GGUFReader(str(path))
+        return GGUFReader(str(path))
     except Exception as e:  # gguf raises assorted errors on garbage
         raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+
+
+def load_gguf(path, *, dtype: str = "float32", device=None):
+    """Load ``(LlamaConfig, Llama, Tokenizer)`` from a llama/qwen2-architecture GGUF file, strictly.
+
+    Names, shapes and tensor types are all checked before any data is read. Then each tensor, one at a
+    time, is dequantized to f32 on the host with ``gguf.quants.dequantize`` (llama: Q/K rows un-permuted),
+    put on ``device`` and cast to ``dtype`` there. GGUF lists a tensor's dims fastest-first (``ne``), so a
+    ``[out, in]`` matrix reads as numpy ``[out, in]`` after reversing. Errors: ``FileNotFoundError`` for a
+    missing path; ``ValueError`` naming the problem for an unreadable file, bad metadata, a missing, unknown
+    or mis-shaped tensor, an unsupported tensor type, architecture or RoPE scaling.
+    """
+    reader = open_gguf(path)
     config = config_from_gguf(reader, dtype=dtype)
     tok = tokenizer_from_gguf(reader)
-    try:
-        tensors = _tensors(reader)
-    except Exception as e:
-        raise ValueError(f"cannot read the tensors of {str(path)!r}: {e}") from None
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    dt = jnp.dtype(dtype)
-    used = set()
-    c = config
+    raise_problems(tensor_problems_gguf(reader, config))
+    tensors = {t.name: t for t in reader.tensors}
+    permute = {"self_attn.q_proj.weight": config.num_heads, "self_attn.k_proj.weight": config.num_kv_heads}
+    arch = _field(reader, "general.architecture")
 
-    def take(name, shape):
-        if name not in tensors:
-            raise ValueError(f"GGUF file is missing tensor {name!r}")
-        w = tensors[name]
-        if w.shape != shape:
-            raise ValueError(f"GGUF tensor {name!r} has shape {w.shape}, expected {shape}")
-        used.add(name)
-        return w
+    def read(name):
+        try:
+            w = _dequantize(tensors[gguf_name(name)])
+        except Exception as e:
+            raise ValueError(f"cannot read GGUF tensor {gguf_name(name)!r} of {str(path)!r}: {e}") from None
+        heads = permute.get(name.split(".", 3)[-1]) if arch == "llama" and name.startswith("model.layers.") else None
+        return unpermute_qk(w, heads) if heads else w
 
-    def put(param, w):
-        w = jnp.asarray(w, dt)
-        if hasattr(param, "set_value"):  # flax >= 0.12
-            param.set_value(w)
-        else:
-            param.value = w
-
-    put(model.embed.embedding, take("token_embd.weight", (c.vocab_size, c.hidden_size)))
-    put(model.norm.weight, take("output_norm.weight", (c.hidden_size,)))
-    if model.lm_head is not None:
-        put(model.lm_head.kernel, take("output.weight", (c.vocab_size, c.hidden_size)).T)
-    for i, blk in enumerate(model.layers):
-        p = f"blk.{i}."
-        put(blk.attn_norm.weight, take(p + "attn_norm.weight", (c.hidden_size,)))
-        put(blk.mlp_norm.weight, take(p + "ffn_norm.weight", (c.hidden_size,)))
-        wq = unpermute_qk(take(p + "attn_q.weight", (c.num_heads * c.head_dim, c.hidden_size)), c.num_heads)
-        wk = unpermute_qk(take(p + "attn_k.weight", (c.num_kv_heads * c.head_dim, c.hidden_size)), c.num_kv_heads)
-        put(blk.q_proj.kernel, wq.T)
-        put(blk.k_proj.kernel, wk.T)
-        put(blk.v_proj.kernel, take(p + "attn_v.weight", (c.num_kv_heads * c.head_dim, c.hidden_size)).T)
-        put(blk.o_proj.kernel, take(p + "attn_output.weight", (c.hidden_size, c.num_heads * c.head_dim)).T)
-        put(blk.gate_proj.kernel, take(p + "ffn_gate.weight", (c.intermediate_size, c.hidden_size)).T)
-        put(blk.up_proj.kernel, take(p + "ffn_up.weight", (c.intermediate_size, c.hidden_size)).T)
-        put(blk.down_proj.kernel, take(p + "ffn_down.weight", (c.hidden_size, c.intermediate_size)).T)
-    unset = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-             if not isinstance(v, jax.Array)]
-    if unset:  # a parameter of our model that no GGUF tensor filled: a bug in this loader, never ignore it
-        raise AssertionError(f"load_gguf left parameters unset: {unset[:5]}")
-    unknown = sorted(set(tensors) - used)
-    if unknown:
-        raise ValueError(f"GGUF file has unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    return config, model, tok
+    return config, fill_model(config, read, device=device), tok
 
 
 def load_smollm2(*, dtype: str = "float32"):

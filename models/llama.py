@@ -26,21 +26,23 @@ class RMSNorm(nnx.Module):
         return (y * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def _linear(rngs, din, dout, dtype):
-    return nnx.Linear(din, dout, use_bias=False, dtype=dtype, param_dtype=dtype,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+def _linear(rngs, din, dout, dtype, *, bias: bool = False):
+    return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(0.02), bias_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: GQA attention (through the injected fn) and a SwiGLU MLP, no biases."""
+    """Pre-norm decoder layer: GQA attention (through the injected fn) and a SwiGLU MLP; biases only on
+    q/k/v and only with ``config.attention_bias`` (Qwen2)."""
 
     def __init__(self, c: LlamaConfig, *, rngs: nnx.Rngs):
         dt = jnp.dtype(c.dtype)
         self.c = c
         self.attn_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dt)
-        self.q_proj = _linear(rngs, c.hidden_size, c.num_heads * c.head_dim, dt)
-        self.k_proj = _linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, dt)
-        self.v_proj = _linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, dt)
+        qkv_bias = c.attention_bias
+        self.q_proj = _linear(rngs, c.hidden_size, c.num_heads * c.head_dim, dt, bias=qkv_bias)
+        self.k_proj = _linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, dt, bias=qkv_bias)
+        self.v_proj = _linear(rngs, c.hidden_size, c.num_kv_heads * c.head_dim, dt, bias=qkv_bias)
         self.o_proj = _linear(rngs, c.num_heads * c.head_dim, c.hidden_size, dt)
         self.mlp_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dt)
         self.gate_proj = _linear(rngs, c.hidden_size, c.intermediate_size, dt)

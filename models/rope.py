@@ -9,19 +9,33 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def inv_frequencies(head_dim: int, *, theta: float, scaling=None) -> np.ndarray:
+def _base_and_regions(head_dim: int, theta: float, scaling):
+    """Unscaled inverse frequencies [D/2] (f64), and Llama-3's regions: (low-frequency mask, middle mask,
+    smooth [D/2])."""
     inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    if scaling is None:
-        return inv.astype(np.float32)
     low_wl = scaling.original_max_position_embeddings / scaling.low_freq_factor
     high_wl = scaling.original_max_position_embeddings / scaling.high_freq_factor
     wl = 2 * math.pi / inv
     smooth = (scaling.original_max_position_embeddings / wl - scaling.low_freq_factor) / (
         scaling.high_freq_factor - scaling.low_freq_factor)
-    scaled = np.where(wl > low_wl, inv / scaling.factor, inv)
-    mid = (wl <= low_wl) & (wl >= high_wl)
+    return inv, wl > low_wl, (wl <= low_wl) & (wl >= high_wl), smooth
+
+
+def inv_frequencies(head_dim: int, *, theta: float, scaling=None) -> np.ndarray:
+    """RoPE inverse frequencies [D/2] f32, Llama-3-scaled when ``scaling`` is a ``RopeScaling``."""
+    if scaling is None:
+        return (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))).astype(np.float32)
+    inv, low, mid, smooth = _base_and_regions(head_dim, theta, scaling)
+    scaled = np.where(low, inv / scaling.factor, inv)
     scaled = np.where(mid, (1 - smooth) * inv / scaling.factor + smooth * inv, scaled)
     return scaled.astype(np.float32)
+
+
+def llama3_rope_factors(head_dim: int, *, theta: float, scaling) -> np.ndarray:
+    """What llama.cpp stores as ``rope_freqs.weight`` [D/2] f64: the divisor of each inverse frequency
+    (1 for high frequencies, ``factor`` for low ones, ``1 / ((1 - s) / factor + s)`` between)."""
+    _, low, mid, smooth = _base_and_regions(head_dim, theta, scaling)
+    return np.where(mid, 1.0 / ((1 - smooth) / scaling.factor + smooth), np.where(low, scaling.factor, 1.0))
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, *, theta: float, scaling=None) -> jax.Array:

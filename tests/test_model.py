@@ -18,76 +18,12 @@ from models import Llama, LlamaConfig, RopeScaling, apply_rope, inv_frequencies,
 TOL = dict(rtol=2e-4, atol=2e-4)
 
 
-# ----------------------------------------------------------------------------- NumPy reference
-
-def _w(p):
-    return np.asarray(jnp.asarray(p[...], jnp.float32), np.float64)
+# NumPy reference: tests/numpy_llama.py (shared with the engine and loader tests)
+from numpy_llama import np_inv_freq, np_llama_model as np_llama, np_rope  # noqa: E402
 
 
-def np_rope(v, pos, inv):
-    """v [T,H,D], pos [T], inv [D/2] -> rotate-half RoPE (float64)."""
-    ang = pos[:, None] * inv[None]
-    cos, sin = np.cos(ang)[:, None], np.sin(ang)[:, None]
-    h = v.shape[-1] // 2
-    a, b = v[..., :h], v[..., h:]
-    return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
-
-
-def np_llama(model, tokens):
-    """Full causal forward in float64. tokens [T] -> logits [T, V]."""
-    c = model.config
-    t = len(tokens)
-    inv = 1.0 / (c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim))
-    pos = np.arange(t, dtype=np.float64)
-
-    def rms(v, w):
-        return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + c.rms_norm_eps) * w
-
-    x = _w(model.embed.embedding)[tokens]
-    g = c.num_heads // c.num_kv_heads
-    causal = np.tril(np.ones((t, t), bool))
-    for blk in model.layers:
-        h = rms(x, _w(blk.attn_norm.weight))
-        q = np_rope((h @ _w(blk.q_proj.kernel)).reshape(t, c.num_heads, c.head_dim), pos, inv)
-        k = np_rope((h @ _w(blk.k_proj.kernel)).reshape(t, c.num_kv_heads, c.head_dim), pos, inv)
-        v = (h @ _w(blk.v_proj.kernel)).reshape(t, c.num_kv_heads, c.head_dim)
-        out = np.zeros_like(q)
-        for hh in range(c.num_heads):  # query head hh reads KV head hh // g
-            s = np.where(causal, q[:, hh] @ k[:, hh // g].T / math.sqrt(c.head_dim), -np.inf)
-            p = np.exp(s - s.max(-1, keepdims=True))
-            out[:, hh] = (p / p.sum(-1, keepdims=True)) @ v[:, hh // g]
-        x = x + out.reshape(t, -1) @ _w(blk.o_proj.kernel)
-        h = rms(x, _w(blk.mlp_norm.weight))
-        gate = h @ _w(blk.gate_proj.kernel)
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ _w(blk.up_proj.kernel))) @ _w(blk.down_proj.kernel)
-    x = rms(x, _w(model.norm.weight))
-    head = _w(model.embed.embedding).T if model.lm_head is None else _w(model.lm_head.kernel)
-    return x @ head
-
-
-# ----------------------------------------------------------------------------- a minimal attention fn
-
-def concat_attention(layer, q, k, v, cache, positions):
-    """cache = (k_all [B,S,Hkv,D], v_all [B,S,Hkv,D], kpos [B,S]) or None; causal by absolute position."""
-    if cache is not None:
-        k = jnp.concatenate([cache[0], k], axis=1)
-        v = jnp.concatenate([cache[1], v], axis=1)
-        kpos = jnp.concatenate([cache[2], positions], axis=1)
-    else:
-        kpos = positions
-    g = q.shape[2] // k.shape[2]
-    kk, vv = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, kk, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    mask = kpos[:, None, None, :] <= positions[:, None, :, None]
-    p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", p, vv.astype(jnp.float32)).astype(q.dtype)
-    return out, (k, v, kpos), layer
-
-
-def forward(model, toks, start, caches):
-    toks = jnp.asarray(toks, jnp.int32)[None]
-    pos = start + jnp.arange(toks.shape[1], dtype=jnp.int32)[None]
-    return model(toks, pos, caches, attention=concat_attention)
+# a minimal attention fn and forward: tests/llama_helpers.py
+from llama_helpers import concat_attention, forward  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +80,21 @@ def test_jit_and_batch_rows_independent(tiny_model):
         np.testing.assert_allclose(np.asarray(got[b]), np_llama(tiny_model, toks[b]), **TOL)
 
 
+def test_qkv_bias_and_llama3_rope_match_numpy():
+    """Qwen2's q/k/v biases (config flag) and Llama-3 RoPE scaling, against the NumPy reference."""
+    c = dataclasses.replace(tiny(), attention_bias=True, max_position_embeddings=4096,
+                            rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=64))
+    m = Llama(c, rngs=nnx.Rngs(7))
+    assert m.layers[0].q_proj.bias.shape == (64,) and m.layers[0].k_proj.bias.shape == (32,)
+    assert m.layers[0].o_proj.bias is None and m.layers[0].up_proj.bias is None
+    assert Llama(tiny(), rngs=nnx.Rngs(7)).layers[0].q_proj.bias is None  # off by default
+    toks = np.random.default_rng(8).integers(0, 97, size=11)
+    logits, _, _ = forward(m, toks, 0, (None, None))
+    np.testing.assert_allclose(np.asarray(logits[0]), np_llama(m, toks), **TOL)
+    assert tiny().fingerprint() == dataclasses.replace(tiny(), attention_bias=False).fingerprint()
+    assert tiny().fingerprint() != dataclasses.replace(tiny(), attention_bias=True).fingerprint()
+
+
 def test_untied_head_matches_numpy():
     m = Llama(dataclasses.replace(tiny(), tie_word_embeddings=False), rngs=nnx.Rngs(2))
     assert m.lm_head is not None
@@ -184,16 +135,7 @@ def test_llama3_rope_scaling_matches_formula():
     sc = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
     got = inv_frequencies(128, theta=500000.0, scaling=sc)
     base = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
-    want = []
-    for f in base:  # Meta's llama3 apply_scaling
-        wl = 2 * math.pi / f
-        if wl < 8192 / 4.0:
-            want.append(f)
-        elif wl > 8192 / 1.0:
-            want.append(f / 8.0)
-        else:
-            s = (8192 / wl - 1.0) / (4.0 - 1.0)
-            want.append((1 - s) * f / 8.0 + s * f)
+    want = np_inv_freq(128, 500000.0, vars(sc))  # Meta's apply_scaling
     np.testing.assert_allclose(got, np.array(want), rtol=1e-6)
     assert not np.allclose(got, base)  # the scaling does something at these settings
     assert llama3_8b().rope_scaling == sc

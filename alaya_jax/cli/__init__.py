@@ -13,20 +13,30 @@ import sys
 from typing import Optional
 
 from alaya_jax.cli import eval as eval_cmd
-from alaya_jax.cli import generate, snapshot
-from alaya_jax.cli.common import UsageError
+from alaya_jax.cli import generate, models, snapshot
+from alaya_jax.cli.common import UsageError, add_model_args
 
-SUBCOMMANDS = (generate, eval_cmd, snapshot)
+SUBCOMMANDS = (generate, eval_cmd, snapshot, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="alaya", description="Long-context inference with an exact DIPR KV store.")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model dtype")
-    p.add_argument("--gguf", default=None, help="GGUF model file (default: the bundled SmolLM2-135M-Instruct)")
+    add_model_args(p)
     sub = p.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.add_parser(sub)
+    _add_model_args_to_subcommands(p)
     return p
+
+
+def _add_model_args_to_subcommands(parser: argparse.ArgumentParser) -> None:
+    """The model options also after every (sub)subcommand:
+    ``alaya generate --model M`` = ``alaya --model M generate``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sp in action.choices.values():
+                add_model_args(sp, suppress=True)
+                _add_model_args_to_subcommands(sp)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

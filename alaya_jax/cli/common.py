@@ -83,13 +83,51 @@ def progress_bar(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
 
 
+def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """``--model/--gguf``, ``--dtype`` and ``--max-context``; ``suppress``: given only when typed (subcommands)."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p.add_argument("--model", "--gguf", dest="model", default=d(None),
+                   help="a GGUF file or a Hugging Face checkpoint directory (default: the bundled SmolLM2-135M-"
+                        "Instruct)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default=d("auto"),
+                   help="weights and compute dtype (auto: bfloat16 on a GPU/TPU, float32 on the CPU)")
+    p.add_argument("--max-context", type=positive_int, default=d(None),
+                   help="tokens of context to budget KV memory for (default: the model's context length)")
+
+
+def resolve_dtype(name: str) -> str:
+    import jax
+
+    if name == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return name
+
+
+def context_limit(args, config) -> int:
+    """The most tokens a request may hold: the model's context, or less with ``--max-context``."""
+    return min(getattr(args, "max_context", None) or config.max_position_embeddings, config.max_position_embeddings)
+
+
+def context_limit_text(args, config) -> str:
+    """``"the model's context of N tokens"`` or ``"--max-context N"``, for messages."""
+    n = context_limit(args, config)
+    return f"the model's context of {n} tokens" if n == config.max_position_embeddings else f"--max-context {n}"
+
+
 def load_model(args):
+    """``(config, model, tokenizer)`` of ``--model`` (default SmolLM2), after printing the memory estimate
+    (weights + KV for ``--max-context`` or the model's context) and refusing a model that will not fit."""
     import jax.numpy as jnp  # noqa: F401  (import jax before models for a clear backend message)
 
-    from models import load_gguf, load_smollm2
+    from alaya_jax.memory import check_fits, estimate_memory
+    from models import find_smollm2_gguf, load_model_path, load_smollm2, read_config
 
-    if args.gguf:
-        if not os.path.isfile(args.gguf):
-            raise UsageError(f"GGUF file {args.gguf!r} does not exist")
-        return load_gguf(args.gguf, dtype=args.dtype)
-    return load_smollm2(dtype=args.dtype)
+    dtype = resolve_dtype(args.dtype)
+    path = args.model
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"model {path!r} does not exist (give a .gguf file or a Hugging Face checkpoint directory)")
+    config = read_config(path if path is not None else find_smollm2_gguf(), dtype=dtype)
+    print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
+    if path is None:
+        return load_smollm2(dtype=dtype)
+    return load_model_path(path, dtype=dtype)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from alaya_jax.cli.common import UsageError, add_attention_args, attention_config, load_model, positive_int, progress_bar, read_text
+from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, context_limit, context_limit_text,
+                                  load_model, positive_int, progress_bar, read_text)
 
 
 def add_parser(sub) -> None:
@@ -28,10 +29,10 @@ def cmd_eval(args) -> int:
     attention = attention_config(args)
     config, model, tok = load_model(args)
     ids = tok.encode(text)
-    limit = config.max_position_embeddings
+    limit = context_limit(args, config)
     n = min(len(ids), args.max_tokens or limit)
     if n > limit:
-        raise UsageError(f"--max-tokens {n} exceeds the model's context of {limit} tokens")
+        raise UsageError(f"--max-tokens {n} exceeds {context_limit_text(args, config)}")
     if n < 2:
         raise UsageError(f"the text has {len(ids)} token(s); scoring needs at least 2")
     ids = ids[:n]

@@ -8,8 +8,8 @@ import math
 import sys
 import time
 
-from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, load_model, nonneg_float,
-                                  positive_int, progress_bar, read_text, unit_float)
+from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, context_limit, context_limit_text,
+                                  load_model, nonneg_float, positive_int, progress_bar, read_text, unit_float)
 from alaya_jax.model_db import context_prefix_ids, open_db
 
 
@@ -63,10 +63,10 @@ def cmd_generate(args) -> int:
         user = (context.strip() + "\n\n" + args.prompt) if context else args.prompt
         ids = tok.encode(tok.chat_prompt(user))
     total = len(ids) + args.max_new_tokens
-    if total > config.max_position_embeddings:
+    if total > context_limit(args, config):
         raise UsageError(
             f"the prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that is {total}, "
-            f"more than the model's context of {config.max_position_embeddings} tokens"
+            f"more than {context_limit_text(args, config)}"
         )
     engine = Engine(model)
     caches, todo, db, session = None, ids, None, None

@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from alaya_jax.cli.common import UsageError, load_model, progress_bar, read_text
+from alaya_jax.cli.common import UsageError, context_limit, context_limit_text, load_model, progress_bar, read_text
 from alaya_jax.model_db import context_prefix_ids, open_db
 
 
@@ -42,9 +42,9 @@ def cmd_save(args) -> int:
     context = read_text(args.context_file, "context file") if args.context_file else demo_context()
     config, model, tok = load_model(args)
     ids = context_prefix_ids(tok, context, raw=args.raw)
-    if len(ids) > config.max_position_embeddings:
-        raise UsageError(f"the context has {len(ids)} tokens, more than the model's context of "
-                         f"{config.max_position_embeddings} tokens")
+    if len(ids) > context_limit(args, config):
+        raise UsageError(f"the context has {len(ids)} tokens, more than "
+                         f"{context_limit_text(args, config)}")
     engine = Engine(model)
     db = open_db(args.db, config, tok, engine)
     sid = db.snapshot_id(ids)
