@@ -13,10 +13,10 @@ import sys
 from typing import Optional
 
 from alaya_jax.cli import eval as eval_cmd
-from alaya_jax.cli import generate, snapshot
+from alaya_jax.cli import generate, serve, snapshot
 from alaya_jax.cli.common import UsageError
 
-SUBCOMMANDS = (generate, eval_cmd, snapshot)
+SUBCOMMANDS = (generate, eval_cmd, snapshot, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
