@@ -111,19 +111,24 @@ def _tensors(reader) -> dict[str, np.ndarray]:
     return out
 
 
-def tokenizer_from_gguf(reader) -> Tokenizer:
+def tokenizer_fields(reader) -> dict:
+    """The ``Tokenizer`` arguments from the GGUF metadata (plain JSON-able values)."""
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model!r} (only byte-level BPE 'gpt2')")
-    return Tokenizer(
-        _field(reader, "tokenizer.ggml.tokens"),
-        _field(reader, "tokenizer.ggml.merges"),
-        _field(reader, "tokenizer.ggml.token_type"),
+    return dict(
+        tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+        merges=list(_field(reader, "tokenizer.ggml.merges")),
+        token_types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type")],
         bos_id=None if (b := _field(reader, "tokenizer.ggml.bos_token_id", None)) is None else int(b),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
         # no ``pre`` key: plain GPT-2 byte-level BPE (files from before llama.cpp recorded it)
         pre=str(_field(reader, "tokenizer.ggml.pre", "gpt2")),
     )
+
+
+def tokenizer_from_gguf(reader) -> Tokenizer:
+    return Tokenizer(**tokenizer_fields(reader))
 
 
 def load_gguf(path, *, dtype: str = "float32"):
@@ -152,6 +157,13 @@ def load_gguf(path, *, dtype: str = "float32"):
         tensors = _tensors(reader)
     except Exception as e:
         raise ValueError(f"cannot read the tensors of {str(path)!r}: {e}") from None
+    return config, model_from_tensors(config, tensors), tok
+
+
+def model_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray]) -> Llama:
+    """The Llama of ``config`` filled from GGUF-named f32 tensors, strictly: a missing, unknown or
+    mis-shaped tensor is a ``ValueError`` naming it."""
+    dtype = config.dtype
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     dt = jnp.dtype(dtype)
     used = set()
@@ -197,9 +209,14 @@ def load_gguf(path, *, dtype: str = "float32"):
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise ValueError(f"GGUF file has unknown tensor(s) {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
-    return config, model, tok
+    return model
 
 
-def load_smollm2(*, dtype: str = "float32"):
-    """The bundled SmolLM2-135M-Instruct: ``(LlamaConfig, Llama, Tokenizer)``."""
+def load_smollm2(*, dtype: str = "float32", cache_dir=None):
+    """The bundled SmolLM2-135M-Instruct: ``(LlamaConfig, Llama, Tokenizer)`` (``cache_dir``:
+    through ``models.weight_cache`` there)."""
+    if cache_dir is not None:
+        from models.weight_cache import load_gguf_cached
+
+        return load_gguf_cached(find_smollm2_gguf(), dtype=dtype, cache_dir=cache_dir)
     return load_gguf(find_smollm2_gguf(), dtype=dtype)

@@ -86,10 +86,16 @@ def progress_bar(enabled: bool, total: int, desc: str):
 def load_model(args):
     import jax.numpy as jnp  # noqa: F401  (import jax before models for a clear backend message)
 
-    from models import load_gguf, load_smollm2
+    import models
+    from alaya_jax.cli.startup import weights_dir
 
+    cache = {"cache_dir": d} if (d := weights_dir(getattr(args, "cache_root", None))) else {}
     if args.gguf:
         if not os.path.isfile(args.gguf):
             raise UsageError(f"GGUF file {args.gguf!r} does not exist")
-        return load_gguf(args.gguf, dtype=args.dtype)
-    return load_smollm2(dtype=args.dtype)
+        if cache:
+            from models.weight_cache import load_gguf_cached
+
+            return load_gguf_cached(args.gguf, dtype=args.dtype, **cache)
+        return models.load_gguf(args.gguf, dtype=args.dtype)
+    return models.load_smollm2(dtype=args.dtype, **cache)
