@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import sys
 
 from alaya_jax.cli.common import UsageError, add_attention_args, attention_config, load_model, positive_int
@@ -121,8 +122,28 @@ def cmd_serve(args) -> int:
     state = build_state(args)
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout)
-    uvicorn.Server(config).run()
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with this handler in place
+    # that re-raise is a no-op, so a clean shutdown exits 0 (not "killed by SIGTERM").
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    _make_server(config, state).run()
     if state.scheduler.error is not None:
         print(f"alaya: error: the engine loop failed: {state.scheduler.error!r}", file=sys.stderr)
         return 1
     return 0
+
+
+def _make_server(config, state):
+    """uvicorn's server that, on SIGTERM / SIGINT, also tells the engine loop to cut what is
+    still running short (cleanly) just before uvicorn's own graceful-shutdown timeout."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, state):
+            super().__init__(config)
+            self.alaya = state
+
+        def handle_exit(self, sig, frame):
+            self.alaya.scheduler.drain(max(0.0, self.alaya.shutdown_timeout_s - 1.0))
+            super().handle_exit(sig, frame)
+
+    return Server(config, state)

@@ -91,6 +91,7 @@ class GenerationJob:
     stop: tuple[str, ...] = ()
     t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False  # set by the HTTP side (client gone); the loop drops the job at a step boundary
+    ended: bool = False  # its last event was emitted
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -102,6 +103,7 @@ class StoreContextJob:
     name: Optional[str] = None
     t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
+    ended: bool = False
 
 
 class Observer:
@@ -246,6 +248,7 @@ class Scheduler:
         self.stop_ids = frozenset(int(s) for s in getattr(tok, "stop_ids", ()) or ())
         self._cond = threading.Condition()
         self._waiting: collections.deque = collections.deque()
+        self._jobs: set = set()  # submitted and not yet ended (waiting, starting or decoding)
         self._slots: list[Optional[_Seq]] = []
         self._caches = None
         self._capacity = 0
@@ -254,6 +257,8 @@ class Scheduler:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="alaya-engine-loop", daemon=True)
         self.steps = 0
+        self.peak_active = 0  # most sequences ever decoded together
+        self._deadline: Optional[float] = None  # drain(): after it, what is left is cut short
         self._no_key = jax.random.PRNGKey(0)  # decode_step's own sampling is greedy: the key is unused
         self.error: Optional[BaseException] = None
 
@@ -263,17 +268,46 @@ class Scheduler:
 
     def submit(self, job) -> None:
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._deadline is not None:
                 raise RuntimeError("the server is shutting down")
             if self.error is not None:
                 raise RuntimeError(f"the engine loop failed: {self.error!r}")
             self._waiting.append(job)
+            self._jobs.add(job)
             self._cond.notify()
 
     def wake(self) -> None:
         """Re-check the jobs (call after setting ``job.cancelled``)."""
         with self._cond:
             self._cond.notify()
+
+    def drain(self, seconds: float) -> None:
+        """Shutdown has begun: refuse new jobs; jobs not finished ``seconds`` from now end
+        with finish_reason "abort" (their streams close cleanly), from a timer thread, so
+        that a loop busy in a long prefill or a compilation cannot delay it."""
+        with self._cond:
+            self._deadline = time.perf_counter() + max(0.0, seconds)
+            self._cond.notify()
+        t = threading.Timer(max(0.0, seconds), self._cut)
+        t.daemon = True
+        t.start()
+
+    def _cut(self) -> None:
+        with self._cond:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancelled = True
+            self._end(job, Event("done", finish_reason="abort", usage=None))
+        self.wake()
+
+    def _end(self, job, ev: Event) -> None:
+        """Emit a job's last event, once (the loop and a drain timer may both end it)."""
+        with self._cond:
+            if job.ended:
+                return
+            job.ended = True
+            self._jobs.discard(job)
+        job.emit(ev)
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """End the loop after its current step: jobs still waiting or active end with
@@ -287,7 +321,8 @@ class Scheduler:
     def load(self) -> dict:
         with self._cond:
             return {"active": sum(s is not None for s in self._slots), "waiting": len(self._waiting),
-                    "batch_slots": len(self._slots), "capacity": self._capacity, "steps": self.steps}
+                    "batch_slots": len(self._slots), "capacity": self._capacity, "steps": self.steps,
+                    "peak_active": self.peak_active}
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -295,10 +330,14 @@ class Scheduler:
             while True:
                 with self._cond:
                     while not self._stopping and not self._waiting and not self._active():
-                        self._cond.wait()
+                        self._cond.wait(None if self._deadline is None else 0.1)
                     if self._stopping:
                         break
-                    admitted = self._take_admissible()
+                    past = self._deadline is not None and time.perf_counter() >= self._deadline
+                    admitted = [] if past else self._take_admissible()
+                if past:
+                    self._abort_all()
+                    continue
                 for job in admitted:
                     self._start(job)
                 self._drop_cancelled()
@@ -324,7 +363,7 @@ class Scheduler:
             job = self._waiting[0]
             if job.cancelled:
                 self._waiting.popleft()
-                job.emit(Event("done", finish_reason="abort", usage=None))
+                self._end(job, Event("done", finish_reason="abort", usage=None))
                 continue
             if isinstance(job, StoreContextJob):
                 out.append(self._waiting.popleft())
@@ -340,13 +379,12 @@ class Scheduler:
         with self._cond:
             jobs = list(self._waiting) + [s.job for s in self._active()]
             self._waiting.clear()
-            self._slots = []
-            self._caches = None
+            self._slots, self._caches, self._capacity, self._idle_len = [], None, 0, []
         for job in jobs:
             if self.error is not None:
-                job.emit(Event("error", message=f"the engine loop failed: {type(self.error).__name__}"))
+                self._end(job, Event("error", message=f"the engine loop failed: {type(self.error).__name__}"))
             else:
-                job.emit(Event("done", finish_reason="abort", usage=None))
+                self._end(job, Event("done", finish_reason="abort", usage=None))
 
     # ------------------------------------------------------------------ admission
     def _start(self, job) -> None:
@@ -357,7 +395,7 @@ class Scheduler:
                 self._start_generation(job)
         except (ValueError, RuntimeError, OSError) as e:  # this job's problem (e.g. a refused snapshot)
             log.warning("job failed: %s", e)
-            job.emit(Event("error", message=str(e)))
+            self._end(job, Event("error", message=str(e)))
 
     def _row_caches(self, ids: list[int], capacity: int):
         """(B=1 caches holding the prefix, tokens still to prefill, reused, source)."""
@@ -381,8 +419,8 @@ class Scheduler:
             caches, todo, reused, _ = self._row_caches(job.ids, cap)
             caches, _, _ = self.engine.prefill(caches, [todo])
             sid = self.db.import_(job.ids, caches, name=job.name)
-        job.emit(Event("done", result={"id": sid, "tokens": n, "already_stored": sid in existing,
-                                       "reused_tokens": reused, "seconds": time.perf_counter() - t0}))
+        self._end(job, Event("done", result={"id": sid, "tokens": n, "already_stored": sid in existing,
+                                            "reused_tokens": reused, "seconds": time.perf_counter() - t0}))
 
     def _start_generation(self, job: GenerationJob) -> None:
         ids = job.ids
@@ -441,7 +479,7 @@ class Scheduler:
     def _finish(self, seq: _Seq, reason: str) -> None:
         usage = self._usage(seq)
         self.observer.finished(seq.job, usage, reason)
-        seq.job.emit(Event("done", finish_reason=reason, usage=usage))
+        self._end(seq.job, Event("done", finish_reason=reason, usage=usage))
 
     # ------------------------------------------------------------------ batch layout
     def _join(self, seq: _Seq, row) -> None:
@@ -454,6 +492,7 @@ class Scheduler:
         self._caches = _place(self._caches, row, np.int32(slot))
         self._slots[slot] = seq
         self._batch_attention = seq.job.attention
+        self.peak_active = max(self.peak_active, len(self._active()))
 
     def _relayout(self, b: int, c: int) -> None:
         """Slots ``b``, capacity ``c``: the active rows first (in slot order), then idle slots."""
