@@ -53,6 +53,7 @@ def add_parser(sub) -> None:
     s.add_argument("--max-body-bytes", type=byte_size, default=byte_size("4MiB"))
     s.add_argument("--prefill-attention", choices=("reference", "xla", "cudnn"), default="reference",
                    help="dense attention of prefill chunks and of 'full' decode steps")
+    s.add_argument("--prefill-chunk", type=positive_int, default=512, help="largest prompt chunk per prefill call")
     s.add_argument("--served-model-name", default=None, help="the model id of /v1/models (default: from the file)")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
@@ -87,7 +88,7 @@ def build_state(args):
 
             name = find_smollm2_gguf().stem
     context = min(args.max_context or config.max_position_embeddings, config.max_position_embeddings)
-    engine = Engine(model, prefill_attention=args.prefill_attention)
+    engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk)
     db = None
     if args.db:
         from alaya_jax.model_db import open_db
@@ -103,7 +104,7 @@ def build_state(args):
                           observer=metrics)
     return ServerState(scheduler=scheduler, tok=tok, model_name=args.served_model_name or name, limits=limits,
                        attention=attention, metrics=metrics, api_key=args.api_key or None,
-                       shutdown_timeout_s=args.shutdown_timeout)
+                       shutdown_timeout_s=args.shutdown_timeout, device=_device())
 
 
 def cmd_serve(args) -> int:
@@ -147,3 +148,10 @@ def _make_server(config, state):
             super().handle_exit(sig, frame)
 
     return Server(config, state)
+
+
+def _device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{jax.default_backend()}: {getattr(d, 'device_kind', d)} x{jax.device_count()}"

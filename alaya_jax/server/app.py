@@ -46,6 +46,7 @@ class ServerState:
     api_key: Optional[str] = None
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     shutdown_timeout_s: float = 30.0
+    device: str = ""
 
     @property
     def db(self):
@@ -297,7 +298,8 @@ async def contexts_delete(request: Request) -> Response:
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.alaya
     err = state.scheduler.error
-    body = {"status": "ok" if err is None else "failed", "model": state.model_name, **state.scheduler.load()}
+    body = {"status": "ok" if err is None else "failed", "model": state.model_name, "device": state.device,
+            **state.scheduler.load()}
     if err is not None:
         body["error"] = f"{type(err).__name__}: {err}"[:300]
     return JSONResponse(body, status_code=200 if err is None else 503)
