@@ -383,7 +383,7 @@ def create_app(state: ServerState) -> Starlette:
     async def lifespan(app):
         state.scheduler.start()
         yield
-        await anyio.to_thread.run_sync(state.scheduler.stop, state.shutdown_timeout_s)
+        await anyio.to_thread.run_sync(state.scheduler.stop, None)  # after the current step: no thread left in XLA at exit
 
     app = Starlette(routes=_ROUTES, lifespan=lifespan, middleware=[Middleware(_Gate, state=state)],
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
