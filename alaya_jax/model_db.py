@@ -40,13 +40,14 @@ def tokenizer_fingerprint(tok) -> str:
     return fingerprint("probe", tok.encode(probe), sorted(getattr(tok, "stop_ids", ()) or ()))
 
 
-def open_db(path: str, config, tok, engine):
-    """The ``ContextDB`` at ``path`` for this model, tokenizer, dtype and block size."""
+def open_db(path: str, config, tok, engine, **db_kw):
+    """The ``ContextDB`` at ``path`` for this model, tokenizer, dtype and block size
+    (``db_kw``: more ``ContextDB`` arguments, e.g. the memory tier's)."""
     from alaya_jax.context_db import ContextDB
 
     return ContextDB(path, model_fingerprint=model_fingerprint(config, engine),
                      tokenizer_fingerprint=tokenizer_fingerprint(tok), dtype=engine.dtype,
-                     block_size=engine.block_size)
+                     block_size=engine.block_size, **db_kw)
 
 
 def prompt_ids(tok, context, prompt: str, *, raw: bool) -> list[int]:

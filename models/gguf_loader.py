@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+from typing import Callable
 
 import numpy as np
 
@@ -190,23 +191,29 @@ def tensor_problems_gguf(reader, config: LlamaConfig) -> list[str]:
     return problems
 
 
-def tokenizer_from_gguf(reader) -> Tokenizer:
+def tokenizer_fields(reader) -> dict:
+    """The ``Tokenizer`` arguments from the GGUF metadata (plain JSON-able values)."""
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model!r} (only byte-level BPE 'gpt2')")
     extra = [int(v) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
              if (v := _field(reader, k, None)) is not None]
-    return Tokenizer(
-        _field(reader, "tokenizer.ggml.tokens"),
-        _field(reader, "tokenizer.ggml.merges"),
-        _field(reader, "tokenizer.ggml.token_type"),
+    template = _field(reader, "tokenizer.chat_template", None)
+    return dict(
+        tokens=list(_field(reader, "tokenizer.ggml.tokens")),
+        merges=list(_field(reader, "tokenizer.ggml.merges")),
+        token_types=[int(t) for t in _field(reader, "tokenizer.ggml.token_type")],
         bos_id=None if (b := _field(reader, "tokenizer.ggml.bos_token_id", None)) is None else int(b),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
         # no ``pre`` key: plain GPT-2 byte-level BPE (files from before llama.cpp recorded it)
         pre=str(_field(reader, "tokenizer.ggml.pre", "gpt2")),
-        chat_template=_field(reader, "tokenizer.chat_template", None),
+        chat_template=None if template is None else str(template),
         extra_stop_ids=extra,
     )
+
+
+def tokenizer_from_gguf(reader) -> Tokenizer:
+    return Tokenizer(**tokenizer_fields(reader))
 
 
 def open_gguf(path):
@@ -238,6 +245,12 @@ def load_gguf(path, *, dtype: str = "float32", device=None):
     config = config_from_gguf(reader, dtype=dtype)
     tok = tokenizer_from_gguf(reader)
     raise_problems(tensor_problems_gguf(reader, config))
+    return config, fill_model(config, gguf_tensor_reader(reader, config, path), device=device), tok
+
+
+def gguf_tensor_reader(reader, config: LlamaConfig, path) -> Callable[[str], np.ndarray]:
+    """``read(hf_name)`` → that tensor of the (checked) GGUF file as f32 numpy in checkpoint layout
+    (dequantized; llama Q/K rows un-permuted), one tensor per call."""
     tensors = {t.name: t for t in reader.tensors}
     permute = {"self_attn.q_proj.weight": config.num_heads, "self_attn.k_proj.weight": config.num_kv_heads}
     arch = _field(reader, "general.architecture")
@@ -250,9 +263,14 @@ def load_gguf(path, *, dtype: str = "float32", device=None):
         heads = permute.get(name.split(".", 3)[-1]) if arch == "llama" and name.startswith("model.layers.") else None
         return unpermute_qk(w, heads) if heads else w
 
-    return config, fill_model(config, read, device=device), tok
+    return read
 
 
-def load_smollm2(*, dtype: str = "float32"):
-    """The bundled SmolLM2-135M-Instruct: ``(LlamaConfig, Llama, Tokenizer)``."""
+def load_smollm2(*, dtype: str = "float32", cache_dir=None):
+    """The bundled SmolLM2-135M-Instruct: ``(LlamaConfig, Llama, Tokenizer)`` (``cache_dir``:
+    through ``models.weight_cache`` there)."""
+    if cache_dir is not None:
+        from models.weight_cache import load_gguf_cached
+
+        return load_gguf_cached(find_smollm2_gguf(), dtype=dtype, cache_dir=cache_dir)
     return load_gguf(find_smollm2_gguf(), dtype=dtype)

@@ -125,7 +125,7 @@ def smollm2_cached(monkeypatch):
 
     real = models.load_smollm2
 
-    def cached(dtype="float32"):
+    def cached(dtype="float32", **_):
         if dtype not in _SMOL:
             _SMOL[dtype] = real(dtype=dtype)
         return _SMOL[dtype]

@@ -13,10 +13,10 @@ import sys
 from typing import Optional
 
 from alaya_jax.cli import eval as eval_cmd
-from alaya_jax.cli import generate, models, snapshot
+from alaya_jax.cli import generate, models, serve, snapshot, startup
 from alaya_jax.cli.common import UsageError, add_model_args
 
-SUBCOMMANDS = (generate, eval_cmd, snapshot, models)
+SUBCOMMANDS = (generate, eval_cmd, snapshot, models, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        args.cache_root = startup.cache_root(args.cache_dir)
+        startup.enable_compile_cache(args.cache_root)
         return args.func(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"alaya: error: {e}", file=sys.stderr)

@@ -84,7 +84,7 @@ def progress_bar(enabled: bool, total: int, desc: str):
 
 
 def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
-    """``--model/--gguf``, ``--dtype`` and ``--max-context``; ``suppress``: given only when typed (subcommands)."""
+    """``--model/--gguf``, ``--dtype``, ``--max-context`` and ``--cache-dir``; ``suppress``: given only when typed (subcommands)."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--model", "--gguf", dest="model", default=d(None),
                    help="a GGUF file or a Hugging Face checkpoint directory (default: the bundled SmolLM2-135M-"
@@ -93,6 +93,9 @@ def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> Non
                    help="weights and compute dtype (auto: bfloat16 on a GPU/TPU, float32 on the CPU)")
     p.add_argument("--max-context", type=positive_int, default=d(None),
                    help="tokens of context to budget KV memory for (default: the model's context length)")
+    p.add_argument("--cache-dir", default=d(None),
+                   help="compiled programs and parsed GGUF weights are cached here (default: $ALAYA_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/alaya-jax; 'off': no caching)")
 
 
 def resolve_dtype(name: str) -> str:
@@ -119,6 +122,7 @@ def load_model(args):
     (weights + KV for ``--max-context`` or the model's context) and refusing a model that will not fit."""
     import jax.numpy as jnp  # noqa: F401  (import jax before models for a clear backend message)
 
+    from alaya_jax.cli.startup import weights_dir
     from alaya_jax.memory import check_fits, estimate_memory
     from models import find_smollm2_gguf, load_model_path, load_smollm2, read_config
 
@@ -128,6 +132,11 @@ def load_model(args):
         raise UsageError(f"model {path!r} does not exist (give a .gguf file or a Hugging Face checkpoint directory)")
     config = read_config(path if path is not None else find_smollm2_gguf(), dtype=dtype)
     print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
+    cache = weights_dir(getattr(args, "cache_root", None))
     if path is None:
-        return load_smollm2(dtype=dtype)
+        return load_smollm2(dtype=dtype, cache_dir=cache)
+    if cache is not None and os.path.isfile(path) and path.endswith(".gguf"):
+        from models.weight_cache import load_gguf_cached
+
+        return load_gguf_cached(path, dtype=dtype, cache_dir=cache)
     return load_model_path(path, dtype=dtype)

@@ -1,0 +1,156 @@
+"""``alaya serve``: a long-lived OpenAI-compatible HTTP server over the context DB.
+
+The model is loaded once; requests share decode steps (continuous batching, see
+:mod:`alaya_jax.server.scheduler`); stored contexts are served from the DB's memory
+tier. SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to
+``--shutdown-timeout`` seconds, then cut them short cleanly), exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+
+from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, context_limit, load_model,
+                                  positive_int, resolve_dtype)
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """``"20GiB"``, ``"512MB"``, ``"1e9"``, ``"0"`` → bytes (an argparse type)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 512MiB, 20GB or 0, got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, contexts)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--random-weights", default=None, metavar="PRESET",
+                   help="serve a random-weight model of a preset (tiny, smollm2, llama3-8b) with a byte "
+                        "tokenizer: for tests and benchmarks")
+    s.add_argument("--db", default=None, help="context DB directory: stored contexts are reused by every request "
+                                              "whose prompt starts with one")
+    s.add_argument("--memory-budget", type=byte_size, default=byte_size("2GiB"),
+                   help="bytes of stored contexts kept resident (the DB's memory tier; 0: off; default 2GiB)")
+    s.add_argument("--memory-kind", choices=("device", "pinned_host"), default="device")
+    s.add_argument("--api-key", default=os.environ.get("ALAYA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: env ALAYA_API_KEY; none: open)")
+    s.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="default: the context")
+    s.add_argument("--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens accepted")
+    s.add_argument("--default-max-tokens", type=positive_int, default=256, help="chat's max_tokens when not given")
+    s.add_argument("--max-body-bytes", type=byte_size, default=byte_size("4MiB"))
+    s.add_argument("--prefill-attention", choices=("reference", "xla", "cudnn"), default="reference",
+                   help="dense attention of prefill chunks and of 'full' decode steps")
+    s.add_argument("--prefill-chunk", type=positive_int, default=512, help="largest prompt chunk per prefill call")
+    s.add_argument("--served-model-name", default=None, help="the model id of /v1/models (default: from the file)")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    add_attention_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def build_state(args):
+    """Load the model and build the server's shared state (engine loop not started)."""
+    import dataclasses
+
+    from alaya_jax.engine import Engine
+    from alaya_jax.server.app import ServerState
+    from alaya_jax.server.metrics import Metrics
+    from alaya_jax.server.protocol import RequestLimits
+    from alaya_jax.server.scheduler import BatchLimits, Scheduler
+
+    if args.random_weights:
+        if args.model:
+            raise UsageError("give either --model or --random-weights, not both")
+        from models.random_model import random_model
+
+        config, model, tok = random_model(args.random_weights, dtype=resolve_dtype(args.dtype),
+                                          max_context=args.max_context)
+        name = f"random-{args.random_weights}"
+    else:
+        config, model, tok = load_model(args)
+        if args.model:
+            name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+        else:
+            from models import find_smollm2_gguf
+
+            name = find_smollm2_gguf().stem
+    context = context_limit(args, config)
+    engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk)
+    db = None
+    if args.db:
+        from alaya_jax.model_db import open_db
+
+        db = open_db(args.db, config, tok, engine, memory_budget_bytes=args.memory_budget,
+                     memory_kind=args.memory_kind)
+    attention = dataclasses.replace(attention_config(args), prefill_attention=args.prefill_attention)
+    limits = RequestLimits(max_context=context, max_prompt_tokens=min(args.max_prompt_tokens or context, context),
+                           max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
+                           max_body_bytes=args.max_body_bytes)
+    metrics = Metrics()
+    scheduler = Scheduler(engine, tok, limits=BatchLimits(max_batch=args.max_batch, max_context=context), db=db,
+                          observer=metrics)
+    return ServerState(scheduler=scheduler, tok=tok, model_name=args.served_model_name or name, limits=limits,
+                       attention=attention, metrics=metrics, api_key=args.api_key or None,
+                       shutdown_timeout_s=args.shutdown_timeout, device=_device())
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from alaya_jax.server.app import create_app
+
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be in 0..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    log = logging.getLogger("alaya.serve")
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("alaya serve: listening on %s without an API key (--api-key / ALAYA_API_KEY)", args.host)
+    state = build_state(args)
+    config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with this handler in place
+    # that re-raise is a no-op, so a clean shutdown exits 0 (not "killed by SIGTERM").
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    _make_server(config, state).run()
+    if state.scheduler.error is not None:
+        print(f"alaya: error: the engine loop failed: {state.scheduler.error!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _make_server(config, state):
+    """uvicorn's server that, on SIGTERM / SIGINT, also tells the engine loop to cut what is
+    still running short (cleanly) just before uvicorn's own graceful-shutdown timeout."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, config, state):
+            super().__init__(config)
+            self.alaya = state
+
+        def handle_exit(self, sig, frame):
+            self.alaya.scheduler.drain(max(0.0, self.alaya.shutdown_timeout_s - 1.0))
+            super().handle_exit(sig, frame)
+
+    return Server(config, state)
+
+
+def _device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    return f"{jax.default_backend()}: {getattr(d, 'device_kind', d)} x{jax.device_count()}"

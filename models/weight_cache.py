@@ -1,0 +1,125 @@
+"""A user-level cache of parsed GGUF files: what ``load_gguf`` reads (config, tokenizer
+metadata, dequantized f32 tensors in checkpoint layout under their Hugging Face names)
+saved once as one uncompressed ``.npz`` so that later loads skip the GGUF parse and the
+dequantization. Tensors are written and read one at a time (no whole-model host copy).
+
+Entries are keyed by the file's size, mtime and a hash of its first and last MiB
+(plus this cache's format version): a changed file gets a new entry. Writes are
+atomic (a temp file in the same directory, then ``os.replace``); an unreadable entry
+is reported, removed and rebuilt from the GGUF.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+from models.config import LlamaConfig
+
+FORMAT = 2  # 1: GGUF-named tensors; 2: HF-named, Q/K un-permuted
+_META = "__alaya_meta__"
+log = logging.getLogger(__name__)
+
+
+def entry_key(path: pathlib.Path) -> str:
+    st = path.stat()
+    h = hashlib.sha256(f"alaya-gguf-cache-v{FORMAT}|{st.st_size}|{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:24]
+
+
+def _write(dest: pathlib.Path, config: LlamaConfig, tok_fields: dict, read, names) -> None:
+    """Stream ``read(name)`` for every name into ``dest`` (a temp file, then an atomic rename)."""
+    import zipfile
+
+    meta = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "dtype"}, "tokenizer": tok_fields}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=dest.parent)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            items = [(_META, lambda: np.frombuffer(json.dumps(meta).encode(), np.uint8))]
+            items += [(n, functools.partial(read, n)) for n in names]
+            for name, get in items:
+                with zf.open(name + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(get()), allow_pickle=False)
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _config(meta: dict, dtype: str) -> LlamaConfig:
+    from models.config import RopeScaling
+
+    c = dict(meta["config"])
+    if c.get("rope_scaling") is not None:
+        c["rope_scaling"] = RopeScaling(**c["rope_scaling"])
+    return LlamaConfig(**c, dtype=dtype)
+
+
+def _load_entry(src: pathlib.Path, dtype: str):
+    from models.tokenizer import Tokenizer
+    from models.weights import expected_tensors, fill_model
+
+    with np.load(src, allow_pickle=False) as z:
+        meta = json.loads(bytes(z[_META]).decode())
+        config = _config(meta, dtype)
+        missing = sorted(set(expected_tensors(config)) - set(z.files))
+        if missing:
+            raise ValueError(f"entry lacks tensor(s) {missing[:3]}")
+        return config, fill_model(config, z.__getitem__), Tokenizer(**meta["tokenizer"])
+
+
+MAX_ENTRY_BYTES = 4 << 30
+
+
+def load_gguf_cached(path, *, dtype: str = "float32", cache_dir, max_entry_bytes: int = MAX_ENTRY_BYTES):
+    """``load_gguf(path, dtype=dtype)`` through the cache in ``cache_dir`` (a directory;
+    created when missing). Models whose f32 weights exceed ``max_entry_bytes`` are loaded
+    without the cache (an 8B model would take 32 GB of disk)."""
+    from models.gguf_loader import (config_from_gguf, gguf_tensor_reader, load_gguf, open_gguf,
+                                    tensor_problems_gguf, tokenizer_fields)
+    from models.weights import expected_tensors, parameter_count, raise_problems
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return load_gguf(path, dtype=dtype)  # its own clear error
+    dest = pathlib.Path(cache_dir) / f"{path.stem}-{entry_key(path)}.npz"
+    if dest.is_file():
+        try:
+            return _load_entry(dest, dtype)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("weight cache entry %s is unreadable (%s): rebuilding it from %s", dest, e, path)
+            try:
+                dest.unlink()
+            except OSError:
+                pass
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, dtype=dtype)
+    fields = tokenizer_fields(reader)
+    raise_problems(tensor_problems_gguf(reader, config))  # strict checks before anything is cached
+    if 4 * parameter_count(config) > max_entry_bytes:
+        log.info("%s: %d parameters, too large for the weight cache; loading it directly", path,
+                 parameter_count(config))
+        return load_gguf(path, dtype=dtype)
+    try:
+        _write(dest, config, fields, gguf_tensor_reader(reader, config, path), list(expected_tensors(config)))
+    except OSError as e:
+        log.warning("could not write the weight cache %s: %s", dest, e)
+        return load_gguf(path, dtype=dtype)
+    return _load_entry(dest, dtype)
