@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alaya_jax.masked_attention import masked_attention, raw_scores, sink_window_mask, valid_positions
 from pallas_kernels._common import query_slack
@@ -28,8 +29,14 @@ def _check(q: jax.Array, k: jax.Array, v: Optional[jax.Array] = None) -> None:
 
 
 def check_beta(beta) -> None:
-    if not isinstance(beta, jax.core.Tracer) and not (float(beta) >= 0):
-        raise ValueError(f"beta must be >= 0 (inf allowed), got {beta}")
+    """β: a float, a scalar array or an array of β per query head (broadcastable to [B, Hq]); every
+    concrete value must be >= 0 (inf allowed)."""
+    if isinstance(beta, jax.core.Tracer):
+        return
+    b = np.asarray(beta, np.float64)
+    if not bool(np.all(b >= 0)):
+        bad = b if b.ndim == 0 else b[~(b >= 0)].ravel()[:4]
+        raise ValueError(f"beta must be >= 0 (inf allowed), got {bad}")
 
 
 def _lengths(lengths, b: int, s: int) -> jax.Array:

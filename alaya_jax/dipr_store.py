@@ -111,9 +111,20 @@ def _scatter_mask(mask: jax.Array, block_idx: jax.Array, num_blocks: int, block_
     return dense.reshape(b, hq, num_blocks * bk)
 
 
+def _head_beta(beta, batch: int, num_q_heads: int) -> jax.Array:
+    """β (float, scalar or broadcastable to [B, Hq]) → f32 [B, Hq]: a β per query head."""
+    beta = jnp.asarray(beta, jnp.float32)
+    try:
+        return jnp.broadcast_to(beta, (batch, num_q_heads))
+    except ValueError:
+        raise ValueError(f"beta of shape {tuple(beta.shape)} does not broadcast to [B, Hq]=[{batch}, "
+                         f"{num_q_heads}]") from None
+
+
 def kept_blocks(q: jax.Array, store: KVStore, *, beta, sink: int, window: int, top_r: int, capacity: int,
                 rel_slack: float = 1e-4, implementation: str = "reference", interpret: Optional[bool] = None):
-    """Steps 1–3: bounds, probe, kept blocks. q [B,Hq,D] → (M_lb f32 [B,Hq], kept_idx int32
+    """Steps 1–3: bounds, probe, kept blocks (``beta``: float or broadcastable to [B, Hq]).
+    q [B,Hq,D] → (M_lb f32 [B,Hq], kept_idx int32
     [B,Hkv,capacity] ascending and -1 padded, kept_count int32 [B,Hkv] (may exceed ``capacity``))."""
     if top_r < 0:
         raise ValueError(f"top_r must be >= 0, got {top_r}")
@@ -124,7 +135,7 @@ def kept_blocks(q: jax.Array, store: KVStore, *, beta, sink: int, window: int, t
     lengths = store.lengths
     nvb = (lengths + bk - 1) // bk
     block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]
-    beta = jnp.float32(beta)
+    beta = _head_beta(beta, b, hq)
 
     # 1. Upper bound of every block's scores, per query head.
     ub = block_bounds(q, store.kmin, store.kmax, nvb, rel_slack=rel_slack, **kw)  # [B,Hq,NB]
@@ -173,6 +184,9 @@ def dipr_store_attention(
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store, reading only kept blocks.
 
+    ``beta``: a float, a scalar array or an array broadcastable to [B, Hq] (a β per query head:
+    each head's token threshold is its own ``M − β``; a KV head keeps the union of its group's blocks).
+
     q [B, Hq, D] → ``(out [B,Hq,D], stats: DiprStats, mask)`` where ``mask`` is the
     DIPR token mask bool [B, Hq, S=capacity] (without sink/window) when
     ``with_mask`` else None. ``max_kept_blocks`` (static, default: all blocks) is
@@ -192,7 +206,7 @@ def dipr_store_attention(
     if cap < 1:
         raise ValueError(f"max_kept_blocks must be >= 1, got {max_kept_blocks}")
     kw = dict(implementation=implementation, interpret=interpret)
-    beta = jnp.float32(beta)
+    beta = _head_beta(beta, b, hq)
     lengths = store.lengths
     nvb = (lengths + bk - 1) // bk
     block_ok = jnp.arange(nb)[None, :] < nvb[:, None]  # [B, NB]

@@ -9,6 +9,9 @@ context::
     kmin, kmax   : [B, Hkv, NB, D] f32   element-wise min / max of the *valid*
                                           keys of each block (0 for empty blocks)
     lengths      : [B] int32             valid positions per sequence
+    dipr_beta    : [B, Hq] f32 or None   this layer's DIPR β per query head, chosen by
+                                          calibration at the end of prefill
+                                          (:mod:`alaya_jax.calibration`); None = not calibrated
 
 ``capacity = NB * Bk`` is static. Every update returns a new store; nothing is
 mutated in place.
@@ -31,6 +34,7 @@ class KVStore:
     kmin: jax.Array  # [B, Hkv, NB, D] f32
     kmax: jax.Array  # [B, Hkv, NB, D] f32
     lengths: jax.Array  # [B] int32
+    dipr_beta: Optional[jax.Array] = None  # [B, Hq] f32: calibrated β per query head (None: not calibrated)
 
     @property
     def batch(self) -> int:
@@ -264,7 +268,7 @@ def append(
     kmax = base_max.at[bidx, :, blk].max(upd_max, mode="drop")
     kmin = jnp.where(jnp.isfinite(kmin), kmin, 0.0)
     kmax = jnp.where(jnp.isfinite(kmax), kmax, 0.0)
-    return KVStore(keys=keys, values=values, kmin=kmin, kmax=kmax, lengths=new_lengths)
+    return KVStore(keys=keys, values=values, kmin=kmin, kmax=kmax, lengths=new_lengths, dipr_beta=store.dipr_beta)
 
 
 def check_capacity(store: KVStore) -> None:
