@@ -11,10 +11,18 @@ cache) and measures, per layer and query head, on a grid of β (:data:`BETA_GRID
 
 From these curves (exact scores in jnp, no DIPR kernel):
 
-- mass mode (:func:`betas_for_mass`): per head the smallest grid β with ``mass ≥ M``;
+- mass mode (:func:`betas_for_mass`): the smallest grid β whose gain reaches a fraction M
+  of its total;
 - budget mode (:func:`betas_for_budget`): a total key budget F (mean over heads and layers
-  of ``keys``) shared by water-filling: every step moves the head whose next β buys the
-  most weighted mass per key.
+  of ``keys``) shared by water-filling: every step moves the head (or layer) whose next β
+  buys the most gain per key.
+
+What the gain is and whether the heads of a layer share a β is the *allocation*
+(:data:`ALLOCATIONS`). The default, ``layer-recall`` — one β per layer, gain = the
+absolute softmax mass on DIPR ∪ sink ∪ window — is the one that measured best
+(bench/results/quality_calibrated.md): a β per head chosen on the share of the mass
+*outside* sink and window (``head-mass``, the first try the issue warns about) spends keys
+on heads whose mass sits almost all in the sink and window, and lost to uniform β.
 
 The chosen βs [L, B, Hq] go onto the caches (``KVStore.dipr_beta``) and every decode step
 of calibrated DIPR uses them (:mod:`alaya_jax.attention_methods`).

@@ -38,11 +38,13 @@ class AttentionConfig:
     full attention. ``auto``: full attention while the context is shorter than
     ``auto_min_context``, else DIPR with ``auto_dense_layers`` dense.
 
-    Self-calibrated DIPR (method "dipr" with one of): ``dipr_mass`` M — per (layer, query
-    head) the smallest β whose DIPR set holds mass M of the softmax outside sink and
-    window on the prompt's last ``n_cal`` queries; ``dipr_keys`` F — a total budget of
-    a fraction F of the keys (sink and window included, mean over heads and layers)
-    water-filled over (layer, query head). See :mod:`alaya_jax.calibration`.
+    Self-calibrated DIPR (method "dipr" with one of), from the prompt's last ``n_cal``
+    queries: ``dipr_mass`` M — per layer the smallest β whose attended keys (DIPR ∪ sink ∪
+    window) hold mass M of the softmax (mean over the layer's heads and the queries);
+    ``dipr_keys`` F — a total budget of a fraction F of the keys (sink and window
+    included, mean over heads and layers) water-filled over the layers. The βs are a
+    [layers, Hq] array (``KVStore.dipr_beta``); the allocation is
+    ``calibration.DEFAULT_ALLOCATION`` (see :mod:`alaya_jax.calibration` for the others).
     """
 
     method: str = "full"

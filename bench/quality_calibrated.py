@@ -42,31 +42,32 @@ FAMILY_STYLE = {"uniform β": ("o-", "C3"), "topk": ("s-", "C0"), "topp": ("d-",
                 "per-layer β fit on scored steps": ("*:", "C6")}
 
 
-def budgets(ctx: int, floor_margin: float = 0.004) -> list[float]:
+def budgets(ctx: int, floor_margin: float = 0.003) -> list[float]:
     """Key budgets to score: 2–5% where the context allows (sink + window alone are 68 / ctx)."""
     floor = 68 / ctx
-    return [f for f in (0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08) if f >= floor + floor_margin][:4]
+    return [f for f in (0.02, 0.03, 0.04, 0.05, 0.06, 0.08) if f >= floor + floor_margin][:3]
 
 
 def configs(ctx, sink, window, allocations, masses):
-    """(family, name, config, allocation or None): baselines first, then calibrated DIPR."""
+    """(family, name, config, allocation or None), in the order they run: calibrated DIPR's budgets for
+    the first allocation, top-k, top-p, uniform β, then the other allocations and the mass targets."""
     base = dict(sink=sink, window=window)
-    out = [("uniform β", f"dipr β={b:g}", AttentionConfig(method="dipr", beta=b, **base), None)
-           for b in (16.0, 24.0, 32.0, 48.0)]
+    cal_keys = [(f"calibrated keys [{alloc}]", f"dipr-keys {f:g} [{alloc}]",
+                 AttentionConfig(method="dipr", dipr_keys=f, **base), alloc) for alloc in allocations for f in budgets(ctx)]
+    cal_mass = [(f"calibrated mass [{alloc}]", f"dipr-mass {m:g} [{alloc}]",
+                 AttentionConfig(method="dipr", dipr_mass=m, **base), alloc) for alloc in allocations for m in masses]
+    n_first = len(budgets(ctx)) if allocations else 0
+    out = cal_keys[:n_first]
     sw = sink + window
-    for frac in (0.02, 0.03, 0.04):  # total keys fraction incl. sink + window
+    for frac in (0.02, 0.04) if ctx >= 4096 else (0.04, 0.06):  # total keys fraction incl. sink + window
         k = int(round(frac * ctx)) - sw
         if k >= 1:
             out.append(("topk", f"topk {frac:.0%} (k={k})", AttentionConfig(method="topk", budget=k, **base), None))
-    out += [("topp", f"topp p={p:g}", AttentionConfig(method="topp", top_p=p, **base), None) for p in (0.7, 0.8, 0.9)]
-    for alloc in allocations:
-        for f in budgets(ctx):
-            out.append((f"calibrated keys [{alloc}]", f"dipr-keys {f:g} [{alloc}]",
-                        AttentionConfig(method="dipr", dipr_keys=f, **base), alloc))
-        for m in masses:
-            out.append((f"calibrated mass [{alloc}]", f"dipr-mass {m:g} [{alloc}]",
-                        AttentionConfig(method="dipr", dipr_mass=m, **base), alloc))
-    return out
+    out += [("topp", f"topp p={p:g}", AttentionConfig(method="topp", top_p=p, **base), None)
+            for p in ((0.8, 0.9) if ctx >= 8192 else (0.7, 0.8))]
+    out += [("uniform β", f"dipr β={b:g}", AttentionConfig(method="dipr", beta=b, **base), None)
+            for b in (24.0, 32.0, 48.0)]
+    return out + cal_keys[n_first:] + cal_mass
 
 
 def reference(engine, tokens, text, ctx, steps, cache_dir, log):
@@ -97,7 +98,7 @@ def reference(engine, tokens, text, ctx, steps, cache_dir, log):
 def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
     done = {(r["text"], r["context"], r["name"]) for r in res["rows"]}
     todo = [c for c in configs(ctx, args.sink, args.window, args.allocations, args.masses) if (text, ctx, c[1]) not in done]
-    if not todo and all((text, ctx, f"per-layer β fit on scored @ {f:g}") in done for f in budgets(ctx)[:3]):
+    if not todo and all((text, ctx, f"per-layer β fit on scored @ {f:g}") in done for f in budgets(ctx)[:2]):
         return
     ref = reference(engine, tokens, text, ctx, steps, args.ref_cache, log)
 
@@ -122,16 +123,16 @@ def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
             betas = cal.choose_betas(curves, mass=cfg.dipr_mass, keys=cfg.dipr_keys, allocation=alloc)
         record(family, name, score_against(engine, ref, cfg, betas=betas), t1, {"allocation": alloc} if alloc else None)
 
-    for c in todo:
-        if c[3] is None:
-            run(*c)
+    fit_after = max([i for i, c in enumerate(todo) if c[0] == "uniform β"], default=-1)
+    for c in todo[: fit_after + 1]:
+        run(*c)
     # Upper reference: per-layer β fitted on the scored steps' own per-layer recall (uniform sweep).
     uni = [dict(r, config={"beta": float(r["name"].split("=")[1])},
                 per_layer=[{"keys_fraction": k, "attention_recall": c}
                            for k, c in zip(r["per_layer_keys"], r["per_layer_recall"])])
            for r in res["rows"] if r["text"] == text and r["context"] == ctx and r["family"] == "uniform β"]
     hq = engine.config.num_heads
-    for f in budgets(ctx)[:3]:
+    for f in budgets(ctx)[:2]:
         name = f"per-layer β fit on scored @ {f:g}"
         if (text, ctx, name) in done or len(uni) < 3:
             continue
@@ -142,10 +143,30 @@ def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
                                                        window=args.window), betas=b)
         record("per-layer β fit on scored steps", name, r, t1,
                {"per_layer_beta": [None if math.isinf(x) else x for x in betas], "predicted_keys_fraction": pred_k})
-    for c in todo:
-        if c[3] is not None:
-            run(*c)
+    for c in todo[fit_after + 1:]:
+        run(*c)
     del ref
+
+
+def from_explore(part: dict) -> dict:
+    """Rows of a bench/calibration_explore.py run in this script's format (same reference, same metrics)."""
+    text = "pydoc" if "pydoc" in part["text"] else part["text"]
+    rows = []
+    for r in part["rows"]:
+        fam = r["family"]
+        if fam in cal.ALLOCATIONS:
+            family = f"calibrated keys [{fam}]"
+        elif fam.startswith("oracle "):
+            family = f"calibrated on the scored steps [{fam.split()[1]}]"
+        elif fam.endswith(" mass-mode"):
+            family = f"calibrated mass [{fam.split()[0]}]"
+        else:
+            family = {"uniform": "uniform β"}.get(fam, fam)
+        rows.append(dict(r, text=text, context=part["context"], family=family, tokens=part["steps"],
+                         source="calibration_explore"))
+    meta = dict(part.get("meta", {}))
+    return {"meta": {"date": meta.get("date", "?"), "commit": meta.get("commit", "?"), "text_tokens": {}},
+            "rows": rows}
 
 
 # ----------------------------------------------------------------------------- report
@@ -258,7 +279,7 @@ def write_markdown(res, path):
     for r in rows:
         c = r.get("calibration") or {}
         L.append(f"| {r['text']} | {r['context']} | {r['name']} | {r['keys_fraction']:.2%} | {r['kl_to_full']:.4f} | "
-                 f"{r['kl_to_full_max']:.3f} | {r['ppl']:.3f} | {r['ppl_full']:.3f} | {r['ppl_increase']:+.2%} | "
+                 f"{r.get('kl_to_full_max', float('nan')):.3f} | {r['ppl']:.3f} | {r['ppl_full']:.3f} | {r['ppl_increase']:+.2%} | "
                  f"{r['top1_agreement']:.2f} | {r['attention_recall']:.3f} | "
                  + (f"{c['calibration_keys_fraction']:.2%} | {c['calibration_mass']:.3f} |" if c else "– | – |"))
     cr = [r for r in rows if r.get("dipr_beta_per_layer") and "keys 0.03" in r["name"]]
@@ -298,8 +319,7 @@ def needle_methods(sink, window):
                 (f"dipr-keys {f:g}", AttentionConfig(method="dipr", dipr_keys=f, **base)),
                 (f"topk {f:.0%}", AttentionConfig(method="topk", budget=k, **base)),
                 ("dipr-mass 0.9", AttentionConfig(method="dipr", dipr_mass=0.9, **base)),
-                ("topp p=0.8", AttentionConfig(method="topp", top_p=0.8, **base)),
-                ("dipr β=32", AttentionConfig(method="dipr", beta=32.0, **base))]
+                ("topp p=0.8", AttentionConfig(method="topp", top_p=0.8, **base))]
 
     return methods_for
 
@@ -307,7 +327,7 @@ def needle_methods(sink, window):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
-    ap.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--n-cal", type=int, default=64)
     ap.add_argument("--sink", type=int, default=4)
@@ -332,6 +352,8 @@ def main(argv=None):
         for path in args.merge:
             with open(path) as f:
                 part = json.load(f)
+            if "curves" in part:
+                part = from_explore(part)
             res.setdefault("meta", dict(part["meta"], runs=[]))
             res["meta"]["text_tokens"] = {**res["meta"]["text_tokens"], **part["meta"]["text_tokens"]}
             res["meta"]["runs"].append({k: part["meta"][k] for k in ("date", "commit")} | {"file": os.path.basename(path)})
