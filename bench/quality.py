@@ -444,6 +444,18 @@ def write_markdown(res, path):
         f.write("\n".join(L) + "\n")
 
 
+def make_logger(path, *, append: bool):
+    """A log function that prints a line and appends it to ``path``."""
+    logf = open(path, "a" if append else "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    return log
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096, 8192])
@@ -471,12 +483,7 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "quality.json")
-    logf = open(os.path.join(args.out, "quality.log"), "a" if args.resume else "w")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = make_logger(os.path.join(args.out, "quality.log"), append=args.resume)
 
     _, model, tok = load_smollm2(dtype="float32")
     engine = Engine(model, prefill_chunk=512)

@@ -371,12 +371,7 @@ def main(argv=None):
     from models import load_smollm2
 
     os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, args.name + ".log"), "a")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = q.make_logger(os.path.join(args.out, args.name + ".log"), append=True)
 
     _, model, tok = load_smollm2(dtype="float32")
     engine = Engine(model, prefill_chunk=512)

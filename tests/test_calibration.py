@@ -1,35 +1,23 @@
 """Self-calibrated DIPR: curves against NumPy, mass and budget modes, β per head through the store
 path and the engine, snapshots carrying the βs, and the bad-value errors."""
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import checkpoints as ck
 from alaya_jax import calibration as cal
 from alaya_jax import kv_store
 from alaya_jax.cli import main as cli_main
 from alaya_jax.dipr_store import dipr_store_attention
-from alaya_jax.engine import Engine
 from alaya_jax.methods import AttentionConfig
 from alaya_jax.sampling import SamplingConfig
-from models import Llama, tiny
 from tests.test_dipr import _store_case, np_dipr_mask
-
-
-@pytest.fixture(scope="module")
-def engine():
-    cfg = dataclasses.replace(tiny(), max_position_embeddings=1024)
-    return Engine(Llama(cfg, rngs=nnx.Rngs(0)), block_size=8, prefill_chunk=32)
-
-
-def _tokens(n, seed=0, vocab=97):
-    return np.random.default_rng(seed).integers(0, vocab, size=n).tolist()
+from tests.test_engine import _decode_logits
+from tests.test_evaluation import _tokens, engine  # noqa: F401  (engine: the tiny-model fixture)
 
 
 def np_curves(q, k, v, pos, length, *, sink, window, grid):
@@ -191,13 +179,7 @@ def test_bad_beta_arrays():
 
 
 def _decode(engine, caches, cfg, steps=4):
-    tok = jnp.asarray([5], jnp.int32)
-    out = []
-    for _ in range(steps):
-        tok, logits, caches, _ = engine.decode_step(caches, tok, key=jax.random.PRNGKey(0),
-                                                    sampling=SamplingConfig(), attention=cfg)
-        out.append(np.asarray(logits))
-    return np.stack(out)
+    return _decode_logits(engine, None, cfg, steps=steps, caches=caches)
 
 
 def test_engine_decodes_with_the_stored_betas(engine):
