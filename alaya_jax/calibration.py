@@ -18,11 +18,12 @@ From these curves (exact scores in jnp, no DIPR kernel):
   buys the most gain per key.
 
 What the gain is and whether the heads of a layer share a β is the *allocation*
-(:data:`ALLOCATIONS`). The default, ``layer-recall`` — one β per layer, gain = the
-absolute softmax mass on DIPR ∪ sink ∪ window — is the one that measured best
-(bench/results/quality_calibrated.md): a β per head chosen on the share of the mass
-*outside* sink and window (``head-mass``, the first try the issue warns about) spends keys
-on heads whose mass sits almost all in the sink and window, and lost to uniform β.
+(:data:`ALLOCATIONS`). The default, ``head-recall`` — a β per head, gain = the absolute
+softmax mass on DIPR ∪ sink ∪ window — had the lowest KL at equal keys on 3 of the 4
+(text, context) pairs of bench/results/quality_calibrated.md (``layer-recall`` on the
+fourth). A β per head chosen on the share of the mass *outside* sink and window
+(``head-mass``, the first try the issue warns about) spends keys on heads whose mass sits
+almost all in the sink and window.
 
 The chosen βs [L, B, Hq] go onto the caches (``KVStore.dipr_beta``) and every decode step
 of calibrated DIPR uses them (:mod:`alaya_jax.attention_methods`).
@@ -246,7 +247,7 @@ def held_mass(curves: Curves, betas: np.ndarray) -> np.ndarray:
 # mass) or "vdist" (value-weighted mass Σ p‖v − o‖). Mass mode reads the gain as a fraction of its total.
 # bench/results/quality_calibrated.md reports what each does to the KL.
 ALLOCATIONS = tuple(f"{g}-{k}" for g in ("head", "layer") for k in ("mass", "spread", "recall", "vdist"))
-DEFAULT_ALLOCATION = "layer-recall"
+DEFAULT_ALLOCATION = "head-recall"
 
 
 def gain_curves(curves: Curves, kind: str) -> np.ndarray:

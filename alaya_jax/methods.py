@@ -39,10 +39,10 @@ class AttentionConfig:
     ``auto_min_context``, else DIPR with ``auto_dense_layers`` dense.
 
     Self-calibrated DIPR (method "dipr" with one of), from the prompt's last ``n_cal``
-    queries: ``dipr_mass`` M — per layer the smallest β whose attended keys (DIPR ∪ sink ∪
-    window) hold mass M of the softmax (mean over the layer's heads and the queries);
-    ``dipr_keys`` F — a total budget of a fraction F of the keys (sink and window
-    included, mean over heads and layers) water-filled over the layers. The βs are a
+    queries: ``dipr_mass`` M — per (layer, head) the smallest β whose attended keys (DIPR ∪
+    sink ∪ window) hold mass M of the softmax (mean over the queries); ``dipr_keys`` F — a
+    total budget of a fraction F of the keys (sink and window included, mean over heads and
+    layers) water-filled over (layer, head) on the absolute softmax mass. The βs are a
     [layers, Hq] array (``KVStore.dipr_beta``); the allocation is
     ``calibration.DEFAULT_ALLOCATION`` (see :mod:`alaya_jax.calibration` for the others).
     """

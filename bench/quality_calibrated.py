@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -220,7 +221,7 @@ def plot(rows, out_dir):
     texts = list(dict.fromkeys(r["text"] for r in rows))
     ctxs = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(len(texts), len(ctxs), figsize=(5.0 * len(ctxs), 4.0 * len(texts)), squeeze=False)
-    cal_colors = iter(["C1", "C2", "C4", "C8", "C9", "k", "C7"])
+    cal_colors = itertools.cycle(["C1", "C2", "C4", "C8", "C9", "k", "C7", "C3", "C0"])
     styles = dict(FAMILY_STYLE)
     for ti, text in enumerate(texts):
         for ci, ctx in enumerate(ctxs):
@@ -243,8 +244,12 @@ def plot(rows, out_dir):
             ax.set_xlabel("fraction of keys attended (sink 4 + window 64 included)")
             ax.set_ylabel("KL(full ‖ method), nats/token")
             ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=6)
-    fig.tight_layout()
+    seen = {}
+    for ax in axes.ravel():
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=4, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 + 0.02 * math.ceil(len(seen) / 4), 1, 1))
     fig.savefig(os.path.join(out_dir, "quality_calibrated_kl.png"), dpi=100)
     plt.close(fig)
 

@@ -66,11 +66,11 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--implementation", choices=("reference", "pallas"), default="reference",
                    help="kernel implementation for DIPR (pallas: interpret mode on CPU)")
     g.add_argument("--dipr-mass", type=unit_float, default=None, metavar="M",
-                   help="calibrated DIPR: per layer the smallest β whose attended keys (DIPR ∪ sink ∪ window) hold "
-                        "mass M of the softmax, averaged over the layer's heads and the prompt's last --n-cal queries")
+                   help="calibrated DIPR: per (layer, head) the smallest β whose attended keys (DIPR ∪ sink ∪ window) "
+                        "hold mass M of the softmax, averaged over the prompt's last --n-cal queries")
     g.add_argument("--dipr-keys", type=unit_float, default=None, metavar="F",
                    help="calibrated DIPR: a budget of a fraction F of the keys (sink and window included, mean over "
-                        "heads and layers) shared among layers by water-filling on the prompt's last --n-cal queries "
+                        "heads and layers) shared among heads by water-filling on the prompt's last --n-cal queries "
                         "(each extra key goes where it buys the most softmax mass)")
     g.add_argument("--n-cal", type=positive_int, default=64, help="calibration queries (default 64)")
 
