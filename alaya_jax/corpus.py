@@ -1,4 +1,4 @@
-"""Long texts available without any download: Python's own ``pydoc_data.topics``."""
+"""Long texts available without any download: Python's own ``pydoc_data.topics`` and IDLE's help."""
 
 from __future__ import annotations
 
@@ -27,3 +27,41 @@ def pydoc_topics(names: Sequence[str] | None = None) -> str:
 
 def demo_context() -> str:
     return pydoc_topics(DEMO_TOPICS)
+
+
+def idle_help() -> str:
+    """IDLE's user documentation (``idlelib/help.html`` of the standard library) as plain text: tags
+    dropped, block elements as line breaks, runs of blank lines collapsed (~9.8K SmolLM2 tokens)."""
+    import html.parser
+    import os
+    import re
+
+    import idlelib
+
+    class _Text(html.parser.HTMLParser):
+        BLOCKS = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "dt", "dd", "pre", "tr", "table", "ul", "ol"}
+
+        def __init__(self):
+            super().__init__()
+            self.parts, self.skip = [], 0
+
+        def handle_starttag(self, tag, attrs):
+            self.skip += tag in ("script", "style")
+            if tag in self.BLOCKS:
+                self.parts.append("\n")
+
+        def handle_endtag(self, tag):
+            self.skip -= tag in ("script", "style")
+
+        def handle_data(self, data):
+            if not self.skip:
+                self.parts.append(data)
+
+    with open(os.path.join(os.path.dirname(idlelib.__file__), "help.html"), encoding="utf-8") as f:
+        parser = _Text()
+        parser.feed(f.read())
+    text = re.sub(r"[ \t]+", " ", "".join(parser.parts))
+    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+
+TEXTS = {"pydoc": pydoc_topics, "idle-help": idle_help}

@@ -29,11 +29,14 @@ def _check(q: jax.Array, k: jax.Array, v: Optional[jax.Array] = None) -> None:
 
 
 def check_beta(beta) -> None:
-    """β (a number or an array, e.g. one per query head) must be >= 0 everywhere (inf allowed; NaN not)."""
+    """β: a float, a scalar array or an array of β per query head (broadcastable to [B, Hq]); every
+    concrete value must be >= 0 (inf allowed)."""
     if isinstance(beta, jax.core.Tracer):
         return
-    if not np.all(np.asarray(beta, np.float64) >= 0):
-        raise ValueError(f"beta must be >= 0 (inf allowed), got {beta}")
+    b = np.asarray(beta, np.float64)
+    if not bool(np.all(b >= 0)):
+        bad = b if b.ndim == 0 else b[~(b >= 0)].ravel()[:4]
+        raise ValueError(f"beta must be >= 0 (inf allowed), got {bad}")
 
 
 def _lengths(lengths, b: int, s: int) -> jax.Array:

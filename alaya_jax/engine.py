@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alaya_jax import kv_store
-from alaya_jax.methods import AttentionConfig, make_attention_fn
+from alaya_jax import calibration, kv_store
+from alaya_jax.methods import AttentionConfig, causal_attention, make_attention_fn
 from alaya_jax.sampling import SamplingConfig, sample
 
 FULL = AttentionConfig(method="full")
@@ -96,6 +96,18 @@ class Engine:
             logits = logits[:, 0].astype(jnp.float32)
             return sample(logits, key, temperature, top_p), logits, caches, aux
 
+        def curves(state, tokens, positions, caches, row_ok, grid, sink, window):
+            # The calibration rows' keys are already in the caches: attend without appending.
+            m = nnx.merge(graphdef, state)
+
+            def attn(layer, q, k, v, cache, pos):
+                c = calibration.layer_curves(q, cache, pos, row_ok, sink=sink, window=window, grid=grid)
+                return causal_attention(q, cache, pos), cache, c
+
+            _, _, aux = m.hidden(tokens, positions, caches, attention=attn)
+            return aux
+
+        self._curves = jax.jit(curves, static_argnames=("sink", "window"))
         self._forward = jax.jit(forward, static_argnames=("cfg",), donate_argnames=("caches",) if donate else ())
         self._decode = jax.jit(decode, static_argnames=("cfg",), donate_argnames=("caches",) if donate else ())
 
@@ -168,13 +180,41 @@ class Engine:
         nll = [np.concatenate(x).astype(np.float64) for x in kept] if score_next else None
         return caches, last_logits, nll
 
+    # ------------------------------------------------------------------ calibration
+    def calibration_curves(self, caches, tails: Sequence[Sequence[int]], *, sink: int,
+                           window: int) -> calibration.Curves:
+        """The calibration curves (:class:`alaya_jax.calibration.Curves`) of prefilled caches:
+        ``tails[b]`` are the last tokens of sequence b's context (the calibration queries)."""
+        lengths = np.asarray(caches[0].lengths)
+        if len(tails) != len(lengths):
+            raise ValueError(f"{len(tails)} calibration tails for a batch of {len(lengths)}")
+        toks, pos, ok = calibration.calibration_inputs(tails, lengths)
+        aux = self._curves(self._state, jnp.asarray(toks), jnp.asarray(pos), caches, jnp.asarray(ok),
+                           jnp.asarray(calibration.BETA_GRID), sink=sink, window=window)
+        mass, keys, spread, recall, vmass = (np.stack([np.asarray(a[i], np.float64) for a in aux]) for i in range(5))
+        return calibration.Curves(mass=mass, keys=keys, spread=spread, rows=ok.sum(axis=1), length=lengths,
+                                  recall=recall, vmass=vmass)
+
+    def calibrate(self, caches, tails: Sequence[Sequence[int]], attention: AttentionConfig):
+        """Calibrated DIPR: choose a β per (layer, query head) from the last ``attention.n_cal``
+        tokens of each ``tails[b]`` (the end of sequence b's context, already prefilled) and put
+        them on the caches (``KVStore.dipr_beta``). Returns ``(caches, curves)``."""
+        if not attention.calibrated:
+            raise ValueError("calibrate needs an AttentionConfig with dipr_mass or dipr_keys")
+        tails = [list(t)[-attention.n_cal:] for t in tails]
+        curves = self.calibration_curves(caches, tails, sink=attention.sink, window=attention.window)
+        betas = calibration.choose_betas(curves, mass=attention.dipr_mass, keys=attention.dipr_keys)
+        return calibration.with_betas(caches, betas), curves
+
     # ------------------------------------------------------------------ decode
     def decode_step(self, caches, token, *, key, sampling: SamplingConfig, attention: AttentionConfig = FULL):
         """One jitted step: token int32 [B] → (next int32 [B], logits f32 [B,V], caches, aux).
 
         β and the attention top-p are traced: sweeping them reuses one compilation.
         """
-        static = dataclasses.replace(attention, beta=0.0, top_p=1.0)
+        # Calibration targets only matter at calibration (the βs ride on the caches): one compile for all.
+        calib = {"dipr_mass": 1.0, "dipr_keys": None} if attention.calibrated else {}
+        static = dataclasses.replace(attention, beta=0.0, top_p=1.0, **calib)
         return self._decode(self._state, caches, token, key, jnp.float32(sampling.temperature),
                             jnp.float32(sampling.top_p), jnp.float32(attention.beta),
                             jnp.float32(attention.top_p), cfg=static)
@@ -190,13 +230,15 @@ class Engine:
         caches=None,
         capacity: Optional[int] = None,
         progress: Optional[Callable[[int], None]] = None,
+        context_tokens: Optional[Sequence[Sequence[int]]] = None,
     ) -> tuple[list[GenerationResult], tuple]:
         """Generate for a batch of prompts of different lengths.
 
         ``caches``: already-prefilled caches whose tokens precede each prompt
         (e.g. from a context snapshot); ``prompts`` are then the tokens still to
-        prefill. ``on_token(batch_index, token)`` streams tokens. Returns the
-        results and the final caches.
+        prefill; ``context_tokens[b]`` are then the tokens already in them (calibrated DIPR
+        reads the last ``n_cal`` tokens of context + prompt). ``on_token(batch_index, token)``
+        streams tokens. Returns the results and the final caches.
         """
         b = len(prompts)
         start = np.zeros(b, int) if caches is None else np.asarray(caches[0].lengths)
@@ -211,6 +253,15 @@ class Engine:
         attention = attention.resolve(int(lens.min()))
         t0 = time.perf_counter()
         caches, logits, _ = self.prefill(caches, prompts, progress=progress)
+        if attention.method == "dipr" and attention.calibrated:
+            before = [[] for _ in range(b)] if context_tokens is None else context_tokens
+            if len(before) != b:
+                raise ValueError(f"context_tokens for {len(before)} sequences, {b} prompts")
+            for j in range(b):
+                if len(before[j]) != start[j] and len(prompts[j]) < min(attention.n_cal, int(lens[j])):
+                    raise ValueError(f"sequence {j}: calibrating on the last {attention.n_cal} tokens needs the "
+                                     f"{int(start[j])} tokens already in the caches (pass context_tokens)")
+            caches, _ = self.calibrate(caches, [list(before[j]) + list(prompts[j]) for j in range(b)], attention)
         key = jax.random.PRNGKey(sampling.seed)
         key, sub = jax.random.split(key)
         token = sample(logits, sub, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))

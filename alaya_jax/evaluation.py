@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alaya_jax import calibration
 from alaya_jax.engine import FULL, Engine
 from alaya_jax.methods import AttentionConfig
 from alaya_jax.sampling import SamplingConfig
@@ -51,7 +52,9 @@ class Reference:
     ``caches``: the prefilled caches (never consumed: every chain starts from a copy).
     ``inputs`` int32 [steps]: the token fed at each decode step; ``targets`` int32
     [steps]: the token it predicts; ``logits_full`` f32 [steps, V]: full attention's
-    logits at each step.
+    logits at each step. ``context`` int32 [prefill_tokens]: the prefilled tokens (calibrated
+    DIPR calibrates on their last ``n_cal``); ``curves``: calibration curves computed so far,
+    by (n_cal, sink, window), shared by every calibrated config scored against this reference.
     """
 
     prefill_tokens: int
@@ -59,6 +62,8 @@ class Reference:
     inputs: np.ndarray
     targets: np.ndarray
     logits_full: jax.Array
+    context: np.ndarray
+    curves: dict = dataclasses.field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -125,7 +130,19 @@ def prepare_reference(
     if bar is not None:
         bar.close()
     return Reference(prefill_tokens=p, caches=caches, inputs=inputs, targets=targets,
-                     logits_full=jnp.stack(logits))
+                     logits_full=jnp.stack(logits), context=np.asarray(tokens[:p], np.int32))
+
+
+def calibrated_caches(engine: Engine, ref: Reference, attention: AttentionConfig):
+    """The reference's prefilled caches with calibrated βs for ``attention`` (dipr_mass or
+    dipr_keys), the curves computed once per (n_cal, sink, window). Returns (caches, curves)."""
+    key = (attention.n_cal, attention.sink, attention.window)
+    if key not in ref.curves:
+        tail = [ref.context[-attention.n_cal:].tolist()]
+        ref.curves[key] = engine.calibration_curves(ref.caches, tail, sink=attention.sink, window=attention.window)
+    curves = ref.curves[key]
+    betas = calibration.choose_betas(curves, mass=attention.dipr_mass, keys=attention.dipr_keys)
+    return calibration.with_betas(ref.caches, betas), curves
 
 
 def _mean_stat(aux, name) -> np.ndarray:
@@ -139,18 +156,29 @@ def score_against(
     attention: AttentionConfig,
     *,
     decode: Optional[DecodeFn] = None,
+    betas: Optional[np.ndarray] = None,
     progress: bool = False,
 ) -> dict:
     """Score ``attention`` against a shared :class:`Reference` (see :func:`score_sparse` for the keys).
 
-    ``decode``: an alternative decode function (e.g. per-layer β); it must collect
-    stats. Default: ``engine.decode_step`` with ``attention`` (stats collected).
+    ``decode``: an alternative decode function; it must collect stats. Default:
+    ``engine.decode_step`` with ``attention`` (stats collected). ``betas`` f32 [L, B, Hq]:
+    with calibrated DIPR, use these βs instead of calibrating (e.g. another allocation of
+    the same curves).
     """
     p = ref.prefill_tokens
     cfg = dataclasses.replace(attention.resolve(p), collect_stats=True)
     if decode is None:
         decode = engine_decoder(engine, cfg)
-    caches = _copy(ref.caches)
+    caches, cal = _copy(ref.caches), None
+    if betas is not None and not (cfg.method == "dipr" and cfg.calibrated):
+        raise ValueError("betas are for calibrated DIPR (method 'dipr' with dipr_mass or dipr_keys)")
+    if cfg.method == "dipr" and cfg.calibrated:
+        caches, curves = calibrated_caches(engine, ref, cfg)
+        caches = _copy(caches if betas is None else calibration.with_betas(ref.caches, np.asarray(betas)))
+        betas = np.stack([np.asarray(c.dipr_beta) for c in caches])
+        cal = {"n_cal": int(curves.rows[0]), "calibration_keys_fraction": float(calibration.spent_fraction(curves, betas)[0]),
+               "calibration_mass": float(calibration.held_mass(curves, betas).mean())}
     logits, auxes = [], []
     bar = _bar(progress, ref.steps, f"eval {cfg.method}")
     for tok in ref.inputs:
@@ -190,6 +218,7 @@ def score_against(
         "attention_recall": float(lr.mean()),
         "candidates_fraction": float(lb[:, dipr_layers].mean()) if dipr_layers.any() else None,
         "overflow_steps": overflow,
+        **({"calibration": cal, "dipr_beta_per_layer": calibration.beta_summary(caches)} if cal is not None else {}),
         "per_layer": [
             {"layer": i, "mean_keys_attended": float(lk[:, i].mean()), "keys_fraction": float(lf[:, i].mean()),
              "attention_recall": float(lr[:, i].mean())}
@@ -222,4 +251,5 @@ def score_sparse(
     return score_against(engine, ref, attention, progress=progress)
 
 
-__all__ = ["Reference", "prepare_reference", "score_against", "score_sparse", "step_metrics", "engine_decoder"]
+__all__ = ["Reference", "prepare_reference", "calibrated_caches", "score_against", "score_sparse", "step_metrics",
+           "engine_decoder"]

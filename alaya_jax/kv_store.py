@@ -12,6 +12,9 @@ scans instead of the key (DESIGN.md §2, filter–refine)::
     code_err     : [B, Hkv, NB, Bk] f16  ‖rotated key − decoded code‖₂, rounded up
     rot_signs    : [Hkv, D] f32           ±1: the rotation H·diag(signs)/√D per KV head
     lengths      : [B] int32             valid positions per sequence
+    dipr_beta    : [B, Hq] f32 or None   this layer's DIPR β per query head, chosen by
+                                          calibration at the end of prefill
+                                          (:mod:`alaya_jax.calibration`); None = not calibrated
 
 ``capacity = NB * Bk`` is static. Codes are built from the stored (dtype-cast)
 keys at prefill and appended with every new key, so they always describe the
@@ -56,6 +59,7 @@ class KVStore:
     code_err: jax.Array  # [B, Hkv, NB, Bk] f16
     rot_signs: jax.Array  # [Hkv, D] f32
     lengths: jax.Array  # [B] int32
+    dipr_beta: Optional[jax.Array] = None  # [B, Hq] f32: calibrated β per query head (None: not calibrated)
 
     @property
     def batch(self) -> int:

@@ -19,12 +19,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from alaya_jax import baselines, kv_store
-from alaya_jax.dipr_store import dipr_store_attention
+from alaya_jax import attention_methods, kv_store
 from alaya_jax.kv_store import KVStore
-from alaya_jax.masked_attention import full_softmax, group_size, masked_attention, raw_scores, sink_window_mask
+from alaya_jax.masked_attention import full_softmax, group_size, raw_scores
 
-METHODS = ("full", "dipr", "topk", "topp", "quest", "infllm", "streaming", "auto")
+# The registered methods a user picks by name, plus "auto" (resolved per context length).
+METHODS = attention_methods.names() + ("auto",)
 IMPLEMENTATIONS = ("reference", "pallas")
 PREFILL_ATTENTIONS = ("reference", "xla", "cudnn")
 
@@ -37,6 +37,14 @@ class AttentionConfig:
     ``ceil(budget / block_size)`` blocks. ``dense_layers``: layers that always run
     full attention. ``auto``: full attention while the context is shorter than
     ``auto_min_context``, else DIPR with ``auto_dense_layers`` dense.
+
+    Self-calibrated DIPR (method "dipr" with one of), from the prompt's last ``n_cal``
+    queries: ``dipr_mass`` M — per (layer, head) the smallest β whose attended keys (DIPR ∪
+    sink ∪ window) hold mass M of the softmax (mean over the queries); ``dipr_keys`` F — a
+    total budget of a fraction F of the keys (sink and window included, mean over heads and
+    layers) water-filled over (layer, head) on the absolute softmax mass. The βs are a
+    [layers, Hq] array (``KVStore.dipr_beta``); the allocation is
+    ``calibration.DEFAULT_ALLOCATION`` (see :mod:`alaya_jax.calibration` for the others).
     """
 
     method: str = "full"
@@ -58,6 +66,9 @@ class AttentionConfig:
     implementation: str = "reference"
     collect_stats: bool = False
     prefill_attention: str = "reference"
+    dipr_mass: Optional[float] = None
+    dipr_keys: Optional[float] = None
+    n_cal: int = 64
 
     # ``prefill_attention``: how dense attention runs — chunks of T > 1 rows, and decode
     # steps of method "full". "reference": our jnp code (materialises f32 scores over
@@ -84,13 +95,36 @@ class AttentionConfig:
             raise ValueError(f"capacity_fraction must be in (0, 1], got {self.capacity_fraction}")
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ValueError(f"unknown prefill_attention {self.prefill_attention!r}; choose one of {PREFILL_ATTENTIONS}")
+        for name in ("dipr_mass", "dipr_keys"):
+            val = getattr(self, name)
+            if val is not None and not (0.0 < val <= 1.0):
+                raise ValueError(f"{name} must be in (0, 1], got {val}")
+        if self.dipr_mass is not None and self.dipr_keys is not None:
+            raise ValueError("give either dipr_mass (mass target) or dipr_keys (key budget), not both")
+        if self.calibrated and self.method not in ("dipr", "auto"):
+            raise ValueError(f"dipr_mass / dipr_keys calibrate DIPR; they cannot be used with method "
+                             f"{self.method!r} (use method 'dipr')")
+        if self.n_cal < 1:
+            raise ValueError(f"n_cal must be >= 1, got {self.n_cal}")
+
+    @property
+    def calibrated(self) -> bool:
+        """True when DIPR's β per (layer, head) is chosen by calibration (dipr_mass or dipr_keys)."""
+        return self.dipr_mass is not None or self.dipr_keys is not None
+
+    @property
+    def registry_name(self) -> str:
+        """The name of this config's entry in :mod:`alaya_jax.attention_methods`."""
+        if self.method == "auto":
+            raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) first")
+        return "dipr_calibrated" if self.method == "dipr" and self.calibrated else self.method
 
     def resolve(self, context_length: int) -> "AttentionConfig":
         """Replace ``auto`` by the concrete method for a context of this many tokens."""
         if self.method != "auto":
             return self
         if context_length < self.auto_min_context:
-            return dataclasses.replace(self, method="full")
+            return dataclasses.replace(self, method="full", dipr_mass=None, dipr_keys=None)
         return dataclasses.replace(self, method="dipr", dense_layers=tuple(self.auto_dense_layers))
 
 
@@ -131,62 +165,26 @@ def fused_causal_attention(q: jax.Array, store: KVStore, positions: jax.Array, *
 
 def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dense: bool = False,
                      beta=None, top_p=None):
-    """One decode query per head over a store. q [B,Hq,D] → (out [B,Hq,D], stats dict).
+    """One decode query per head over a store, through the method registry
+    (:mod:`alaya_jax.attention_methods`). q [B,Hq,D] → (out [B,Hq,D], stats dict).
 
-    ``beta`` / ``top_p`` (optional, may be traced) override ``cfg.beta`` / ``cfg.top_p``
-    so that sweeping them does not recompile.
+    ``beta`` / ``top_p`` (optional, may be traced; ``beta`` may be a β per query head,
+    broadcastable to [B, Hq]) override ``cfg.beta`` / ``cfg.top_p`` so that sweeping them
+    does not recompile. Calibrated DIPR takes its β from ``store.dipr_beta``.
 
     Stats (when ``cfg.collect_stats``): ``keys_attended`` [B,Hq] and ``recall``
     [B,Hq] (share of the full softmax mass on the attended keys); DIPR adds
     ``candidates`` [B,Hkv], ``overflow`` [] and ``refined`` [].
     """
-    method = "full" if dense else cfg.method
+    method = attention_methods.get("full" if dense else cfg.registry_name)
     beta = cfg.beta if beta is None else beta
     top_p = cfg.top_p if top_p is None else top_p
-    if method == "auto":
-        raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) before decoding")
-    b, hq, d = q.shape
-    k, v = store.dense_keys(), store.dense_values()
-    s = k.shape[2]
-    valid = kv_store.positions_valid(store)  # [B,S]
-    sw = sink_window_mask(store.lengths, s, sink=cfg.sink, window=cfg.window)[:, None, :]
-    stats = {}
-    if method == "dipr":
-        out, dstats, dmask = dipr_store_attention(
-            q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=cfg.collect_stats,
-            implementation=cfg.implementation, num_splits=cfg.num_splits,
-            capacity_fraction=cfg.capacity_fraction,
-        )
-        stats = {"candidates": dstats.candidates, "overflow": dstats.overflow, "refined": dstats.refined,
-                 "rescanned": dstats.rescanned}
-        if not cfg.collect_stats:
-            return out, stats
-        mask = dmask | sw
-        scores = raw_scores(q, k)
-    else:
-        scores = raw_scores(q, k)
-        if method == "full":
-            mask = jnp.broadcast_to(valid[:, None, :], scores.shape)
-        elif method == "streaming":
-            mask = jnp.broadcast_to(sw, scores.shape)
-        elif method == "topk":
-            mask = baselines.topk_mask(scores, valid, k=cfg.budget) | sw
-        elif method == "topp":
-            mask = baselines.topp_mask(scores, valid, p=top_p, head_dim=d) | sw
-        elif method == "quest":
-            nblk = -(-cfg.budget // store.block_size)
-            kmin, kmax = kv_store.block_summaries(store.keys, store.lengths)
-            mask = baselines.quest_mask(q, kmin, kmax, valid, num_blocks=nblk) | sw
-        elif method == "infllm":
-            nblk = -(-cfg.budget // store.block_size)
-            mask = baselines.infllm_mask(q, store.keys, valid, num_blocks=nblk) | sw
-        else:  # pragma: no cover - guarded by AttentionConfig
-            raise ValueError(method)
-        out, _ = masked_attention(q, k, v, mask, scores=scores)
+    out, mask, stats = method.attend(q, store, cfg, beta=beta, top_p=top_p, with_mask=cfg.collect_stats)
     if cfg.collect_stats:
-        probs = full_softmax(scores, valid, d)
-        stats["keys_attended"] = jnp.sum(mask, axis=-1).astype(jnp.float32)
-        stats["recall"] = jnp.sum(jnp.where(mask, probs, 0.0), axis=-1)
+        valid = kv_store.positions_valid(store)  # [B,S]
+        probs = full_softmax(raw_scores(q, store.dense_keys()), valid, q.shape[-1])
+        stats = dict(stats, keys_attended=jnp.sum(mask, axis=-1).astype(jnp.float32),
+                     recall=jnp.sum(jnp.where(mask, probs, 0.0), axis=-1))
     return out, stats
 
 

@@ -173,9 +173,10 @@ NEEDLE = "The secret code of the blue house is 68142."
 NEEDLE_QUERY = "The secret code of the blue house is"
 
 
-def needle(engine, tok, lengths, depths, sink, window, log, rows, save, new_tokens=8):
+def needle(engine, tok, lengths, depths, sink, window, log, rows, save, new_tokens=8, methods_for=None):
     """Plant NEEDLE at each depth of an n-token filler and ask for it; appends to ``rows`` and calls ``save``
-    after every (length, depth) so an interrupted run resumes where it stopped."""
+    after every (length, depth) so an interrupted run resumes where it stopped. ``methods_for(n)``: the
+    (name, AttentionConfig) list for n-token prompts (default: full, DIPR β=32/16, top-k/Quest/InfLLM 3%)."""
     filler_ids = tok.encode(pydoc_topics())
     done = {(r["length"], r["depth"]) for r in rows}
     for n in lengths:
@@ -184,7 +185,8 @@ def needle(engine, tok, lengths, depths, sink, window, log, rows, save, new_toke
         body_n = n - len(q_ids) - len(s_ids)
         frac = 0.03
         k = max(1, int(round(frac * n)))
-        methods = [("full", FULL),
+        methods = methods_for(n) if methods_for is not None else [
+                   ("full", FULL),
                    ("dipr β=32", AttentionConfig(method="dipr", beta=32.0, sink=sink, window=window)),
                    ("dipr β=16", AttentionConfig(method="dipr", beta=16.0, sink=sink, window=window)),
                    (f"topk 3% (k={k})", AttentionConfig(method="topk", budget=k, sink=sink, window=window)),
@@ -205,7 +207,8 @@ def needle(engine, tok, lengths, depths, sink, window, log, rows, save, new_toke
             log(f"needle {len(ids)} tokens, depth {depth:.0%} (token {cut}): prefill {time.perf_counter() - t0:.0f}s")
             for name, cfg in methods:
                 res, _ = engine.generate([ids[-1:]], sampling=SamplingConfig(max_new_tokens=new_tokens),
-                                         attention=cfg, caches=jax.tree.map(jnp.copy, caches))
+                                         attention=cfg, caches=jax.tree.map(jnp.copy, caches),
+                                         context_tokens=[ids[:-1]])
                 text = tok.decode(res[0].tokens)
                 rows.append({"length": n, "tokens": len(ids), "depth": depth, "needle_token": cut, "method": name,
                              "output": text, "found": "68142" in text})
@@ -441,6 +444,18 @@ def write_markdown(res, path):
         f.write("\n".join(L) + "\n")
 
 
+def make_logger(path, *, append: bool):
+    """A log function that prints a line and appends it to ``path``."""
+    logf = open(path, "a" if append else "w")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    return log
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096, 8192])
@@ -468,12 +483,7 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "quality.json")
-    logf = open(os.path.join(args.out, "quality.log"), "a" if args.resume else "w")
-
-    def log(msg):
-        print(msg, flush=True)
-        logf.write(msg + "\n")
-        logf.flush()
+    log = make_logger(os.path.join(args.out, "quality.log"), append=args.resume)
 
     _, model, tok = load_smollm2(dtype="float32")
     engine = Engine(model, prefill_chunk=512)

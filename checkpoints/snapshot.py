@@ -6,6 +6,8 @@ On disk a snapshot is one directory::
       state/        Orbax checkpoint of {"layers": [KVStore fields, ...]} with the
                     block axis trimmed to the valid blocks (ceil(num_tokens / Bk))
       tokens.npy    int32 [num_tokens]
+      dipr_beta.npy f32 [num_layers, Hq], only when the caches carry calibrated DIPR βs
+                    (``KVStore.dipr_beta``); snapshots without it load with ``dipr_beta=None``
       meta.json     SnapshotMeta, incl. sha256 of every other file (written last)
 
 ``save_snapshot`` writes everything into a temporary sibling directory, fsyncs
@@ -25,11 +27,10 @@ import dataclasses
 import datetime as _dt
 import hashlib
 import json
-import math
 import os
 import shutil
 import uuid
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 META_FILE = "meta.json"
 TOKENS_FILE = "tokens.npy"
+BETA_FILE = "dipr_beta.npy"
 STATE_DIR = "state"
 
 
@@ -272,6 +274,10 @@ def _check_caches(caches: Sequence[KVStore], num_tokens: int) -> KVStore:
             )
         if c.batch != 1:
             raise SnapshotError(f"snapshots hold one sequence; layer {i} has batch {c.batch}")
+        if (c.dipr_beta is None) != (first.dipr_beta is None) or (
+                c.dipr_beta is not None and c.dipr_beta.shape != first.dipr_beta.shape):
+            raise SnapshotError(f"layer {i}: calibrated DIPR βs {None if c.dipr_beta is None else c.dipr_beta.shape} "
+                                f"differ from layer 0's {None if first.dipr_beta is None else first.dipr_beta.shape}")
         length = int(np.asarray(c.lengths)[0])
         if length != num_tokens:
             raise SnapshotError(
@@ -416,6 +422,9 @@ def save_snapshot(
         buf = _npy_bytes(tokens_np.astype(np.int32))
         _write_file(os.path.join(tmp, TOKENS_FILE), buf)
         _stage("after_tokens")
+        if first.dipr_beta is not None:
+            betas = np.stack([np.asarray(c.dipr_beta, np.float32)[0] for c in caches])  # [L, Hq]
+            _write_file(os.path.join(tmp, BETA_FILE), _npy_bytes(betas))
         _fsync_tree(tmp)
         rels = _walk_files(tmp)
         checksums = dict(zip(rels, _parallel_map(lambda r: sha256_file(os.path.join(tmp, r)), rels)))
@@ -515,6 +524,21 @@ def load_tokens(path: str | os.PathLike, meta: Optional[SnapshotMeta] = None, *,
     return arr.astype(np.int64).tolist()
 
 
+def _load_betas(path: str, meta: SnapshotMeta) -> Optional[np.ndarray]:
+    """The calibrated DIPR βs f32 [num_layers, Hq] of a snapshot, or None when it has none."""
+    bpath = os.path.join(path, BETA_FILE)
+    if not os.path.exists(bpath):
+        return None
+    try:
+        betas = np.load(bpath, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CorruptSnapshotError(f"snapshot {path}: {BETA_FILE} is unreadable ({e})") from None
+    if betas.ndim != 2 or betas.shape[0] != meta.num_layers or betas.dtype != np.float32:
+        raise CorruptSnapshotError(f"snapshot {path}: {BETA_FILE} holds {betas.dtype} {betas.shape}, "
+                                   f"expected float32 [{meta.num_layers}, Hq]")
+    return betas
+
+
 def abstract_tree(meta: SnapshotMeta, sharding=None) -> dict:
     """The ``jax.ShapeDtypeStruct`` tree that ``state/`` holds (trimmed block axis), for the
     snapshot's format version."""
@@ -595,9 +619,12 @@ def load_snapshot(
         raise CorruptSnapshotError(f"snapshot {path}: cannot restore arrays ({type(e).__name__}: {e})") from e
     finally:
         ckptr.close()
+    betas = _load_betas(path, meta)
     caches = []
     for i, layer in enumerate(restored["layers"]):
         store = _store_from_tree(layer, meta)
+        if betas is not None:
+            store = store.replace(dipr_beta=jax.device_put(betas[i][None], store.lengths.sharding))
         if store.keys.shape != target["layers"][i]["keys"].shape:
             raise CorruptSnapshotError(f"snapshot {path}: layer {i} has shape {store.keys.shape}")
         if int(np.asarray(store.lengths)[0]) != meta.num_tokens:

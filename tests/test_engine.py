@@ -92,11 +92,16 @@ def test_every_method_generates_and_compiles_once(engine, method):
     assert engine.trace_counts["decode"] - before == 1
 
 
-def _decode_logits(engine, toks, cfg, steps=6):
-    caches = engine.new_caches(batch=1, capacity=len(toks) + steps + 1)
-    caches, logits, _ = engine.prefill(caches, [toks])
+def _decode_logits(engine, toks, cfg, steps=6, caches=None):
+    """Logits of ``steps`` greedy decode steps after prefilling ``toks`` (or from prefilled ``caches``,
+    then starting from token 5)."""
+    if caches is None:
+        caches = engine.new_caches(batch=1, capacity=len(toks) + steps + 1)
+        caches, logits, _ = engine.prefill(caches, [toks])
+        tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    else:
+        tok = jnp.asarray([5], jnp.int32)
     out = []
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
     for _ in range(steps):
         tok, logits, caches, _ = engine.decode_step(caches, tok, key=jax.random.PRNGKey(0),
                                                     sampling=SamplingConfig(), attention=cfg)

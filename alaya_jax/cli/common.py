@@ -65,13 +65,27 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=nonneg_int, default=64, help="recent tokens always attended")
     g.add_argument("--implementation", choices=("reference", "pallas"), default="reference",
                    help="kernel implementation for DIPR (pallas: interpret mode on CPU)")
+    g.add_argument("--dipr-mass", type=unit_float, default=None, metavar="M",
+                   help="calibrated DIPR: per (layer, head) the smallest β whose attended keys (DIPR ∪ sink ∪ window) "
+                        "hold mass M of the softmax, averaged over the prompt's last --n-cal queries")
+    g.add_argument("--dipr-keys", type=unit_float, default=None, metavar="F",
+                   help="calibrated DIPR: a budget of a fraction F of the keys (sink and window included, mean over "
+                        "heads and layers) shared among heads by water-filling on the prompt's last --n-cal queries "
+                        "(each extra key goes where it buys the most softmax mass)")
+    g.add_argument("--n-cal", type=positive_int, default=64, help="calibration queries (default 64)")
 
 
 def attention_config(args, **extra):
     from alaya_jax.methods import AttentionConfig
 
+    if args.dipr_mass is not None and args.dipr_keys is not None:
+        raise UsageError("give either --dipr-mass or --dipr-keys, not both")
+    if (args.dipr_mass is not None or args.dipr_keys is not None) and args.attention not in ("dipr", "auto"):
+        raise UsageError(f"--dipr-mass / --dipr-keys calibrate DIPR; use them with --attention dipr "
+                         f"(got --attention {args.attention})")
     return AttentionConfig(method=args.attention, beta=args.beta, budget=args.budget, top_p=args.attn_top_p,
-                           sink=args.sink, window=args.window, implementation=args.implementation, **extra)
+                           sink=args.sink, window=args.window, implementation=args.implementation,
+                           dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys, n_cal=args.n_cal, **extra)
 
 
 def progress_bar(enabled: bool, total: int, desc: str):

@@ -55,4 +55,9 @@ def cmd_eval(args) -> int:
         for k in ("kl_to_full", "keys_fraction", "mean_keys_attended", "attention_recall"):
             if k in out:
                 print(f"{k} {out[k]:.4g}")
+        if "dipr_beta_per_layer" in out:
+            fmt = lambda x: "inf" if x is None else f"{x:g}"
+            print("calibrated β per layer (min/median/max): " + "  ".join(
+                f"L{r['layer']} {fmt(r['min'])}/{fmt(r['median'])}/{fmt(r['max'])}"
+                for r in out["dipr_beta_per_layer"]))
     return 0

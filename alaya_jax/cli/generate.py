@@ -100,7 +100,8 @@ def cmd_generate(args) -> int:
     t_gen = time.perf_counter()
     results, final_caches = engine.generate([todo], sampling=sampling, attention=attention,
                                             stop_ids=sorted(tok.stop_ids), on_token=on_token, caches=caches,
-                                            capacity=total, progress=progress)
+                                            capacity=total, progress=progress,
+                                            context_tokens=[ids[: len(ids) - len(todo)]])
     if bar is not None:
         bar.close()
     r = results[0]
@@ -121,6 +122,10 @@ def cmd_generate(args) -> int:
         "attention": attention.method,
         "stopped": r.stopped,
     }
+    if attention.calibrated:
+        from alaya_jax.calibration import beta_summary
+
+        out["dipr_beta_per_layer"] = beta_summary(final_caches)
     if db is not None:
         out["restore_s"] = t_restored - t0
         out["snapshot_id"] = session.snapshot_id
