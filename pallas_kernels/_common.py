@@ -92,9 +92,8 @@ def gqa_groups(num_q_heads: int, num_kv_heads: int, op: str) -> int:
 # same 16-bit float dtype, a 16-bit MMA with f32 accumulation (products exact in
 # f32; only the summation order differs), else "f32".
 # Measured on the H100 (bench/results/kernels_tune_v1.json, 128K, 8B shapes): the
-# IEEE f32 dot runs on the FMA units and made the range mask 6x slower (125 vs 19 us
-# per layer) and attention 1.5x slower than the bf16 MMA; "auto" is the default.
-DEFAULT_SCORE_MODE = "auto"
+# IEEE f32 dot runs on the FMA units and made the (then) range mask 6x slower (125 vs
+# 19 us per layer) and attention 1.5x slower than the bf16 MMA; the kernels use "auto".
 
 
 def score_operand_dtype(q_dtype, k_dtype, mode: str):
@@ -132,29 +131,3 @@ def resolve_rounding_slack(rounding_slack, head_dim: int, op: str) -> float:
 def query_slack(q: jax.Array, rounding_slack: float) -> jax.Array:
     """f32 [..., ] = rounding_slack · ‖q‖₁ over the last axis (the per-query factor of the slack)."""
     return jnp.float32(rounding_slack) * jnp.sum(jnp.abs(q.astype(jnp.float32)), axis=-1)
-
-
-def suggest_num_splits(batch: int, num_kv_heads: int, capacity: int, *, target_programs: int = 256) -> int:
-    """Split count that fills an H100 (>= ~256 programs), at least one slot per split.
-
-    Measured (8B shapes, 128K, 64 slots per KV head): 32 splits best for attention.
-    """
-    s = max(1, -(-target_programs // max(1, batch * num_kv_heads)))
-    return max(1, min(next_pow2(s), next_pow2(capacity)))
-
-
-def split_counts(block_idx, num_splits: int):
-    """Even split of a -1-padded block list [B, Hkv, C] into ``num_splits`` chunks of C // num_splits.
-
-    Returns (chunk length cs, listed blocks per chunk int32 [B, Hkv, S]).
-    """
-    cs = block_idx.shape[-1] // num_splits
-    nlisted = jnp.sum(block_idx >= 0, axis=-1).astype(jnp.int32)  # [B, Hkv]
-    starts = jnp.arange(num_splits, dtype=jnp.int32) * cs
-    return cs, jnp.clip(nlisted[..., None] - starts, 0, cs).astype(jnp.int32)
-
-
-def balanced_slots(n, num_splits: int, split_id):
-    """Slots [start, end) of split ``split_id`` when a list of ``n`` real entries is cut into
-    ``num_splits`` near-equal parts (inside a kernel: ``split_id = pl.program_id(...)``)."""
-    return (split_id * n) // num_splits, ((split_id + 1) * n) // num_splits

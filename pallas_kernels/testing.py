@@ -1,4 +1,4 @@
-"""Shared test/benchmark data and brute-force NumPy oracles for pallas_kernels.
+"""Shared test/benchmark data and the brute-force NumPy DIPR oracle for pallas_kernels.
 
 Data kinds (all with NaN-poisoned keys/values past each length):
   "gauss"  : standard normal
@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from pallas_kernels._common import default_rounding_slack
-
 LENGTHS = (1, 3, 513, 1023, 4097)
 TIE_BETA = 6.0
+#: β per query head for the kernel tests (cycled over [B, Hq]): zero, small, large, inf and a non-grid value.
+CASE_BETAS = (0.0, 3.0, 8.0, 24.0, np.inf, 1.5)
+
+
+def case_betas(kind, b, hq):
+    """f32 [B, Hq]: TIE_BETA everywhere for "ties" (keys at exactly max − β), else CASE_BETAS cycled."""
+    if kind == "ties":
+        return np.full((b, hq), TIE_BETA, np.float32)
+    return np.resize(np.asarray(CASE_BETAS, np.float32), b * hq).reshape(b, hq)
 
 
 def make_case(kind, *, g, hkv, d, lengths=LENGTHS, bk=64, seed=0):
-    """Returns dict of numpy arrays: q [B,Hq,D], keys/values [B,Hkv,NB,Bk,D] f32, lengths, kmin/kmax."""
+    """Returns dict of numpy arrays: q [B,Hq,D], keys/values [B,Hkv,NB,Bk,D] f32, lengths."""
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, np.int32)
     b = len(lengths)
@@ -71,121 +78,7 @@ def make_case(kind, *, g, hkv, d, lengths=LENGTHS, bk=64, seed=0):
     valid = (pos[None] < lengths[:, None, None])[:, None, :, :, None]
     k = np.where(valid, k, np.nan).astype(np.float32)
     v = np.where(valid, v, np.nan).astype(np.float32)
-    kmin = np.where(valid, k, np.inf).min(axis=3)
-    kmax = np.where(valid, k, -np.inf).max(axis=3)
-    ne = valid.any(axis=3)
-    kmin = np.where(ne, kmin, 0).astype(np.float32)
-    kmax = np.where(ne, kmax, 0).astype(np.float32)
-    return dict(q=q.astype(np.float32), keys=k, values=v, lengths=lengths, kmin=kmin, kmax=kmax,
-                bk=bk, nb=nb, g=g)
-
-
-def make_lists(lengths, hkv, nb, bk, *, extra=3, frac=0.6, seed=0, empty_head=True):
-    """Random block lists [B, Hkv, nb + extra]: listed first (shuffled), then -1.
-
-    Lists include blocks past the length; one (b, h) gets an empty list when empty_head.
-    """
-    rng = np.random.default_rng(seed)
-    b = len(lengths)
-    out = np.full((b, hkv, nb + extra), -1, np.int32)
-    for i in range(b):
-        for h in range(hkv):
-            n = rng.integers(1, nb + 1) if frac is None else max(1, int(round(frac * nb)))
-            blocks = rng.permutation(nb)[:n]
-            nvb = -(-int(lengths[i]) // bk)
-            if nvb > 0 and not np.any(blocks < nvb):
-                blocks[0] = rng.integers(0, nvb)
-            out[i, h, :n] = blocks
-    if empty_head and b > 1:
-        out[1, hkv - 1, :] = -1
-    return out
-
-
-def np_scores(q, keys, g):
-    """f64 scores [B, Hq, NB, Bk] of the f32 inputs (NaN where poisoned)."""
-    b, hq, d = q.shape
-    kk = np.repeat(keys.astype(np.float64), g, axis=1)
-    return np.einsum("bhd,bhnjd->bhnj", q.astype(np.float64), kk)
-
-
-def np_valid(lengths, nb, bk):
-    pos = np.arange(nb * bk).reshape(nb, bk)
-    return pos[None] < np.asarray(lengths)[:, None, None]  # [B, NB, Bk]
-
-
-def np_block_bounds(q, kmin, kmax, nvb, g, rel_slack):
-    q64 = q.astype(np.float64)[:, :, None, :]
-    lo = np.repeat(kmin.astype(np.float64), g, axis=1)
-    hi = np.repeat(kmax.astype(np.float64), g, axis=1)
-    ub = np.maximum(q64 * hi, q64 * lo).sum(-1) + rel_slack * (
-        np.abs(q64) * np.maximum(np.abs(lo), np.abs(hi))).sum(-1)
-    nb = kmin.shape[2]
-    ok = np.arange(nb)[None, :] < np.asarray(nvb)[:, None]
-    return np.where(ok[:, None, :], ub, -np.inf)
-
-
-def np_range_mask(q, keys, block_idx, lengths, beta, g):
-    """Brute force: (mask [B,Hq,C,Bk], max [B,Hq]) in f64."""
-    b, hq, d = q.shape
-    bk = keys.shape[3]
-    c = block_idx.shape[-1]
-    s_all = np_scores(q, keys, g)  # [B, Hq, NB, Bk]
-    mask = np.zeros((b, hq, c, bk), bool)
-    mx = np.full((b, hq), -np.inf)
-    for i in range(b):
-        for h in range(hq):
-            lst = block_idx[i, h // g]
-            for ci, blk in enumerate(lst):
-                if blk < 0:
-                    continue
-                pos = blk * bk + np.arange(bk)
-                ok = pos < lengths[i]
-                if ok.any():
-                    mx[i, h] = max(mx[i, h], s_all[i, h, blk][ok].max())
-            for ci, blk in enumerate(lst):
-                if blk < 0:
-                    continue
-                pos = blk * bk + np.arange(bk)
-                ok = pos < lengths[i]
-                with np.errstate(invalid="ignore"):
-                    mask[i, h, ci] = ok & (s_all[i, h, blk] >= mx[i, h] - beta)
-    return mask, mx
-
-
-def np_sparse_attention(q, keys, values, block_idx, lengths, threshold, *, sink, window, sm_scale, g,
-                        rounding_slack=None):
-    """Brute force in f64; a token is in range when s + rounding_slack·‖q‖₁·‖k‖∞ >= threshold
-    (rounding_slack None: the kernels' default 2·D·2^-24)."""
-    b, hq, d = q.shape
-    bk = keys.shape[3]
-    slack = default_rounding_slack(d) if rounding_slack is None else float(rounding_slack)
-    s_all = np_scores(q, keys, g)
-    out = np.zeros((b, hq, d))
-    lse = np.full((b, hq), -np.inf)
-    for i in range(b):
-        L = int(lengths[i])
-        for h in range(hq):
-            logits, vs = [], []
-            qslack = slack * np.abs(q[i, h]).astype(np.float64).sum()
-            for blk in block_idx[i, h // g]:
-                if blk < 0:
-                    continue
-                for j in range(bk):
-                    p = blk * bk + j
-                    if p >= L:
-                        continue
-                    s = s_all[i, h, blk, j]
-                    tol = qslack * np.abs(keys[i, h // g, blk, j]).max()
-                    if s + tol >= threshold[i, h] or p < sink or p >= L - window:
-                        logits.append(s * sm_scale)
-                        vs.append(values[i, h // g, blk, j].astype(np.float64))
-            if logits:
-                lg = np.array(logits)
-                m = lg.max()
-                w = np.exp(lg - m)
-                out[i, h] = (w[:, None] * np.array(vs)).sum(0) / w.sum()
-                lse[i, h] = m + np.log(w.sum())
-    return out, lse
+    return dict(q=q.astype(np.float32), keys=k, values=v, lengths=lengths, bk=bk, nb=nb, g=g)
 
 
 def make_coded_case(kind, *, g, hkv, d, dtype, lengths=(3, 513, 1023), seed=0, rotation_seed=1,

@@ -14,17 +14,10 @@ from pallas_kernels.code_scan import code_scan
 from pallas_kernels.code_scan.layout import split_of_position, split_tiles
 from pallas_kernels.code_scan.reference import forced_scores
 from pallas_kernels.key_codes import bound_from_norms, estimate, query_norms
-from pallas_kernels.testing import TIE_BETA, make_coded_case, np_dipr
+from pallas_kernels.testing import case_betas, make_coded_case, np_dipr
 
 TILE, NS, CAP = 128, 3, 384  # a split covers <= 3 tiles of the 1024-slot store: never overflows
 SINK, WINDOW = 4, 64
-BETAS = (0.0, 3.0, 8.0, 24.0, np.inf, 1.5)
-
-
-def _betas(kind, b, hq):
-    if kind == "ties":
-        return np.full((b, hq), TIE_BETA, np.float32)
-    return np.resize(np.asarray(BETAS, np.float32), b * hq).reshape(b, hq)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,7 +127,7 @@ COMBOS = [(1, 64, jnp.float32), (3, 128, jnp.bfloat16), (4, 64, jnp.bfloat16), (
     ["gauss", "high", "ties", "large"]) for j in (0, 2)])
 def test_reference_vs_brute_force(kind, g, d, dtype):
     c = _case(kind, g, d, dtype)
-    beta = _betas(kind, *c["q"].shape[:2])
+    beta = case_betas(kind, *c["q"].shape[:2])
     _check_against_brute_force(c, beta, _run(c, beta, "reference"))
 
 
@@ -145,7 +138,7 @@ PALLAS_CASES = [("gauss", 4, 64, jnp.float32), ("high", 3, 128, jnp.bfloat16), (
 @pytest.mark.parametrize("kind,g,d,dtype", PALLAS_CASES)
 def test_pallas_vs_reference(kind, g, d, dtype):
     c = _case(kind, g, d, dtype)
-    beta = _betas(kind, *c["q"].shape[:2])
+    beta = case_betas(kind, *c["q"].shape[:2])
     ref = _run(c, beta, "reference")
     pal = _run(c, beta, "pallas")
     _check_against_brute_force(c, beta, pal)

@@ -13,18 +13,11 @@ from pallas_kernels import BackendUnavailableError
 from pallas_kernels._common import default_rounding_slack
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.refine_attention import refine_attention, refine_mask
-from pallas_kernels.testing import TIE_BETA, make_coded_case, np_dipr
+from pallas_kernels.testing import case_betas, make_coded_case, np_dipr
 
 TILE, NS, CAP = 128, 3, 384
 SINK, WINDOW = 4, 64
-BETAS = (0.0, 3.0, 8.0, 24.0, np.inf, 1.5)
 OUT_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
-
-
-def _betas(kind, b, hq):
-    if kind == "ties":
-        return np.full((b, hq), TIE_BETA, np.float32)
-    return np.resize(np.asarray(BETAS, np.float32), b * hq).reshape(b, hq)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +94,7 @@ CASES = [("gauss", 4, 64, jnp.float32), ("high", 3, 128, jnp.bfloat16), ("ties",
 @pytest.mark.parametrize("kind,g,d,dtype", CASES)
 def test_protocol_gives_exact_dipr_attention(kind, g, d, dtype):
     c = _case(kind, g, d, dtype)
-    beta = _betas(kind, *c["q"].shape[:2])
+    beta = case_betas(kind, *c["q"].shape[:2])
     o_np, m_np, inr, near, n_np = _brute(c, beta)
     res = {}
     for impl in ("reference", "pallas"):

@@ -84,7 +84,7 @@ def code_scan(
     """
     op = "code_scan"
     check_implementation(implementation, op)
-    g = check_scan_args(op, q, keys, lengths, sink=sink, window=window, num_splits=num_splits)
+    check_scan_args(op, q, keys, lengths, sink=sink, window=window, num_splits=num_splits)
     b, hq, d = q.shape
     _, hkv, s_cap, _ = keys.shape
     if tuple(q_rot.shape) != tuple(q.shape):

@@ -42,7 +42,6 @@ def refine_attention_reference(q, keys, values, cand_idx, cand_count, lengths, m
                                sm_scale, rounding_slack):
     b, hq, d = q.shape
     hkv = keys.shape[1]
-    g = hq // hkv
     fpos, fok, s_f, _ = forced_scores(q, keys, lengths, sink=sink, window=window, rounding_slack=rounding_slack)
     idx, s_c, s_seen, att_c = _candidate_scores(q, keys, cand_idx, cand_count, m_base, beta, rounding_slack)
     att_f = jnp.broadcast_to(fok[:, None, None, :], s_f.shape)
