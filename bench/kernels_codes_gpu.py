@@ -178,7 +178,7 @@ def capacity_for(s, ns, frac):
 
 # ----------------------------------------------------------------------------- one case
 
-def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False, label="case"):
+def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False, label="case", scan_only=False):
     from pallas_kernels.code_scan import code_scan
     from pallas_kernels.code_scan.api import pallas_scan_inputs
     from pallas_kernels.code_scan.kernel_triton import code_scan_pallas
@@ -209,7 +209,7 @@ def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False,
                                           sink=SINK, window=WINDOW, **impl)
         return out, m_seen, n, m_lb, counts
 
-    first = jax.jit(dipr_api)(lays[0], betas[0])
+    first = jax.jit(dipr_api)(lays[0], betas[0])  # also compiles the refine for the stats below
     out0, m_seen0, n0, m_lb0, counts0 = first
     searched = b * HKV * (s - SINK - WINDOW)
     row = dict(label=label, batch=b, context=s, target_candidate_fraction=frac, tile=tile, num_warps=warps,
@@ -255,6 +255,9 @@ def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False,
     row["scan_bytes"] = scan_bytes
     row["scan_TBps"] = round(scan_bytes / (scan_us * 1e-6) / 1e12, 3)
 
+    if scan_only:  # tuning rows: the scan kernel alone
+        print("ROW", json.dumps(row), flush=True)
+        return row
     ref_in = []
     for l_, bt in zip(lays, betas):
         cidx, counts, lb_max, m_sw = jax.jit(scan_api)(l_, bt)
@@ -369,6 +372,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--target-programs", type=int, default=512)
     p.add_argument("--no-tune", action="store_true")
+    p.add_argument("--quick", action="store_true",
+                   help="a wider scan sweep (tile 64-512, warps 2-8) and three cases (128K, 512K, B=8 at 128K)")
     args = p.parse_args(argv)
     if args.check_lowering:
         check_lowering()
@@ -390,10 +395,14 @@ def main(argv=None):
         tile, warps, stages = 256, 4, 3
         if not args.no_tune:
             best = None
-            for t, w, st in ((128, 4, 3), (256, 4, 3), (256, 8, 3), (512, 8, 3)):
+            sweep = ((128, 4, 3), (256, 4, 3), (256, 8, 3), (512, 8, 3))
+            if args.quick:
+                sweep = ((64, 2, 3), (64, 4, 3), (128, 2, 3), (128, 4, 3), (128, 8, 3), (256, 4, 3), (256, 8, 3),
+                         (128, 4, 4))
+            for t, w, st in sweep:
                 try:
                     r = run_case(args, b=1, s=1 << 17, frac=0.05, tile=t, warps=w, stages=st, layers=4,
-                                 key=key, label=f"tune t{t} w{w} s{st}")
+                                 key=key, label=f"tune t{t} w{w} s{st}", scan_only=True)
                     RESULTS["tuning"].append(r)
                     save(args.out)
                     if best is None or r["scan_us"] < best[0]:
@@ -408,6 +417,8 @@ def main(argv=None):
                  dict(b=1, s=1 << 17, frac=0.10, layers=6),
                  dict(b=1, s=1 << 19, frac=0.05, layers=3), dict(b=1, s=1 << 19, frac=0.02, layers=3),
                  dict(b=8, s=1 << 17, frac=0.05, layers=3, check=True)]
+        if args.quick:
+            cases = [cases[2], cases[4], cases[6]]
     for c in cases:
         try:
             r = run_case(args, b=c["b"], s=c["s"], frac=c["frac"], tile=tile, warps=warps, stages=stages,
