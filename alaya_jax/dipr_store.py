@@ -10,21 +10,24 @@ For one decode query per head (query heads grouped over KV heads, GQA):
    Every DIPR key is a candidate (``ŝ + δ ≥ s ≥ M − β ≥ M_sw − β``), and so is the
    arg-max unless it is a sink/window key: zero false negatives by construction. The scan
    also returns the per-split max of ``ŝ − δ``, a lower bound of ``M``.
-2. **Refine and attend** (``pallas_kernels.refine_attention``): exact scores of the
-   candidates (their exact keys gathered), token mask ``s ≥ M_lb − β`` with
-   ``M_lb = max(M_sw, max ŝ − δ) ≤ M``, V read only for the keys in range, sink and
-   window always attended, splits merged by log-sum-exp. The kernel returns ``M'``, the
-   max exact score it saw over the candidates ∪ sink ∪ window, which is the exact ``M``.
-   If ``M' == M_lb`` for every head (the common case: the arg-max sits in the recent
-   window) the threshold used *was* ``M − β`` and the result is exact; otherwise the step
-   re-runs the refine with ``M'`` (``lax.cond``; counted in ``DiprStats.refined``).
+2. **Max pass** (``pallas_kernels.refine_max``): the exact scores of the candidates (their
+   exact keys gathered, no values) and of sink and window give the exact ``M`` — the
+   arg-max is always a candidate or forced.
+3. **Refine and attend** (``pallas_kernels.refine_attention``): exact scores of the
+   candidates again, token mask ``s ≥ M − β``, V read only for the keys in range, sink and
+   window always attended, splits merged by log-sum-exp. ``DiprStats.refined`` counts the
+   steps where ``M`` exceeded the scan's lower bound ``M_lb = max(M_sw, max ŝ − δ)`` (a
+   one-pass refine with ``M_lb`` would have had to run twice).
 
-Candidate lists live in fixed-capacity buffers ``[B, Hkv, splits, capacity]``. If any
-split has more candidates than ``capacity`` — typically because the arg-max lies outside
-sink and window, so ``M_sw`` is a loose threshold — the codes are scanned again with the
-threshold ``M_lb − β`` (``DiprStats.rescanned``). If a list still overflows, the step takes
-the exact dense path (brute force over every valid key) for the whole batch — never a
-silent drop — and counts it in ``DiprStats.overflow``.
+Candidate lists live in buffers ``[B, Hkv, splits, capacity]``. With the default
+``capacity_fraction`` 1.0 a split's list holds all its keys: it cannot overflow, and the
+step is three kernels and a few small XLA ops with no data-dependent branch (no ``lax.cond``:
+on a GPU each costs a device-to-host sync). With a smaller fraction, a split with more
+candidates than ``capacity`` — typically because the arg-max lies outside sink and window,
+so ``M_sw`` is a loose threshold — makes the codes be scanned again with the threshold
+``M_lb − β`` (``DiprStats.rescanned``); if a list still overflows, the step takes the exact
+dense path (brute force over every valid key) for the whole batch — never a silent drop —
+and counts it in ``DiprStats.overflow``.
 
 β may be a number or an array broadcastable to ``[B, Hq]`` (a β per query head).
 """
@@ -45,15 +48,15 @@ from alaya_jax.masked_attention import group_size, raw_scores, sink_window_mask
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.code_scan.api import DEFAULT_TILE
 from pallas_kernels.key_codes import rotate
-from pallas_kernels.refine_attention import refine_attention
+from pallas_kernels.refine_attention import refine_attention, refine_max
 from pallas_kernels._common import default_rounding_slack
 
-#: Default candidate capacity, as a fraction of each split's keys. Measured candidate
-#: shares on real SmolLM2 keys are 2–20% of all keys (bench/results/code_choice.md), but
-#: they crowd into the most recent split (on the real-key proxy at 2K, 42% of the last
-#: split's keys at β=24·√2 vs 1–10% elsewhere); above the capacity the codes are scanned
-#: again with M_lb − β, then the step takes the exact dense path.
-DEFAULT_CAPACITY_FRACTION = 0.5
+#: Default candidate capacity, as a fraction of each split's keys: 1.0, every key fits, so no
+#: list can overflow and the step needs no ``lax.cond``. Candidates are 1–5% of the keys on
+#: the real-key proxy (bench/results/dipr_real_keys.md) but crowd into the most recent split
+#: (42% of its keys at 2K); the buffer is B·Hkv·S int32 and only the first ``count`` slots
+#: of a split are ever written or read.
+DEFAULT_CAPACITY_FRACTION = 1.0
 
 
 @struct.dataclass
@@ -62,7 +65,7 @@ class DiprStats:
     keys_in_range: jax.Array  # [B, Hq] int32: |DIPR| (only when the mask was asked for, else -1)
     overflow: jax.Array  # [] int32: 1 if this step took the dense path (a candidate list overflowed)
     max_score: jax.Array  # [B, Hq] f32: the exact max raw score M
-    refined: jax.Array  # [] int32: 1 if M != M_lb for some head and the refine ran twice
+    refined: jax.Array  # [] int32: 1 if M > M_lb for some head (a one-pass refine with M_lb would re-run)
     rescanned: jax.Array  # [] int32: 1 if the first scan overflowed and the codes were scanned again
 
 
@@ -80,12 +83,14 @@ def default_num_splits(batch: int, num_kv_heads: int, capacity: int, *, programs
 
 def split_capacity(capacity: int, num_splits: int, fraction: float, *, tile: int = DEFAULT_TILE) -> int:
     """Candidate slots per split: ``fraction`` of the most positions one split can scan (splits
-    are whole tiles of ``tile`` keys, balanced by tiles), rounded up to a power of two ≥ 16
-    (the scan kernel fills the unused slots in power-of-two chunks)."""
+    are whole tiles of ``tile`` keys, balanced by tiles), at least 16."""
+    return max(16, int(math.ceil(longest_split(capacity, num_splits, tile=tile) * fraction)))
+
+
+def longest_split(capacity: int, num_splits: int, *, tile: int = DEFAULT_TILE) -> int:
+    """The most positions one split can hold (its list cannot overflow at this capacity)."""
     tiles = -(-capacity // tile) + 1  # the tile cover of [sink, end) within [0, capacity)
-    longest = min(capacity, -(-tiles // num_splits) * tile)
-    c = max(16, int(math.ceil(longest * fraction)))
-    return 1 << (c - 1).bit_length()
+    return min(capacity, -(-tiles // num_splits) * tile)
 
 
 def _beta_heads(beta, b: int, hq: int) -> jax.Array:
@@ -136,7 +141,8 @@ def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, wind
                num_splits: Optional[int] = None, capacity_fraction: float = DEFAULT_CAPACITY_FRACTION,
                implementation: str = "reference", interpret: Optional[bool] = None):
     """The filter stage alone: ``(cand_idx [B,Hkv,NS,C], cand_count [B,Hkv,NS], lb_max [B,Hq,NS],
-    m_sw [B,Hq], C)`` for q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``)."""
+    m_sw [B,Hq], C, no_overflow)`` for q [B, Hq, D] and β f32 [B, Hq] (see
+    ``pallas_kernels.code_scan``); ``no_overflow`` (a Python bool): C holds every key of a split."""
     b, hkv, s = store.batch, store.num_kv_heads, store.capacity
     ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
     if ns < 1:
@@ -146,7 +152,7 @@ def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, wind
     out = code_scan(q, rotate_queries(q, store.rot_signs), store.dense_keys(), codes, scales, errs,
                     store.lengths, beta, sink=sink, window=window, num_splits=ns, capacity=cap,
                     implementation=implementation, interpret=interpret)
-    return (*out, cap)
+    return (*out, cap, cap >= longest_split(s, ns))
 
 
 def dipr_store_attention(
@@ -199,40 +205,41 @@ def dipr_store_attention(
     keys, values = store.dense_keys(), store.dense_values()
     scan = functools.partial(scan_codes, q, store, sink=sink, window=window, num_splits=num_splits,
                              capacity_fraction=capacity_fraction, **kw)
-    cand_idx, cand_count, lb_max, m_sw, cap = scan(beta)
+    cand_idx, cand_count, lb_max, m_sw, cap, no_overflow = scan(beta)
     m_lb = jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
-    rescanned = jnp.any(cand_count > cap)
 
-    def rescan():
-        # The first scan's threshold was M_sw − β (sink and window only); M_lb ≥ M_sw is known now.
-        # Scanning with β' = β − (M_lb − M_sw) makes the kernel's threshold ≤ M_lb − β ≤ M − β:
-        # still exact, usually far tighter when the arg-max lies outside sink and window.
-        shift = jnp.where(jnp.isfinite(m_sw) & jnp.isfinite(m_lb), m_lb - m_sw, 0.0)
-        return scan(beta - shift)[:2]
+    def filter_refine(cand_idx, cand_count):
+        m = refine_max(q, keys, cand_idx, cand_count, lengths, sink=sink, window=window, **kw)
+        out, m_seen, _ = refine_attention(q, keys, values, cand_idx, cand_count, lengths, m, beta, sink=sink,
+                                          window=window, rounding_slack=slack, **kw)
+        return out, m_seen, jnp.any(m > m_lb).astype(jnp.int32)
 
-    cand_idx, cand_count = jax.lax.cond(rescanned, rescan, lambda: (cand_idx, cand_count))
-    overflow = jnp.any(cand_count > cap)
+    if no_overflow:  # every split's list holds all its keys: no branch
+        rescanned = overflow = jnp.zeros((), bool)
+        out, m, refined = filter_refine(cand_idx, cand_count)
+    else:
+        rescanned = jnp.any(cand_count > cap)
 
-    def refine(m_base):
-        return refine_attention(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, sink=sink,
-                                window=window, rounding_slack=slack, **kw)
+        def rescan():
+            # The first scan's threshold was M_sw − β (sink and window only); M_lb ≥ M_sw is known now.
+            # Scanning with β' = β − (M_lb − M_sw) makes the kernel's threshold ≤ M_lb − β ≤ M − β:
+            # still exact, usually far tighter when the arg-max lies outside sink and window.
+            shift = jnp.where(jnp.isfinite(m_sw) & jnp.isfinite(m_lb), m_lb - m_sw, 0.0)
+            return scan(beta - shift)[:2]
 
-    def filter_refine():
-        out1, m1, _ = refine(m_lb)
-        exact = jnp.all(m1 <= m_lb)
-        out, m = jax.lax.cond(exact, lambda: (out1, m1), lambda: refine(m1)[:2])
-        return out, m, (~exact).astype(jnp.int32)
+        cand_idx, cand_count = jax.lax.cond(rescanned, rescan, lambda: (cand_idx, cand_count))
+        overflow = jnp.any(cand_count > cap)
 
-    def dense():
-        kd, vd = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2)  # [B,S,Hkv,D]
-        out = dipr_attention(q, kd, vd, beta=beta[..., None], lengths=lengths, sink=sink, window=window,
-                             rounding_slack=slack)
-        sc = raw_scores(q, keys)
-        valid = jnp.arange(s)[None, :] < lengths[:, None]
-        m = jnp.max(jnp.where(valid[:, None, :], sc, -jnp.inf), axis=-1)
-        return out.astype(q.dtype), m, jnp.int32(0)
+        def dense():
+            kd, vd = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2)  # [B,S,Hkv,D]
+            out = dipr_attention(q, kd, vd, beta=beta[..., None], lengths=lengths, sink=sink, window=window,
+                                 rounding_slack=slack)
+            sc = raw_scores(q, keys)
+            valid = jnp.arange(s)[None, :] < lengths[:, None]
+            m = jnp.max(jnp.where(valid[:, None, :], sc, -jnp.inf), axis=-1)
+            return out.astype(q.dtype), m, jnp.int32(0)
 
-    out, m, refined = jax.lax.cond(overflow, dense, filter_refine)
+        out, m, refined = jax.lax.cond(overflow, dense, lambda: filter_refine(cand_idx, cand_count))
     mask = None
     keys_in_range = jnp.full((b, hq), -1, jnp.int32)
     if with_mask:
@@ -240,8 +247,10 @@ def dipr_store_attention(
             valid = jnp.arange(s)[None, :] < lengths[:, None]
             return range_mask_from_scores(raw_scores(q, keys), valid, beta[..., None])
 
-        mask = jax.lax.cond(overflow, dense_mask, lambda: _found_mask(q, keys, lengths, cand_idx, cand_count, beta,
-                                                                      sink=sink, window=window))
+        def found():
+            return _found_mask(q, keys, lengths, cand_idx, cand_count, beta, sink=sink, window=window)
+
+        mask = found() if no_overflow else jax.lax.cond(overflow, dense_mask, found)
         keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
     valid_count = jnp.broadcast_to(lengths[:, None], (b, hkv))
     candidates = jnp.where(overflow, valid_count, jnp.sum(cand_count, axis=-1))

@@ -59,10 +59,10 @@ class AttentionConfig:
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
     # DIPR kernel knobs (``dipr_store_attention``): splits of each sequence (None: enough to fill
-    # the GPU) and candidate slots per split as a fraction of its keys (an overflow takes the exact
-    # dense path for that step and is counted).
+    # the GPU) and candidate slots per split as a fraction of its keys (1.0: no overflow possible and
+    # no lax.cond; below 1.0 an overflow re-scans, then takes the exact dense path, and is counted).
     num_splits: Optional[int] = None
-    capacity_fraction: float = 0.5
+    capacity_fraction: float = 1.0
     implementation: str = "reference"
     collect_stats: bool = False
     prefill_attention: str = "reference"

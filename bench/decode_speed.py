@@ -211,7 +211,7 @@ def main(argv=None):
     p.add_argument("--attention", nargs="+", default=["full"], help="full, full-cudnn, full-xla, dipr")
     p.add_argument("--betas", type=float, nargs="+", default=[32.0], help="DIPR β values (traced: one compile)")
     p.add_argument("--implementation", default="reference", choices=("reference", "pallas"))
-    p.add_argument("--capacity-fraction", type=float, default=0.5,
+    p.add_argument("--capacity-fraction", type=float, default=1.0,
                    help="DIPR candidate slots per split, as a fraction of its keys")
     p.add_argument("--num-splits", type=int, default=None)
     p.add_argument("--keys", default="prefill", choices=("prefill", "synthetic"),

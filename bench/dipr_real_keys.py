@@ -195,7 +195,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--layer-budget-gb", type=float, default=48.0)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--capacity-fraction", type=float, default=0.5)
+    ap.add_argument("--capacity-fraction", type=float, default=1.0)
     ap.add_argument("--num-splits", type=int, default=None, help="splits per (batch, KV head); default: auto")
     ap.add_argument("--dense", nargs="+", default=["cudnn", "xla"])
     ap.add_argument("--implementation", default="pallas")

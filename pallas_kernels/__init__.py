@@ -20,7 +20,7 @@ nothing ever falls back silently. This package imports nothing else of ours.
 from pallas_kernels._common import BackendUnavailableError, default_rounding_slack
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.lse_merge import merge_attention
-from pallas_kernels.refine_attention import refine_attention
+from pallas_kernels.refine_attention import refine_attention, refine_max
 
 __all__ = [
     "BackendUnavailableError",
@@ -28,4 +28,5 @@ __all__ = [
     "default_rounding_slack",
     "merge_attention",
     "refine_attention",
+    "refine_max",
 ]

@@ -222,16 +222,17 @@ def test_store_path_refines_few_keys_when_scores_are_peaked():
     assert int(stats.candidates[0, 0]) <= 64, int(stats.candidates[0, 0])  # 1.6%: the peak's own δ widens M_lb
 
 
-def test_argmax_outside_the_window_is_refined_again_and_exact():
+def test_argmax_outside_the_window_is_found_by_the_max_pass_and_exact():
     rng = np.random.default_rng(8)
     d, s = 64, 2048
     q = rng.normal(size=(1, 2, d)).astype(np.float32)
     k = rng.normal(size=(1, s, 2, d)).astype(np.float32)
     v = rng.normal(size=(1, s, 2, d)).astype(np.float32)
-    # Every head's arg-max in the window: M_lb = M, one refine pass.
+    # Every head's arg-max in the window: M_lb = M (stats.refined 0).
     k_in = k.copy()
     k_in[0, s - 10] = q[0]
-    # Head 0's arg-max far from sink and window: M_lb < M, the refine runs again with the exact M.
+    # Head 0's arg-max far from sink and window: M_lb < M (stats.refined 1); the max pass finds the
+    # exact M, so the one refine still uses the exact threshold M - beta.
     k_out = k.copy()
     k_out[0, 700, 0] = q[0, 0]
     for kk, refined in ((k_in, 0), (k_out, 1)):

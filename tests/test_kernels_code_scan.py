@@ -97,8 +97,7 @@ def _check_against_brute_force(c, beta, out, *, sink=SINK, window=WINDOW, ns=NS,
             for j in range(ns):
                 n = int(counts[i, h, j])
                 assert n <= cap, "this case must not overflow"
-                lst = cidx[i, h, j, :n]
-                assert np.all(cidx[i, h, j, n:] == -1)
+                lst = cidx[i, h, j, :n]  # slots past the count are undefined (the kernel never writes them)
                 assert np.all(np.diff(lst) > 0), "candidates ascending, distinct"
                 assert np.all(searched[lst]) and np.all(split[lst] == j), "candidates are searched keys of the split"
                 union[lst] = True
@@ -153,7 +152,13 @@ def test_pallas_vs_reference(kind, g, d, dtype):
                 assert np.all(np.abs(margin[i, h, diff]) <= 1e-5 * scale[i, h, diff]), (i, h, j, diff)
     fin = np.isfinite(ref[2])
     np.testing.assert_array_equal(fin, np.isfinite(pal[2]))
-    np.testing.assert_allclose(pal[2][fin], ref[2][fin], rtol=1e-5, atol=1e-5 * np.abs(ref[2][fin]).max())
+    # lb_max is only ever used as a lower bound of M: it must not exceed the exact max, and it agrees
+    # with the reference up to the summation order of the estimate (on the H200 the kernel's f16 MMA
+    # and XLA's f32 dot differed by up to 3e-4 relative: bench/results/kernel_tests_gpu_h200.log)
+    _, m_exact, _ = np_dipr(c["q64"], c["keys64"], np.asarray(c["lengths"]), 0.0, g=c["g"])
+    top = np.where(np.isfinite(m_exact), m_exact + 1e-5 * np.abs(m_exact), np.inf)[..., None]
+    assert np.all(pal[2] <= top), "lb_max above the exact max"
+    np.testing.assert_allclose(pal[2][fin], ref[2][fin], rtol=1e-3, atol=1e-3 * np.abs(ref[2][fin]).max())
     np.testing.assert_allclose(pal[3], ref[3], rtol=1e-5, atol=1e-5 * np.nanmax(np.abs(ref[3])))
 
 
@@ -175,7 +180,6 @@ def test_overflow_is_counted_not_dropped_silently():
                 for h in range(c["keys"].shape[1]):
                     n = min(len(want), cap)
                     np.testing.assert_array_equal(cidx[i, h, j, :n], want[:n])  # the first `cap`, ascending
-                    assert np.all(cidx[i, h, j, n:] == -1)
         assert counts.max() > cap
 
 

@@ -77,7 +77,9 @@ def code_scan(
         bound of the forced max under any summation order); None: 2·D·2^-24.
       num_warps, num_stages: Triton launch knobs (Pallas only).
     Returns:
-      cand_idx i32 [B, Hkv, NS, capacity]: candidates of the split, ascending, then -1;
+      cand_idx i32 [B, Hkv, NS, capacity]: candidates of the split, ascending, in the first
+        min(count, capacity) slots; the other slots are undefined (-1 in the reference, never
+        written by the kernel): read them by the count;
       cand_count i32 [B, Hkv, NS]: the TRUE count (> capacity means overflow);
       lb_max f32 [B, Hq, NS]: max over the split's searched keys of est - δ (-inf if none);
       m_sw f32 [B, Hq]: exact max raw score over the forced positions (-inf if none).

@@ -14,7 +14,8 @@ from pallas_kernels._common import (
 )
 from pallas_kernels.code_scan.api import check_scan_args, forced_size
 from pallas_kernels.lse_merge import merge_attention
-from pallas_kernels.refine_attention.reference import refine_attention_reference, refine_mask_reference
+from pallas_kernels.refine_attention.reference import (refine_attention_reference, refine_mask_reference,
+                                                      refine_max_reference)
 
 DEFAULT_CHUNK = 64
 
@@ -100,6 +101,47 @@ def refine_attention(
     parts = refine_attention_pallas(*args, interpret=interpret, num_warps=int(num_warps),
                                     num_stages=int(num_stages), **static)
     return merge_refine_partials(*parts, g=g, dtype=q.dtype)
+
+
+def refine_max(
+    q: jax.Array,
+    keys: jax.Array,
+    cand_idx: jax.Array,
+    cand_count: jax.Array,
+    lengths: jax.Array,
+    *,
+    sink: int,
+    window: int,
+    implementation: str = "reference",
+    interpret: Optional[bool] = None,
+    chunk: int = DEFAULT_CHUNK,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> jax.Array:
+    """The max pass of the refine: f32 [B, Hq] = the exact max raw score over the forced positions and
+    every listed candidate (-inf if none); keys only (no values, no softmax). Arguments as
+    :func:`refine_attention`. When the candidates are a superset of the keys whose code bound reaches
+    M_lb - β, this is the exact max M over all keys (the arg-max is always a candidate)."""
+    op = "refine_max"
+    check_implementation(implementation, op)
+    b, hq, d = q.shape
+    _check(op, q, keys, None, cand_idx, cand_count, lengths, jnp.zeros((b, hq), jnp.float32), sink=sink,
+           window=window)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    cand_idx = jnp.asarray(cand_idx, jnp.int32)
+    cand_count = jnp.asarray(cand_count, jnp.int32)
+    if implementation == "reference":
+        return refine_max_reference(q, keys, cand_idx, cand_count, lengths, sink=int(sink), window=int(window))
+    interpret = resolve_interpret(interpret, op)
+    from pallas_kernels.refine_attention.kernel_triton import refine_attention_pallas
+
+    g = hq // keys.shape[1]
+    zeros = jnp.zeros((b, hq), jnp.float32)
+    args, static = pallas_refine_inputs(q, keys, keys, cand_idx, cand_count, lengths, zeros, zeros, sink=sink,
+                                        window=window, chunk=int(chunk), sm_scale=1.0, rounding_slack=0.0)
+    _, _, mx, _ = refine_attention_pallas(*args, interpret=interpret, num_warps=int(num_warps),
+                                          num_stages=int(num_stages), max_only=True, **static)
+    return jnp.max(mx[:, :, :, :g], axis=0).reshape(b, hq)
 
 
 def pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, sink, window, chunk,

@@ -10,7 +10,8 @@ same for the forced positions (sink + window), all attended, with the scan's for
 (``code_scan.kernel_triton.forced_tile``: identical arithmetic, so m_seen == m_base when the
 forced max is the max). Every program also runs the other kind's step fully masked (no memory
 traffic), so the kernel has no divergent control flow. The wrapper merges the NS + 1 partials by
-log-sum-exp.
+log-sum-exp. With ``max_only`` (the max pass) a program only gathers its keys and scores them: the
+exact max over forced ∪ listed, so that the attention pass can use the exact threshold M - β.
 
 A Mosaic GPU port (a file beside this one) would need: the same grid; the candidate-row gathers
 as per-row async copies (or TMA gather4 on Blackwell-class parts) of K and of the kept V rows
@@ -79,6 +80,7 @@ def _refine_kernel(
     chunk: int,
     fsize: int,
     sm_scale: float,
+    max_only: bool,
 ):
     gp, d = q_ref.shape
     length = len_ref[0]
@@ -93,11 +95,24 @@ def _refine_kernel(
     # the forced positions (all attended), fully masked outside program NS
     fpos, fok, s_f, _ = forced_tile(q, qsl, k_ref, length, sink=sink, window=window, size=fsize)
     fok = fok & is_forced
+    mx = jnp.max(jnp.where(fok[None, :], s_f, -jnp.inf), axis=1)
+    if max_only:  # the max pass: exact max over forced ∪ listed, no V, no softmax
+        def scores_max(c, mx):
+            slot = c * chunk + lanes
+            idx = cidx_ref[pl.ds(c * chunk, chunk)]
+            listed = (slot < n_list) & (idx >= 0)
+            k = gather_rows(k_ref, jnp.where(listed, idx, 0), mask=listed)
+            return jnp.maximum(mx, jnp.max(jnp.where(listed[None, :], dot_nt(q, k), -jnp.inf), axis=1))
+
+        mx_ref[...] = jax.lax.fori_loop(0, (n_list + chunk - 1) // chunk, scores_max, mx)
+        o_ref[...] = jnp.zeros((gp, d), jnp.float32)
+        lse_ref[...] = jnp.full((gp,), -jnp.inf, jnp.float32)
+        n_ref[...] = jnp.zeros((gp,), jnp.int32)
+        return
     att_f = fok[None, :] & rows
     init = (jnp.zeros((gp, d), jnp.float32), jnp.full((gp,), -jnp.inf, jnp.float32),
             jnp.zeros((gp,), jnp.float32), jnp.zeros((gp,), jnp.int32))
     carry = _online(init, s_f, att_f, v_ref, fpos, sm_scale)
-    mx = jnp.max(jnp.where(fok[None, :], s_f, -jnp.inf), axis=1)
 
     def body(c, state):
         carry, mx = state
@@ -142,13 +157,16 @@ def refine_attention_pallas(
     interpret: bool,
     num_warps: int = 4,
     num_stages: int = 2,
+    max_only: bool = False,
 ):
-    """Returns (outs [NS+1,B,Hkv,Gp,D] f32, lses, maxes [NS+1,B,Hkv,Gp] f32, n [NS+1,B,Hkv,Gp] i32)."""
+    """Returns (outs [NS+1,B,Hkv,Gp,D] f32, lses, maxes [NS+1,B,Hkv,Gp] f32, n [NS+1,B,Hkv,Gp] i32).
+    ``max_only``: only the maxes (outs 0, lses -inf, n 0; ``values`` is not read)."""
     b, hkv, gp, d = q.shape
     ns, cp = cand_idx.shape[2], cand_idx.shape[3]
     s_cap = keys.shape[2]
     kernel = functools.partial(_refine_kernel, g=g, sink=sink, window=window, num_splits=ns,
-                               capacity=capacity, chunk=chunk, fsize=fsize, sm_scale=float(sm_scale))
+                               capacity=capacity, chunk=chunk, fsize=fsize, sm_scale=float(sm_scale),
+                               max_only=bool(max_only))
     row = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
     last = ns - 1

@@ -74,3 +74,12 @@ def refine_mask_reference(q, keys, cand_idx, cand_count, m_base, beta, *, roundi
     gi = jnp.arange(g)[None, None, :, None]
     mask = jnp.zeros((b, hkv, g, s_cap), bool).at[bi, hi, gi, idx[:, :, None, :]].max(att)
     return mask.reshape(b, hq, s_cap)
+
+
+def refine_max_reference(q, keys, cand_idx, cand_count, lengths, *, sink, window):
+    """f32 [B, Hq]: max exact score over the forced positions and every listed candidate."""
+    b, hq, d = q.shape
+    _, _, s_f, _ = forced_scores(q, keys, lengths, sink=sink, window=window, rounding_slack=0.0)
+    zero = jnp.zeros((b, hq), jnp.float32)
+    _, _, s_seen, _ = _candidate_scores(q, keys, cand_idx, cand_count, zero, zero, 0.0)
+    return jnp.maximum(jnp.max(s_f, axis=-1), jnp.max(s_seen, axis=-1)).reshape(b, hq)
