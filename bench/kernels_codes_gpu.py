@@ -8,8 +8,8 @@ Llama-3-8B attention shapes (Hq 32, Hkv 8, D 128, bf16), synthetic Gaussian keys
 share a direction; the last window key is a strong match for it) whose candidate
 fraction is set by choosing β per KV head (the quantile of max_g(est + δ - M_sw') that leaves the
 requested fraction), sink 4, window 64. Per case: the scan kernel alone, the refine kernel alone
-(on the scan's candidates, m_base = M_lb), the whole one-pass API (scan -> M_lb -> refine, with
-the wrapper's small XLA ops), and dense jax.nn.dot_product_attention(implementation="cudnn") on
+(on the scan's candidates, m_base = M_lb), the whole DIPR API (scan -> max pass -> refine with
+the exact M, with the wrapper's small XLA ops), and dense jax.nn.dot_product_attention(implementation="cudnn") on
 [B, S, Hkv, D]. Each is timed per layer inside one jit over L layers with their own data (so
 neither dispatch nor L2 reuse flatters it), median of --reps runs. The scan's bandwidth counts
 the bytes of codes + scales + errs it must read; the copy bandwidth (a + 1 over 2 GiB, read +
@@ -182,7 +182,7 @@ def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False,
     from pallas_kernels.code_scan import code_scan
     from pallas_kernels.code_scan.api import pallas_scan_inputs
     from pallas_kernels.code_scan.kernel_triton import code_scan_pallas
-    from pallas_kernels.refine_attention import refine_attention
+    from pallas_kernels.refine_attention import refine_attention, refine_max
     from pallas_kernels.refine_attention.api import pallas_refine_inputs
     from pallas_kernels.refine_attention.kernel_triton import refine_attention_pallas
     from pallas_kernels._common import default_rounding_slack
@@ -205,7 +205,8 @@ def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False,
     def dipr_api(lay, beta):
         cidx, counts, lb_max, m_sw = scan_api(lay, beta)
         m_lb = jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
-        out, m_seen, n = refine_attention(lay["q"], lay["keys"], lay["values"], cidx, counts, lengths, m_lb, beta,
+        m = refine_max(lay["q"], lay["keys"], cidx, counts, lengths, sink=SINK, window=WINDOW, **impl)
+        out, m_seen, n = refine_attention(lay["q"], lay["keys"], lay["values"], cidx, counts, lengths, m, beta,
                                           sink=SINK, window=WINDOW, **impl)
         return out, m_seen, n, m_lb, counts
 
