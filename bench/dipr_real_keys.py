@@ -117,7 +117,7 @@ def bench_case(kind, b, s, args, bw, log):
     def scan_only(q, lay):
         st, beta = lay
         bt = jnp.broadcast_to(beta, q.shape[:2])
-        _, cnt, lb, msw, _ = scan_codes(q, st, bt, sink=4, window=64, implementation=args.implementation,
+        _, cnt, lb, msw, _, _ = scan_codes(q, st, bt, sink=4, window=64, implementation=args.implementation,
                                         capacity_fraction=args.capacity_fraction, num_splits=args.num_splits)
         return jnp.broadcast_to((jnp.max(lb, -1) + msw)[..., None], q.shape).astype(q.dtype)
 
@@ -166,7 +166,7 @@ def markdown(meta, rows) -> str:
            f"Copy bandwidth in this run: {meta['hbm_TBps']:.2f} TB/s. µs per layer = one jit over L layers "
            "(own K/V each) / L. β in raw q·k units at D=128 (real-proxy: the d=64 β of the CPU measurement "
            "mapped by bench/real_key_proxy.py).", "",
-           "| keys | B | context | β | dense cuDNN µs | DIPR µs | × dense | DIPR keys | candidates | scan µs | scan TB/s (% HBM) | rescanned/overflow/refined layers |",
+           "| keys | B | context | β | dense cuDNN µs | DIPR µs | × dense | DIPR keys | candidates | scan µs | scan TB/s (% HBM) | rescanned/overflow/M > M_lb layers |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "beta" not in r:

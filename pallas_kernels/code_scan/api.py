@@ -14,7 +14,7 @@ from pallas_kernels._common import (
 from pallas_kernels.code_scan.reference import code_scan_reference
 from pallas_kernels.key_codes import estimate_operand, query_norms
 
-DEFAULT_TILE = 256
+DEFAULT_TILE = 64  # keys per scan step; H200 sweep (bench/results/kernels_codes_gpu.md): 64 fastest
 
 
 def check_scan_args(op, q, keys, lengths, *, sink, window, num_splits):
