@@ -111,6 +111,7 @@ def _scan_kernel(
     num_splits: int,
     capacity: int,
     fsize: int,
+    ablate: str = "none",
 ):
     gp = q_ref.shape[0]
     head_dim = 2 * c_ref.shape[1]
@@ -138,8 +139,12 @@ def _scan_kernel(
         c = c_ref[pl.ds(base, tile), :].astype(jnp.int32)  # [T, D/2]
         sc = sc_ref[pl.ds(base, tile)].astype(jnp.float32)[None, :]  # [1, T]
         er = er_ref[pl.ds(base, tile)].astype(jnp.float32)[None, :]
+        if ablate == "load_only":  # diagnostics only (bench/diag/scan_ablation.py): wrong results
+            return count, jnp.maximum(lbm, jnp.max(c).astype(jnp.float32) + jnp.max(sc) + jnp.max(er))
         lo, hi = unpack_nibbles(c)
         est = ((dot_nt(qlo, lo) + dot_nt(qhi, hi)) * qs) * sc  # [Gp, T]
+        if ablate == "estimate_only":
+            return count, jnp.maximum(lbm, jnp.max(est + er, axis=1))
         delta = bound_from_norms(l1, l2, sc, er, head_dim)
         pos = base + lanes
         searched = (pos >= sink) & (pos < hi_end)  # [T]
@@ -149,6 +154,8 @@ def _scan_kernel(
         lb = jnp.where(searched[None, :] & (lb == lb), lb, -jnp.inf)
         lbm = jnp.maximum(lbm, jnp.max(lb, axis=1))
         ci = cand.astype(jnp.int32)
+        if ablate == "no_compaction":
+            return count + jnp.sum(ci), lbm
         crank = jnp.cumsum(ci) - ci  # exclusive rank among the tile's candidates
         nc = jnp.sum(ci)
         dest = jnp.where(cand, count + crank, count + nc + (lanes - crank))  # a permutation
@@ -186,15 +193,20 @@ def code_scan_pallas(
     interpret: bool,
     num_warps: int = 4,
     num_stages: int = 3,
+    ablate: str = "none",
 ):
     """Returns (cand_idx [B,Hkv,NS,C] i32, counts [B,Hkv,NS] i32, lb [B,Hkv,NS,Gp] f32,
-    m_sw [B,Hkv,NS,Gp] f32 (equal over NS))."""
+    m_sw [B,Hkv,NS,Gp] f32 (equal over NS)). ``ablate`` (diagnostics only, wrong results): "none",
+    "load_only" (read the tiles, nothing else), "estimate_only" (+ unpack and the two MMAs),
+    "no_compaction" (+ bound and candidate test, no cumsum/scatter)."""
+    if ablate not in ("none", "load_only", "estimate_only", "no_compaction"):
+        raise ValueError(f"code_scan_pallas: unknown ablate {ablate!r}")
     b, hkv, gp, d = q.shape
     sp = keys.shape[2]
     dh = d // 2
     ns = num_splits
     kernel = functools.partial(_scan_kernel, g=g, sink=sink, window=window, tile=tile, num_splits=ns,
-                               capacity=capacity, fsize=fsize)
+                               capacity=capacity, fsize=fsize, ablate=ablate)
     row = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
     return pl.pallas_call(
