@@ -226,6 +226,12 @@ def test_attention_fields_choose_the_method(tiny):
     assert dipr.choices[0].text == full.choices[0].text  # an infinite range keeps every key
     stream = _complete(c, "attention please", 8, extra_body={"attention": "streaming"})
     assert stream.usage.completion_tokens >= 1
+    # calibrated DIPR: βs chosen per (layer, head) from the prompt's own last queries after prefill;
+    # two such requests at once share a batch, each row with its own βs
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        cal = list(ex.map(lambda p: _complete(c, p, 8, extra_body={"attention": "dipr", "dipr_mass": 0.9}),
+                          ["attention please, calibrated", "another prompt to calibrate on"]))
+    assert all(r.usage.completion_tokens >= 1 for r in cal)
 
 
 BAD = [
@@ -249,6 +255,10 @@ BAD = [
     ("POST", "/v1/completions", {"model": "random-tiny", "prompt": "x", "attention": "magic"}, 400, "attention"),
     ("POST", "/v1/completions", {"model": "random-tiny", "prompt": "x", "attention": 3}, 400, "attention"),
     ("POST", "/v1/completions", {"model": "random-tiny", "prompt": "x", "beta": -1}, 400, "beta"),
+    ("POST", "/v1/completions", {"model": "random-tiny", "prompt": "x", "attention": "dipr", "dipr_mass": 1.5}, 400,
+     "dipr_mass"),
+    ("POST", "/v1/completions", {"model": "random-tiny", "prompt": "x", "attention": "topk", "dipr_keys": 0.1}, 400,
+     "dipr"),
     ("POST", "/v1/completions", {"model": "other-model", "prompt": "x"}, 404, "does not exist"),
     ("POST", "/v1/completions", {"model": "random-tiny", "prompt": "x" * 30000}, 413, "bytes"),
     ("POST", "/v1/chat/completions", {"model": "random-tiny", "messages": "hi"}, 400, "messages"),

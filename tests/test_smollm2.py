@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,8 +57,11 @@ def test_needle_copy_under_full_and_dipr(smollm2):
     text = filler[:cut] + "\nThe secret code of the blue house is 68142.\n" + filler[cut:]
     ids = tok.encode(text + "\nThe secret code of the blue house is")
     s = SamplingConfig(max_new_tokens=8)  # digits are one token each
+    # one prefill of the long text, shared by both methods (only the question's tail is prefilled again)
+    caches = engine.new_caches(batch=1, capacity=len(ids) + s.max_new_tokens)
+    caches, _, _ = engine.prefill(caches, [ids[:-8]])
     for att in (AttentionConfig(method="full"), AttentionConfig(method="dipr", beta=32.0)):
-        res, _ = engine.generate([ids], sampling=s, attention=att)
+        res, _ = engine.generate([ids[-8:]], sampling=s, attention=att, caches=jax.tree.map(jnp.copy, caches))
         assert "68142" in tok.decode(res[0].tokens), (att.method, tok.decode(res[0].tokens))
 
 

@@ -43,7 +43,9 @@ class RequestLimits:
 
 # Body fields that choose the attention → AttentionConfig fields (with a type check each).
 # Add a field here (and nowhere else) to let requests set it.
-ATTENTION_FIELDS = {"attention": ("method", str), "beta": ("beta", float)}
+ATTENTION_FIELDS = {"attention": ("method", str), "beta": ("beta", float),
+                    # calibrated DIPR: a β per (layer, head) chosen from the prompt's last queries
+                    "dipr_mass": ("dipr_mass", float), "dipr_keys": ("dipr_keys", float)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -150,7 +150,9 @@ def _regather_impl(caches, rows, lengths, *, num_blocks: int):
     """Stores of batch ``len(rows)``: row ``i`` = input row ``rows[i]`` with ``lengths[i]``
     valid positions, blocks padded / cut to ``num_blocks``."""
     return tuple(c.map_blocked(lambda x, blank: _fit_blocks(jnp.take(x, rows, axis=0), num_blocks, blank))
-                 .replace(lengths=lengths.astype(jnp.int32)) for c in caches)
+                 .replace(lengths=lengths.astype(jnp.int32),
+                          dipr_beta=None if c.dipr_beta is None else jnp.take(c.dipr_beta, rows, axis=0))
+                 for c in caches)
 
 
 def _place_impl(batch, row, slot):
@@ -159,6 +161,9 @@ def _place_impl(batch, row, slot):
     for b, r in zip(batch, row):
         put = {f: getattr(b, f).at[slot].set(_fit_blocks(getattr(r, f), getattr(b, f).shape[2], BLANK[f])[0])
                for f in BLOCKED_FIELDS}
+        if b.dipr_beta is not None:  # a calibrated batch: the row's βs (zeros if it has none)
+            rb = r.dipr_beta[0] if r.dipr_beta is not None else jnp.zeros(b.dipr_beta.shape[1:], jnp.float32)
+            put["dipr_beta"] = b.dipr_beta.at[slot].set(rb)
         out.append(b.replace(**put, lengths=b.lengths.at[slot].set(r.lengths[0])))
     return tuple(out)
 
@@ -430,6 +435,8 @@ class Scheduler:
                               maximum=self.limits.max_context)
         caches, todo, reused, source = self._row_caches(ids, cap)
         caches, logits, _ = self.engine.prefill(caches, [todo])
+        if job.attention.calibrated:  # calibrated DIPR: βs from the prompt's own last queries
+            caches, _ = self.engine.calibrate(caches, [ids], job.attention)
         s = job.sampling
         key = jax.random.PRNGKey(s.seed)
         key, sub = jax.random.split(key)
@@ -485,19 +492,23 @@ class Scheduler:
         b = max(len(self._slots), _bucket_batch(n, self.limits.max_batch))
         c = max(self._capacity, seq.need)
         if self._caches is None or b != len(self._slots) or c != self._capacity:
-            self._relayout(b, c)
+            self._relayout(b, c, calibrated=seq.job.attention.calibrated)
         slot = self._slots.index(None)
         self._caches = _place(self._caches, row, np.int32(slot))
         self._slots[slot] = seq
         self._batch_attention = seq.job.attention
         self.peak_active = max(self.peak_active, len(self._active()))
 
-    def _relayout(self, b: int, c: int) -> None:
-        """Slots ``b``, capacity ``c``: the active rows first (in slot order), then idle slots."""
+    def _relayout(self, b: int, c: int, *, calibrated: bool) -> None:
+        """Slots ``b``, capacity ``c``: the active rows first (in slot order), then idle slots.
+        ``calibrated``: the batch runs calibrated DIPR, its stores carry a β per row and head."""
         bk = self.engine.block_size
         active = [(j, s) for j, s in enumerate(self._slots) if s is not None]
         if self._caches is None or not active:
             self._caches = self.engine.new_caches(batch=b, capacity=c)
+            if calibrated:
+                hq = self.engine.config.num_heads
+                self._caches = tuple(x.replace(dipr_beta=jnp.zeros((b, hq), jnp.float32)) for x in self._caches)
             self._slots = [None] * b
         else:
             rows = np.array([j for j, _ in active] + [0] * (b - len(active)), np.int32)
@@ -518,7 +529,7 @@ class Scheduler:
             return
         b = _bucket_batch(len(active), self.limits.max_batch)
         if b < len(self._slots):
-            self._relayout(b, max(s.need for s in active))
+            self._relayout(b, max(s.need for s in active), calibrated=self._batch_attention.calibrated)
         else:
             self._reset_idle()
 
