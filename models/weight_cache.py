@@ -18,6 +18,7 @@ import logging
 import os
 import pathlib
 import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -72,6 +73,25 @@ def _config(meta: dict, dtype: str) -> LlamaConfig:
     return LlamaConfig(**c, dtype=dtype)
 
 
+def entry_path(path, cache_dir) -> pathlib.Path:
+    """Where the cache entry of the GGUF file ``path`` lives (whether or not it exists yet)."""
+    path = pathlib.Path(path)
+    return pathlib.Path(cache_dir) / f"{path.stem}-{entry_key(path)}.npz"
+
+
+def cached_config(path, *, dtype: str, cache_dir) -> Optional[LlamaConfig]:
+    """The config of ``path`` from its cache entry, without parsing the GGUF file (whose tokenizer
+    metadata alone takes seconds to read); None when there is no readable entry."""
+    try:
+        dest = entry_path(path, cache_dir)
+        if not dest.is_file():
+            return None
+        with np.load(dest, allow_pickle=False) as z:
+            return _config(json.loads(bytes(z[_META]).decode()), dtype)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _load_entry(src: pathlib.Path, dtype: str):
     from models.tokenizer import Tokenizer
     from models.weights import expected_tensors, fill_model
@@ -99,7 +119,7 @@ def load_gguf_cached(path, *, dtype: str = "float32", cache_dir, max_entry_bytes
     path = pathlib.Path(path)
     if not path.is_file():
         return load_gguf(path, dtype=dtype)  # its own clear error
-    dest = pathlib.Path(cache_dir) / f"{path.stem}-{entry_key(path)}.npz"
+    dest = entry_path(path, cache_dir)
     if dest.is_file():
         try:
             return _load_entry(dest, dtype)

@@ -1,5 +1,6 @@
 """Strict GGUF loading on small synthetic files written with gguf.GGUFWriter, and the real SmolLM2 file."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -387,3 +388,33 @@ def test_real_smollm2_loads_with_preset_config_and_tokenizer(smollm2_file):
     assert tok.decode(pid) == "system\nBe brief.\nuser\nHi?\nassistant\n"
     assert tok.decode(pid, skip_special=False) == prompt
     assert len(tok.fingerprint()) == 64
+
+
+def test_weight_cache_miss_hit_config_and_corrupt_entry(tmp_path, caplog):
+    """The parsed-GGUF cache: a miss writes one entry, a hit gives the same config, weights and
+    tokenizer as load_gguf without opening the GGUF; cached_config reads the config alone; a
+    corrupt entry is reported, removed and rebuilt; a changed file gets a new entry."""
+    from flax import nnx
+
+    from models.weight_cache import cached_config, entry_path, load_gguf_cached
+
+    path = tmp_path / "m.gguf"
+    write_gguf(path, arch="llama")
+    cache = tmp_path / "cache"
+    assert cached_config(path, dtype="float32", cache_dir=cache) is None
+    want_cfg, want_model, want_tok = load_gguf(path, dtype="float32")
+    want = jax.tree.leaves(nnx.state(want_model, nnx.Param))
+    for _ in range(2):  # miss, then hit
+        cfg, model, tok = load_gguf_cached(path, dtype="float32", cache_dir=cache)
+        assert cfg == want_cfg and tok.fingerprint() == want_tok.fingerprint()
+        for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), want):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    entries = list(cache.iterdir())
+    assert entries == [entry_path(path, cache)]
+    assert cached_config(path, dtype="float32", cache_dir=cache) == want_cfg
+    entries[0].write_bytes(b"not a zip")
+    with caplog.at_level("WARNING"):
+        cfg, _, _ = load_gguf_cached(path, dtype="float32", cache_dir=cache)
+    assert cfg == want_cfg and "unreadable" in caplog.text
+    write_gguf(path, arch="llama", seed=1)  # a new file at the same path: another key
+    assert entry_path(path, cache) != entries[0]

@@ -144,9 +144,15 @@ def load_model(args):
     path = args.model
     if path is not None and not os.path.exists(path):
         raise UsageError(f"model {path!r} does not exist (give a .gguf file or a Hugging Face checkpoint directory)")
-    config = read_config(path if path is not None else find_smollm2_gguf(), dtype=dtype)
-    print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
     cache = weights_dir(getattr(args, "cache_root", None))
+    src = path if path is not None else find_smollm2_gguf()
+    config = None
+    if cache is not None and os.path.isfile(src) and str(src).endswith(".gguf"):
+        from models.weight_cache import cached_config
+
+        config = cached_config(src, dtype=dtype, cache_dir=cache)  # no GGUF parse when cached
+    config = config or read_config(src, dtype=dtype)
+    print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
     if path is None:
         return load_smollm2(dtype=dtype, cache_dir=cache)
     if cache is not None and os.path.isfile(path) and path.endswith(".gguf"):
