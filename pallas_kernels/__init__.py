@@ -4,7 +4,8 @@
   error bound (plain jnp; runs at prefill and at every append).
 - ``code_scan``: the filter — one pass over the codes of every key, candidates per split.
 - ``refine_attention``: refine and attend — exact scores of the candidates, attention over
-  the keys in range ∪ sink ∪ window, splits merged by log-sum-exp (``lse_merge``).
+  the keys in range ∪ sink ∪ window, splits merged by log-sum-exp (``lse_merge``);
+  ``refine_max``, the same kernel's max pass (exact max over candidates ∪ sink ∪ window).
 
 Each kernel folder holds ``reference.py`` (plain jnp), the lowering-specific Pallas body
 (``kernel_triton.py``, written for the GPU Triton lowering and run with ``interpret=True``
