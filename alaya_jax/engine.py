@@ -74,6 +74,7 @@ class Engine:
     def __init__(self, model, *, block_size: int = 64, prefill_chunk: int = 512,
                  prefill_attention: str = "reference"):
         self.config = model.config
+        self.recalibrations = 0  # times generate() chose calibrated βs again as the context grew
         self.block_size = block_size
         self.prefill_chunk = prefill_chunk
         self._prefill_cfg = dataclasses.replace(FULL, prefill_attention=prefill_attention)
@@ -261,7 +262,9 @@ class Engine:
                 if len(before[j]) != start[j] and len(prompts[j]) < min(attention.n_cal, int(lens[j])):
                     raise ValueError(f"sequence {j}: calibrating on the last {attention.n_cal} tokens needs the "
                                      f"{int(start[j])} tokens already in the caches (pass context_tokens)")
-            caches, _ = self.calibrate(caches, [list(before[j]) + list(prompts[j]) for j in range(b)], attention)
+            history = [list(before[j]) + list(prompts[j]) for j in range(b)]  # the tokens in the caches
+            caches, _ = self.calibrate(caches, history, attention)
+            calibrated_at = int(lens.max())
         key = jax.random.PRNGKey(sampling.seed)
         key, sub = jax.random.split(key)
         token = sample(logits, sub, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p))
@@ -281,6 +284,8 @@ class Engine:
                     done[j] = stopped[j] = True
                     continue
                 out[j].append(tj)
+                if attention.calibrated:
+                    history[j].append(tj)
                 if on_token is not None:
                     on_token(j, tj)
                 if len(out[j]) >= sampling.max_new_tokens:
@@ -288,6 +293,14 @@ class Engine:
             if done.all():
                 break
             ts = time.perf_counter()
+            grown = int(lens.max()) + step  # positions in the caches of the longest row
+            if (attention.calibrated and attention.recalibrate_growth is not None
+                    and grown >= attention.recalibrate_growth * calibrated_at):
+                # βs again from the most recent tokens (those already in the caches)
+                caches, _ = self.calibrate(caches, [h[: int(lens[j]) + step] for j, h in enumerate(history)],
+                                           attention)
+                calibrated_at = grown
+                self.recalibrations += 1
             key, sub = jax.random.split(key)
             token, _, caches, _ = self.decode_step(caches, token, key=sub, sampling=sampling, attention=attention)
             tok_host = np.asarray(token)

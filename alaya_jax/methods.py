@@ -69,6 +69,11 @@ class AttentionConfig:
     dipr_mass: Optional[float] = None
     dipr_keys: Optional[float] = None
     n_cal: int = 64
+    # Calibrated DIPR during generation: choose the βs again, from the most recent n_cal tokens, each
+    # time the context has grown by this factor since the last calibration (None: never). Measured
+    # (bench/results/recalibration.md): without it a budget of 8% of the keys fell to 4.1% once the
+    # context had doubled, and KL to full attention was 2.6x higher.
+    recalibrate_growth: Optional[float] = 2.0
 
     # ``prefill_attention``: how dense attention runs — chunks of T > 1 rows, and decode
     # steps of method "full". "reference": our jnp code (materialises f32 scores over
@@ -106,6 +111,8 @@ class AttentionConfig:
                              f"{self.method!r} (use method 'dipr')")
         if self.n_cal < 1:
             raise ValueError(f"n_cal must be >= 1, got {self.n_cal}")
+        if self.recalibrate_growth is not None and not self.recalibrate_growth > 1.0:
+            raise ValueError(f"recalibrate_growth must be > 1 (or None), got {self.recalibrate_growth}")
 
     @property
     def calibrated(self) -> bool:

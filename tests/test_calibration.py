@@ -217,6 +217,32 @@ def test_generate_calibrates_and_needs_the_cached_tokens(engine):
         np.testing.assert_array_equal(np.asarray(a.dipr_beta), np.asarray(b.dipr_beta))
 
 
+def test_generate_recalibrates_when_the_context_has_grown(engine):
+    """The βs are chosen again, from the most recent tokens in the caches, once the context has
+    grown by ``recalibrate_growth``; never with None."""
+    toks = _tokens(40, 5)
+    sampling = SamplingConfig(max_new_tokens=30)
+    base = dict(method="dipr", dipr_keys=0.6, sink=2, window=4, n_cal=8)
+    n0 = engine.recalibrations
+    res_off, c_off = engine.generate([toks], sampling=sampling,
+                                     attention=AttentionConfig(**base, recalibrate_growth=None))
+    assert engine.recalibrations == n0
+    res_on, c_on = engine.generate([toks], sampling=sampling,
+                                   attention=AttentionConfig(**base, recalibrate_growth=1.5))
+    assert engine.recalibrations == n0 + 1  # at 60 tokens (1.5 x 40); the next would be at 90 > 70
+    grown = 60
+    hist = toks + res_on[0].tokens  # the generated tokens before the recalibration are the same in both runs
+    assert hist[:grown] == (toks + res_off[0].tokens)[:grown]
+    pre = engine.new_caches(batch=1, capacity=80)
+    pre, _, _ = engine.prefill(pre, [hist[:grown]])
+    want, _ = engine.calibrate(pre, [hist[:grown]], AttentionConfig(**base))
+    for a, w, off in zip(c_on, want, c_off):
+        np.testing.assert_allclose(np.asarray(a.dipr_beta), np.asarray(w.dipr_beta), rtol=1e-5)
+    assert any(not np.allclose(np.asarray(a.dipr_beta), np.asarray(o.dipr_beta)) for a, o in zip(c_on, c_off))
+    with pytest.raises(ValueError, match="recalibrate_growth"):
+        AttentionConfig(**base, recalibrate_growth=1.0)
+
+
 def test_snapshots_round_trip_the_betas(tmp_path):
     rng = np.random.default_rng(0)
     caches = []

@@ -73,6 +73,9 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         "heads and layers) shared among heads by water-filling on the prompt's last --n-cal queries "
                         "(each extra key goes where it buys the most softmax mass)")
     g.add_argument("--n-cal", type=positive_int, default=64, help="calibration queries (default 64)")
+    g.add_argument("--recalibrate-growth", type=nonneg_float, default=2.0, metavar="X",
+                   help="calibrated DIPR while generating: choose the βs again from the latest --n-cal tokens "
+                        "each time the context has grown X-fold (default 2; 0: never)")
 
 
 def attention_config(args, **extra):
@@ -85,7 +88,8 @@ def attention_config(args, **extra):
                          f"(got --attention {args.attention})")
     return AttentionConfig(method=args.attention, beta=args.beta, budget=args.budget, top_p=args.attn_top_p,
                            sink=args.sink, window=args.window, implementation=args.implementation,
-                           dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys, n_cal=args.n_cal, **extra)
+                           dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys, n_cal=args.n_cal,
+                           recalibrate_growth=args.recalibrate_growth or None, **extra)
 
 
 def progress_bar(enabled: bool, total: int, desc: str):
