@@ -372,21 +372,20 @@ def test_greedy_text_equals_alaya_generate(smol):
 def test_stored_4k_context_is_served_from_memory_10x_faster(smol):
     from alaya_jax.corpus import pydoc_topics
 
-    text = pydoc_topics()
-    ctx = text[:18000]
-    other = "Notes. " + text[:18000]  # no stored prefix: a cold prefill of the same length
+    ctx = pydoc_topics()[:18000]
     name = _smol_name(smol)
     c = smol.client()
+    # The cold reference is the server's own prefill of the same 4K tokens (storing the context;
+    # it also writes the snapshot, well under 1 s of the ~1 min): a second cold 4K prefill through
+    # a completion would cost the suite another minute or more on 2 CPU cores.
     st, made = smol.http("POST", "/v1/contexts", {"prompt": ctx})
-    assert st == 200 and made["tokens"] >= 4000, made
+    assert st == 200 and made["tokens"] >= 4000 and not made["already_stored"], made
 
     def ask(prefix, q):
         r = c.completions.create(model=name, prompt=prefix + "\n\n" + q, max_tokens=2, temperature=0)
         return r.usage.model_extra
 
     ask(ctx, "What is that about?")  # compiles the short tail's prefill at this capacity
-    cold = ask(other, "What is this about?")
     warm = ask(ctx, "What is this about?")
-    assert cold["reused_tokens"] == 0
     assert warm["reused_tokens"] >= 4000 and warm["context_source"] == "memory:device", warm
-    assert warm["ttft_s"] * 10 <= cold["ttft_s"], (cold, warm)
+    assert warm["ttft_s"] * 10 <= made["seconds"], (made, warm)
