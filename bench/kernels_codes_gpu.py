@@ -361,8 +361,10 @@ def check_lowering():
                     sds((b, HQ), jnp.float32), sds((b, HQ), jnp.float32))
         g = functools.partial(raa.refine_attention, sink=SINK, window=WINDOW, implementation="pallas")
         e2 = export.export(jax.jit(g), platforms=("cuda",), disabled_checks=dis)(*ref_args)
+        h = functools.partial(raa.refine_max, sink=SINK, window=WINDOW, implementation="pallas")
+        e3 = export.export(jax.jit(h), platforms=("cuda",), disabled_checks=dis)(*ref_args[:2], *ref_args[3:6])
         print(f"lowered for cuda: B={b} S={s} NS={ns}: scan {len(e.mlir_module())} chars, "
-              f"refine {len(e2.mlir_module())} chars", flush=True)
+              f"refine {len(e2.mlir_module())} chars, max pass {len(e3.mlir_module())} chars", flush=True)
 
 
 def main(argv=None):

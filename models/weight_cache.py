@@ -64,6 +64,11 @@ def _write(dest: pathlib.Path, config: LlamaConfig, tok_fields: dict, read, name
         raise
 
 
+def _meta(z) -> dict:
+    """The JSON metadata (config, tokenizer fields) of an open entry."""
+    return json.loads(bytes(z[_META]).decode())
+
+
 def _config(meta: dict, dtype: str) -> LlamaConfig:
     from models.config import RopeScaling
 
@@ -87,7 +92,7 @@ def cached_config(path, *, dtype: str, cache_dir) -> Optional[LlamaConfig]:
         if not dest.is_file():
             return None
         with np.load(dest, allow_pickle=False) as z:
-            return _config(json.loads(bytes(z[_META]).decode()), dtype)
+            return _config(_meta(z), dtype)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -97,7 +102,7 @@ def _load_entry(src: pathlib.Path, dtype: str):
     from models.weights import expected_tensors, fill_model
 
     with np.load(src, allow_pickle=False) as z:
-        meta = json.loads(bytes(z[_META]).decode())
+        meta = _meta(z)
         config = _config(meta, dtype)
         missing = sorted(set(expected_tensors(config)) - set(z.files))
         if missing:

@@ -150,17 +150,18 @@ def load_model(args):
         raise UsageError(f"model {path!r} does not exist (give a .gguf file or a Hugging Face checkpoint directory)")
     cache = weights_dir(getattr(args, "cache_root", None))
     src = path if path is not None else find_smollm2_gguf()
+    gguf_cache = cache if cache is not None and os.path.isfile(src) and str(src).endswith(".gguf") else None
     config = None
-    if cache is not None and os.path.isfile(src) and str(src).endswith(".gguf"):
+    if gguf_cache is not None:
         from models.weight_cache import cached_config
 
-        config = cached_config(src, dtype=dtype, cache_dir=cache)  # no GGUF parse when cached
+        config = cached_config(src, dtype=dtype, cache_dir=gguf_cache)  # no GGUF parse when cached
     config = config or read_config(src, dtype=dtype)
     print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
     if path is None:
         return load_smollm2(dtype=dtype, cache_dir=cache)
-    if cache is not None and os.path.isfile(path) and path.endswith(".gguf"):
+    if gguf_cache is not None:
         from models.weight_cache import load_gguf_cached
 
-        return load_gguf_cached(path, dtype=dtype, cache_dir=cache)
+        return load_gguf_cached(path, dtype=dtype, cache_dir=gguf_cache)
     return load_model_path(path, dtype=dtype)

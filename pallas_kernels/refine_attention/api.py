@@ -141,7 +141,7 @@ def refine_max(
                                         window=window, chunk=int(chunk), sm_scale=1.0, rounding_slack=0.0)
     _, _, mx, _ = refine_attention_pallas(*args, interpret=interpret, num_warps=int(num_warps),
                                           num_stages=int(num_stages), max_only=True, **static)
-    return jnp.max(mx[:, :, :, :g], axis=0).reshape(b, hq)
+    return _max_over_splits(mx, g)
 
 
 def pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, sink, window, chunk,
@@ -166,12 +166,18 @@ def pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base,
     return args, static
 
 
+def _max_over_splits(mx, g):
+    """Kernel maxes [NS+1, B, Hkv, Gp] -> f32 [B, Hq] (the G real rows of each group)."""
+    _, b, hkv, _ = mx.shape
+    return jnp.max(mx[:, :, :, :g], axis=0).reshape(b, hkv * g)
+
+
 def merge_refine_partials(outs, lses, mx, n, *, g, dtype):
     """Kernel partials [NS+1, B, Hkv, Gp, ...] -> (out [B, Hq, D] dtype, m_seen, n_attended), LSE-merged."""
     p, b, hkv, _, d = outs.shape
     hq = hkv * g
     out, _ = merge_attention(outs[:, :, :, :g].reshape(p, b, hq, d), lses[:, :, :, :g].reshape(p, b, hq))
-    m_seen = jnp.max(mx[:, :, :, :g], axis=0).reshape(b, hq)
+    m_seen = _max_over_splits(mx, g)
     n_att = jnp.sum(n[:, :, :, :g], axis=0).reshape(b, hq)
     return out.astype(dtype), m_seen, n_att
 

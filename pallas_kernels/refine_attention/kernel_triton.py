@@ -96,13 +96,20 @@ def _refine_kernel(
     fpos, fok, s_f, _ = forced_tile(q, qsl, k_ref, length, sink=sink, window=window, size=fsize)
     fok = fok & is_forced
     mx = jnp.max(jnp.where(fok[None, :], s_f, -jnp.inf), axis=1)
+
+    def chunk_scores(c, mx):
+        """Chunk c of the list: (listed [R], pos [R], k [R, D], s f32 [Gp, R], mx updated)."""
+        slot = c * chunk + lanes
+        idx = cidx_ref[pl.ds(c * chunk, chunk)]
+        listed = (slot < n_list) & (idx >= 0)
+        pos = jnp.where(listed, idx, 0)
+        k = gather_rows(k_ref, pos, mask=listed)
+        s = dot_nt(q, k)  # [Gp, R]
+        return listed, pos, k, s, jnp.maximum(mx, jnp.max(jnp.where(listed[None, :], s, -jnp.inf), axis=1))
+
     if max_only:  # the max pass: exact max over forced ∪ listed, no V, no softmax
         def scores_max(c, mx):
-            slot = c * chunk + lanes
-            idx = cidx_ref[pl.ds(c * chunk, chunk)]
-            listed = (slot < n_list) & (idx >= 0)
-            k = gather_rows(k_ref, jnp.where(listed, idx, 0), mask=listed)
-            return jnp.maximum(mx, jnp.max(jnp.where(listed[None, :], dot_nt(q, k), -jnp.inf), axis=1))
+            return chunk_scores(c, mx)[-1]
 
         mx_ref[...] = jax.lax.fori_loop(0, (n_list + chunk - 1) // chunk, scores_max, mx)
         o_ref[...] = jnp.zeros((gp, d), jnp.float32)
@@ -116,13 +123,7 @@ def _refine_kernel(
 
     def body(c, state):
         carry, mx = state
-        slot = c * chunk + lanes
-        idx = cidx_ref[pl.ds(c * chunk, chunk)]
-        listed = (slot < n_list) & (idx >= 0)
-        pos = jnp.where(listed, idx, 0)
-        k = gather_rows(k_ref, pos, mask=listed)
-        s = dot_nt(q, k)  # [Gp, R]
-        mx = jnp.maximum(mx, jnp.max(jnp.where(listed[None, :], s, -jnp.inf), axis=1))
+        listed, pos, k, s, mx = chunk_scores(c, mx)
         kinf = jnp.max(jnp.abs(k.astype(jnp.float32)), axis=1)[None, :]
         att = listed[None, :] & (s + qsl[:, None] * kinf >= thr) & rows
         return _online(carry, s, att, v_ref, pos, sm_scale), mx
