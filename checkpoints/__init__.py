@@ -1,6 +1,7 @@
 """checkpoints: Orbax snapshots of prefilled contexts (save, load, verify).
 
-Knows the KV store (``alaya_jax.kv_store``), not the model code.
+Knows the KV store (``alaya_jax.store.kv_store``: its array layout and shape changes) and
+``alaya_jax.errors``, not the model code (docs/design.md §5).
 """
 
 from checkpoints.snapshot import (
@@ -12,15 +13,14 @@ from checkpoints.snapshot import (
     SnapshotMeta,
     SnapshotNotFoundError,
     abstract_tree,
+    check_caches,
     check_compatible,
     dtype_name,
     fingerprint,
     load_snapshot,
     load_tokens,
     read_meta,
-    resize_store,
     save_snapshot,
-    truncate_store,
     verify_checksums,
 )
 
@@ -33,14 +33,13 @@ __all__ = [
     "SnapshotMeta",
     "SnapshotNotFoundError",
     "abstract_tree",
+    "check_caches",
     "check_compatible",
     "dtype_name",
     "fingerprint",
     "load_snapshot",
     "load_tokens",
     "read_meta",
-    "resize_store",
     "save_snapshot",
-    "truncate_store",
     "verify_checksums",
 ]

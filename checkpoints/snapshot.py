@@ -36,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax import kv_store
-from alaya_jax.kv_store import BLOCKED_FIELDS, KVStore
+from alaya_jax.errors import UserError
+from alaya_jax.store import kv_store
+from alaya_jax.store.kv_store import KVStore
 
 #: Format 2 stores the per-key codes (and rotation signs) beside keys and values; format 1
 #: (block min/max summaries, no codes) is still read: its codes are rebuilt from the keys on load.
@@ -52,7 +53,7 @@ STATE_DIR = "state"
 # ----------------------------------------------------------------------------- errors
 
 
-class SnapshotError(ValueError):
+class SnapshotError(UserError, ValueError):
     """Base class: a snapshot cannot be saved or loaded. ``str(e)`` is a user-facing message."""
 
 
@@ -217,50 +218,12 @@ def fingerprint(*parts: Any, length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-# ----------------------------------------------------------------------------- store helpers
+# ----------------------------------------------------------------------------- checks
 
 
-def resize_store(store: KVStore, capacity: int) -> KVStore:
-    """The same store with its block axis padded (zeros) or cut to hold ``capacity``
-    positions, rounded up to whole blocks. Cutting below a valid length is an error."""
-    bk = store.block_size
-    nb = -(-int(capacity) // bk)
-    if nb <= 0:
-        raise ValueError(f"capacity must be positive, got {capacity}")
-    need = -(-int(np.max(np.asarray(store.lengths), initial=0)) // bk)
-    if nb < need:
-        raise ValueError(
-            f"capacity {capacity} ({nb} blocks of {bk}) cannot hold the store's "
-            f"{int(np.max(np.asarray(store.lengths)))} valid positions"
-        )
-    cur = store.num_blocks
-    if nb == cur:
-        return store
-    if nb < cur:
-        return store.map_blocked(lambda x, _: x[:, :, :nb])
-
-    def pad(x, blank):
-        widths = [(0, 0)] * x.ndim
-        widths[2] = (0, nb - cur)
-        return jnp.pad(x, widths, constant_values=blank)
-
-    return store.map_blocked(pad)
-
-
-def truncate_store(store: KVStore, num_tokens: int) -> KVStore:
-    """Keep the first ``num_tokens`` positions of every sequence (which must not
-    exceed any length): sets ``lengths``. Keys, values and codes past the new length
-    are left as they are (undefined contents; every reader masks by length)."""
-    n = int(num_tokens)
-    lengths = np.asarray(store.lengths)
-    if n < 0 or (lengths < n).any():
-        raise ValueError(f"cannot truncate to {n} positions: lengths are {lengths.tolist()}")
-    if (lengths == n).all():
-        return store
-    return store.replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
-
-
-def _check_caches(caches: Sequence[KVStore], num_tokens: int) -> KVStore:
+def check_caches(caches: Sequence[KVStore], num_tokens: int) -> KVStore:
+    """Layer 0 of ``caches`` after checking that they can be saved as one snapshot of ``num_tokens``
+    tokens: B=1 ``KVStore``s of equal shapes and dtype, each holding exactly ``num_tokens``."""
     if not caches:
         raise SnapshotError("nothing to save: the caches tuple is empty")
     first = caches[0]
@@ -315,7 +278,7 @@ def _parallel_map(fn, items: list) -> list:
         return list(ex.map(fn, items))
 
 
-def _walk_files(root: str) -> list[str]:
+def walk_files(root: str) -> list[str]:
     """Relative paths (with '/') of every regular file under root, sorted."""
     out = []
     for dirpath, _, files in os.walk(root):
@@ -390,22 +353,15 @@ def save_snapshot(
         raise SnapshotError("token ids must fit in int32 and be non-negative")
     n = int(tokens_np.size)
     caches = tuple(caches)
-    first = _check_caches(caches, n)
+    first = check_caches(caches, n)
     if os.path.exists(path):
         if exist_ok:
             return read_meta(path)
         raise SnapshotExistsError(f"snapshot {path} already exists")
 
     bk = first.block_size
-    nb = -(-n // bk)
-    trim = lambda x: x[:, :, :nb]
-    tree = {
-        "layers": [
-            {**{f: trim(getattr(c, f)) for f in BLOCKED_FIELDS}, "rot_signs": c.rot_signs,
-             "lengths": c.lengths}
-            for c in caches
-        ]
-    }
+    nb = kv_store.num_blocks_for(n, bk)
+    tree = {"layers": [kv_store.to_arrays(c, num_blocks=nb) for c in caches]}
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
@@ -426,7 +382,7 @@ def save_snapshot(
             betas = np.stack([np.asarray(c.dipr_beta, np.float32)[0] for c in caches])  # [L, Hq]
             _write_file(os.path.join(tmp, BETA_FILE), _npy_bytes(betas))
         _fsync_tree(tmp)
-        rels = _walk_files(tmp)
+        rels = walk_files(tmp)
         checksums = dict(zip(rels, _parallel_map(lambda r: sha256_file(os.path.join(tmp, r)), rels)))
         meta = SnapshotMeta(
             format_version=FORMAT_VERSION,
@@ -544,20 +500,16 @@ def abstract_tree(meta: SnapshotMeta, sharding=None) -> dict:
     snapshot's format version."""
     if sharding is None:
         sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    pos = (1, meta.num_kv_heads, meta.num_blocks, meta.block_size)
-    d = meta.head_dim
-
-    def sds(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding)
+    arrays = kv_store.abstract_arrays(batch=1, num_kv_heads=meta.num_kv_heads, num_blocks=meta.num_blocks,
+                                      block_size=meta.block_size, head_dim=meta.head_dim, dtype=meta.dtype,
+                                      sharding=sharding)
 
     def layer():
-        out = {"keys": sds(pos + (d,), meta.dtype), "values": sds(pos + (d,), meta.dtype),
-               "lengths": sds((1,), jnp.int32)}
-        if meta.format_version == 1:  # block min/max summaries, no codes
-            summ = (1, meta.num_kv_heads, meta.num_blocks, d)
-            return {**out, "kmin": sds(summ, jnp.float32), "kmax": sds(summ, jnp.float32)}
-        return {**out, "codes": sds(pos + (d // 2,), jnp.uint8), "code_scale": sds(pos, jnp.float16),
-                "code_err": sds(pos, jnp.float16), "rot_signs": sds((meta.num_kv_heads, d), jnp.float32)}
+        if meta.format_version == 1:  # keys, values, lengths and block min/max summaries; no codes
+            summ = jax.ShapeDtypeStruct((1, meta.num_kv_heads, meta.num_blocks, meta.head_dim), jnp.float32,
+                                        sharding=sharding)
+            return {**{f: arrays[f] for f in ("keys", "values", "lengths")}, "kmin": summ, "kmax": summ}
+        return dict(arrays)
 
     return {"layers": [layer() for _ in range(meta.num_layers)]}
 
@@ -571,7 +523,7 @@ def _store_from_tree(layer: dict, meta: SnapshotMeta) -> KVStore:
         codes, scale, err = kv_store.key_codes(layer["keys"], signs)
         return KVStore(keys=layer["keys"], values=layer["values"], codes=codes, code_scale=scale,
                        code_err=err, rot_signs=signs, lengths=layer["lengths"])
-    return KVStore(**{f: layer[f] for f in (*BLOCKED_FIELDS, "rot_signs", "lengths")})
+    return kv_store.from_arrays(layer)
 
 
 def load_snapshot(
@@ -633,6 +585,6 @@ def load_snapshot(
                 f"{meta.num_tokens} tokens in meta"
             )
         if capacity is not None:
-            store = resize_store(store, capacity)
+            store = kv_store.resize(store, capacity)
         caches.append(store)
     return tuple(caches), tokens, meta

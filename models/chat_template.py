@@ -9,8 +9,10 @@ import functools
 import json
 from typing import Any, Sequence
 
+from alaya_jax.errors import UnsupportedModelError
 
-class ChatTemplateError(ValueError):
+
+class ChatTemplateError(UnsupportedModelError):
     """The template is not valid Jinja, or it refused the messages (``raise_exception``)."""
 
 

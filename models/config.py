@@ -6,6 +6,8 @@ import hashlib
 import json
 from typing import Optional
 
+from alaya_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RopeScaling:
@@ -18,12 +20,12 @@ class RopeScaling:
 
     def __post_init__(self):
         if not self.factor > 0:
-            raise ValueError(f"RopeScaling.factor must be > 0, got {self.factor}")
+            raise ConfigError(f"RopeScaling.factor must be > 0, got {self.factor}")
         if not 0 < self.low_freq_factor < self.high_freq_factor:
-            raise ValueError(f"RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+            raise ConfigError(f"RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
                              f"{self.low_freq_factor} and {self.high_freq_factor}")
         if self.original_max_position_embeddings < 1:
-            raise ValueError(f"RopeScaling.original_max_position_embeddings must be >= 1, "
+            raise ConfigError(f"RopeScaling.original_max_position_embeddings must be >= 1, "
                              f"got {self.original_max_position_embeddings}")
 
 
@@ -50,19 +52,19 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "max_position_embeddings"):
             if getattr(self, name) < 1:
-                raise ValueError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"LlamaConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+            raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta}")
         if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+            raise ConfigError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
-            raise ValueError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
+            raise ConfigError(f"rope_scaling must be a RopeScaling or None, got {type(self.rope_scaling).__name__}")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+            raise ConfigError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
 
     def fingerprint(self) -> str:
         """Stable sha256 hex of every architecture field (``dtype`` excluded: snapshots check it separately)."""

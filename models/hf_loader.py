@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from alaya_jax.errors import InputFileNotFoundError, UnsupportedModelError
 from models.config import LlamaConfig, RopeScaling
 from models.rope import inv_frequencies
 from models.tokenizer import Tokenizer
@@ -32,22 +33,22 @@ _REQUIRED = object()
 def _read_json(path: pathlib.Path, *, required: bool = True) -> Optional[dict]:
     if not path.exists():
         if required:
-            raise ValueError(f"{str(path)!r} is missing")
+            raise UnsupportedModelError(f"{str(path)!r} is missing")
         return None
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {str(path)!r}: {e}") from None
+        raise UnsupportedModelError(f"cannot read {str(path)!r}: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{str(path)!r} does not hold a JSON object")
+        raise UnsupportedModelError(f"{str(path)!r} does not hold a JSON object")
     return d
 
 
 def _key(cfg: dict, key: str, default: Any = _REQUIRED):
     if cfg.get(key) is None:
         if default is _REQUIRED:
-            raise ValueError(f"config.json has no {key!r}")
+            raise UnsupportedModelError(f"config.json has no {key!r}")
         return default
     return cfg[key]
 
@@ -58,7 +59,8 @@ def _rope_scaling(cfg: dict) -> Optional[RopeScaling]:
         return None
     kind = rs.get("rope_type", rs.get("type"))
     if kind not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope_scaling type {kind!r} in config.json (supported: {', '.join(ROPE_TYPES)})")
+        raise UnsupportedModelError(f"unsupported rope_scaling type {kind!r} in config.json (supported: "
+                                    f"{', '.join(ROPE_TYPES)})")
     if kind == "default":
         return None
     try:
@@ -66,7 +68,7 @@ def _rope_scaling(cfg: dict) -> Optional[RopeScaling]:
                            high_freq_factor=float(rs["high_freq_factor"]),
                            original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
     except KeyError as e:
-        raise ValueError(f"config.json rope_scaling of type 'llama3' has no {e.args[0]!r}") from None
+        raise UnsupportedModelError(f"config.json rope_scaling of type 'llama3' has no {e.args[0]!r}") from None
 
 
 def config_from_hf(cfg: dict, *, dtype: str) -> LlamaConfig:
@@ -74,26 +76,26 @@ def config_from_hf(cfg: dict, *, dtype: str) -> LlamaConfig:
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
-        raise ValueError(f"unsupported architectures {archs!r} in config.json (supported: "
+        raise UnsupportedModelError(f"unsupported architectures {archs!r} in config.json (supported: "
                          f"{', '.join(ARCHITECTURES)})")
     if model_type != ARCHITECTURES[archs[0]]:
-        raise ValueError(f"unsupported model_type {model_type!r} for {archs[0]} in config.json "
+        raise UnsupportedModelError(f"unsupported model_type {model_type!r} for {archs[0]} in config.json "
                          f"(expected {ARCHITECTURES[archs[0]]!r})")
     if "quantization_config" in cfg:
         method = (cfg["quantization_config"] or {}).get("quant_method")
-        raise ValueError(f"quantized Hugging Face checkpoints are not supported (quantization_config "
+        raise UnsupportedModelError(f"quantized Hugging Face checkpoints are not supported (quantization_config "
                          f"quant_method {method!r}); use an unquantized one or a GGUF file")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"unsupported hidden_act {act!r} in config.json (only 'silu')")
+        raise UnsupportedModelError(f"unsupported hidden_act {act!r} in config.json (only 'silu')")
     if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"partial_rotary_factor {cfg['partial_rotary_factor']} is not supported (only 1.0)")
+        raise UnsupportedModelError(f"partial_rotary_factor {cfg['partial_rotary_factor']} is not supported (only 1.0)")
     if model_type == "llama":
         for flag in ("attention_bias", "mlp_bias"):
             if cfg.get(flag):
-                raise ValueError(f"Llama config with {flag}=true is not supported")
+                raise UnsupportedModelError(f"Llama config with {flag}=true is not supported")
     if model_type == "qwen2" and cfg.get("use_sliding_window"):
-        raise ValueError("Qwen2 config with use_sliding_window=true is not supported")
+        raise UnsupportedModelError("Qwen2 config with use_sliding_window=true is not supported")
     heads = int(_key(cfg, "num_attention_heads"))
     hidden = int(_key(cfg, "hidden_size"))
     return LlamaConfig(
@@ -124,14 +126,14 @@ class SafetensorsIndex:
         if index is not None:
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError("model.safetensors.index.json has no weight_map")
+                raise UnsupportedModelError("model.safetensors.index.json has no weight_map")
             files = sorted(set(weight_map.values()))
         else:
             found = sorted(p.name for p in directory.glob("*.safetensors"))
             if not found:
-                raise ValueError(f"{str(directory)!r} holds no *.safetensors file")
+                raise UnsupportedModelError(f"{str(directory)!r} holds no *.safetensors file")
             if len(found) > 1 and "model.safetensors" not in found:
-                raise ValueError(f"{str(directory)!r} holds several .safetensors files {found} but no "
+                raise UnsupportedModelError(f"{str(directory)!r} holds several .safetensors files {found} but no "
                                  f"model.safetensors.index.json saying which tensor is where")
             files = ["model.safetensors" if "model.safetensors" in found else found[0]]
             weight_map = None
@@ -140,24 +142,26 @@ class SafetensorsIndex:
         for fname in files:
             path = directory / fname
             if not path.is_file():
-                raise ValueError(f"safetensors shard {fname!r} listed in the index does not exist")
+                raise UnsupportedModelError(f"safetensors shard {fname!r} listed in the index does not exist")
             try:
                 h = safe_open(str(path), framework="np")
                 names = list(h.keys())
             except Exception as e:
-                raise ValueError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
+                raise UnsupportedModelError(f"{str(path)!r} is not a readable safetensors file: {e}") from None
             self._handles[fname] = h
             for n in names:
                 if n in self.tensors:
-                    raise ValueError(f"tensor {n!r} appears in both {self.tensors[n][0]!r} and {fname!r}")
+                    raise UnsupportedModelError(f"tensor {n!r} appears in both {self.tensors[n][0]!r} and {fname!r}")
                 if weight_map is not None and weight_map.get(n) != fname:
-                    raise ValueError(f"tensor {n!r} is in {fname!r} but the index puts it in {weight_map.get(n)!r}")
+                    raise UnsupportedModelError(f"tensor {n!r} is in {fname!r} but the index puts it in "
+                                                f"{weight_map.get(n)!r}")
                 s = h.get_slice(n)
                 self.tensors[n] = (fname, tuple(int(x) for x in s.get_shape()), str(s.get_dtype()))
         if weight_map is not None:
             lost = sorted(n for n in weight_map if n not in self.tensors)
             if lost:
-                raise ValueError(f"tensor {lost[0]!r} is in the index but not in its shard {weight_map[lost[0]]!r}"
+                raise UnsupportedModelError(f"tensor {lost[0]!r} is in the index but not in its shard "
+                                            f"{weight_map[lost[0]]!r}"
                                  + (f" ({len(lost)} such)" if len(lost) > 1 else ""))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -197,11 +201,11 @@ def tokenizer_from_hf(directory: pathlib.Path, cfg: dict) -> Tokenizer:
 
     path = directory / "tokenizer.json"
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} is missing (only tokenizer.json tokenizers are supported)")
+        raise UnsupportedModelError(f"{str(path)!r} is missing (only tokenizer.json tokenizers are supported)")
     try:
         tk = HFTokenizer.from_file(str(path))
     except Exception as e:
-        raise ValueError(f"cannot read {str(path)!r}: {e}") from None
+        raise UnsupportedModelError(f"cannot read {str(path)!r}: {e}") from None
     tcfg = _read_json(directory / "tokenizer_config.json", required=False) or {}
     gen = _read_json(directory / "generation_config.json", required=False) or {}
 
@@ -211,20 +215,22 @@ def tokenizer_from_hf(directory: pathlib.Path, cfg: dict) -> Tokenizer:
             return None
         i = tk.token_to_id(text)
         if i is None:
-            raise ValueError(f"tokenizer_config.json {key} {text!r} is not a token of tokenizer.json")
+            raise UnsupportedModelError(f"tokenizer_config.json {key} {text!r} is not a token of tokenizer.json")
         return i
 
     bos = token_id("bos_token")
     bos = bos if bos is not None else next(iter(_ids(cfg.get("bos_token_id"))), None)
     eos_all = _ids(token_id("eos_token")) + _ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
     if not eos_all:
-        raise ValueError("no eos token: neither tokenizer_config.json, generation_config.json nor config.json "
+        raise UnsupportedModelError("no eos token: neither tokenizer_config.json, generation_config.json nor "
+                                    "config.json "
                          "names one")
     template = tcfg.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     if template is not None and not isinstance(template, str):
-        raise ValueError("tokenizer_config.json chat_template is neither a string nor a list with a 'default' entry")
+        raise UnsupportedModelError("tokenizer_config.json chat_template is neither a string nor a list with a "
+                                    "'default' entry")
     if template is None and (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text(encoding="utf-8")
     return Tokenizer.from_tokenizers(tk, bos_id=bos, eos_id=eos_all[0], extra_stop_ids=eos_all[1:],
@@ -234,9 +240,9 @@ def tokenizer_from_hf(directory: pathlib.Path, cfg: dict) -> Tokenizer:
 def _check_directory(path) -> pathlib.Path:
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        raise InputFileNotFoundError(f"model directory {str(path)!r} does not exist")
     if not path.is_dir():
-        raise ValueError(f"{str(path)!r} is not a directory")
+        raise UnsupportedModelError(f"{str(path)!r} is not a directory")
     return path
 
 
@@ -254,7 +260,7 @@ def load_hf(path, *, dtype: str = "float32", device=None):
     config = config_from_hf(cfg, dtype=dtype)
     tok = tokenizer_from_hf(directory, cfg)
     if tok.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer.json has {tok.vocab_size} tokens, more than the model's vocab_size "
+        raise UnsupportedModelError(f"tokenizer.json has {tok.vocab_size} tokens, more than the model's vocab_size "
                          f"{config.vocab_size}")
     index = SafetensorsIndex(directory)
     raise_problems(tensor_problems_hf(index, config))
@@ -262,9 +268,9 @@ def load_hf(path, *, dtype: str = "float32", device=None):
     for n in index.tensors:
         if n.endswith(INV_FREQ_SUFFIX) and not np.allclose(np.asarray(index.read(n), np.float32), want_inv,
                                                            rtol=1e-5):
-            raise ValueError(f"tensor {n!r} differs from the RoPE frequencies of config.json")
+            raise UnsupportedModelError(f"tensor {n!r} differs from the RoPE frequencies of config.json")
     if config.tie_word_embeddings and "lm_head.weight" in index.tensors:
         if not np.array_equal(index.read("lm_head.weight"), index.read("model.embed_tokens.weight")):
-            raise ValueError("config.json ties the output head to the embedding, but the checkpoint's "
+            raise UnsupportedModelError("config.json ties the output head to the embedding, but the checkpoint's "
                              "'lm_head.weight' differs from 'model.embed_tokens.weight'")
     return config, fill_model(config, index.read, device=device), tok

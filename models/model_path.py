@@ -10,6 +10,7 @@ import math
 import pathlib
 from typing import Any
 
+from alaya_jax.errors import InputFileNotFoundError
 from models import gguf_loader, hf_loader
 from models.config import LlamaConfig
 
@@ -18,7 +19,7 @@ def model_format(path) -> str:
     """``"gguf"`` for a file, ``"hf"`` for a directory; ``FileNotFoundError`` when nothing is there."""
     p = pathlib.Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"model path {str(p)!r} does not exist (give a .gguf file or a Hugging Face "
+        raise InputFileNotFoundError(f"model path {str(p)!r} does not exist (give a .gguf file or a Hugging Face "
                                 f"checkpoint directory)")
     return "hf" if p.is_dir() else "gguf"
 

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
+from alaya_jax.errors import UnsupportedModelError
 from models.chat_template import render_chat_template
 
 _NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
@@ -37,7 +38,8 @@ def _pre_tokenizer(pre: str):
         return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_PRE_REGEX[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     if pre not in _PRE_SPLITS_DIGITS:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r}; known: {sorted(_PRE_SPLITS_DIGITS | _PRE_REGEX)}")
+        raise UnsupportedModelError(f"unsupported GGUF pre-tokenizer {pre!r}; known: "
+                                    f"{sorted(_PRE_SPLITS_DIGITS | _PRE_REGEX)}")
     if _PRE_SPLITS_DIGITS[pre]:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     return byte_level
@@ -57,12 +59,13 @@ class Tokenizer:
         """
         pre_tokenizer = _pre_tokenizer(pre)
         if not 0 <= eos_id < len(tokens) or (bos_id is not None and not 0 <= bos_id < len(tokens)):
-            raise ValueError(f"bos/eos ids ({bos_id}, {eos_id}) outside the vocabulary of {len(tokens)} tokens")
+            raise UnsupportedModelError(f"bos/eos ids ({bos_id}, {eos_id}) outside the vocabulary of {len(tokens)} "
+                                        "tokens")
         if len(token_types) != len(tokens):
-            raise ValueError(f"{len(token_types)} token types for {len(tokens)} tokens")
+            raise UnsupportedModelError(f"{len(token_types)} token types for {len(tokens)} tokens")
         vocab = {t: i for i, t in enumerate(tokens)}
         if len(vocab) != len(tokens):
-            raise ValueError("the GGUF vocabulary has duplicate tokens")
+            raise UnsupportedModelError("the GGUF vocabulary has duplicate tokens")
         pairs = [tuple(m.split(" ", 1)) for m in merges]
         tk = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
         tk.pre_tokenizer = pre_tokenizer
@@ -95,7 +98,7 @@ class Tokenizer:
         n = tk.get_vocab_size(with_added_tokens=True)
         for what, i in (("eos", eos_id), ("bos", bos_id), *(("stop", s) for s in extra_stop_ids)):
             if i is not None and not 0 <= i < n:
-                raise ValueError(f"{what} id {i} is outside the vocabulary of {n} tokens")
+                raise UnsupportedModelError(f"{what} id {i} is outside the vocabulary of {n} tokens")
         self._tk = tk
         self._fingerprint = fingerprint
         self.bos_id = bos_id

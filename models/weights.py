@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from alaya_jax.errors import UnsupportedModelError
 from models.config import LlamaConfig
 from models.llama import Llama
 
@@ -68,7 +69,7 @@ def raise_problems(problems: list[str]) -> None:
     """``ValueError`` with the first problems (all of them counted)."""
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError("; ".join(problems[:3]) + more)
+        raise UnsupportedModelError("; ".join(problems[:3]) + more)
 
 
 def _param(model, path: str):
@@ -95,7 +96,7 @@ def fill_model(config: LlamaConfig, read: Callable[[str], np.ndarray | jax.Array
     for name, (shape, path) in expected_tensors(config).items():
         w = read(name)
         if tuple(w.shape) != shape:  # the caller checked the header; the data must agree with it
-            raise ValueError(f"tensor {name!r} reads as shape {tuple(w.shape)}, expected {shape}")
+            raise UnsupportedModelError(f"tensor {name!r} reads as shape {tuple(w.shape)}, expected {shape}")
         w = jax.device_put(w, device).astype(dt)
         if path.endswith(".kernel"):
             w = _transpose(w)

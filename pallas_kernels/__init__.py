@@ -15,11 +15,13 @@ on CPU) and a public wrapper (``api.py``) that picks one explicitly::
     interpret=None                            (None -> True on CPU, False on GPU)
 
 A requested Pallas backend that cannot run raises ``BackendUnavailableError``;
-nothing ever falls back silently. This package imports nothing else of ours.
+nothing ever falls back silently. Each ``api.py`` has ``IMPLEMENTATIONS``, the immutable mapping
+from backend name to the function that runs it: the one list of the op's backends, which the
+attention config and the CLI read. This package imports nothing else of ours (docs/design.md §1).
 """
 
-from pallas_kernels._common import BackendUnavailableError, default_rounding_slack
 from pallas_kernels.code_scan import code_scan
+from pallas_kernels.common import BackendUnavailableError, default_rounding_slack
 from pallas_kernels.lse_merge import merge_attention
 from pallas_kernels.refine_attention import refine_attention, refine_max
 

@@ -1,9 +1,15 @@
-"""Test-wide set-up: the ``alaya`` CLI's caches (compiled programs, parsed weights) go to a
-temporary directory of this test session, never to the user's cache or the project tree."""
+"""Test-wide set-up and shared fixtures.
+
+The ``alaya`` CLI's caches (compiled programs, parsed weights) go to a temporary directory
+of this test session, never to the user's cache or the project tree. Helpers shared by
+several test files live in ``tests/support/``; no test module imports another.
+"""
 
 import os
 
 import pytest
+
+from tests.support.engines import tiny_engine
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -15,3 +21,9 @@ def _alaya_cache_dir(tmp_path_factory):
         os.environ.pop("ALAYA_CACHE_DIR", None)
     else:
         os.environ["ALAYA_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """A tiny random-weight engine (``tests.support.engines.tiny_engine``), one per test module."""
+    return tiny_engine()

@@ -2,8 +2,10 @@
 ``snapshot``, ``serve``), all sharing :mod:`alaya_jax.cli.common`.
 
 Errors in what the user gave (an empty prompt, a missing file, a bad value, a
-prompt longer than the context, a refused snapshot) print one ``error:`` line
-and exit with status 2 — no traceback.
+prompt longer than the context, a refused snapshot, a model that cannot be loaded)
+are :class:`alaya_jax.errors.UserError` instances: they print one ``alaya: error:`` line and
+exit with status 2 — no traceback. Any other exception is a bug and surfaces with
+its traceback (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional
 from alaya_jax.cli import eval as eval_cmd
 from alaya_jax.cli import generate, models, serve, snapshot, startup
 from alaya_jax.cli.common import UsageError, add_model_args
+from alaya_jax.errors import UserError
 
 SUBCOMMANDS = (generate, eval_cmd, snapshot, models, serve)
 
@@ -46,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.cache_root = startup.cache_root(args.cache_dir)
         startup.enable_compile_cache(args.cache_root)
         return args.func(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"alaya: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

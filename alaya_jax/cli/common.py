@@ -7,10 +7,11 @@ import argparse
 import os
 import sys
 
-from alaya_jax.methods import METHODS
+from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, METHODS
+from alaya_jax.errors import InputError
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """A problem with what the user asked for; printed without a traceback."""
 
 
@@ -63,7 +64,7 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=unit_float, default=0.9, dest="attn_top_p", help="mass kept by topp")
     g.add_argument("--sink", type=nonneg_int, default=4, help="initial tokens always attended")
     g.add_argument("--window", type=nonneg_int, default=64, help="recent tokens always attended")
-    g.add_argument("--implementation", choices=("reference", "pallas"), default="reference",
+    g.add_argument("--implementation", choices=DIPR_IMPLEMENTATIONS, default="reference",
                    help="kernel implementation for DIPR (pallas: interpret mode on CPU)")
     g.add_argument("--dipr-mass", type=unit_float, default=None, metavar="M",
                    help="calibrated DIPR: per (layer, head) the smallest β whose attended keys (DIPR ∪ sink ∪ window) "
@@ -78,8 +79,9 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         "each time the context has grown X-fold (default 2; 0: never)")
 
 
-def attention_config(args, **extra):
-    from alaya_jax.methods import AttentionConfig
+def attention_config(args, *, prefill_attention: str = "reference"):
+    """The ``AttentionConfig`` of the attention arguments (``add_attention_args``)."""
+    from alaya_jax.attention.config import AttentionConfig, CalibrationConfig, KernelConfig
 
     if args.dipr_mass is not None and args.dipr_keys is not None:
         raise UsageError("give either --dipr-mass or --dipr-keys, not both")
@@ -87,9 +89,11 @@ def attention_config(args, **extra):
         raise UsageError(f"--dipr-mass / --dipr-keys calibrate DIPR; use them with --attention dipr "
                          f"(got --attention {args.attention})")
     return AttentionConfig(method=args.attention, beta=args.beta, budget=args.budget, top_p=args.attn_top_p,
-                           sink=args.sink, window=args.window, implementation=args.implementation,
-                           dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys, n_cal=args.n_cal,
-                           recalibrate_growth=args.recalibrate_growth or None, **extra)
+                           sink=args.sink, window=args.window,
+                           kernel=KernelConfig(implementation=args.implementation, prefill_attention=prefill_attention),
+                           calibration=CalibrationConfig(dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys,
+                                                         n_cal=args.n_cal,
+                                                         recalibrate_growth=args.recalibrate_growth or None))
 
 
 def progress_bar(enabled: bool, total: int, desc: str):
@@ -102,7 +106,8 @@ def progress_bar(enabled: bool, total: int, desc: str):
 
 
 def add_model_args(p: argparse.ArgumentParser, *, suppress: bool = False) -> None:
-    """``--model/--gguf``, ``--dtype``, ``--max-context`` and ``--cache-dir``; ``suppress``: given only when typed (subcommands)."""
+    """``--model/--gguf``, ``--dtype``, ``--max-context`` and ``--cache-dir``; ``suppress``: given only
+    when typed (subcommands)."""
     d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
     p.add_argument("--model", "--gguf", dest="model", default=d(None),
                    help="a GGUF file or a Hugging Face checkpoint directory (default: the bundled SmolLM2-135M-"
@@ -141,7 +146,7 @@ def load_model(args):
     import jax.numpy as jnp  # noqa: F401  (import jax before models for a clear backend message)
 
     from alaya_jax.cli.startup import weights_dir
-    from alaya_jax.memory import check_fits, estimate_memory
+    from alaya_jax.runtime.memory_estimate import check_fits, estimate_memory
     from models import find_smollm2_gguf, load_model_path, load_smollm2, read_config
 
     dtype = resolve_dtype(args.dtype)

@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from alaya_jax.engine import Engine
+    from alaya_jax.runtime.engine import Engine
 
     text = read_text(args.text_file, "text file")
     attention = attention_config(args)
@@ -44,7 +44,7 @@ def cmd_eval(args) -> int:
             bar.close()
         out = {"tokens": res.tokens, "nll": res.nll, "ppl": res.ppl, "attention": "full"}
     else:
-        from alaya_jax.evaluation import score_sparse
+        from alaya_jax.runtime.evaluation import score_sparse
 
         out = score_sparse(engine, ids, attention=attention, prefill_tokens=args.prefill_tokens,
                            progress=not args.json and sys.stderr.isatty())

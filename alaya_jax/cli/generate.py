@@ -10,7 +10,8 @@ import time
 
 from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, context_limit, context_limit_text,
                                   load_model, nonneg_float, positive_int, progress_bar, read_text, unit_float)
-from alaya_jax.model_db import context_prefix_ids, open_db
+from alaya_jax.runtime.prompts import context_prefix_ids
+from alaya_jax.store.db_for_model import open_db
 
 
 def add_parser(sub) -> None:
@@ -35,9 +36,9 @@ def add_parser(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from alaya_jax.corpus import DEMO_QUESTION, demo_context
-    from alaya_jax.engine import Engine
-    from alaya_jax.sampling import SamplingConfig
+    from alaya_jax.runtime.corpus import DEMO_QUESTION, demo_context
+    from alaya_jax.runtime.engine import Engine
+    from alaya_jax.runtime.sampling import SamplingConfig
 
     if args.prompt is None:
         if not args.demo_context:
@@ -123,7 +124,7 @@ def cmd_generate(args) -> int:
         "stopped": r.stopped,
     }
     if attention.calibrated:
-        from alaya_jax.calibration import beta_summary
+        from alaya_jax.attention.dipr.calibration import beta_summary
 
         out["dipr_beta_per_layer"] = beta_summary(final_caches)
     if db is not None:
@@ -149,7 +150,7 @@ def _store_context_prefix(db, tok, context, raw, ids, caches):
     about it shares, as ``alaya snapshot save`` stores it) unless the DB already covers
     all of its full blocks. ``caches`` hold ``ids`` (+ generated tokens). Returns the new
     snapshot's id, or None when nothing was written."""
-    from checkpoints import truncate_store
+    from alaya_jax.store import kv_store
 
     prefix = context_prefix_ids(tok, context, raw=raw)
     n = len(prefix)
@@ -158,5 +159,5 @@ def _store_context_prefix(db, tok, context, raw, ids, caches):
     _, covered = db.longest_prefix(prefix)
     if covered >= (n // db.block_size) * db.block_size:
         return None
-    kv = tuple(truncate_store(c, n) for c in caches)
+    kv = tuple(kv_store.truncate(c, n) for c in caches)
     return db.import_(prefix, kv)

@@ -19,7 +19,7 @@ def cmd_inspect(args) -> int:
     import dataclasses
 
     from alaya_jax.cli.common import context_limit
-    from alaya_jax.memory import estimate_memory
+    from alaya_jax.runtime.memory_estimate import estimate_memory
     from models import describe_model_path, read_config
 
     info = describe_model_path(args.path)

@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 
+from alaya_jax.attention.config import PREFILL_ATTENTIONS
 from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, context_limit, load_model,
                                   positive_int, resolve_dtype)
 
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
     s.add_argument("--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens accepted")
     s.add_argument("--default-max-tokens", type=positive_int, default=256, help="chat's max_tokens when not given")
     s.add_argument("--max-body-bytes", type=byte_size, default=byte_size("4MiB"))
-    s.add_argument("--prefill-attention", choices=("reference", "xla", "cudnn"), default="reference",
+    s.add_argument("--prefill-attention", choices=PREFILL_ATTENTIONS, default="reference",
                    help="dense attention of prefill chunks and of 'full' decode steps")
     s.add_argument("--prefill-chunk", type=positive_int, default=512, help="largest prompt chunk per prefill call")
     s.add_argument("--served-model-name", default=None, help="the model id of /v1/models (default: from the file)")
@@ -62,9 +63,8 @@ def add_parser(sub) -> None:
 
 def build_state(args):
     """Load the model and build the server's shared state (engine loop not started)."""
-    import dataclasses
 
-    from alaya_jax.engine import Engine
+    from alaya_jax.runtime.engine import Engine
     from alaya_jax.server.app import ServerState
     from alaya_jax.server.metrics import Metrics
     from alaya_jax.server.protocol import RequestLimits
@@ -90,11 +90,11 @@ def build_state(args):
     engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk)
     db = None
     if args.db:
-        from alaya_jax.model_db import open_db
+        from alaya_jax.store.db_for_model import open_db
 
         db = open_db(args.db, config, tok, engine, memory_budget_bytes=args.memory_budget,
                      memory_kind=args.memory_kind)
-    attention = dataclasses.replace(attention_config(args), prefill_attention=args.prefill_attention)
+    attention = attention_config(args, prefill_attention=args.prefill_attention)
     limits = RequestLimits(max_context=context, max_prompt_tokens=min(args.max_prompt_tokens or context, context),
                            max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                            max_body_bytes=args.max_body_bytes)

@@ -14,7 +14,8 @@ import os
 import time
 
 from alaya_jax.cli.common import UsageError, context_limit, context_limit_text, load_model, progress_bar, read_text
-from alaya_jax.model_db import context_prefix_ids, open_db
+from alaya_jax.runtime.prompts import context_prefix_ids
+from alaya_jax.store.db_for_model import open_db
 
 
 def _print(args, obj, text: str) -> None:
@@ -34,8 +35,8 @@ def _meta_json(meta, problem=None) -> dict:
 
 
 def cmd_save(args) -> int:
-    from alaya_jax.corpus import demo_context
-    from alaya_jax.engine import Engine
+    from alaya_jax.runtime.corpus import demo_context
+    from alaya_jax.runtime.engine import Engine
 
     if bool(args.context_file) == bool(args.demo_context):
         raise UsageError("give exactly one of --context-file or --demo-context")
@@ -75,7 +76,7 @@ def cmd_save(args) -> int:
 
 
 def _catalog(args):
-    from alaya_jax.context_db import ContextDB
+    from alaya_jax.store.context_db import ContextDB
 
     if not os.path.isdir(args.db):
         raise UsageError(f"context DB {args.db!r} does not exist")

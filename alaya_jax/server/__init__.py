@@ -1,3 +1,10 @@
-"""``alaya serve``: an OpenAI-compatible HTTP server (``app``) over one engine loop with
-continuous batching (``scheduler``), request validation (``protocol``) and Prometheus
-metrics (``metrics``)."""
+"""``alaya serve``: an OpenAI-compatible HTTP server (docs/design.md §6).
+
+- ``app``: the Starlette routes (thin: validate, submit, stream);
+- ``protocol``: request bodies validated into engine requests (``APIError``);
+- ``scheduler``: the engine loop with continuous batching (one thread owns the model);
+- ``metrics``: Prometheus metrics.
+
+May import: ``alaya_jax.runtime``, ``alaya_jax.attention``, ``alaya_jax.store``,
+``checkpoints``, ``models``; never ``cli``.
+"""

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from alaya_jax.methods import AttentionConfig
+from alaya_jax.attention.config import AttentionConfig
 from alaya_jax.server import protocol
 from alaya_jax.server.metrics import Metrics
 from alaya_jax.server.protocol import APIError, RequestLimits
@@ -107,7 +107,8 @@ async def _generate(request: Request, kind: str) -> Response:
     if model is not None and model != state.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
                        param="model", code="model_not_found")
-    ids = protocol.chat_prompt_ids(body, state.tok) if kind == "chat" else protocol.completion_prompt_ids(body, state.tok)
+    prompt_ids = protocol.chat_prompt_ids if kind == "chat" else protocol.completion_prompt_ids
+    ids = prompt_ids(body, state.tok)
     default_mt = state.limits.default_max_tokens if kind == "chat" else 16
     req = protocol.generation_request(body, ids, limits=state.limits, attention=state.attention,
                                       default_max_tokens=default_mt)
@@ -223,7 +224,7 @@ def _context_json(meta) -> dict:
 
 
 async def contexts_create(request: Request) -> Response:
-    from alaya_jax.model_db import context_prefix_ids
+    from alaya_jax.runtime.prompts import context_prefix_ids
 
     state: ServerState = request.app.state.alaya
     db = _need_db(state)
@@ -383,7 +384,8 @@ def create_app(state: ServerState) -> Starlette:
     async def lifespan(app):
         state.scheduler.start()
         yield
-        await anyio.to_thread.run_sync(state.scheduler.stop, None)  # after the current step: no thread left in XLA at exit
+        # after the current step: no thread left in XLA at exit
+        await anyio.to_thread.run_sync(state.scheduler.stop, None)
 
     app = Starlette(routes=_ROUTES, lifespan=lifespan, middleware=[Middleware(_Gate, state=state)],
                     exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})

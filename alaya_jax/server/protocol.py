@@ -11,8 +11,9 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from alaya_jax.methods import METHODS, AttentionConfig
-from alaya_jax.sampling import SamplingConfig
+from alaya_jax.attention.config import METHODS, AttentionConfig
+from alaya_jax.errors import ConfigError
+from alaya_jax.runtime.sampling import SamplingConfig
 
 
 class APIError(Exception):
@@ -41,11 +42,12 @@ class RequestLimits:
     max_body_bytes: int = 4 << 20
 
 
-# Body fields that choose the attention → AttentionConfig fields (with a type check each).
-# Add a field here (and nowhere else) to let requests set it.
+# Body fields that choose the attention → AttentionConfig fields ("part.field": a field of its
+# ``calibration`` / ``kernel`` part), with a type check each. Add a field here (and nowhere else)
+# to let requests set it.
 ATTENTION_FIELDS = {"attention": ("method", str), "beta": ("beta", float),
                     # calibrated DIPR: a β per (layer, head) chosen from the prompt's last queries
-                    "dipr_mass": ("dipr_mass", float), "dipr_keys": ("dipr_keys", float)}
+                    "dipr_mass": ("calibration.dipr_mass", float), "dipr_keys": ("calibration.dipr_keys", float)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,15 +96,21 @@ def check_fields(body: Any, fields: dict) -> dict:
 
 def attention_from_body(body: dict, base: AttentionConfig) -> AttentionConfig:
     """``base`` (the server's ``--attention`` settings) with the request's attention fields."""
-    changes = {field: (float(body[k]) if t is float else body[k])
-               for k, (field, t) in ATTENTION_FIELDS.items() if body.get(k) is not None}
+    changes, parts = {}, {}
+    for k, (field, t) in ATTENTION_FIELDS.items():
+        if body.get(k) is not None:
+            part, _, name = field.rpartition(".")
+            (parts.setdefault(part, {}) if part else changes)[name] = float(body[k]) if t is float else body[k]
     if "method" in changes and changes["method"] not in METHODS:
         raise APIError(400, f"unknown attention {changes['method']!r}; choose one of {', '.join(METHODS)}",
                        param="attention")
     try:
+        for part, fields in parts.items():
+            changes[part] = dataclasses.replace(getattr(base, part), **fields)
         return dataclasses.replace(base, **changes)
-    except ValueError as e:
-        raise APIError(400, f"bad attention settings: {e}", param=next(iter(changes), None)) from None
+    except ConfigError as e:
+        given = [field.rpartition(".")[2] for k, (field, _) in ATTENTION_FIELDS.items() if body.get(k) is not None]
+        raise APIError(400, f"bad attention settings: {e}", param=next(iter(given), None)) from None
 
 
 def _stop(body: dict) -> tuple[str, ...]:

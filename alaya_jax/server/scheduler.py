@@ -43,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.kv_store import BLANK, BLOCKED_FIELDS
-from alaya_jax.methods import AttentionConfig
-from alaya_jax.sampling import SamplingConfig, sample
+from alaya_jax.attention.config import AttentionConfig
+from alaya_jax.runtime.sampling import SamplingConfig, sample
+from alaya_jax.errors import ConfigError
+from alaya_jax.store import kv_store
 
 log = logging.getLogger("alaya.serve")
 
@@ -63,7 +64,7 @@ class BatchLimits:
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_context < 1 or self.min_capacity < 1:
-            raise ValueError(f"batch limits must be >= 1, got {self}")
+            raise ConfigError(f"batch limits must be >= 1, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,40 +137,20 @@ def capacity_bucket(n: int, *, block_size: int, minimum: int, maximum: int) -> i
     return min(cap, max(top, -(-n // block_size) * block_size))
 
 
-def _fit_blocks(x, num_blocks: int, blank):
-    """A blocked field [B, Hkv, NB, ...] padded (with ``blank``) or cut to ``num_blocks`` blocks."""
-    cur = x.shape[2]
-    if num_blocks > cur:
-        widths = [(0, 0)] * x.ndim
-        widths[2] = (0, num_blocks - cur)
-        return jnp.pad(x, widths, constant_values=jnp.asarray(blank, x.dtype))
-    return jax.lax.slice_in_dim(x, 0, num_blocks, axis=2)
-
-
 def _regather_impl(caches, rows, lengths, *, num_blocks: int):
     """Stores of batch ``len(rows)``: row ``i`` = input row ``rows[i]`` with ``lengths[i]``
     valid positions, blocks padded / cut to ``num_blocks``."""
-    return tuple(c.map_blocked(lambda x, blank: _fit_blocks(jnp.take(x, rows, axis=0), num_blocks, blank))
-                 .replace(lengths=lengths.astype(jnp.int32),
-                          dipr_beta=None if c.dipr_beta is None else jnp.take(c.dipr_beta, rows, axis=0))
+    return tuple(kv_store.with_lengths(kv_store.fit_blocks(kv_store.take_rows(c, rows), num_blocks), lengths)
                  for c in caches)
 
 
 def _place_impl(batch, row, slot):
     """``batch`` with row ``slot`` replaced by the single row of ``row`` (blocks padded to fit)."""
-    out = []
-    for b, r in zip(batch, row):
-        put = {f: getattr(b, f).at[slot].set(_fit_blocks(getattr(r, f), getattr(b, f).shape[2], BLANK[f])[0])
-               for f in BLOCKED_FIELDS}
-        if b.dipr_beta is not None:  # a calibrated batch: the row's βs (zeros if it has none)
-            rb = r.dipr_beta[0] if r.dipr_beta is not None else jnp.zeros(b.dipr_beta.shape[1:], jnp.float32)
-            put["dipr_beta"] = b.dipr_beta.at[slot].set(rb)
-        out.append(b.replace(**put, lengths=b.lengths.at[slot].set(r.lengths[0])))
-    return tuple(out)
+    return tuple(kv_store.place_row(b, slot, r) for b, r in zip(batch, row))
 
 
 def _set_lengths_impl(caches, lengths):
-    return tuple(c.replace(lengths=lengths) for c in caches)
+    return tuple(kv_store.with_lengths(c, lengths) for c in caches)
 
 
 def _sample_rows_impl(logits, keys, temperature, top_p):
@@ -513,7 +494,7 @@ class Scheduler:
         else:
             rows = np.array([j for j, _ in active] + [0] * (b - len(active)), np.int32)
             lengths = np.array([s.length for _, s in active] + [0] * (b - len(active)), np.int32)
-            self._caches = _regather(self._caches, rows, lengths, num_blocks=-(-c // bk))
+            self._caches = _regather(self._caches, rows, lengths, num_blocks=kv_store.num_blocks_for(c, bk))
             self._slots = [s for _, s in active] + [None] * (b - len(active))
         self._capacity = -(-c // bk) * bk
         self._idle_len = [0] * b

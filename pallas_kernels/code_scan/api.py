@@ -1,20 +1,25 @@
-"""Public wrapper: code_scan(q, q_rot, keys, codes, scales, errs, lengths, beta, *, ...)."""
+"""Public wrapper: code_scan(q, q_rot, keys, codes, scales, errs, lengths, beta, *, ...).
+
+``IMPLEMENTATIONS`` maps each backend name (``implementation=``) to the function that runs
+it on validated arguments; it is the one list of the op's backends.
+"""
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import (
+from pallas_kernels.code_scan.reference import code_scan_reference
+from pallas_kernels.common import (
     check_implementation, gqa_groups, next_pow2, pad_axis, query_slack, resolve_interpret,
     resolve_rounding_slack, score_operand_dtype,
 )
-from pallas_kernels.code_scan.reference import code_scan_reference
 from pallas_kernels.key_codes import estimate_operand, query_norms
 
-DEFAULT_TILE = 64  # keys per scan step; H200 sweep (bench/results/kernels_codes_gpu.md): 64 fastest
+DEFAULT_TILE = 64  # keys per scan step; H200 sweep (bench/results/kernels_codes_gpu/kernels_codes_gpu.md): 64 fastest
 
 
 def check_scan_args(op, q, keys, lengths, *, sink, window, num_splits):
@@ -85,7 +90,7 @@ def code_scan(
       m_sw f32 [B, Hq]: exact max raw score over the forced positions (-inf if none).
     """
     op = "code_scan"
-    check_implementation(implementation, op)
+    check_implementation(implementation, op, IMPLEMENTATIONS)
     check_scan_args(op, q, keys, lengths, sink=sink, window=window, num_splits=num_splits)
     b, hq, d = q.shape
     _, hkv, s_cap, _ = keys.shape
@@ -106,17 +111,29 @@ def code_scan(
     lengths = jnp.asarray(lengths, jnp.int32)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
     kw = dict(sink=int(sink), window=int(window), num_splits=int(num_splits), capacity=int(capacity))
-    if implementation == "reference":
-        return code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, tile_size=tile,
-                                   rounding_slack=slack, **kw)
-    interpret = resolve_interpret(interpret, op)
+    return IMPLEMENTATIONS[implementation](q, q_rot, keys, codes, scales, errs, lengths, beta, tile_size=tile,
+                                           rounding_slack=slack, interpret=interpret, num_warps=num_warps,
+                                           num_stages=num_stages, **kw)
+
+
+def _scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpret, num_warps, num_stages, **kw):
+    del interpret, num_warps, num_stages  # Pallas launch knobs
+    return code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, **kw)
+
+
+def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpret, num_warps, num_stages, **kw):
+    interpret = resolve_interpret(interpret, "code_scan")
     from pallas_kernels.code_scan.kernel_triton import code_scan_pallas
 
-    args, static = pallas_scan_inputs(q, q_rot, keys, codes, scales, errs, lengths, beta, tile_size=tile,
-                                      rounding_slack=slack, **kw)
+    args, static = pallas_scan_inputs(q, q_rot, keys, codes, scales, errs, lengths, beta, **kw)
     cidx, counts, lb, msw = code_scan_pallas(*args, interpret=interpret, num_warps=int(num_warps),
                                              num_stages=int(num_stages), **static)
     return unpack_scan_outputs(cidx, counts, lb, msw, g=static["g"])
+
+
+#: The backends of ``code_scan`` by name: "reference" (plain jnp), "pallas" (the Triton-lowered kernel;
+#: interpret mode on the CPU).
+IMPLEMENTATIONS = MappingProxyType({"reference": _scan_reference, "pallas": _scan_pallas})
 
 
 def pallas_scan_inputs(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, capacity,

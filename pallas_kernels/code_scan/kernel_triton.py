@@ -32,8 +32,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import compiler_params
 from pallas_kernels.code_scan.layout import forced_positions, searched_end, split_tiles
+from pallas_kernels.common import compiler_params
 from pallas_kernels.key_codes import bound_from_norms
 
 _HI = jax.lax.Precision.HIGHEST
@@ -193,14 +193,36 @@ def code_scan_pallas(
     interpret: bool,
     num_warps: int = 4,
     num_stages: int = 3,
-    ablate: str = "none",
 ):
     """Returns (cand_idx [B,Hkv,NS,C] i32, counts [B,Hkv,NS] i32, lb [B,Hkv,NS,Gp] f32,
-    m_sw [B,Hkv,NS,Gp] f32 (equal over NS)). ``ablate`` (diagnostics only, wrong results): "none",
-    "load_only" (read the tiles, nothing else), "estimate_only" (+ unpack and the two MMAs),
-    "no_compaction" (+ bound and candidate test, no cumsum/scatter)."""
-    if ablate not in ("none", "load_only", "estimate_only", "no_compaction"):
-        raise ValueError(f"code_scan_pallas: unknown ablate {ablate!r}")
+    m_sw [B,Hkv,NS,Gp] f32 (equal over NS))."""
+    static = dict(g=g, sink=sink, window=window, tile=tile, num_splits=num_splits, capacity=capacity, fsize=fsize)
+    return _scan_call((lengths, q, qslack, q16, qscale, l1, l2, beta, keys, codes, scales, errs), static,
+                      interpret=interpret, num_warps=num_warps, num_stages=num_stages, ablate="none")
+
+
+#: Parts of the scan that :func:`ablated_code_scan_pallas` can cut away.
+ABLATIONS = ("load_only", "estimate_only", "no_compaction")
+
+
+def ablated_code_scan_pallas(*operands, ablate: str, interpret: bool, num_warps: int = 4, num_stages: int = 3,
+                             **static):
+    """Diagnostics only (``bench/diag/scan_ablation.py``; wrong results): :func:`code_scan_pallas`
+    (same operands and knobs) with parts cut away — "load_only" (read the tiles, nothing else),
+    "estimate_only" (+ unpack and the two MMAs), "no_compaction" (+ bound and candidate test, no
+    cumsum/scatter)."""
+    if ablate not in ABLATIONS:
+        raise ValueError(f"ablated_code_scan_pallas: ablate must be one of {ABLATIONS}, got {ablate!r}")
+    return _scan_call(operands, static, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
+                      ablate=ablate)
+
+
+def _scan_call(operands: tuple, static: dict, *, interpret: bool, num_warps: int, num_stages: int, ablate: str):
+    """The scan's ``pallas_call`` on the operands of :func:`code_scan_pallas` (in its order) with its
+    static knobs (``ablate``: "none", or one of :data:`ABLATIONS`)."""
+    lengths, q, qslack, q16, qscale, l1, l2, beta, keys, codes, scales, errs = operands
+    g, sink, window, tile = static["g"], static["sink"], static["window"], static["tile"]
+    num_splits, capacity, fsize = static["num_splits"], static["capacity"], static["fsize"]
     b, hkv, gp, d = q.shape
     sp = keys.shape[2]
     dh = d // 2

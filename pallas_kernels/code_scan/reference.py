@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import query_slack, score_operand_dtype
 from pallas_kernels.code_scan.layout import forced_positions, searched_end, split_of_position
+from pallas_kernels.common import query_slack, score_operand_dtype
 from pallas_kernels.key_codes import bound_from_norms, estimate, query_norms
 
 _HI = jax.lax.Precision.HIGHEST

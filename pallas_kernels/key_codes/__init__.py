@@ -7,7 +7,8 @@ the jnp references and the kernels). Plain jnp: runs at prefill and at each deco
 """
 
 from pallas_kernels.key_codes.int4 import (
-    CODE_MAX, bound, bound_from_norms, decode, encode, eps_for_dim, estimate, estimate_operand, query_norms, unpack_nibbles,
+    CODE_MAX, bound, bound_from_norms, decode, encode, eps_for_dim, estimate, estimate_operand, query_norms,
+    unpack_nibbles,
 )
 from pallas_kernels.key_codes.rotation import hadamard, rotate, rotation_signs
 

@@ -3,7 +3,7 @@
 H is the Sylvester Hadamard matrix (D a power of two), ``signs`` a seeded ±1 vector per
 KV head. Orthogonal, so q'·k' = q·k up to f32 rounding (bounded in ``int4.bound``); it
 spreads outlier channels over all dimensions, which halves the 4-bit code's candidates
-on real keys (DESIGN.md §2).
+on real keys (docs/design.md §3).
 """
 
 from __future__ import annotations

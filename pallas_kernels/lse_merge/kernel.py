@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import compiler_params, next_pow2, pad_axis
+from pallas_kernels.common import compiler_params, next_pow2, pad_axis
 
 
 def _kernel(o_ref, l_ref, out_ref, lse_ref):

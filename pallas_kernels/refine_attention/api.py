@@ -1,18 +1,24 @@
-"""Public wrapper: refine_attention(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, ...)."""
+"""Public wrappers: refine_attention(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, ...)
+and its max pass refine_max(q, keys, cand_idx, cand_count, lengths, *, ...).
+
+``IMPLEMENTATIONS`` (refine_attention) and ``MAX_IMPLEMENTATIONS`` (refine_max) map each backend
+name (``implementation=``) to the function that runs it on validated arguments.
+"""
 
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import (
+from pallas_kernels.code_scan.api import check_scan_args, forced_size
+from pallas_kernels.common import (
     check_implementation, next_pow2, pad_axis, query_slack, resolve_interpret, resolve_rounding_slack,
     score_operand_dtype,
 )
-from pallas_kernels.code_scan.api import check_scan_args, forced_size
 from pallas_kernels.lse_merge import merge_attention
 from pallas_kernels.refine_attention.reference import (refine_attention_reference, refine_mask_reference,
                                                       refine_max_reference)
@@ -74,11 +80,9 @@ def refine_attention(
       attention; otherwise re-run with m_base = m_seen.
     """
     op = "refine_attention"
-    check_implementation(implementation, op)
+    check_implementation(implementation, op, IMPLEMENTATIONS)
     _check(op, q, keys, values, cand_idx, cand_count, lengths, m_base, sink=sink, window=window)
     b, hq, d = q.shape
-    hkv = keys.shape[1]
-    g = hq // hkv
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     slack = resolve_rounding_slack(rounding_slack, d, op)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -86,10 +90,22 @@ def refine_attention(
     cand_count = jnp.asarray(cand_count, jnp.int32)
     m_base = jnp.asarray(m_base, jnp.float32)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
-    if implementation == "reference":
-        return refine_attention_reference(q, keys, values, cand_idx, cand_count, lengths, m_base, beta,
-                                          sink=int(sink), window=int(window), sm_scale=sm_scale,
-                                          rounding_slack=slack)
+    return IMPLEMENTATIONS[implementation](q, keys, values, cand_idx, cand_count, lengths, m_base, beta,
+                                           sink=int(sink), window=int(window), sm_scale=sm_scale,
+                                           rounding_slack=slack, interpret=interpret, chunk=chunk,
+                                           num_warps=num_warps, num_stages=num_stages)
+
+
+def _refine_reference(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, sink, window, sm_scale,
+                      rounding_slack, interpret, chunk, num_warps, num_stages):
+    del interpret, chunk, num_warps, num_stages  # Pallas knobs
+    return refine_attention_reference(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, sink=sink,
+                                      window=window, sm_scale=sm_scale, rounding_slack=rounding_slack)
+
+
+def _refine_pallas(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, sink, window, sm_scale,
+                   rounding_slack, interpret, chunk, num_warps, num_stages):
+    op = "refine_attention"
     interpret = resolve_interpret(interpret, op)
     from pallas_kernels.refine_attention.kernel_triton import refine_attention_pallas
 
@@ -97,10 +113,15 @@ def refine_attention(
     if r < 16 or r & (r - 1):
         raise ValueError(f"{op}: chunk must be a power of two >= 16, got {chunk}")
     args, static = pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, sink=sink,
-                                        window=window, chunk=r, sm_scale=sm_scale, rounding_slack=slack)
+                                        window=window, chunk=r, sm_scale=sm_scale, rounding_slack=rounding_slack)
     parts = refine_attention_pallas(*args, interpret=interpret, num_warps=int(num_warps),
                                     num_stages=int(num_stages), **static)
-    return merge_refine_partials(*parts, g=g, dtype=q.dtype)
+    return merge_refine_partials(*parts, g=q.shape[1] // keys.shape[1], dtype=q.dtype)
+
+
+#: The backends of ``refine_attention`` by name: "reference" (plain jnp), "pallas" (the Triton-lowered
+#: kernel; interpret mode on the CPU).
+IMPLEMENTATIONS = MappingProxyType({"reference": _refine_reference, "pallas": _refine_pallas})
 
 
 def refine_max(
@@ -123,18 +144,28 @@ def refine_max(
     :func:`refine_attention`. When the candidates are a superset of the keys whose code bound reaches
     M_lb - β, this is the exact max M over all keys (the arg-max is always a candidate)."""
     op = "refine_max"
-    check_implementation(implementation, op)
+    check_implementation(implementation, op, MAX_IMPLEMENTATIONS)
     b, hq, d = q.shape
     _check(op, q, keys, None, cand_idx, cand_count, lengths, jnp.zeros((b, hq), jnp.float32), sink=sink,
            window=window)
     lengths = jnp.asarray(lengths, jnp.int32)
     cand_idx = jnp.asarray(cand_idx, jnp.int32)
     cand_count = jnp.asarray(cand_count, jnp.int32)
-    if implementation == "reference":
-        return refine_max_reference(q, keys, cand_idx, cand_count, lengths, sink=int(sink), window=int(window))
-    interpret = resolve_interpret(interpret, op)
+    return MAX_IMPLEMENTATIONS[implementation](q, keys, cand_idx, cand_count, lengths, sink=int(sink),
+                                               window=int(window), interpret=interpret, chunk=chunk,
+                                               num_warps=num_warps, num_stages=num_stages)
+
+
+def _max_reference(q, keys, cand_idx, cand_count, lengths, *, sink, window, interpret, chunk, num_warps, num_stages):
+    del interpret, chunk, num_warps, num_stages  # Pallas knobs
+    return refine_max_reference(q, keys, cand_idx, cand_count, lengths, sink=sink, window=window)
+
+
+def _max_pallas(q, keys, cand_idx, cand_count, lengths, *, sink, window, interpret, chunk, num_warps, num_stages):
+    interpret = resolve_interpret(interpret, "refine_max")
     from pallas_kernels.refine_attention.kernel_triton import refine_attention_pallas
 
+    b, hq, _ = q.shape
     g = hq // keys.shape[1]
     zeros = jnp.zeros((b, hq), jnp.float32)
     args, static = pallas_refine_inputs(q, keys, keys, cand_idx, cand_count, lengths, zeros, zeros, sink=sink,
@@ -142,6 +173,10 @@ def refine_max(
     _, _, mx, _ = refine_attention_pallas(*args, interpret=interpret, num_warps=int(num_warps),
                                           num_stages=int(num_stages), max_only=True, **static)
     return _max_over_splits(mx, g)
+
+
+#: The backends of ``refine_max`` (the refine kernel's max pass) by name.
+MAX_IMPLEMENTATIONS = MappingProxyType({"reference": _max_reference, "pallas": _max_pallas})
 
 
 def pallas_refine_inputs(q, keys, values, cand_idx, cand_count, lengths, m_base, beta, *, sink, window, chunk,

@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels._common import compiler_params
 from pallas_kernels.code_scan.kernel_triton import dot_nt, forced_tile, gather_rows
+from pallas_kernels.common import compiler_params
 
 _HI = jax.lax.Precision.HIGHEST
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels._common import query_slack
 from pallas_kernels.code_scan.reference import exact_scores, forced_scores
+from pallas_kernels.common import query_slack
 
 
 def listed_candidates(cand_idx, cand_count):

@@ -1,0 +1,17 @@
+"""Decode attention over a store: configs, the method registry and every method (docs/design.md §2, §4).
+
+- ``config``: :class:`~alaya_jax.attention.config.AttentionConfig` (the user's method and
+  range), ``KernelConfig`` (how the kernels run) and ``CalibrationConfig`` (self-calibrated DIPR).
+- ``registry``: the attention methods by name, one ``attend`` signature.
+- ``attention_fn``: the attention function the model calls (append, then attend) and one
+  decode query through the registry.
+- ``dense``: dense causal attention (prefill, method ``full``) and its backends;
+  ``masked``: attention under an explicit key mask, raw scores, sink/window masks;
+  ``baselines``: top-k, top-p, Quest and InfLLM-style selections.
+- ``dipr/``: exact DIPR — brute force, filter–refine over the store's codes, calibration.
+
+May import: ``alaya_jax.store``, ``alaya_jax.errors``, ``pallas_kernels``; never
+``runtime``, ``server`` or ``cli``. Future home: an estimated-tail attention option is a
+new method in ``registry`` (and, if it needs one, a module beside ``dipr/``); sequence
+sharding over devices belongs with ``dipr/filter_refine``.
+"""
