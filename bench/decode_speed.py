@@ -10,8 +10,8 @@ Every attention variant starts from a copy of the same stores; DIPR runs each β
 of ``--betas`` in turn (β is traced: one compilation). Writes one JSON record per
 (variant, β) (``--out``) and a markdown table (``--markdown``).
 
-    python bench/decode_speed.py --model smollm2 --context 8192 --dtype bfloat16
-    python bench/decode_speed.py --model llama3-8b --context 131072 --keys synthetic \
+    python -m bench.decode_speed --model smollm2 --context 8192 --dtype bfloat16
+    python -m bench.decode_speed --model llama3-8b --context 131072 --keys synthetic \
         --attention full full-cudnn dipr --implementation pallas --betas 8 16 32 --kept-cap 0.1
 """
 
@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
-import subprocess
 import sys
 import time
 
@@ -30,17 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from alaya_jax import kv_store
-from alaya_jax.engine import Engine
-from alaya_jax.methods import AttentionConfig
-from alaya_jax.sampling import SamplingConfig
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
+from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, PREFILL_ATTENTIONS, AttentionConfig, KernelConfig
+from alaya_jax.runtime.engine import Engine
+from alaya_jax.runtime.sampling import SamplingConfig
+from alaya_jax.store import kv_store
+from bench import harness
 
 
 def build(model: str, dtype: str, context: int):
@@ -85,10 +77,11 @@ def attention_config(spec: str, args) -> AttentionConfig:
     """``full`` (jnp reference), ``full-cudnn`` / ``full-xla`` (jax.nn.dot_product_attention), ``dipr``."""
     if spec in ("full", "full-cudnn", "full-xla"):
         impl = {"full": "reference", "full-cudnn": "cudnn", "full-xla": "xla"}[spec]
-        return AttentionConfig(method="full", prefill_attention=impl)
+        return AttentionConfig(method="full", kernel=KernelConfig(prefill_attention=impl))
     if spec == "dipr":
-        return AttentionConfig(method="dipr", beta=args.betas[0], implementation=args.implementation,
-                               num_splits=args.num_splits, capacity_fraction=args.capacity_fraction)
+        return AttentionConfig(method="dipr", beta=args.betas[0],
+                               kernel=KernelConfig(implementation=args.implementation, num_splits=args.num_splits,
+                                                   capacity_fraction=args.capacity_fraction))
     raise SystemExit(f"unknown attention spec {spec!r}; use full, full-cudnn, full-xla or dipr")
 
 
@@ -155,17 +148,16 @@ def run_variant(engine, base, first, spec, att, betas, args, setup_s, nb) -> lis
             "keys": args.keys if args.keys == "prefill" else
             f"synthetic block-clustered (centre {args.centre_scale}, noise {args.noise})",
             "attention": spec, "beta": beta,
-            "implementation": a.implementation if a.method == "dipr" else a.prefill_attention,
-            "num_splits": a.num_splits if a.method == "dipr" else None,
-            "capacity_fraction": a.capacity_fraction if a.method == "dipr" else None,
+            "implementation": a.kernel.implementation if a.method == "dipr" else a.kernel.prefill_attention,
+            "num_splits": a.kernel.num_splits if a.method == "dipr" else None,
+            "capacity_fraction": a.kernel.capacity_fraction if a.method == "dipr" else None,
             "candidates_mean": float(np.mean(kept)) if kept else None,
             "kept_fraction": float(np.mean(kept)) / args.context if kept else None,
             "layers_overflowing_mean": float(np.mean(over)) if over else None,
             "setup_s": setup_s, "first_decode_s": times[0] if bi == 0 else None,
             "decode_step_median_s": float(np.median(steady)), "decode_step_p90_s": float(np.percentile(steady, 90)),
             "decode_tokens_per_s": float(args.batch / np.median(steady)), "steps_timed": int(steady.size),
-            "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-            "jax": jax.__version__, "python": platform.python_version(), "commit": _commit(),
+            **harness.run_meta(),
             "note": "per step: one jitted decode call incl. the host sync on the sampled token",
         }
         records.append(rec)
@@ -210,7 +202,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--attention", nargs="+", default=["full"], help="full, full-cudnn, full-xla, dipr")
     p.add_argument("--betas", type=float, nargs="+", default=[32.0], help="DIPR β values (traced: one compile)")
-    p.add_argument("--implementation", default="reference", choices=("reference", "pallas"))
+    p.add_argument("--implementation", default="reference", choices=DIPR_IMPLEMENTATIONS)
     p.add_argument("--capacity-fraction", type=float, default=1.0,
                    help="DIPR candidate slots per split, as a fraction of its keys")
     p.add_argument("--num-splits", type=int, default=None)
@@ -220,7 +212,7 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=0.03)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=1024)
-    p.add_argument("--prefill-attention", default="reference", choices=("reference", "xla", "cudnn"))
+    p.add_argument("--prefill-attention", default="reference", choices=PREFILL_ATTENTIONS)
     p.add_argument("--out", default=None, help="append JSON lines here")
     p.add_argument("--markdown", default=None, help="append a markdown table here")
     args = p.parse_args(argv)

@@ -13,13 +13,12 @@ Variants: ``full`` (our jnp dense attention over the store), ``full-xla`` / ``fu
 (``jax.nn.dot_product_attention``; the store's [B, Hkv, S, D] layout costs them a transpose
 per call — reported as measured), ``dipr`` (filter–refine, Pallas kernels) per β.
 
-    python bench/decode_step_real.py --contexts 131072 524288 --out $OUT
-    python bench/decode_step_real.py --smoke --out /tmp/x        # CPU: tiny model, interpret mode
+    python -m bench.decode_step_real --contexts 131072 524288 --out $OUT
+    python -m bench.decode_step_real --smoke --out /tmp/x        # CPU: tiny model, interpret mode
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import timing  # noqa: E402
-from alaya_jax import kv_store  # noqa: E402
-from alaya_jax.methods import AttentionConfig, make_attention_fn  # noqa: E402
+from bench import harness
+
+from alaya_jax.store import kv_store
+from alaya_jax.attention.attention_fn import make_attention_fn
+from alaya_jax.attention.config import AttentionConfig, KernelConfig
 
 
 def build_model(name: str, context: int):
@@ -54,7 +53,7 @@ def build_model(name: str, context: int):
 def proxy_stores(cfg, batch: int, context: int, capacity: int):
     """Per layer a store of ``context`` real-proxy keys (bench/real_key_proxy.py, sources drawn
     with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D]."""
-    import real_key_proxy
+    from bench import real_key_proxy
 
     stores, qs = [], []
     for layer in range(cfg.num_layers):
@@ -121,21 +120,19 @@ def run_variant(model, caches, qs, name, attention, betas, args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "decode_step_real", smoke="CPU: a 2-layer SmolLM2 at 1K, 2 steps")
     ap.add_argument("--model", default="llama3-8b", choices=("llama3-8b", "smollm2-2l"))
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--betas64", type=float, nargs="+", default=[24.0], help="β at d=64, mapped to the model's D")
     ap.add_argument("--variants", nargs="+", default=["full", "full-xla", "full-cudnn", "dipr"])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.contexts, args.steps, args.variants = "smollm2-2l", [1024], 2, ["full", "dipr"]
     os.makedirs(args.out, exist_ok=True)
     impl = "pallas"
-    meta = timing.run_meta(model=args.model, batch=args.batch)
+    meta = harness.run_meta(model=args.model, batch=args.batch)
     rows = []
     for context in args.contexts:
         cfg, model = build_model(args.model, context)
@@ -145,25 +142,23 @@ def main(argv=None):
         setup = time.perf_counter() - t0
         for name in args.variants:
             if name == "dipr":
-                att = AttentionConfig(method="dipr", implementation=impl)
+                att = AttentionConfig(method="dipr", kernel=KernelConfig(implementation=impl))
                 betas = [float(b * (cfg.head_dim / 64) ** 0.5) for b in args.betas64]
             else:
                 pa = {"full": "reference", "full-xla": "xla", "full-cudnn": "cudnn"}[name]
-                att, betas = AttentionConfig(method="full", prefill_attention=pa), [None]
+                att, betas = AttentionConfig(method="full", kernel=KernelConfig(prefill_attention=pa)), [None]
             try:
                 got, stores = run_variant(model, stores, qs, name, att, betas, args)
                 for r in got:
                     rows.append({**meta, "context": context, "setup_s": setup, **r})
                     print(json.dumps(rows[-1]), flush=True)
             except Exception as e:
-                rows.append({**meta, "context": context, "variant": name, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                rows.append({**meta, "context": context, "variant": name,
+                             "error": f"{type(e).__name__}: {str(e)[:400]}"})
                 print(json.dumps(rows[-1]), flush=True)
                 traceback.print_exc()
         del stores
-        with open(os.path.join(args.out, "decode_step_real.json"), "w") as f:
-            json.dump(rows, f, indent=1)
-        with open(os.path.join(args.out, "decode_step_real.md"), "w") as f:
-            f.write(markdown(rows))
+        harness.write_results(args.out, "decode_step_real", rows, markdown(rows))
     print(markdown(rows))
 
 
@@ -187,9 +182,11 @@ def markdown(rows) -> str:
             continue
         b = best.get(r["context"])
         out.append(f"| {r['context']} | {r['variant']} | {'' if r['beta'] is None else format(r['beta'], '.1f')} | "
-                   f"{r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | {'' if b is None else format(b / r['step_ms'], '.2f')} | "
+                   f"{r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                   f"{'' if b is None else format(b / r['step_ms'], '.2f')} | "
                    f"{'' if 'candidate_fraction' not in r else format(r['candidate_fraction'], '.2%')} | "
-                   f"{'' if 'overflow_layers' not in r else str(r['overflow_layers']) + ' / ' + str(r['refined_layers'])} |")
+                   f"{'' if 'overflow_layers' not in r else str(r['overflow_layers']) + ' / '}"
+                   f"{'' if 'overflow_layers' not in r else str(r['refined_layers'])} |")
     return "\n".join(out) + "\n"
 
 

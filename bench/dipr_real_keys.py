@@ -10,19 +10,18 @@ near the query; an extra row only: synthetic keys flattered the old block path).
 For every (keys, context, batch, β) the same run times: DIPR attention (``dipr_store_attention``,
 Pallas kernels: code scan + refine/attend), the code scan alone, and dense attention
 (cuDNN, and XLA for reference) over the same keys in cuDNN's [B, S, H, D] layout, all as
-``L`` layers in one jit (bench/timing.py). It measures the copy bandwidth, the DIPR and
+``L`` layers in one jit (bench/harness.py). It measures the copy bandwidth, the DIPR and
 candidate shares (from the kernels' own statistics), overflow and re-refine counts.
 
 Writes ``dipr_real_keys.json`` (a list of rows with the fields the issue asks for plus
 details) and ``dipr_real_keys.md`` into ``--out``.
 
-    python bench/dipr_real_keys.py --out $OUT                         # GPU, default cases
-    python bench/dipr_real_keys.py --smoke --out /tmp/x               # CPU, tiny, interpret mode
+    python -m bench.dipr_real_keys --out $OUT                         # GPU, default cases
+    python -m bench.dipr_real_keys --smoke --out /tmp/x               # CPU, tiny, interpret mode
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -33,12 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import timing  # noqa: E402
-from alaya_jax import kv_store  # noqa: E402
-from alaya_jax.dipr_store import dipr_store_attention, scan_codes  # noqa: E402
+from bench import harness
+
+from alaya_jax.store import kv_store
+from alaya_jax.attention.dipr.filter_refine import dipr_store_attention, scan_codes
 
 DT = jnp.bfloat16
 BK = 64
@@ -60,7 +58,7 @@ def synthetic_layer(key, b, s, *, hq, hkv, d, planted=8):
 def proxy_layer(layer, b, s, *, hq, hkv, d):
     """Real-key proxy (bench/real_key_proxy.py, construction "embed", sources drawn with seed
     ``layer``): q [B,Hq,D], keys [B,S,Hkv,D] bf16; values Gaussian, drawn on the device."""
-    import real_key_proxy
+    from bench import real_key_proxy
 
     p = real_key_proxy.build_proxy(context=s, batch=b, num_kv_heads=hkv, group=hq // hkv, head_dim=d,
                                    seed=layer, values=False)
@@ -89,17 +87,17 @@ def bench_case(kind, b, s, args, bw, log):
         qs.append(q)
         stores.append(jax.block_until_ready(kv_store.from_dense(k, v, block_size=BK)))
         dense.append((k, v))
-    meta = timing.run_meta()
+    meta = harness.run_meta()
     base = {"gpu": meta["device"], "jax": jax.__version__, "jaxlib": meta.get("jaxlib"), "triton": meta.get("triton"),
             "commit": meta["commit"], "keys": kind, "context": s, "batch": b, "layers_in_loop": nl,
             "hbm_TBps": bw / 1e12}
     # Dense in the same run.
     dense_us = {}
-    for name, fn in timing.dense_fns().items():
+    for name, fn in harness.dense_fns().items():
         if name not in args.dense:
             continue
         try:
-            t, _ = timing.timed(timing.layered(fn), (qs, dense), args.iters)
+            t, _ = harness.timed(harness.layered(fn), (qs, dense), args.iters)
             dense_us[name] = 1e6 * t / nl
             log({**base, "dense_impl": name, "dense_us": dense_us[name]})
         except Exception as e:
@@ -121,15 +119,15 @@ def bench_case(kind, b, s, args, bw, log):
                                         capacity_fraction=args.capacity_fraction, num_splits=args.num_splits)
         return jnp.broadcast_to((jnp.max(lb, -1) + msw)[..., None], q.shape).astype(q.dtype)
 
-    run_dipr, run_scan = timing.layered(dipr), timing.layered(scan_only)
+    run_dipr, run_scan = harness.layered(dipr), harness.layered(scan_only)
     stats = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, with_mask=True, **kw)[1])
     for beta in betas:
-        row = {**base, "beta": beta, "num_splits": args.num_splits, "dense_impl": best_impl, "dense_us": dense_us.get(best_impl),
-               "dense_all_us": dense_us}
+        row = {**base, "beta": beta, "num_splits": args.num_splits, "dense_impl": best_impl,
+               "dense_us": dense_us.get(best_impl), "dense_all_us": dense_us}
         bj = jnp.float32(beta)
         lays = [(st, bj) for st in stores]
         try:
-            t, _ = timing.timed(run_dipr, (qs, lays), args.iters)
+            t, _ = harness.timed(run_dipr, (qs, lays), args.iters)
             row["dipr_us"] = 1e6 * t / nl
             tf, cf, ov, rf, rs = [], [], 0, 0, 0
             for q, st in zip(qs, stores):
@@ -143,7 +141,7 @@ def bench_case(kind, b, s, args, bw, log):
             row.update(true_fraction=float(np.mean(tf)), candidate_fraction=float(np.mean(cf)),
                        overflow_layers=ov, refined_layers=rf, rescanned_layers=rs)
             try:
-                ts, _ = timing.timed(run_scan, (qs, lays), args.iters)
+                ts, _ = harness.timed(run_scan, (qs, lays), args.iters)
                 row["scan_us"] = 1e6 * ts / nl
                 row["scan_TBps"] = code_bytes / (ts / nl) / 1e12
             except Exception as e:
@@ -166,26 +164,31 @@ def markdown(meta, rows) -> str:
            f"Copy bandwidth in this run: {meta['hbm_TBps']:.2f} TB/s. µs per layer = one jit over L layers "
            "(own K/V each) / L. β in raw q·k units at D=128 (real-proxy: the d=64 β of the CPU measurement "
            "mapped by bench/real_key_proxy.py).", "",
-           "| keys | B | context | β | dense cuDNN µs | DIPR µs | × dense | DIPR keys | candidates | scan µs | scan TB/s (% HBM) | rescanned/overflow/M > M_lb layers |",
+           "| keys | B | context | β | dense cuDNN µs | DIPR µs | × dense | DIPR keys | candidates | scan µs | scan "
+           "TB/s (% HBM) | rescanned/overflow/M > M_lb layers |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "beta" not in r:
             continue
         if "error" in r:
-            out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | {r['beta']:.1f} | failed: {r['error'][:100]} ||||||||")
+            out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | {r['beta']:.1f} | failed: {r['error'][:100]} "
+                       "||||||||")
             continue
         scan = (f"{r['scan_TBps']:.2f} ({r['scan_TBps'] / r['hbm_TBps']:.0%})" if "scan_TBps" in r
                 else r.get("scan_error", "")[:60])
         dense = f"{r['dense_us']:.1f}" if r.get("dense_us") else "-"
         sp = f"{r['speedup']:.2f}" if r.get("speedup") else "-"
         out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | {r['beta']:.1f} | {dense} | {r['dipr_us']:.1f} | "
-                   f"{sp} | {r['true_fraction']:.2%} | {r['candidate_fraction']:.2%} | {r.get('scan_us', float('nan')):.1f} | "
-                   f"{scan} | {r['rescanned_layers']}/{r['overflow_layers']}/{r['refined_layers']} of {r['layers_in_loop']} |")
+                   f"{sp} | {r['true_fraction']:.2%} | {r['candidate_fraction']:.2%} | "
+                   f"{r.get('scan_us', float('nan')):.1f} | "
+                   f"{scan} | {r['rescanned_layers']}/{r['overflow_layers']}/{r['refined_layers']} of "
+                   f"{r['layers_in_loop']} |")
     return "\n".join(out) + "\n"
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "dipr_real_keys", smoke="CPU: tiny shapes, interpret mode, jnp dense "
+                                                                        "only")
     ap.add_argument("--pairs", nargs="+", default=["1:32768", "1:131072", "1:524288", "8:131072"],
                     help="B:S cases")
     ap.add_argument("--keys", nargs="+", default=["real-proxy", "synthetic"])
@@ -202,8 +205,6 @@ def main(argv=None):
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, interpret mode, jnp dense only")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args(argv)
     if args.smoke:
         args.pairs, args.layers, args.iters, args.dense = ["1:2048"], 2, 1, ["jnp"]
@@ -212,8 +213,8 @@ def main(argv=None):
     gpu = jax.default_backend() == "gpu"
     if not gpu and not args.smoke:
         raise SystemExit("dipr_real_keys: no GPU here; use --smoke for a CPU check of the script")
-    bw = timing.measure_copy_bandwidth() if gpu else timing.measure_copy_bandwidth(64 << 20, 3)
-    meta = timing.run_meta(hq=args.hq, hkv=args.hkv, head_dim=args.head_dim, hbm_TBps=bw / 1e12,
+    bw = harness.measure_copy_bandwidth() if gpu else harness.measure_copy_bandwidth(64 << 20, 3)
+    meta = harness.run_meta(hq=args.hq, hkv=args.hkv, head_dim=args.head_dim, hbm_TBps=bw / 1e12,
                            capacity_fraction=args.capacity_fraction, args=vars(args))
     rows = []
 
@@ -228,10 +229,8 @@ def main(argv=None):
             except Exception as e:
                 rows.append({"keys": kind, "context": s, "batch": b, "error": f"{type(e).__name__}: {str(e)[:400]}"})
                 traceback.print_exc()
-            with open(os.path.join(args.out, "dipr_real_keys.json"), "w") as f:
-                json.dump([r for r in rows if "beta" in r or "error" in r], f, indent=1)
-            with open(os.path.join(args.out, "dipr_real_keys.md"), "w") as f:
-                f.write(markdown(meta, rows))
+            harness.write_results(args.out, "dipr_real_keys", [r for r in rows if "beta" in r or "error" in r],
+                                  markdown(meta, rows))
     print(markdown(meta, rows))
 
 

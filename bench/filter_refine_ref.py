@@ -1,4 +1,4 @@
-"""NumPy reference of filter–refine DIPR over per-key codes (alaya-independent; DESIGN.md §2).
+"""NumPy reference of filter–refine DIPR over per-key codes (alaya-independent; docs/design.md §4).
 
 Used by ``code_choice.py`` (which code, on real SmolLM2 keys) and ``proxy_check.py``
 (does the 8B-shape proxy reproduce the shares). Everything is float64 on the host.

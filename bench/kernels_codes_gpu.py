@@ -1,8 +1,8 @@
 """Filter-refine DIPR kernels on the GPU: the code scan and refine-and-attend vs dense cuDNN.
 
-    PYTHONUNBUFFERED=1 python bench/kernels_codes_gpu.py --out $OUT          # on the device
-    python bench/kernels_codes_gpu.py --smoke --out /tmp/x                    # CPU, tiny, interpret mode
-    python bench/kernels_codes_gpu.py --check-lowering                        # CPU: Pallas -> Triton IR at 8B shapes
+    PYTHONUNBUFFERED=1 python -m bench.kernels_codes_gpu --out $OUT          # on the device
+    python -m bench.kernels_codes_gpu --smoke --out /tmp/x                    # CPU, tiny, interpret mode
+    python -m bench.kernels_codes_gpu --check-lowering                        # CPU: Pallas -> Triton IR at 8B shapes
 
 Llama-3-8B attention shapes (Hq 32, Hkv 8, D 128, bf16), synthetic Gaussian keys (a GQA group's queries
 share a direction; the last window key is a strong match for it) whose candidate
@@ -18,22 +18,19 @@ write) is measured in the same run. Writes kernels_codes_gpu.json and .md under 
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import functools
 import json
 import math
 import os
-import platform
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import harness
 
 HQ, HKV, D = 32, 8, 128
 G = HQ // HKV
@@ -43,31 +40,8 @@ DT = jnp.bfloat16
 RESULTS: dict = {"cases": [], "tuning": [], "checks": [], "failures": []}
 
 
-def _versions():
-    v = {"jax": jax.__version__, "python": platform.python_version(), "backend": jax.default_backend(),
-         "device": str(jax.devices()[0].device_kind) if jax.devices() else "?"}
-    try:
-        import jaxlib
-
-        v["jaxlib"] = jaxlib.__version__
-    except Exception as e:  # noqa: BLE001
-        v["jaxlib"] = repr(e)
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except Exception as e:  # noqa: BLE001
-        v["triton"] = f"not importable: {type(e).__name__}"
-    v["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-    return v
-
-
 def save(out):
-    os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, "kernels_codes_gpu.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(RESULTS, f, indent=1, default=str)
-    os.replace(tmp, os.path.join(out, "kernels_codes_gpu.json"))
+    harness.write_json(os.path.join(out, "kernels_codes_gpu.json"), RESULTS)
 
 
 def fail(what, e, out):
@@ -109,8 +83,8 @@ def make_layer(key, b, s):
 
 def calibrate_beta(lay, lengths, frac):
     """β [B, Hq] per KV head so that ~frac of the searched keys are candidates (shared by the group)."""
-    from pallas_kernels._common import default_rounding_slack
     from pallas_kernels.code_scan.reference import forced_scores
+    from pallas_kernels.common import default_rounding_slack
     from pallas_kernels.key_codes import bound_from_norms, estimate, query_norms
 
     @jax.jit
@@ -157,13 +131,6 @@ def per_layer_us(step, layer_args, reps):
     return med / n, mn / n
 
 
-def copy_bandwidth(reps):
-    x = jax.random.normal(jax.random.PRNGKey(0), (1 << 30,), jnp.bfloat16)  # 2 GiB
-    med, _ = median_us(jax.jit(lambda a: a + jnp.bfloat16(1)), (x,), reps)
-    del x
-    return 2 * (1 << 30) * 2 / (med * 1e-6)
-
-
 def num_splits_for(b, s, tile, target_programs):
     ns = 1
     while b * HKV * ns < target_programs and s // (tile * ns) >= 4:
@@ -182,10 +149,10 @@ def run_case(args, *, b, s, frac, tile, warps, stages, layers, key, check=False,
     from pallas_kernels.code_scan import code_scan
     from pallas_kernels.code_scan.api import pallas_scan_inputs
     from pallas_kernels.code_scan.kernel_triton import code_scan_pallas
+    from pallas_kernels.common import default_rounding_slack
     from pallas_kernels.refine_attention import refine_attention, refine_max
     from pallas_kernels.refine_attention.api import pallas_refine_inputs
     from pallas_kernels.refine_attention.kernel_triton import refine_attention_pallas
-    from pallas_kernels._common import default_rounding_slack
 
     interp = args.smoke
     lengths = jnp.full((b,), s, jnp.int32)
@@ -300,13 +267,15 @@ def write_md(out):
         "# Filter-refine DIPR kernels (code scan + refine-and-attend) vs dense cuDNN",
         "",
         f"Device {m['device']}, jax {m['jax']}, jaxlib {m.get('jaxlib')}, triton {m.get('triton')}, "
-        f"{m['date']}. Llama-3-8B attention shapes (Hq 32, Hkv 8, D 128, bf16), synthetic Gaussian keys (group queries share a direction, a strong planted window key), "
+        f"{m['date']}. Llama-3-8B attention shapes (Hq 32, Hkv 8, D 128, bf16), synthetic Gaussian keys (group "
+        "queries share a direction, a strong planted window key), "
         f"β set per KV head for the target candidate fraction, sink {SINK}, window {WINDOW}. "
         f"Copy bandwidth in this run (a+1, 2 GiB, read+write): {RESULTS.get('copy_TBps', float('nan')):.2f} TB/s. "
         "Times are µs per layer inside one jit over L layers with their own data (median of runs).",
         "",
         "| B | context | target cand. | cand. | in range | splits | cap | scan µs | scan TB/s | % copy BW | "
-        "refine µs | refine µs, all in range | DIPR API µs | cuDNN µs | × dense (API) | × dense (kernels) | 1-pass exact heads |",
+        "refine µs | refine µs, all in range | DIPR API µs | cuDNN µs | × dense (API) | × dense (kernels) | 1-pass "
+        "exact heads |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     bw = RESULTS.get("copy_TBps", float("nan"))
@@ -315,7 +284,8 @@ def write_md(out):
             f"| {r['batch']} | {r['context'] // 1024}K | {100 * r['target_candidate_fraction']:.0f}% | "
             f"{100 * r['candidate_fraction']:.1f}% | {100 * r['true_fraction']:.2f}% | {r['num_splits']} | "
             f"{r['capacity']} | {r['scan_us']:.1f} | {r['scan_TBps']:.2f} | {100 * r['scan_TBps'] / bw:.0f}% | "
-            f"{r['refine_us']:.1f} | {r['refine_all_in_range_us']:.1f} | {r['dipr_us']:.1f} | {r['dense_us']:.1f} | {r['speedup_dipr_vs_dense']:.2f} | "
+            f"{r['refine_us']:.1f} | {r['refine_all_in_range_us']:.1f} | {r['dipr_us']:.1f} | {r['dense_us']:.1f} | "
+            f"{r['speedup_dipr_vs_dense']:.2f} | "
             f"{r['speedup_kernels_vs_dense']:.2f} | {100 * r['heads_exact_in_one_pass']:.0f}% |")
     if RESULTS["tuning"]:
         lines += ["", "Scan tuning (B=1, 128K, 5% candidates): tile / warps / stages -> µs, TB/s", ""]
@@ -330,16 +300,15 @@ def write_md(out):
                          f"{100 * c['refine_n_attended_equal_share']:.1f}%")
     if RESULTS["failures"]:
         lines += ["", "FAILURES:", ""] + [f"- {f['what']}: {f['error']}" for f in RESULTS["failures"]]
-    with open(os.path.join(out, "kernels_codes_gpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_text(os.path.join(out, "kernels_codes_gpu.md"), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 
 
 def check_lowering():
     """CPU only: lower both kernels to Triton IR for the cuda platform at 8B shapes (no Triton compile)."""
-    from jax import export
-
     import importlib
+
+    from jax import export
 
     csa = importlib.import_module("pallas_kernels.code_scan.api")
     raa = importlib.import_module("pallas_kernels.refine_attention.api")
@@ -368,9 +337,7 @@ def check_lowering():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, interpret mode")
+    p = harness.parser(__doc__.splitlines()[0], "kernels_codes_gpu", smoke="CPU, tiny sizes, interpret mode")
     p.add_argument("--check-lowering", action="store_true")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--target-programs", type=int, default=512)
@@ -383,8 +350,8 @@ def main(argv=None):
         return
     if not args.smoke and jax.default_backend() != "gpu":
         raise SystemExit("kernels_codes_gpu: needs a GPU (or --smoke / --check-lowering on CPU)")
-    RESULTS["meta"] = dict(_versions(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                           smoke=args.smoke, hq=HQ, hkv=HKV, d=D, sink=SINK, window=WINDOW, dtype="bfloat16")
+    RESULTS["meta"] = harness.run_meta(smoke=args.smoke, hq=HQ, hkv=HKV, d=D, sink=SINK, window=WINDOW,
+                                       dtype="bfloat16")
     print("META", json.dumps(RESULTS["meta"]), flush=True)
     key = jax.random.PRNGKey(0)
     if args.smoke:
@@ -393,7 +360,7 @@ def main(argv=None):
         cases = [dict(b=1, s=2048, frac=0.05, layers=2, check=True), dict(b=2, s=1024, frac=0.1, layers=1)]
         tile, warps, stages = 128, 4, 2
     else:
-        RESULTS["copy_TBps"] = copy_bandwidth(args.reps) / 1e12
+        RESULTS["copy_TBps"] = harness.measure_copy_bandwidth(2 << 30, iters=args.reps) / 1e12
         print(f"copy bandwidth {RESULTS['copy_TBps']:.3f} TB/s", flush=True)
         tile, warps, stages = 256, 4, 3
         if not args.no_tune:

@@ -2,26 +2,25 @@
 measure: load time, host peak RSS during the load (tensors go to the device one by one: the host should
 never hold the model), device memory in use against the estimate, and a short DIPR generation.
 
-    python bench/load_checkpoint.py --out DIR            # GPU: 32 layers, bf16, --context 32768
-    python bench/load_checkpoint.py --smoke --out DIR    # CPU: a tiny model, proves the script runs
+    python -m bench.load_checkpoint --out DIR            # GPU: 32 layers, bf16, --context 32768
+    python -m bench.load_checkpoint --smoke --out DIR    # CPU: a tiny model, proves the script runs
 
-Writes ``load_checkpoint.json`` and ``load_checkpoint.md`` into ``--out`` (default ``$OUT``).
+Writes ``load_checkpoint.json`` and ``load_checkpoint.md`` into ``--out`` (default ``$OUT``, else
+``bench/results/load_checkpoint``).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
-import os
 import pathlib
-import platform
 import resource
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from bench import harness
+
 
 
 def _config(args):
@@ -81,20 +80,16 @@ def _rss_peak_bytes() -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT"), help="output directory (default $OUT)")
-    p.add_argument("--smoke", action="store_true", help="tiny model on any device")
+    p = harness.parser(__doc__.split("\n\n")[0], "load_checkpoint", smoke="tiny model on any device")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--context", type=int, default=32768, help="KV capacity for the estimate and the generation")
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--beta", type=float, default=50.0)
-    p.add_argument("--implementation", default="reference", choices=("reference", "pallas"))
+    p.add_argument("--implementation", default="reference", help="DIPR kernels (checked by KernelConfig)")
     p.add_argument("--workdir", default=None, help="where to write the checkpoint (default: a temp dir)")
     args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out (or $OUT) is required")
     if args.smoke:
         args.layers, args.context, args.prompt_tokens, args.new_tokens = 2, 512, 64, 4
     out = pathlib.Path(args.out)
@@ -113,10 +108,10 @@ def main(argv=None) -> int:
         import jax
         import numpy as np
 
-        from alaya_jax.engine import Engine
-        from alaya_jax.memory import available_memory, estimate_memory
-        from alaya_jax.methods import AttentionConfig
-        from alaya_jax.sampling import SamplingConfig
+        from alaya_jax.attention.config import AttentionConfig, KernelConfig
+        from alaya_jax.runtime.engine import Engine
+        from alaya_jax.runtime.memory_estimate import available_memory, estimate_memory
+        from alaya_jax.runtime.sampling import SamplingConfig
         from models import load_model_path, read_config
         from models.weights import parameter_count
 
@@ -135,7 +130,7 @@ def main(argv=None) -> int:
 
         engine = Engine(model)
         ids = np.random.default_rng(1).integers(0, 256, size=args.prompt_tokens).tolist()
-        att = AttentionConfig(method="dipr", beta=args.beta, implementation=args.implementation)
+        att = AttentionConfig(method="dipr", beta=args.beta, kernel=KernelConfig(implementation=args.implementation))
         t = time.perf_counter()
         res, _ = engine.generate([ids], sampling=SamplingConfig(max_new_tokens=args.new_tokens), attention=att,
                                  capacity=args.context)
@@ -145,8 +140,8 @@ def main(argv=None) -> int:
     gib = 2 ** 30
     in_use = stats1.get("bytes_in_use", 0) - stats0.get("bytes_in_use", 0) if stats1 else None
     result = {
-        "device": f"{dev.platform} {dev.device_kind}", "jax": jax.__version__, "python": platform.python_version(),
-        "smoke": args.smoke, "layers": config.num_layers, "dtype": args.dtype, "parameters": parameter_count(config),
+        **harness.run_meta(), "device": f"{dev.platform} {dev.device_kind}", "smoke": args.smoke,
+        "layers": config.num_layers, "dtype": args.dtype, "parameters": parameter_count(config),
         "checkpoint_bytes_on_disk": disk, "write_s": write_s, "load_s": load_s,
         "load_gb_per_s": disk / load_s / 1e9,
         "host_peak_rss_before_load_bytes": rss0, "host_peak_rss_after_load_bytes": rss1,
@@ -158,10 +153,11 @@ def main(argv=None) -> int:
                      "prompt_tokens": len(ids), "new_tokens": len(res[0].tokens), "wall_s_incl_compile": gen_s,
                      "ttft_s_incl_compile": res[0].ttft_s, "tpot_s": res[0].tpot_s},
     }
-    (out / "load_checkpoint.json").write_text(json.dumps(result, indent=1))
     rows = [("device", result["device"]), ("jax", result["jax"]),
-            ("model", f"{'tiny smoke' if args.smoke else 'Llama-3.1-8B'} shapes, {config.num_layers} layers, random {args.dtype}"),
-            ("checkpoint on disk", f"{disk / gib:.2f} GiB"), ("load time", f"{load_s:.2f} s ({disk / load_s / 1e9:.2f} GB/s)"),
+            ("model", f"{'tiny smoke' if args.smoke else 'Llama-3.1-8B'} shapes, {config.num_layers} layers, random "
+                      f"{args.dtype}"),
+            ("checkpoint on disk", f"{disk / gib:.2f} GiB"), ("load time", f"{load_s:.2f} s "
+                                                                           f"({disk / load_s / 1e9:.2f} GB/s)"),
             ("host peak RSS growth during load", f"{(rss1 - rss0) / gib:.2f} GiB"),
             ("estimated weights", f"{est.weights_bytes / gib:.2f} GiB"),
             ("device bytes in use after load", "n/a" if in_use is None else f"{in_use / gib:.2f} GiB"),
@@ -170,7 +166,7 @@ def main(argv=None) -> int:
              else f"{stats2['peak_bytes_in_use'] / gib:.2f} GiB"),
             ("DIPR generate (incl. compile)", f"{len(ids)} prompt + {len(res[0].tokens)} new tokens in {gen_s:.1f} s")]
     md = "| measure | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
-    (out / "load_checkpoint.md").write_text(md)
+    harness.write_results(str(out), "load_checkpoint", result, md)
     print(md)
     return 0
 

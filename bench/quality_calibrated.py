@@ -1,42 +1,38 @@
 """Self-calibrated DIPR against uniform β, global top-k, top-p and a per-layer β fitted on the scored steps.
 
 For every text and context C: one dense prefill of the first C − S − 1 tokens, one full-attention chain
-over the next S tokens (shared reference, :mod:`alaya_jax.evaluation`); calibrated DIPR calibrates on the
+over the next S tokens (shared reference, :mod:`alaya_jax.runtime.evaluation`); calibrated DIPR calibrates on the
 ``n_cal`` prompt tokens *before* the scored span (it never sees the scored steps) and is scored at several
 key budgets (``--dipr-keys``) and mass targets (``--dipr-mass``), for each allocation of
-:data:`alaya_jax.calibration.ALLOCATIONS` asked for. Rows are written after every configuration
+:data:`alaya_jax.attention.dipr.calibration.ALLOCATIONS` asked for. Rows are written after every configuration
 (``--resume`` skips those done), so an interrupted run keeps what it measured.
 
 Texts: ``pydoc`` (``pydoc_data.topics``) and ``idle-help`` (the standard library's
-``idlelib/help.html``, tags stripped; :func:`alaya_jax.corpus.idle_help`).
+``idlelib/help.html``, tags stripped; :func:`alaya_jax.runtime.corpus.idle_help`).
 
-    python bench/quality_calibrated.py --texts pydoc idle-help --contexts 2048 4096 8192 --out bench/results
+    python -m bench.quality_calibrated --texts pydoc idle-help --contexts 2048 4096 8192
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import itertools
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import quality as q  # noqa: E402  (bench/quality.py: interpolation, per-layer fit, needle)
+from bench import harness
+from bench import quality as q  # interpolation, per-layer fit, needle
 
-from alaya_jax import calibration as cal  # noqa: E402
-from alaya_jax.corpus import TEXTS  # noqa: E402
-from alaya_jax.engine import FULL, Engine  # noqa: E402
-from alaya_jax.evaluation import Reference, calibrated_caches, prepare_reference, score_against  # noqa: E402
-from alaya_jax.methods import AttentionConfig  # noqa: E402
+from alaya_jax.attention.config import AttentionConfig, CalibrationConfig
+from alaya_jax.attention.dipr import calibration as cal
+from alaya_jax.runtime.corpus import TEXTS
+from alaya_jax.runtime.engine import FULL, Engine
+from alaya_jax.runtime.evaluation import Reference, calibrated_caches, prepare_reference, score_against
 
 GRID = (0.02, 0.025, 0.03, 0.035, 0.04)  # key fractions of the targets (2–4%)
 FAMILY_STYLE = {"uniform β": ("o-", "C3"), "topk": ("s-", "C0"), "topp": ("d-", "C5"),
@@ -54,9 +50,11 @@ def configs(ctx, sink, window, allocations, masses):
     the first allocation, top-k, top-p, uniform β, then the other allocations and the mass targets."""
     base = dict(sink=sink, window=window)
     cal_keys = [(f"calibrated keys [{alloc}]", f"dipr-keys {f:g} [{alloc}]",
-                 AttentionConfig(method="dipr", dipr_keys=f, **base), alloc) for alloc in allocations for f in budgets(ctx)]
+                 AttentionConfig(method="dipr", **base, calibration=CalibrationConfig(dipr_keys=f)), alloc)
+                for alloc in allocations for f in budgets(ctx)]
     cal_mass = [(f"calibrated mass [{alloc}]", f"dipr-mass {m:g} [{alloc}]",
-                 AttentionConfig(method="dipr", dipr_mass=m, **base), alloc) for alloc in allocations for m in masses]
+                 AttentionConfig(method="dipr", **base, calibration=CalibrationConfig(dipr_mass=m)), alloc)
+                for alloc in allocations for m in masses]
     n_first = len(budgets(ctx)) if allocations else 0
     out = cal_keys[:n_first]
     sw = sink + window
@@ -98,7 +96,8 @@ def reference(engine, tokens, text, ctx, steps, cache_dir, log):
 
 def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
     done = {(r["text"], r["context"], r["name"]) for r in res["rows"]}
-    todo = [c for c in configs(ctx, args.sink, args.window, args.allocations, args.masses) if (text, ctx, c[1]) not in done]
+    todo = [c for c in configs(ctx, args.sink, args.window, args.allocations, args.masses)
+            if (text, ctx, c[1]) not in done]
     if not todo and all((text, ctx, f"per-layer β fit on scored @ {f:g}") in done for f in budgets(ctx)[:2]):
         return
     ref = reference(engine, tokens, text, ctx, steps, args.ref_cache, log)
@@ -121,7 +120,8 @@ def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
         betas = None
         if alloc is not None:
             _, curves = calibrated_caches(engine, ref, cfg)
-            betas = cal.choose_betas(curves, mass=cfg.dipr_mass, keys=cfg.dipr_keys, allocation=alloc)
+            betas = cal.choose_betas(curves, mass=cfg.calibration.dipr_mass, keys=cfg.calibration.dipr_keys,
+                                     allocation=alloc)
         record(family, name, score_against(engine, ref, cfg, betas=betas), t1, {"allocation": alloc} if alloc else None)
 
     fit_after = max([i for i, c in enumerate(todo) if c[0] == "uniform β"], default=-1)
@@ -140,13 +140,14 @@ def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
         betas, pred_k, _ = q.allocate_betas(uni, f)
         t1 = time.perf_counter()
         b = cal.broadcast_heads(np.asarray(betas, np.float32)[:, None, None], hq)
-        r = score_against(engine, ref, AttentionConfig(method="dipr", dipr_keys=f, sink=args.sink,
-                                                       window=args.window), betas=b)
+        fitted = AttentionConfig(method="dipr", sink=args.sink, window=args.window,
+                                 calibration=CalibrationConfig(dipr_keys=f))
+        r = score_against(engine, ref, fitted, betas=b)
         record("per-layer β fit on scored steps", name, r, t1,
                {"per_layer_beta": [None if math.isinf(x) else x for x in betas], "predicted_keys_fraction": pred_k})
     for c in todo[fit_after + 1:]:
         run(*c)
-    del ref
+    ref = None  # frees the reference caches (the closures above are done with it)
 
 
 def from_explore(part: dict) -> dict:
@@ -257,7 +258,7 @@ def plot(rows, out_dir):
 def write_markdown(res, path):
     m, rows = res["meta"], res["rows"]
     L = ["# Self-calibrated DIPR vs uniform β, top-k, top-p (bench/quality_calibrated.py)", "",
-         f"SmolLM2-135M-Instruct (GGUF, f32 on CPU). Texts: " + ", ".join(
+         "SmolLM2-135M-Instruct (GGUF, f32 on CPU). Texts: " + ", ".join(
              f"`{t}` ({n} tokens)" for t, n in m["text_tokens"].items())
          + f". Context C: C − S − 1 tokens prefilled densely, S = {m['steps']} teacher-forced decode steps scored "
            f"against full attention (shared reference). Calibrated DIPR calibrates on the {m['n_cal']} prompt tokens "
@@ -284,7 +285,8 @@ def write_markdown(res, path):
     for r in rows:
         c = r.get("calibration") or {}
         L.append(f"| {r['text']} | {r['context']} | {r['name']} | {r['keys_fraction']:.2%} | {r['kl_to_full']:.4f} | "
-                 f"{r.get('kl_to_full_max', float('nan')):.3f} | {r['ppl']:.3f} | {r['ppl_full']:.3f} | {r['ppl_increase']:+.2%} | "
+                 f"{r.get('kl_to_full_max', float('nan')):.3f} | {r['ppl']:.3f} | {r['ppl_full']:.3f} | "
+                 f"{r['ppl_increase']:+.2%} | "
                  f"{r['top1_agreement']:.2f} | {r['attention_recall']:.3f} | "
                  + (f"{c['calibration_keys_fraction']:.2%} | {c['calibration_mass']:.3f} |" if c else "– | – |"))
     cr = [r for r in rows if r.get("dipr_beta_per_layer") and "keys 0.03" in r["name"]]
@@ -310,9 +312,7 @@ def write_markdown(res, path):
         tot = [(sum(cells[c][k]["found"] for c in cells if k in cells[c]), sum(k in cells[c] for c in cells))
                for k in names]
         L.append("| **found** | | " + " | ".join(f"**{a}/{b}**" for a, b in tot) + " |")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(L) + "\n")
-    os.replace(path + ".tmp", path)
+    harness.write_text(path, "\n".join(L) + "\n")
 
 
 def needle_methods(sink, window):
@@ -321,16 +321,17 @@ def needle_methods(sink, window):
         k = int(round(f * n)) - sink - window
         base = dict(sink=sink, window=window)
         return [("full", FULL),
-                (f"dipr-keys {f:g}", AttentionConfig(method="dipr", dipr_keys=f, **base)),
+                (f"dipr-keys {f:g}",
+                 AttentionConfig(method="dipr", **base, calibration=CalibrationConfig(dipr_keys=f))),
                 (f"topk {f:.0%}", AttentionConfig(method="topk", budget=k, **base)),
-                ("dipr-mass 0.9", AttentionConfig(method="dipr", dipr_mass=0.9, **base)),
+                ("dipr-mass 0.9", AttentionConfig(method="dipr", **base, calibration=CalibrationConfig(dipr_mass=0.9))),
                 ("topp p=0.8", AttentionConfig(method="topp", top_p=0.8, **base))]
 
     return methods_for
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "quality_calibrated", out_env=False)
     ap.add_argument("--texts", nargs="+", default=list(TEXTS), choices=list(TEXTS))
     ap.add_argument("--contexts", type=int, nargs="*", default=[2048, 4096, 8192])
     ap.add_argument("--steps", type=int, default=80)
@@ -348,7 +349,6 @@ def main(argv=None):
     ap.add_argument("--report", action="store_true", help="only rebuild the markdown and plot from the JSON")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine the rows of these result files (runs split over processes) into --name")
-    ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
     json_path = os.path.join(args.out, args.name + ".json")
     md_path = os.path.join(args.out, args.name + ".md")
@@ -361,12 +361,11 @@ def main(argv=None):
                 part = from_explore(part)
             res.setdefault("meta", dict(part["meta"], runs=[]))
             res["meta"]["text_tokens"] = {**res["meta"]["text_tokens"], **part["meta"]["text_tokens"]}
-            res["meta"]["runs"].append({k: part["meta"][k] for k in ("date", "commit")} | {"file": os.path.basename(path)})
+            res["meta"]["runs"].append({k: part["meta"][k] for k in ("date", "commit")}
+                                       | {"file": os.path.basename(path)})
             res["rows"] += part["rows"]
             res["needle"] += part.get("needle", [])
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(json_path + ".tmp", json_path)
+        harness.write_json(json_path, res)
     if args.report or args.merge:
         with open(json_path) as f:
             res = json.load(f)
@@ -381,15 +380,8 @@ def main(argv=None):
     _, model, tok = load_smollm2(dtype="float32")
     engine = Engine(model, prefill_chunk=512)
     texts = {t: tok.encode(TEXTS[t]()) for t in args.texts}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        cpu = platform.machine()
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "jax": jax.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(),
-            "commit": commit, "steps": args.steps, "n_cal": args.n_cal, "sink": args.sink, "window": args.window,
-            "text_tokens": {t: len(v) for t, v in texts.items()}}
+    meta = harness.run_meta(steps=args.steps, n_cal=args.n_cal, sink=args.sink, window=args.window,
+                            text_tokens={t: len(v) for t, v in texts.items()})
     res = {"meta": meta, "rows": [], "needle": []}
     if args.resume and os.path.exists(json_path):
         with open(json_path) as f:
@@ -398,9 +390,7 @@ def main(argv=None):
         res["meta"]["text_tokens"] = {**old["meta"].get("text_tokens", {}), **meta["text_tokens"]}
 
     def save():
-        with open(json_path + ".tmp", "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(json_path + ".tmp", json_path)
+        harness.write_json(json_path, res)
         write_markdown(res, md_path)
 
     for ctx in args.contexts:

@@ -18,7 +18,7 @@ last 128 positions ([Lc, 128, 9, 64]). ``build_proxy`` turns them into 8B shapes
     ``r`` distinct real KV heads of one layer side by side (same token), queries side
     by side, so a proxy score is a *sum* of real scores ``q_a·k_a + q_b·k_b``; two
     heads that each single out a few keys single out fewer together, so its ranges
-    are sparser than either head's (``results/proxy_check.md``).
+    are sparser than either head's (``results/proxy_check/proxy_check.md``).
 * **group**: query head j of a proxy KV head is real query head ``j mod 3`` of its
   real KV head(s) (the 4th of a group of 4 repeats the 1st), so the group union is the
   real 3-head union the CPU measures; a 4th distinct query (e.g. the previous

@@ -13,36 +13,31 @@ distribution, keys attended, top-1 agreement):
 The rows compare the two over the steps after the re-calibration point (where they differ) and
 over the whole run. Writes recalibration.json and recalibration.md into --out.
 
-    python bench/recalibration.py --out bench/results          # about 10 min on 2 CPU cores
+    python -m bench.recalibration                            # about 10 min on 2 CPU cores
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from alaya_jax.corpus import TEXTS  # noqa: E402
-from alaya_jax.engine import Engine  # noqa: E402
-from alaya_jax.evaluation import _copy, engine_decoder, prepare_reference, step_metrics  # noqa: E402
-from alaya_jax.methods import AttentionConfig  # noqa: E402
+from alaya_jax.attention.config import AttentionConfig, CalibrationConfig
+from alaya_jax.runtime.corpus import TEXTS
+from alaya_jax.runtime.engine import Engine
+from alaya_jax.runtime.evaluation import copy_caches, engine_decoder, prepare_reference, step_metrics
+from bench import harness
 
 
 def run(engine, ref, tokens, cfg, *, recal_at):
     """Per-step (kl, keys fraction, top-1 agreement) over the reference's scored steps; the βs are
     re-chosen once when the context reaches ``recal_at`` tokens (None: never)."""
     p = ref.prefill_tokens
-    caches, _ = engine.calibrate(_copy(ref.caches), [tokens[:p]], cfg)
+    caches, _ = engine.calibrate(copy_caches(ref.caches), [tokens[:p]], cfg)
     decode = engine_decoder(engine, cfg)
     kl, frac, top1 = [], [], []
     for i, tok in enumerate(ref.inputs):
@@ -59,7 +54,7 @@ def run(engine, ref, tokens, cfg, *, recal_at):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "recalibration", smoke="tiny: prefill 96, 48 steps after")
     ap.add_argument("--text", default="pydoc", choices=list(TEXTS))
     ap.add_argument("--prefill", type=int, default=1024)
     ap.add_argument("--keys", type=float, default=0.08, help="budget-mode target (sink + window are 68 keys)")
@@ -67,8 +62,6 @@ def main(argv=None):
     ap.add_argument("--grow", type=float, default=2.0, help="re-calibrate when the context reaches grow x prefill")
     ap.add_argument("--after", type=int, default=512, help="scored steps after the re-calibration point")
     ap.add_argument("--offset", type=int, default=20000, help="first token of the text used")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
-    ap.add_argument("--smoke", action="store_true", help="tiny: prefill 96, 48 steps after")
     args = ap.parse_args(argv)
     if args.smoke:
         args.prefill, args.after, args.keys = 96, 48, 0.97
@@ -89,7 +82,7 @@ def main(argv=None):
     targets = [(f"keys {args.keys:.0%}", dict(dipr_keys=args.keys)), (f"mass {args.mass:g}", dict(dipr_mass=args.mass))]
     rows = []
     for name, kw in targets:
-        cfg = AttentionConfig(method="dipr", collect_stats=True, n_cal=n_cal, **kw)
+        cfg = AttentionConfig(method="dipr", collect_stats=True, calibration=CalibrationConfig(**kw, n_cal=n_cal))
         res = {}
         for mode, at in (("once", None), ("recal", recal_at)):
             t1 = time.perf_counter()
@@ -100,15 +93,10 @@ def main(argv=None):
                              keys_all=float(frac.mean()), seconds=round(time.perf_counter() - t1, 1))
             print(name, mode, json.dumps(res[mode]), flush=True)
         rows.append({"target": name, **{f"{m}_{k}": v for m, r in res.items() for k, v in r.items()}})
-    meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                jax=jax.__version__, python=platform.python_version(), device=str(jax.devices()[0].device_kind),
-                model="SmolLM2-135M-Instruct f32", text=args.text, offset=args.offset, prefill=p,
-                recalibrated_at=recal_at, steps_after=args.after, n_cal=n_cal, reference_seconds=round(ref_s, 1),
-                sink=4, window=64, smoke=args.smoke)
-    os.makedirs(args.out, exist_ok=True)
+    meta = harness.run_meta(model="SmolLM2-135M-Instruct f32", text=args.text, offset=args.offset, prefill=p,
+                            recalibrated_at=recal_at, steps_after=args.after, n_cal=n_cal,
+                            reference_seconds=round(ref_s, 1), sink=4, window=64, smoke=args.smoke)
     name = "recalibration" + ("_smoke" if args.smoke else "")
-    with open(os.path.join(args.out, name + ".json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# Re-calibration of calibrated DIPR when the context grows {args.grow:g}x", "",
              f"{meta['model']}, {meta['device']}, jax {meta['jax']}, {meta['date']}; text {args.text} (tokens "
              f"{args.offset}..{args.offset + n}); prompt {p} tokens calibrated on its last {n_cal} queries; "
@@ -122,8 +110,7 @@ def main(argv=None):
                      f"{100 * r['once_keys_after']:.2f}% | {100 * r['recal_keys_after']:.2f}% | "
                      f"{r['once_top1_after']:.3f} | {r['recal_top1_after']:.3f} | {r['once_kl_all']:.4f} | "
                      f"{r['recal_kl_all']:.4f} |")
-    with open(os.path.join(args.out, name + ".md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    harness.write_results(args.out, name, {"meta": meta, "rows": rows}, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

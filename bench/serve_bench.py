@@ -18,15 +18,13 @@ the standard library only (no openai package needed on the device). Measured:
   the server's own ``usage.ttft_s`` (arrival to first token) and the client's time to the
   first streamed chunk.
 
-    python bench/serve_bench.py --out $OUT                 # GPU: llama3-8b, 32K, 8 streams, cudnn prefill
-    python bench/serve_bench.py --smoke --out /tmp/serve   # CPU: tiny model, tiny context
+    python -m bench.serve_bench --out $OUT                 # GPU: llama3-8b, 32K, 8 streams, cudnn prefill
+    python -m bench.serve_bench --smoke --out /tmp/serve   # CPU: tiny model, tiny context
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
-import datetime
 import http.client
 import json
 import os
@@ -38,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from bench import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,16 +228,9 @@ def _versions() -> dict:
     return out
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = harness.parser(__doc__.split("\n\n")[0], "serve_bench",
+                       smoke="CPU: tiny model, 256-token context, 4 streams")
     p.add_argument("--model", default="llama3-8b", help="random-weight preset (tiny, smollm2, llama3-8b)")
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--streams", type=int, default=8)
@@ -252,11 +245,7 @@ def main(argv=None):
     p.add_argument("--memory-kind", default="device")
     p.add_argument("--phases", nargs="+", default=["ttft", "throughput"], choices=["ttft", "throughput"])
     p.add_argument("--start-timeout", type=float, default=900)
-    p.add_argument("--smoke", action="store_true", help="CPU: tiny model, 256-token context, 4 streams")
-    p.add_argument("--out", default=os.environ.get("OUT"))
     args = p.parse_args(argv)
-    if not args.out:
-        p.error("--out (or $OUT) is required")
     if args.smoke:
         args.model, args.context, args.streams, args.new_tokens, args.tail = "tiny", 256, 4, 16, 8
         args.dtype, args.prefill_attention, args.prefill_chunk, args.reps = "float32", "reference", 512, 2
@@ -280,8 +269,9 @@ def main(argv=None):
     rec = {"bench": "serve", "model": args.model, "context": args.context, "streams": args.streams,
            "new_tokens": args.new_tokens, "tail": args.tail, "dtype": args.dtype, "attention": args.attention,
            "prefill_attention": args.prefill_attention, "prefill_chunk": args.prefill_chunk,
-           "device": health.get("device"), "versions": _versions(), "commit": _commit(),
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           # no harness.run_meta() here: this client must not start jax on the server's GPU
+           "device": health.get("device"), "versions": _versions(), "commit": harness.commit(),
+           "date": harness.utc_now(), "cpu": harness.cpu_name(),
            "server_start_s": start_s, "smoke": args.smoke}
     try:
         if "ttft" in args.phases:
@@ -297,10 +287,8 @@ def main(argv=None):
             proc.kill()
             rec["server_exit_code"] = "killed"
         name = f"serve_{args.model}_{args.context}" + ("_smoke" if args.smoke else "")
-        with open(os.path.join(args.out, name + ".json"), "w") as f:
-            json.dump(rec, f, indent=1)
-        with open(os.path.join(args.out, name + ".md"), "w") as f:
-            f.write(markdown(rec) if ("concurrent" in rec or "cold_client_ttft_s" in rec) else "no result\n")
+        harness.write_results(args.out, name, rec,
+                              markdown(rec) if ("concurrent" in rec or "cold_client_ttft_s" in rec) else "no result\n")
         log(f"wrote {name}.json / .md to {args.out}")
 
 

@@ -22,9 +22,9 @@ succeeds (root on Linux); the JSON says which. Above ``--max-detail-context``
 tokens only the unverified disk restore is timed (no checksum-verified restore,
 no plain-read / sha256 / Orbax-part timings), to keep a 128K run short.
 
-    python bench/ttft.py --runs smollm2:2048 smollm2:8192 llama3-8b:32768 --out $OUT
-    python bench/ttft.py --runs llama3-8b:131072 --reps 2 --prefill-impls cudnn --drop-caches --out $OUT
-    python bench/ttft.py --runs tiny:1000 --prefill-impls reference xla --out /tmp/ttft   # CPU smoke test
+    python -m bench.ttft --runs smollm2:2048 smollm2:8192 llama3-8b:32768 --out $OUT
+    python -m bench.ttft --runs llama3-8b:131072 --reps 2 --prefill-impls cudnn --drop-caches --out $OUT
+    python -m bench.ttft --runs tiny:1000 --prefill-impls reference xla --out /tmp/ttft   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -35,12 +35,9 @@ import os
 # copy (17.7 GB each); XLA's default pool is 75% of the GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
 
-import argparse
 import dataclasses
-import datetime
 import gc
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -50,10 +47,13 @@ import jax
 import numpy as np
 from flax import nnx
 
-from alaya_jax.context_db import MEMORY_KINDS, ContextDB
-from alaya_jax.engine import Engine
-from alaya_jax.sampling import SamplingConfig
-from checkpoints import load_snapshot, truncate_store, verify_checksums
+from alaya_jax.runtime.engine import Engine
+from alaya_jax.runtime.sampling import SamplingConfig
+from alaya_jax.store.context_db import MEMORY_KINDS, ContextDB
+from alaya_jax.attention.config import PREFILL_ATTENTIONS
+from alaya_jax.store.kv_store import truncate as truncate_store
+from bench import harness
+from checkpoints import load_snapshot, verify_checksums
 
 TAIL = 32
 BLOCK = 64
@@ -158,7 +158,8 @@ def run_one(model_name, context, args, log):
     for impl in args.prefill_impls:
         if impl == "reference" and context > args.max_reference_context:
             rec[f"reprefill_{impl}_skipped"] = (f"reference prefill attention materialises f32 scores over the whole "
-                                                f"capacity per chunk: too slow / too large above {args.max_reference_context}")
+                                                f"capacity per chunk: too slow / too large above "
+                                                f"{args.max_reference_context}")
             log(f"{model_name} {context}: {impl} re-prefill skipped")
             continue
         eng = Engine(model, block_size=BLOCK, prefill_chunk=args.prefill_chunk, prefill_attention=impl)
@@ -274,12 +275,12 @@ def run_one(model_name, context, args, log):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__.split("\n")[0], "ttft", out_env=False)
     ap.add_argument("--runs", nargs="+", default=["smollm2:2048", "smollm2:8192", "llama3-8b:32768"])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--prefill-impls", nargs="+", default=["reference", "cudnn"],
-                    choices=["reference", "xla", "cudnn"], help="prefill attentions timed for re-prefill")
+                    choices=PREFILL_ATTENTIONS, help="prefill attentions timed for re-prefill")
     ap.add_argument("--max-reference-context", type=int, default=40000)
     ap.add_argument("--max-detail-context", type=int, default=65536,
                     help="above this many tokens, time only the unverified disk restore and the memory tiers "
@@ -289,7 +290,6 @@ def main(argv=None):
     ap.add_argument("--memory-budget-gb", type=float, default=40.0, help="memory_budget_bytes of those tiers, GB")
     ap.add_argument("--drop-caches", action="store_true")
     ap.add_argument("--tmp", default=None)
-    ap.add_argument("--out", default="bench/results")
     ap.add_argument("--append", action="store_true", help="keep the rows of an existing ttft.json in --out")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -300,11 +300,8 @@ def main(argv=None):
     print(f"orbax.checkpoint {getattr(ocp, '__version__', '?')} imported; jax {jax.__version__} on "
           f"{jax.devices()[0].device_kind}", flush=True)
 
-    meta = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "orbax": getattr(ocp, "__version__", "?"), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": os.environ.get("ALAYA_COMMIT", "unknown"), "reps": args.reps,
-            "xla_python_client_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
+    meta = harness.run_meta(orbax=getattr(ocp, "__version__", "?"), reps=args.reps,
+                            xla_python_client_mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
     rows = []
 
     def log(m):
@@ -316,7 +313,7 @@ def main(argv=None):
             prev = json.load(f)["rows"]
     rows = prev + rows
     def write_md():
-        md = [f"# Time to first token: re-prefill vs snapshot restore (bench/ttft.py)", "",
+        md = ["# Time to first token: re-prefill vs snapshot restore (bench/ttft.py)", "",
               f"{meta['device']}, jax {meta['jax']}, orbax {meta['orbax']}, {meta['date']}, commit {meta['commit']}. "
               f"Random-weight bf16 models; context of random ids + {TAIL}-token tail; median of {args.reps} after a "
               "warm-up (compile excluded). Every restore TTFT = getting the context's caches onto the device + "
@@ -382,8 +379,7 @@ def main(argv=None):
                 if k.endswith("_error") or k == "error"]
         if errs:
             md += ["", "Errors:", ""] + [f"- {e}" for e in errs]
-        with open(os.path.join(args.out, "ttft.md"), "w") as f:
-            f.write("\n".join(md) + "\n")
+        harness.write_text(os.path.join(args.out, "ttft.md"), "\n".join(md) + "\n")
         return md
 
     for spec in args.runs:
@@ -393,8 +389,7 @@ def main(argv=None):
         except Exception as e:  # reported in the results, not hidden
             rows.append({"model": name, "context": int(ctx), "error": f"{type(e).__name__}: {str(e)[:400]}"})
             log(f"{spec} FAILED: {rows[-1]['error']}")
-        with open(os.path.join(args.out, "ttft.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        harness.write_json(os.path.join(args.out, "ttft.json"), {"meta": meta, "rows": rows})
         write_md()
     md = write_md()
     print("\n".join(md))

@@ -3,24 +3,23 @@ NumPy float64 on the same f32 inputs (the kernel test's gauss-4-64-float32 case)
 relative error of each against float64, and of XLA's f32 einsum at DEFAULT and HIGHEST precision.
 """
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from pallas_kernels import code_scan  # noqa: E402
-from pallas_kernels.code_scan.layout import forced_positions  # noqa: E402
-from pallas_kernels.testing import case_betas, make_coded_case  # noqa: E402
+from bench import harness
+from pallas_kernels import code_scan
+from pallas_kernels.code_scan.api import IMPLEMENTATIONS
+from pallas_kernels.code_scan.layout import forced_positions
+from pallas_kernels.testing import case_betas, make_coded_case
 
 SINK, WINDOW = 4, 64
 c = make_coded_case("gauss", g=4, hkv=2, d=64, dtype=jnp.float32, seed=68, max_in_window=True)
 beta = jnp.asarray(case_betas("gauss", *c["q"].shape[:2]))
 out = {}
-for impl in ("reference", "pallas"):
+for impl in IMPLEMENTATIONS:
     r = jax.jit(lambda *a, impl=impl: code_scan(*a, sink=SINK, window=WINDOW, num_splits=3, capacity=384,
                                                tile_size=128, implementation=impl))(
         c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"], beta)
@@ -43,6 +42,5 @@ for prec in ("default", "highest"):
     s = np.asarray(jnp.einsum("bhgd,bhsd->bhgs", qg, kk, precision=prec), np.float64).reshape(b, hq, -1)
     s64 = np.einsum("bhgd,bhsd->bhgs", np.asarray(qg, np.float64), np.asarray(kk, np.float64)).reshape(b, hq, -1)
     rep[f"xla_einsum_{prec}_max_rel"] = float(np.max(np.abs(s - s64)) / np.max(np.abs(s64)))
-rep["device"] = str(jax.devices()[0].device_kind)
-rep["jax"] = jax.__version__
+rep.update(harness.run_meta())
 print("MSW_DIAG", json.dumps(rep), flush=True)

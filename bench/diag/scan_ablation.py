@@ -1,34 +1,31 @@
 """Where the code scan's time goes (GPU): the raw scan kernel at Llama-3-8B shapes timed whole and
-with parts cut away (``code_scan_pallas(ablate=...)``: load only; + unpack and MMAs; + bound and
+with parts cut away (``ablated_code_scan_pallas(ablate=...)``: load only; + unpack and MMAs; + bound and
 candidate test without compaction), B=1 and B=8 at 128K, tile 64, 4 warps. Prints JSON lines and
 writes scan_ablation.json into --out.
 
-    python bench/diag/scan_ablation.py --out $OUT
+    python -m bench.diag.scan_ablation --out $OUT
 """
-import argparse
+import functools
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
+from bench import harness
+from bench import kernels_codes_gpu as k
 
-import kernels_codes_gpu as k  # noqa: E402
-from pallas_kernels._common import default_rounding_slack  # noqa: E402
-from pallas_kernels.code_scan.api import pallas_scan_inputs  # noqa: E402
-from pallas_kernels.code_scan.kernel_triton import code_scan_pallas  # noqa: E402
+from pallas_kernels.code_scan.api import pallas_scan_inputs
+from pallas_kernels.code_scan.kernel_triton import ablated_code_scan_pallas, code_scan_pallas
+from pallas_kernels.common import default_rounding_slack
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap = harness.parser(__doc__.split("\n\n")[0], "scan_ablation", smoke="CPU: 2K keys, interpret mode")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args()
     interp = a.smoke
+    meta = harness.run_meta()
     rows = []
     cases = [(1, 2048, 2)] if a.smoke else [(1, 1 << 17, 4), (8, 1 << 17, 2)]
     for b, s, layers in cases:
@@ -43,17 +40,15 @@ def main():
                                   rounding_slack=default_rounding_slack(k.D)) for l_, bt in zip(lays, betas)]
         static = ins[0][1]
         for ablate in ("load_only", "estimate_only", "no_compaction", "none"):
-            fn = lambda *x, ab=ablate: code_scan_pallas(*x, interpret=interp, ablate=ab, **static)  # noqa: E731
+            scan = code_scan_pallas if ablate == "none" else functools.partial(ablated_code_scan_pallas, ablate=ablate)
+            fn = lambda *x, scan=scan: scan(*x, interpret=interp, **static)  # noqa: E731
             us, us_min = k.per_layer_us(fn, [x for x, _ in ins], 2 if a.smoke else a.reps)
             byts = b * k.HKV * s * (k.D // 2 + 4)
             r = dict(batch=b, context=s, splits=ns, tile=tile, ablate=ablate, us=round(us, 2), us_min=round(us_min, 2),
-                     TBps=round(byts / (us * 1e-6) / 1e12, 3), device=str(jax.devices()[0].device_kind),
-                     jax=jax.__version__)
+                     TBps=round(byts / (us * 1e-6) / 1e12, 3), **meta)
             print(json.dumps(r), flush=True)
             rows.append(r)
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "scan_ablation.json"), "w") as f:
-            json.dump(rows, f, indent=1)
+        harness.write_json(os.path.join(a.out, "scan_ablation.json"), rows)
 
 
 if __name__ == "__main__":
