@@ -9,7 +9,7 @@ Its ``attend`` function has the signature::
 ``beta`` / ``top_p`` are the (possibly traced) values to use in place of
 ``cfg.beta`` / ``cfg.top_p``; ``mask`` is the set of keys attended (sink and window
 included) and must be returned when ``with_mask`` (statistics), else may be None.
-``methods.decode_attention`` dispatches through :func:`get`; the CLI, the engine, the
+``attention_fn.decode_attention`` dispatches through :func:`get`; the CLI, the engine, the
 evaluation and the benchmarks list methods with :func:`names`. A new method touches
 this file only.
 """
