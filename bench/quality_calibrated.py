@@ -213,7 +213,9 @@ def targets(rows):
     return lines
 
 
-def plot(rows, out_dir):
+def plot(rows, out_dir, *, name="quality_calibrated_kl.png", styles=None):
+    """KL against keys attended, one panel per (text, context), one curve per family; ``styles``: family →
+    (matplotlib format, colour), the others get one from a cycle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +225,7 @@ def plot(rows, out_dir):
     ctxs = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(len(texts), len(ctxs), figsize=(5.0 * len(ctxs), 4.0 * len(texts)), squeeze=False)
     cal_colors = itertools.cycle(["C1", "C2", "C4", "C8", "C9", "k", "C7", "C3", "C0"])
-    styles = dict(FAMILY_STYLE)
+    styles = dict(FAMILY_STYLE if styles is None else styles)
     for ti, text in enumerate(texts):
         for ci, ctx in enumerate(ctxs):
             ax = axes[ti][ci]
@@ -251,7 +253,7 @@ def plot(rows, out_dir):
             seen.setdefault(lab, h)
     fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.03 + 0.02 * math.ceil(len(seen) / 4), 1, 1))
-    fig.savefig(os.path.join(out_dir, "quality_calibrated_kl.png"), dpi=100)
+    fig.savefig(os.path.join(out_dir, name), dpi=100)
     plt.close(fig)
 
 

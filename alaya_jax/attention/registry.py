@@ -21,7 +21,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from alaya_jax.attention import baselines
+from alaya_jax.attention import baselines, tail
+from alaya_jax.attention.dipr.brute_force import range_mask_from_scores
 from alaya_jax.attention.dipr.filter_refine import dipr_store_attention
 from alaya_jax.attention.masked import masked_attention, raw_scores, sink_window_mask
 from alaya_jax.store import kv_store
@@ -67,21 +68,27 @@ def _sw(store, cfg):
     return sink_window_mask(store.lengths, store.capacity, sink=cfg.sink, window=cfg.window)[:, None, :]
 
 
-def _masked(select):
-    """A method that builds a token mask from the exact scores, then attends densely-masked."""
+def _masked(select, *, with_tail: bool = True):
+    """A method that builds a token mask from the exact scores, then attends densely-masked, plus the
+    estimated tail of ``cfg.tail`` over the keys outside the mask (``with_tail``: the method has one)."""
 
     def attend(q, store, cfg, *, beta, top_p, with_mask):
         k, v = store.dense_keys(), store.dense_values()
         scores = raw_scores(q, k)
         valid = kv_store.positions_valid(store)  # [B,S]
         mask = select(q, store, cfg, scores=scores, valid=valid, top_p=top_p)
-        out, _ = masked_attention(q, k, v, mask, scores=scores)
+        if cfg.tail == "none" or not with_tail:
+            out, _ = masked_attention(q, k, v, mask, scores=scores)
+        else:
+            out = tail.attend_with_tail(q, store, mask, mode=cfg.tail, scores=scores)
         return out, mask, {}
 
     return attend
 
 
 def _dipr(q, store, cfg, *, beta, with_mask):
+    if cfg.tail != "none":
+        return _dipr_with_tail(q, store, cfg, beta=beta)
     out, st, dmask = dipr_store_attention(
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
@@ -90,6 +97,16 @@ def _dipr(q, store, cfg, *, beta, with_mask):
     stats = {"candidates": st.candidates, "overflow": st.overflow, "refined": st.refined,
              "rescanned": st.rescanned}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
+
+
+def _dipr_with_tail(q, store, cfg, *, beta):
+    """The jnp reference of DIPR with the estimated tail: the DIPR set from the exact scores (brute force:
+    the set filter–refine finds) ∪ sink ∪ window attended exactly, plus the tail over every other valid
+    key (the kernels' fused tail sums are issue 21's kernel part)."""
+    scores = raw_scores(q, store.dense_keys())
+    beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), q.shape[:2])
+    mask = range_mask_from_scores(scores, kv_store.positions_valid(store), beta[..., None]) | _sw(store, cfg)
+    return tail.attend_with_tail(q, store, mask, mode=cfg.tail, scores=scores), mask, {}
 
 
 def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask):
@@ -105,7 +122,7 @@ def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask):
 
 
 register(AttentionMethod("full", _masked(lambda q, s, c, *, scores, valid, top_p:
-                                         jnp.broadcast_to(valid[:, None, :], scores.shape)),
+                                         jnp.broadcast_to(valid[:, None, :], scores.shape), with_tail=False),
                          "dense attention over every key"))
 register(AttentionMethod("dipr", _dipr_uniform,
                          "exact DIPR range query ∪ sink ∪ window: keys with q·k ≥ max − β (one β, or a β per "

@@ -207,6 +207,7 @@ def score_against(
         "tokens": ref.steps,
         "prefill_tokens": p,
         "attention": cfg.method,
+        "tail": cfg.effective_tail,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "nll": m,
         "ppl": math.exp(m),

@@ -12,6 +12,7 @@ import math
 from typing import Any, Optional
 
 from alaya_jax.attention.config import METHODS, AttentionConfig
+from alaya_jax.attention.tail import TAIL_MODES
 from alaya_jax.errors import ConfigError
 from alaya_jax.runtime.sampling import SamplingConfig
 
@@ -45,7 +46,7 @@ class RequestLimits:
 # Body fields that choose the attention → AttentionConfig fields ("part.field": a field of its
 # ``calibration`` / ``kernel`` part), with a type check each. Add a field here (and nowhere else)
 # to let requests set it.
-ATTENTION_FIELDS = {"attention": ("method", str), "beta": ("beta", float),
+ATTENTION_FIELDS = {"attention": ("method", str), "beta": ("beta", float), "tail": ("tail", str),
                     # calibrated DIPR: a β per (layer, head) chosen from the prompt's last queries
                     "dipr_mass": ("calibration.dipr_mass", float), "dipr_keys": ("calibration.dipr_keys", float)}
 
@@ -104,6 +105,8 @@ def attention_from_body(body: dict, base: AttentionConfig) -> AttentionConfig:
     if "method" in changes and changes["method"] not in METHODS:
         raise APIError(400, f"unknown attention {changes['method']!r}; choose one of {', '.join(METHODS)}",
                        param="attention")
+    if "tail" in changes and changes["tail"] not in TAIL_MODES:
+        raise APIError(400, f"unknown tail {changes['tail']!r}; choose one of {', '.join(TAIL_MODES)}", param="tail")
     try:
         for part, fields in parts.items():
             changes[part] = dataclasses.replace(getattr(base, part), **fields)

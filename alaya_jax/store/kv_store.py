@@ -10,6 +10,9 @@ scans instead of the key (docs/design.md §3; filter–refine: §4)::
                                           (dim j low nibble, dim j + D/2 high nibble)
     code_scale   : [B, Hkv, NB, Bk] f16  per-key scale of the 4-bit levels −7..7
     code_err     : [B, Hkv, NB, Bk] f16  ‖rotated key − decoded code‖₂, rounded up
+    value_means  : [B, Hkv, NB, D] f32    mean of the values of each block's valid positions
+                                          (0 for a block without one): what the estimated
+                                          tail attends to for the keys it does not read
     rot_signs    : [Hkv, D] f32           ±1: the rotation H·diag(signs)/√D per KV head
     lengths      : [B] int32             valid positions per sequence
     dipr_beta    : [B, Hq] f32 or None   this layer's DIPR β per query head, chosen by
@@ -18,7 +21,9 @@ scans instead of the key (docs/design.md §3; filter–refine: §4)::
 
 ``capacity = NB * Bk`` is static. Codes are built from the stored (dtype-cast)
 keys at prefill and appended with every new key, so they always describe the
-keys that the refine step reads. Every update returns a new store; nothing is
+keys that the refine step reads; the block value means are recomputed, from the
+stored values, for every block an append, a truncation or a change of lengths
+touches, so they always describe the valid values. Every update returns a new store; nothing is
 mutated in place. Block structure (``Bk``) is what prefix reuse hashes and what
 the block baselines (Quest, InfLLM) select; the DIPR search is per key.
 
@@ -47,9 +52,14 @@ DEFAULT_CODE_SEED = 0
 #: that padding a store and building it from zero-padded keys give the same bits.
 ZERO_CODE = (CODE_MAX + 1) * 0x11
 
-# Fields with a block axis (axis 2) and a position inside the block (axis 3), each with its
-# fill value for positions that hold no key. Private: only this module reads the layout.
-_BLANK = {"keys": 0, "values": 0, "codes": ZERO_CODE, "code_scale": 0, "code_err": 0}
+#: dtype of the block value means (``KVStore.value_means``): f32, 1/32 of the bytes of bf16 values
+#: at Bk = 64 (bf16 means against f32: bench/results/quality_tail/).
+VALUE_MEANS_DTYPE = jnp.float32
+
+# Fields with a block axis (axis 2), each with its fill value for blocks / positions that hold no
+# key (all but ``value_means`` also have a position inside the block, axis 3). Private: only this
+# module reads the layout.
+_BLANK = {"keys": 0, "values": 0, "codes": ZERO_CODE, "code_scale": 0, "code_err": 0, "value_means": 0}
 _BLOCKED_FIELDS = tuple(_BLANK)
 # The arrays of a store as snapshots save them (``dipr_beta`` is optional and kept apart).
 _ARRAY_FIELDS = (*_BLOCKED_FIELDS, "rot_signs", "lengths")
@@ -62,6 +72,7 @@ class KVStore:
     codes: jax.Array  # [B, Hkv, NB, Bk, D/2] uint8
     code_scale: jax.Array  # [B, Hkv, NB, Bk] f16
     code_err: jax.Array  # [B, Hkv, NB, Bk] f16
+    value_means: jax.Array  # [B, Hkv, NB, D] VALUE_MEANS_DTYPE: mean of each block's valid values
     rot_signs: jax.Array  # [Hkv, D] f32
     lengths: jax.Array  # [B] int32
     dipr_beta: Optional[jax.Array] = None  # [B, Hq] f32: calibrated β per query head (None: not calibrated)
@@ -148,6 +159,7 @@ def empty(
         codes=jnp.full(shape + (head_dim // 2,), ZERO_CODE, jnp.uint8),
         code_scale=jnp.zeros(shape, jnp.float16),
         code_err=jnp.zeros(shape, jnp.float16),
+        value_means=jnp.zeros((batch, num_kv_heads, nb, head_dim), VALUE_MEANS_DTYPE),
         rot_signs=jnp.asarray(rotation_signs(num_kv_heads, head_dim, seed=code_seed)),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
@@ -168,6 +180,36 @@ def with_codes(store: KVStore, *, code_seed: Optional[int] = None) -> KVStore:
         rotation_signs(store.num_kv_heads, store.head_dim, seed=code_seed))
     codes, scale, err = key_codes(store.keys, signs)
     return store.replace(codes=codes, code_scale=scale, code_err=err, rot_signs=signs)
+
+
+def _block_valid(lengths: jax.Array, first_blocks: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
+    """bool [B, n, Bk]: which positions of blocks ``first_blocks[b] + 0..n-1`` lie below ``lengths[b]``
+    (``first_blocks`` [B] or a number)."""
+    blk = jnp.asarray(first_blocks, jnp.int32).reshape(-1, 1) + jnp.arange(num_blocks, dtype=jnp.int32)
+    pos = blk[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
+    return pos < lengths[:, None, None]
+
+
+def _masked_block_means(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """values [B, Hkv, n, Bk, D], valid bool [B, n, Bk] → [B, Hkv, n, D] VALUE_MEANS_DTYPE: the mean
+    of each block's valid values in f32 (0 where none is valid; invalid positions may hold NaN)."""
+    ok = valid[:, None, :, :, None]
+    total = jnp.sum(jnp.where(ok, values.astype(jnp.float32), 0.0), axis=3)
+    count = jnp.sum(ok, axis=3, dtype=jnp.float32)
+    return (total / jnp.maximum(count, 1.0)).astype(VALUE_MEANS_DTYPE)
+
+
+def block_value_means(values: jax.Array, lengths: jax.Array) -> jax.Array:
+    """The mean value of every block's valid positions: values [B, Hkv, NB, Bk, D], lengths [B] →
+    [B, Hkv, NB, D] VALUE_MEANS_DTYPE (0 for blocks without a valid position)."""
+    _, _, nb, bk, _ = values.shape
+    return _masked_block_means(values, _block_valid(lengths, 0, nb, bk))
+
+
+def with_value_means(store: KVStore) -> KVStore:
+    """The store with every block value mean recomputed from its values and lengths (used by the
+    shape changes that move lengths, and to upgrade stores loaded from snapshots without them)."""
+    return store.replace(value_means=block_value_means(store.values, store.lengths))
 
 
 def block_summaries(keys: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -234,7 +276,7 @@ def from_dense(
     keys, values = blocked(k), blocked(v)
     codes, scale, err = key_codes(keys, signs)
     return KVStore(keys=keys, values=values, codes=codes, code_scale=scale, code_err=err,
-                   rot_signs=signs, lengths=lengths)
+                   value_means=block_value_means(values, lengths), rot_signs=signs, lengths=lengths)
 
 
 def append(
@@ -248,7 +290,8 @@ def append(
     k_new, v_new: [B, T, Hkv, D]; num_new: [B] int (default T) — sequence b takes
     its first ``num_new[b]`` rows at positions ``lengths[b] ...``. The new keys'
     codes are built and written beside them, so the store stays searchable after
-    every append.
+    every append, and the value means of the blocks the new rows land in are
+    recomputed from the stored values (at most ``ceil((T + Bk − 1) / Bk)`` blocks a sequence).
 
     Capacity: with concrete lengths an overflow raises ``ValueError``. Under
     ``jit`` the caller must check capacity up front (the generation loop does);
@@ -289,9 +332,27 @@ def append(
         # dst [B, Hkv, NB, Bk, ...]; src [B, Hkv, T, ...] -> dst[b, :, blk, off] = src[b, :, t]
         return dst.at[bidx, :, blk, off].set(jnp.swapaxes(src, 1, 2), mode="drop")
 
-    return store.replace(keys=scatter(store.keys, kt), values=scatter(store.values, vt),
+    values = scatter(store.values, vt)
+    return store.replace(keys=scatter(store.keys, kt), values=values,
                          codes=scatter(store.codes, codes), code_scale=scatter(store.code_scale, scale),
-                         code_err=scatter(store.code_err, err), lengths=new_lengths)
+                         code_err=scatter(store.code_err, err),
+                         value_means=_refresh_value_means(store.value_means, values, store.lengths, new_lengths, t),
+                         lengths=new_lengths)
+
+
+def _refresh_value_means(means: jax.Array, values: jax.Array, old_lengths: jax.Array, new_lengths: jax.Array,
+                         max_new: int) -> jax.Array:
+    """``means`` [B, Hkv, NB, D] with the blocks that positions ``old_lengths[b] .. new_lengths[b] − 1``
+    fall in recomputed from ``values`` [B, Hkv, NB, Bk, D] (at most ``max_new`` positions a sequence)."""
+    b, _, nb, bk, _ = values.shape
+    n = min(nb, (max_new + 2 * bk - 2) // bk)  # blocks a run of max_new positions can touch
+    first = jnp.minimum(old_lengths // bk, nb - 1)
+    blk = first[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
+    touched = (new_lengths > old_lengths)[:, None] & (blk * bk < new_lengths[:, None]) & (blk < nb)
+    gathered = jnp.take_along_axis(values, jnp.minimum(blk, nb - 1)[:, None, :, None, None], axis=2)
+    fresh = _masked_block_means(gathered, _block_valid(new_lengths, first, n, bk))  # [B, Hkv, n, D]
+    dst = jnp.where(touched, blk, nb)  # untouched blocks go out of bounds and are dropped
+    return means.at[jnp.arange(b)[:, None], :, dst].set(jnp.swapaxes(fresh, 1, 2).astype(means.dtype), mode="drop")
 
 
 def check_capacity(store: KVStore) -> None:
@@ -361,21 +422,23 @@ def resize(store: KVStore, capacity: int) -> KVStore:
 
 def with_lengths(store: KVStore, lengths) -> KVStore:
     """The store with ``lengths`` [B] (or one length for every sequence) as its valid positions;
-    keys, values and codes are left as they are (traceable; no check: see :func:`truncate`)."""
-    return store.replace(lengths=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), store.lengths.shape))
+    keys, values and codes are left as they are, the block value means recomputed for the new
+    lengths (traceable; no check: see :func:`truncate`)."""
+    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), store.lengths.shape)
+    return store.replace(lengths=lengths, value_means=block_value_means(store.values, lengths))
 
 
 def truncate(store: KVStore, num_tokens: int) -> KVStore:
     """Keep the first ``num_tokens`` positions of every sequence (which must not exceed any
-    length): sets ``lengths``. Keys, values and codes past the new length are left as they are
-    (undefined contents; every reader masks by length)."""
+    length): sets ``lengths`` and recomputes the block value means. Keys, values and codes past
+    the new length are left as they are (undefined contents; every reader masks by length)."""
     n = int(num_tokens)
     lengths = np.asarray(store.lengths)
     if n < 0 or (lengths < n).any():
         raise ValueError(f"cannot truncate to {n} positions: lengths are {lengths.tolist()}")
     if (lengths == n).all():
         return store
-    return store.replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+    return with_lengths(store, n)
 
 
 def take_rows(store: KVStore, rows: jax.Array) -> KVStore:
@@ -433,5 +496,7 @@ def abstract_arrays(*, batch: int, num_kv_heads: int, num_blocks: int, block_siz
 
     return {"keys": sds(pos + (head_dim,), dtype), "values": sds(pos + (head_dim,), dtype),
             "codes": sds(pos + (head_dim // 2,), jnp.uint8), "code_scale": sds(pos, jnp.float16),
-            "code_err": sds(pos, jnp.float16), "rot_signs": sds((num_kv_heads, head_dim), jnp.float32),
+            "code_err": sds(pos, jnp.float16),
+            "value_means": sds((batch, num_kv_heads, num_blocks, head_dim), VALUE_MEANS_DTYPE),
+            "rot_signs": sds((num_kv_heads, head_dim), jnp.float32),
             "lengths": sds((batch,), jnp.int32)}
