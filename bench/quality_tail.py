@@ -72,11 +72,15 @@ def reference(engine, tokens, text, ctx, steps, cache_dir, log):
 
 
 GRID = (0.02, 0.025, 0.03, 0.035, 0.04)  # key fractions of the targets (2–4%)
+#: The tails every selection is scored with (phases 1 and 2): mode → family suffix.
+TAILS = {"none": "", "estimate": " + tail", "estimate-rank2": " + tail [rank2]"}
 #: Plot styles: one colour per selection, dotted without the tail, solid with it.
 _COLOURS = (("calibrated DIPR", "^", "C1"), ("uniform β", "o", "C3"), ("top-k", "s", "C0"), ("top-p", "d", "C5"))
-STYLES = {f"{fam}{suffix}": (mk + ls, col) for fam, mk, col in _COLOURS for suffix, ls in (("", ":"), (" + tail", "-"))}
-#: Variants of the tail measured on two selections (calibrated DIPR, top-k) at 3% of the keys.
-VARIANTS = ("estimate-var", "estimate-restmean", "estimate-vweighted", "exact-scores", "estimate bf16 means")
+STYLES = {f"{fam}{suffix}": (mk + ls, col) for fam, mk, col in _COLOURS
+          for suffix, ls in zip(TAILS.values(), (":", "-", "--"))}
+#: Variants of the tail measured on two selections (calibrated DIPR, top-k) at 3% of the keys (phase 3).
+VARIANTS = ("estimate-var", "estimate-restmean", "estimate-rank1", "estimate-vweighted", "exact-scores",
+            "estimate bf16 means")
 
 
 def selections(ctx, sink, window):
@@ -101,15 +105,12 @@ def selections(ctx, sink, window):
 
 
 def runs(ctx, sink, window, phase):
-    """(family, name, config, variant) of one phase: phases 1 and 2 score every selection with the tail
-    off and on (the default ``estimate``); phase 3 the variants of :data:`VARIANTS` on the 3% points."""
+    """(family, name, config, variant) of one phase: phases 1 and 2 score every selection with each tail of
+    :data:`TAILS`; phase 3 the variants of :data:`VARIANTS` on the 3% points."""
     one, two = selections(ctx, sink, window)
     if phase in (1, 2):
-        out = []
-        for fam, name, cfg in (one if phase == 1 else two):
-            out.append((fam, name, cfg, None))
-            out.append((f"{fam} + tail", f"{name} + tail", dataclasses.replace(cfg, tail="estimate"), None))
-        return out
+        return [(fam + suffix, name + suffix, dataclasses.replace(cfg, tail=mode), None)
+                for mode, suffix in TAILS.items() for fam, name, cfg in (one if phase == 1 else two)]
     picks = [(fam, name, cfg) for fam, name, cfg in one + two if fam in ("calibrated DIPR", "top-k")
              and ("0.03" in name or "3%" in name)]
     out = []
@@ -158,16 +159,17 @@ def target_lines(rows):
     head = qc.headline(rows)
     lines = []
     for text, ctx, fam, kl in head:
-        if ctx < 4096 or fam not in ("calibrated DIPR + tail", "uniform β + tail"):
+        suffix = next((x for x in list(TAILS.values())[1:] if fam.endswith(x)), None)
+        if ctx < 4096 or suffix is None or not fam.startswith(("calibrated DIPR", "uniform β")):
             continue
-        tk, tkt = _at(head, text, ctx, "top-k"), _at(head, text, ctx, "top-k + tail")
+        tk, tkt = _at(head, text, ctx, "top-k"), _at(head, text, ctx, "top-k" + suffix)
         pts = []
         for g in GRID:
             a, b, c = kl.get(g), tk.get(g), tkt.get(g)
             if a is None or b is None or c is None:
                 continue
             ok = a <= 0.5 * b and a <= 0.7 * c
-            pts.append(f"{g:.1%}: {a:.4f} = {a / b:.2f}× top-k, {a / c:.2f}× top-k + tail {'✓' if ok else '✗'}")
+            pts.append(f"{g:.1%}: {a:.4f} = {a / b:.2f}× top-k, {a / c:.2f}× top-k{suffix} {'✓' if ok else '✗'}")
         if pts:
             lines.append(f"- {text} {ctx} {fam}: " + "; ".join(pts))
     return lines

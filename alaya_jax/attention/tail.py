@@ -21,6 +21,11 @@ today's; "estimate": the formula above). :data:`STUDY_MODES` exist to measure wh
   ``E e^{s/√d} = e^{ŝ/√d + σ²/(2d)}``;
 - ``estimate-restmean``: the block means without the block's selected keys, ``(n_b·V̄_b − Σ_{sel ∩ b} v)
   / |rest ∩ b|`` per query head (the selected values are read anyway; per head and block sums);
+- ``estimate-rank1`` / ``estimate-rank2``: each block's values as its mean plus their top 1 or 2 principal
+  directions, ``v_i ≈ V̄_b + U_b c_i`` with per-key coefficients ``c_i`` held in int8 (one scale per block
+  and direction), so the tail adds ``U_b Σ_{rest ∩ b} e^{ŝ/√d} c_i``: what a store that kept 1 or 2 bytes
+  a key (and r·D floats a block) beside the key codes would give (computed here from the values by an
+  SVD of every block at every step: a measurement, not a kernel);
 - ``estimate-vweighted``: the rest's own values weighted by the estimates, ``Σ_rest e^{ŝ/√d} v``
   (reads every value: the most that better value summaries could give);
 - ``exact-scores``: the exact scores of the rest with the block means (reads every key: the most
@@ -45,7 +50,8 @@ from pallas_kernels.lse_merge import merge_attention
 #: The tail modes a user picks (``AttentionConfig.tail``, ``--tail``, the server's ``tail`` field).
 TAIL_MODES = ("none", "estimate")
 #: Modes for measurements only (see the module docstring): they read keys or values of the rest.
-STUDY_MODES = ("estimate-var", "estimate-restmean", "estimate-vweighted", "exact-scores")
+STUDY_MODES = ("estimate-var", "estimate-restmean", "estimate-rank1", "estimate-rank2", "estimate-vweighted",
+               "exact-scores")
 #: The default mode, chosen from bench/results/quality_tail/quality_tail.md.
 DEFAULT_TAIL = "estimate"
 
@@ -74,6 +80,22 @@ def _estimate_sigma2(q: jax.Array, store: KVStore) -> jax.Array:
     q2 = jnp.sum(jnp.square(q.astype(jnp.float32)), axis=-1).reshape(b, hkv, g, 1)
     err = store.dense_codes()[2].astype(jnp.float32)[:, :, None, :]  # [B, Hkv, 1, S]
     return (q2 * jnp.square(err) / d).reshape(b, hq, -1)
+
+
+def _low_rank_correction(store: KVStore, p: jax.Array, rank: int) -> jax.Array:
+    """Σ_b U_b Σ_{i ∈ b} p_i c_i f32 [B, Hkv, G, D] for weights p [B, Hkv, G, NB, Bk]: U_b the top ``rank``
+    principal directions of block b's centred valid values, c_i their coefficients rounded to int8 levels
+    (one scale per block and direction)."""
+    hi = jax.lax.Precision.HIGHEST
+    ok = kv_store.positions_valid(store).reshape(store.batch, 1, store.num_blocks, store.block_size, 1)
+    cen = jnp.where(ok, store.values.astype(jnp.float32) - store.value_means.astype(jnp.float32)[:, :, :, None], 0.0)
+    _, _, vt = jnp.linalg.svd(cen, full_matrices=False)  # [B, Hkv, NB, min(Bk, D), D]
+    u = vt[..., :rank, :]
+    c = jnp.einsum("bhnkd,bhnrd->bhnkr", cen, u, precision=hi)
+    step = jnp.max(jnp.abs(c), axis=3, keepdims=True) / 127.0
+    c = jnp.round(c / jnp.where(step > 0, step, 1.0)) * step
+    pc = jnp.einsum("bhgnk,bhnkr->bhgnr", p, c, precision=hi)
+    return jnp.einsum("bhgnr,bhnrd->bhgd", pc, u, precision=hi)
 
 
 def tail_partial(q: jax.Array, store: KVStore, rest: jax.Array, *, mode: str = "estimate",
@@ -118,6 +140,8 @@ def tail_partial(q: jax.Array, store: KVStore, rest: jax.Array, *, mode: str = "
     else:
         w = jnp.sum(p.reshape(b, hkv, g, nb, bk), axis=-1)  # [B, Hkv, G, NB] per-block weights
         num = jnp.einsum("bhgn,bhnd->bhgd", w, store.value_means.astype(jnp.float32), precision=hi)
+        if mode.startswith("estimate-rank"):
+            num = num + _low_rank_correction(store, p.reshape(b, hkv, g, nb, bk), int(mode[-1]))
     has = l > 0
     out = num.reshape(b, hq, d) / jnp.where(has, l, 1.0)[..., None]
     lse = jnp.where(has, m_safe[..., 0] + jnp.log(jnp.where(has, l, 1.0)), -jnp.inf)
