@@ -23,6 +23,8 @@ import alaya_jax
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
+    """Sizes: vocabulary, learned positions, width, heads (all of them KV heads too), layers."""
+
     vocab: int = 96
     n_ctx: int = 256
     n_embd: int = 64
