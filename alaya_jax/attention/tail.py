@@ -149,18 +149,21 @@ def tail_partial(q: jax.Array, store: KVStore, rest: jax.Array, *, mode: str = "
 
 
 def attend_with_tail(q: jax.Array, store: KVStore, selected: jax.Array, *, mode: str,
-                     scores: Optional[jax.Array] = None) -> jax.Array:
+                     scores: Optional[jax.Array] = None, visible: Optional[jax.Array] = None) -> jax.Array:
     """Attention that is exact over ``selected`` (bool [B, Hq, S]: the method's keys, sink and window
-    included) and estimated over the other valid keys → out [B, Hq, D] in q's dtype. ``scores``: the
-    exact raw scores [B, Hq, S] when the caller has them. Mode "none": exact sparse attention alone."""
+    included) and estimated over the other visible keys → out [B, Hq, D] in q's dtype. ``scores``: the
+    exact raw scores [B, Hq, S] when the caller has them; ``visible`` bool [B, S]: the keys the query may
+    see (default: the valid positions; a filtered query passes its filter's). Mode "none": exact sparse
+    attention alone."""
     check_mode(mode)
     k, v = store.dense_keys(), store.dense_values()
     scores = raw_scores(q, k) if scores is None else scores
-    selected = selected & kv_store.positions_valid(store)[:, None, :]
+    visible = kv_store.positions_valid(store) if visible is None else visible
+    selected = selected & visible[:, None, :]
     out_sel, lse_sel = masked_attention(q.astype(jnp.float32), k, v, selected, scores=scores)
     if mode == "none":
         return out_sel.astype(q.dtype)
-    rest = kv_store.positions_valid(store)[:, None, :] & ~selected
+    rest = visible[:, None, :] & ~selected
     out_tail, lse_tail = tail_partial(q, store, rest, mode=mode, scores=scores)
     out, _ = merge_attention(jnp.stack([out_sel, out_tail]), jnp.stack([lse_sel, lse_tail]))
     return out.astype(q.dtype)

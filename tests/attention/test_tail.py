@@ -6,7 +6,7 @@ import pytest
 import jax.numpy as jnp
 
 from alaya_jax.attention import tail
-from alaya_jax.attention.attention_fn import decode_attention
+from alaya_jax.attention.store_api import decode_attention
 from alaya_jax.attention.config import AttentionConfig, KernelConfig
 from alaya_jax.cli import build_parser
 from alaya_jax.errors import ConfigError
