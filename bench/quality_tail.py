@@ -31,6 +31,7 @@ from bench import quality as q
 from bench import quality_calibrated as qc
 
 from alaya_jax.attention.config import AttentionConfig, CalibrationConfig
+from alaya_jax.attention.dipr import calibration as cal
 from alaya_jax.runtime.corpus import TEXTS
 from alaya_jax.runtime.evaluation import Reference, prepare_reference, score_against
 from alaya_jax.store import kv_store
@@ -106,8 +107,14 @@ def selections(ctx, sink, window):
 
 def runs(ctx, sink, window, phase):
     """(family, name, config, variant) of one phase: phases 1 and 2 score every selection with each tail of
-    :data:`TAILS`; phase 3 the variants of :data:`VARIANTS` on the 3% points."""
+    :data:`TAILS`; phase 3 the variants of :data:`VARIANTS` on the 3% points; phase 4 calibrated DIPR with
+    the tail-aware allocations of :data:`TAIL_ALLOCATIONS` (βs water-filled on the output error with the
+    tail, ``Curves.tail_err``)."""
     one, two = selections(ctx, sink, window)
+    if phase == 4:
+        return [(f"{fam} [{alloc}] + tail", f"{name} [{alloc}] + tail", dataclasses.replace(cfg, tail="estimate"),
+                 f"allocation {alloc}")
+                for alloc in TAIL_ALLOCATIONS for fam, name, cfg in one if fam == "calibrated DIPR"]
     if phase in (1, 2):
         return [(fam + suffix, name + suffix, dataclasses.replace(cfg, tail=mode), None)
                 for mode, suffix in TAILS.items() for fam, name, cfg in (one if phase == 1 else two)]
@@ -119,6 +126,21 @@ def runs(ctx, sink, window, phase):
             mode = "estimate" if v == "estimate bf16 means" else v
             out.append((f"{fam} + tail [{v}]", f"{name} + tail [{v}]", dataclasses.replace(cfg, tail=mode), v))
     return out
+
+
+#: Allocations of phase 4 (:data:`alaya_jax.attention.dipr.calibration.ALLOCATIONS`).
+TAIL_ALLOCATIONS = ("head-tail", "layer-tail")
+
+
+def tail_aware_betas(engine, ref: Reference, cfg, allocation: str):
+    """βs [L, B, Hq] for calibrated ``cfg`` water-filled on the output error with ``cfg.tail`` (curves kept
+    on the reference, one computation per (n_cal, sink, window, tail))."""
+    key = (cfg.calibration.n_cal, cfg.sink, cfg.window, cfg.tail)
+    if key not in ref.curves:
+        tail_rows = [ref.context[-cfg.calibration.n_cal:].tolist()]
+        ref.curves[key] = engine.calibration_curves(ref.caches, tail_rows, sink=cfg.sink, window=cfg.window,
+                                                    tail=cfg.tail)
+    return cal.choose_betas(ref.curves[key], keys=cfg.calibration.dipr_keys, allocation=allocation)
 
 
 def with_bf16_means(ref: Reference) -> Reference:
@@ -135,7 +157,10 @@ def evaluate(engine, tokens, text, ctx, phase, args, res, save, log):
     ref = reference(engine, tokens, text, ctx, args.steps, args.ref_cache, log)
     for family, name, cfg, variant in todo:
         t1 = time.perf_counter()
-        r = score_against(engine, with_bf16_means(ref) if variant == "estimate bf16 means" else ref, cfg)
+        if variant and variant.startswith("allocation "):
+            r = score_against(engine, ref, cfg, betas=tail_aware_betas(engine, ref, cfg, variant.split()[1]))
+        else:
+            r = score_against(engine, with_bf16_means(ref) if variant == "estimate bf16 means" else ref, cfg)
         row = {"text": text, "context": ctx, "family": family, "name": name, "tail": cfg.tail, "variant": variant,
                **{k: r[k] for k in ("tokens", "kl_to_full", "kl_to_full_max", "keys_fraction", "ppl", "ppl_full",
                                     "ppl_increase", "top1_agreement", "attention_recall", "overflow_steps")},
@@ -149,6 +174,12 @@ def evaluate(engine, tokens, text, ctx, phase, args, res, save, log):
 
 
 # ----------------------------------------------------------------------------- report
+def curve_rows(rows):
+    """The rows that make curves over the key fraction (every tail of :data:`TAILS`, the tail-aware
+    allocations), not the variants of phase 3."""
+    return [r for r in rows if r.get("variant") is None or r["variant"].startswith("allocation ")]
+
+
 def _at(head, text, ctx, fam):
     return next((h[3] for h in head if h[:3] == (text, ctx, fam)), {})
 
@@ -179,7 +210,7 @@ def ppl_lines(rows):
     """Perplexity target: within 1% of full attention at ≤ 3% of the keys (rows measured at ≤ 3.05%)."""
     out = []
     for r in rows:
-        if r["tail"] != "none" and r.get("variant") is None and r["keys_fraction"] <= 0.0305:
+        if r["tail"] != "none" and r in curve_rows([r]) and r["keys_fraction"] <= 0.0305:
             out.append(f"| {r['text']} | {r['context']} | {r['name']} | {r['keys_fraction']:.2%} | "
                        f"{r['ppl_increase']:+.2%} | {'✓' if abs(r['ppl_increase']) <= 0.01 else '✗'} |")
     return out
@@ -205,15 +236,15 @@ def write_markdown(res, path):
     L += ["## KL at equal key fraction (log-log interpolation along each curve; – outside its range)", "",
           "| text | context | method | " + " | ".join(f"KL @ {g:.1%}" for g in GRID) + " |",
           "|---|---|---|" + "---|" * len(GRID)]
-    for text, ctx, fam, kl in qc.headline([r for r in rows if r.get("variant") is None]):
+    for text, ctx, fam, kl in qc.headline(curve_rows(rows)):
         L.append(f"| {text} | {ctx} | {fam} | " + " | ".join("–" if kl[g] is None else f"{kl[g]:.4f}" for g in GRID)
                  + " |")
     L += ["", "## Targets: KL ≤ 0.5× top-k's (no tail) and ≤ 0.7× top-k's with the tail, 2–4% of the keys", ""]
-    L += target_lines([r for r in rows if r.get("variant") is None]) or ["(no rows yet)"]
+    L += target_lines(curve_rows(rows)) or ["(no rows yet)"]
     L += ["", "## Perplexity with the tail at ≤ 3% of the keys (target: within 1% of full attention)", "",
           "| text | context | config | keys | ppl +% | within 1% |", "|---|---|---|---|---|---|"]
     L += ppl_lines(rows)
-    var = [r for r in rows if r.get("variant")]
+    var = [r for r in rows if r.get("variant") in VARIANTS]
     if var:
         L += ["", "## Variants of the tail (3% of the keys)", "",
               "| text | context | selection | no tail | " + " | ".join(("estimate",) + VARIANTS) + " |",
@@ -275,8 +306,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--phases", type=int, nargs="*", default=[1, 2, 3], choices=[1, 2, 3],
-                    help="1: calibrated DIPR and top-k, tail off/on; 2: uniform β and top-p; 3: the tail's variants")
+    ap.add_argument("--phases", type=int, nargs="*", default=[1, 4, 2, 3], choices=[1, 2, 3, 4],
+                    help="1: calibrated DIPR and top-k, tail off/on; 2: uniform β, top-p, top-k 3%%; 3: the tail's "
+                         "variants; 4: calibrated DIPR with the tail-aware allocations")
     ap.add_argument("--variant-contexts", type=int, nargs="*", default=[4096],
                     help="contexts of phase 3 (the variants)")
     ap.add_argument("--ref-cache", default=None, help="directory keeping each context's reference (prefill and "
@@ -296,7 +328,7 @@ def main(argv=None):
         with open(json_path) as f:
             res = json.load(f)
         write_markdown(res, md_path)
-        qc.plot([r for r in res["rows"] if r.get("variant") is None], args.out, name="quality_tail_kl.png",
+        qc.plot(curve_rows(res["rows"]), args.out, name="quality_tail_kl.png",
                         styles=STYLES)
         return 0
     from models import load_smollm2
@@ -338,7 +370,7 @@ def main(argv=None):
         for ctx in args.contexts if phase < 3 else [c for c in args.contexts if c in args.variant_contexts]:
             for text, toks in texts.items():
                 evaluate(engine, toks, text, ctx, phase, args, res, save, log)
-                qc.plot([r for r in res["rows"] if r.get("variant") is None], args.out, name="quality_tail_kl.png",
+                qc.plot(curve_rows(res["rows"]), args.out, name="quality_tail_kl.png",
                         styles=STYLES)
                 jax.clear_caches()
     if args.needle_lengths:

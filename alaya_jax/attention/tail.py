@@ -99,11 +99,13 @@ def _low_rank_correction(store: KVStore, p: jax.Array, rank: int) -> jax.Array:
 
 
 def tail_partial(q: jax.Array, store: KVStore, rest: jax.Array, *, mode: str = "estimate",
-                 scores: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+                 scores: Optional[jax.Array] = None,
+                 estimates: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
     """The tail's partial attention over the keys of ``rest`` (bool [B, Hq, S], valid positions only):
     ``(out f32 [B, Hq, D], lse f32 [B, Hq])`` with out = Σ_b w_b V̄_b / Σ_b w_b and lse = log Σ_b w_b
     (natural log of the scaled weights; -inf and out 0 for an empty rest). ``scores``: the exact raw
-    scores [B, Hq, S] (mode ``exact-scores`` only; computed when None)."""
+    scores [B, Hq, S] (mode ``exact-scores`` only; computed when None); ``estimates``: the code estimates
+    [B, Hq, S] of :func:`code_estimates` (computed when None)."""
     check_mode(mode)
     if mode == "none":
         raise ValueError("tail mode 'none' has no tail partial")
@@ -113,7 +115,7 @@ def tail_partial(q: jax.Array, store: KVStore, rest: jax.Array, *, mode: str = "
     if mode == "exact-scores":
         s = raw_scores(q, store.dense_keys()) if scores is None else scores
     else:
-        s = code_estimates(q, store)
+        s = code_estimates(q, store) if estimates is None else estimates
     z = s * (1.0 / jnp.sqrt(jnp.float32(d)))
     if mode == "estimate-var":
         z = z + _estimate_sigma2(q, store) / (2.0 * d)
