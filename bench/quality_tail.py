@@ -129,7 +129,7 @@ def runs(ctx, sink, window, phase):
 
 
 #: Allocations of phase 4 (:data:`alaya_jax.attention.dipr.calibration.ALLOCATIONS`).
-TAIL_ALLOCATIONS = ("head-tail", "layer-tail")
+TAIL_ALLOCATIONS = ("head-tail", "layer-tail", "head-tailrel", "layer-tailrel")
 
 
 def tail_aware_betas(engine, ref: Reference, cfg, allocation: str):
@@ -367,7 +367,7 @@ def main(argv=None):
         write_markdown(res, md_path)
 
     for phase in args.phases:
-        for ctx in args.contexts if phase < 3 else [c for c in args.contexts if c in args.variant_contexts]:
+        for ctx in args.contexts if phase != 3 else [c for c in args.contexts if c in args.variant_contexts]:
             for text, toks in texts.items():
                 evaluate(engine, toks, text, ctx, phase, args, res, save, log)
                 qc.plot(curve_rows(res["rows"]), args.out, name="quality_tail_kl.png",

@@ -108,8 +108,8 @@ class Engine:
             def attn(layer, q, k, v, cache, pos):
                 c = calibration.layer_curves(q, cache, pos, row_ok, sink=sink, window=window, grid=grid)
                 if tail != "none":
-                    c = (*c, calibration.tail_error_curve(q, cache, pos, row_ok, sink=sink, window=window,
-                                                          grid=grid, mode=tail))
+                    c = (*c, *calibration.tail_error_curve(q, cache, pos, row_ok, sink=sink, window=window,
+                                                           grid=grid, mode=tail))
                 return causal_attention(q, cache, pos), cache, c
 
             _, _, aux = m.hidden(tokens, positions, caches, attention=attn)
@@ -206,9 +206,10 @@ class Engine:
         aux = self._curves(self._state, jnp.asarray(toks), jnp.asarray(pos), caches, jnp.asarray(ok),
                            jnp.asarray(calibration.BETA_GRID), sink=sink, window=window, tail=tail)
         mass, keys, spread, recall, vmass = (np.stack([np.asarray(a[i], np.float64) for a in aux]) for i in range(5))
-        tail_err = None if tail == "none" else np.stack([np.asarray(a[5], np.float64) for a in aux])
+        tail_err, tail_rel = ((None, None) if tail == "none" else
+                              (np.stack([np.asarray(a[i], np.float64) for a in aux]) for i in (5, 6)))
         return calibration.Curves(mass=mass, keys=keys, spread=spread, rows=ok.sum(axis=1), length=lengths,
-                                  recall=recall, vmass=vmass, tail_err=tail_err, tail=tail)
+                                  recall=recall, vmass=vmass, tail_err=tail_err, tail_rel=tail_rel, tail=tail)
 
     def calibrate(self, caches, tails: Sequence[Sequence[int]], attention: AttentionConfig):
         """Calibrated DIPR: choose a β per (layer, query head) from the last ``attention.calibration.n_cal``

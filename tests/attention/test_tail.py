@@ -113,3 +113,36 @@ def test_config_and_cli_name_the_modes():
         action = next(a for a in build_parser()._subparsers._group_actions[0].choices[cmd]._actions
                       if a.dest == "tail")
         assert tuple(action.choices) == tail.TAIL_MODES == ("none", "estimate") and action.default == tail.DEFAULT_TAIL
+
+
+def test_tail_error_curve_is_the_decode_steps_error():
+    """Calibration's tail error at a grid β equals ‖attend_with_tail − full‖ of a decode query at that β;
+    β = ∞ selects every key (error 0); the tail allocation water-fills a budget and refuses a mass target."""
+    from alaya_jax.attention.dipr import calibration as cal
+    from alaya_jax.attention.dipr.brute_force import range_mask_from_scores
+    from alaya_jax.attention.masked import raw_scores, sink_window_mask
+
+    st, q1 = make()
+    st = kv_store.truncate(st, 53)  # both rows 53 keys: calibration rows at positions 51, 52
+    q = jnp.stack([q1, q1 * 0.5], axis=1)  # [B, T=2, Hq, D]
+    pos = jnp.asarray([[51, 52]] * B)
+    grid = jnp.asarray(cal.BETA_GRID)
+    err, rel = (np.asarray(x) for x in cal.tail_error_curve(q, st, pos, jnp.asarray([[False, True]] * B), sink=2,
+                                                            window=8, grid=grid, mode="estimate"))
+    assert err.shape == (B, HKV * G, len(cal.BETA_GRID)) and np.all(err[..., -1] < 1e-5)
+    qq, bi = q[:, 1], 12
+    valid = kv_store.positions_valid(st)
+    sel = range_mask_from_scores(raw_scores(qq, st.dense_keys()), valid, grid[bi])
+    sel = sel | sink_window_mask(st.lengths, st.capacity, sink=2, window=8)[:, None, :]
+    full = tail.attend_with_tail(qq, st, jnp.broadcast_to(valid[:, None, :], sel.shape), mode="none")
+    want = np.linalg.norm(np.asarray(tail.attend_with_tail(qq, st, sel, mode="estimate") - full), axis=-1)
+    np.testing.assert_allclose(err[..., bi], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rel[..., bi], want / np.linalg.norm(np.asarray(full), axis=-1), rtol=1e-4, atol=1e-5)
+    curves = cal.Curves(mass=np.ones((1,) + err.shape), keys=np.broadcast_to(np.linspace(0.1, 1, err.shape[-1]),
+                                                                            (1,) + err.shape).copy(),
+                        spread=np.ones((1,) + err.shape[:2]), rows=np.ones(B), length=np.full(B, 53),
+                        tail_err=np.asarray(err, np.float64)[None], tail="estimate")
+    betas = cal.choose_betas(curves, keys=0.5, allocation="head-tail")
+    assert betas.shape == (1, B, HKV * G) and cal.spent_fraction(curves, betas).max() <= 0.5 + 1e-9
+    with pytest.raises(ConfigError, match="key budget"):
+        cal.choose_betas(curves, mass=0.9, allocation="head-tail")

@@ -65,7 +65,8 @@ class Curves:
     ``rows`` int [B]: calibration queries used; ``length`` int [B]: context length;
     ``tail_err`` f64 [L, B, Hq, G] or None: mean over the calibration queries of ‖o_β − o‖₂, o_β the
     output of DIPR(β) ∪ sink ∪ window attended exactly plus the estimated tail (of mode ``tail``) over
-    the other keys, o the full output: what a β costs once the tail is added (:func:`tail_error_curve`).
+    the other keys, o the full output: what a β costs once the tail is added (:func:`tail_error_curve`);
+    ``tail_rel``: the same error relative to ‖o‖₂.
     """
 
     mass: np.ndarray
@@ -76,6 +77,7 @@ class Curves:
     recall: Optional[np.ndarray] = None
     vmass: Optional[np.ndarray] = None
     tail_err: Optional[np.ndarray] = None
+    tail_rel: Optional[np.ndarray] = None
     tail: str = "none"
     grid: np.ndarray = dataclasses.field(default_factory=lambda: BETA_GRID.copy())
 
@@ -146,8 +148,9 @@ def layer_curves(q: jax.Array, store: KVStore, positions: jax.Array, row_ok: jax
 
 
 def tail_error_curve(q: jax.Array, store: KVStore, positions: jax.Array, row_ok: jax.Array, *, sink: int,
-                     window: int, grid: jax.Array, mode: str) -> jax.Array:
-    """f32 [B, Hq, G]: per query head and grid β the mean over the real rows of ‖o_β − o‖₂ — o_β the output
+                     window: int, grid: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """(err, rel) f32 [B, Hq, G]: per query head and grid β the mean over the real rows of ‖o_β − o‖₂ and of
+    ‖o_β − o‖₂ / ‖o‖₂ — o_β the output
     of DIPR(β) ∪ sink ∪ window attended exactly plus the estimated tail of ``mode`` over the other keys,
     o full attention (q [B,T,Hq,D] at ``positions`` [B,T], the store already holding their keys; see
     :class:`Curves`). The rows are folded into the query heads of each KV head so that the tail is the
@@ -174,17 +177,21 @@ def tail_error_curve(q: jax.Array, store: KVStore, positions: jax.Array, row_ok:
     gap = jnp.where(vis, m - sc, jnp.inf)
     full, _ = masked_attention(qf, k, v, vis, scores=sc)
 
+    norm = jnp.linalg.norm(full, axis=-1)
+
     def err_at(beta):
         sel = vis & ((gap <= beta) | swf)
         o_sel, lse_sel = masked_attention(qf, k, v, sel, scores=sc)
         o_t, lse_t = tail_mod.tail_partial(qf, store, vis & ~sel, mode=mode, scores=sc, estimates=est)
         o, _ = merge_attention(jnp.stack([o_sel, o_t]), jnp.stack([lse_sel, lse_t]))
-        return jnp.linalg.norm(o - full, axis=-1)  # [B, Hkv·T·G]
+        e = jnp.linalg.norm(o - full, axis=-1)  # [B, Hkv·T·G]
+        return jnp.stack([e, e / jnp.where(norm > 0, norm, 1.0)])
 
-    err = jax.lax.map(err_at, grid)  # [G, B, Hkv·T·G]
-    err = err.reshape(-1, b, hkv, t, g).transpose(1, 2, 4, 3, 0).reshape(b, hq, t, -1)  # [B, Hq, T, G]
+    err = jax.lax.map(err_at, grid)  # [G, 2, B, Hkv·T·G]
+    err = err.reshape(-1, 2, b, hkv, t, g).transpose(1, 2, 3, 5, 4, 0).reshape(2, b, hq, t, -1)  # [2,B,Hq,T,G]
     w = row_ok.astype(jnp.float32)[:, None, :, None]
-    return jnp.sum(err * w, axis=2) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
+    mean = jnp.sum(err * w, axis=3) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
+    return mean[0], mean[1]
 
 
 def calibration_inputs(tails: Sequence[Sequence[int]], lengths: np.ndarray):
@@ -294,10 +301,12 @@ def held_mass(curves: Curves, betas: np.ndarray) -> np.ndarray:
 # How curves become βs: "<granularity>-<gain>". granularity: "head" (a β per query head) or "layer" (the
 # heads of a layer share one β, chosen on their summed curves); gain: what a key buys — "mass" (share of the
 # mass outside sink and window), "spread" (that mass × the head's value spread), "recall" (absolute softmax
-# mass), "vdist" (value-weighted mass Σ p‖v − o‖) or "tail" (the fall of the output error with the estimated
-# tail, ``Curves.tail_err``: budget mode only). Mass mode reads the gain as a fraction of its total.
+# mass), "vdist" (value-weighted mass Σ p‖v − o‖), "tail" (the fall of the output error with the estimated
+# tail, ``Curves.tail_err``) or "tailrel" (of that error relative to the output, ``Curves.tail_rel``); the
+# tail gains are for budget mode only. Mass mode reads the gain as a fraction of its total.
 # bench/results/quality_calibrated/quality_calibrated.md reports what each does to the KL.
-ALLOCATIONS = tuple(f"{g}-{k}" for g in ("head", "layer") for k in ("mass", "spread", "recall", "vdist", "tail"))
+ALLOCATIONS = tuple(f"{g}-{k}" for g in ("head", "layer") for k in ("mass", "spread", "recall", "vdist", "tail",
+                                                                        "tailrel"))
 DEFAULT_ALLOCATION = "head-recall"
 
 
@@ -311,10 +320,10 @@ def gain_curves(curves: Curves, kind: str) -> np.ndarray:
         return curves.recall
     if kind == "vdist":
         return curves.vmass
-    if kind == "tail":
+    if kind in ("tail", "tailrel"):
         if curves.tail_err is None:
-            raise ValueError("the tail allocation needs curves computed with a tail (calibration_curves(tail=...))")
-        return -curves.tail_err
+            raise ValueError("the tail allocations need curves computed with a tail (calibration_curves(tail=...))")
+        return -(curves.tail_err if kind == "tail" else curves.tail_rel)
     raise ValueError(f"unknown gain {kind!r}")
 
 
@@ -328,7 +337,7 @@ def choose_betas(curves: Curves, *, mass: Optional[float] = None, keys: Optional
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
     granularity, kind = allocation.split("-")
-    if kind == "tail" and mass is not None:
+    if kind in ("tail", "tailrel") and mass is not None:
         raise ConfigError("the tail-aware allocation chooses βs for a key budget (dipr_keys), not a mass target")
     gain = gain_curves(curves, kind)
     if granularity == "layer":
