@@ -23,7 +23,7 @@ from pallas_kernels.common import (
 #: keys per scan step (H200, bench/results/dipr_real_keys: 128 beat 64 and 256 at B=1 and B=8)
 DEFAULT_TILE = 128
 #: flags compacted per epilogue step (the list's slack: a split's list has room for this many more slots)
-EPILOGUE_CHUNK = 2048
+EPILOGUE_CHUNK = 1024
 MIN_CAPACITY = 16
 
 

@@ -7,7 +7,7 @@ Plain elementwise jnp and reductions over the last axis, so ``kernel_triton.py``
 j + D/2 in the high nibble, each nibble = level + 8) as two int8 operands without shifting a nibble:
 ``lo = c & 0x0F`` is level + 8 (0..15) and ``hi = (c & 0xF0) ^ 0x80`` read as int8 is 16·level. The rotated
 query q' is split into two int8 planes, q' ≈ q̃ = s1·n1 + s2·n2 (``split_query``), whose 2·Gr columns are
-one int8 MMA operand per nibble half (the planes interleaved: ``interleave``):
+one int8 MMA operand per nibble half (the planes side by side: ``side_by_side``):
 a = 16·(lo·n_lo) + hi·n_hi = 16·(Σ_d n_d·c_d + 8·Σ_{d<D/2} n_d), exact in int32
 (|a| <= 127·(16·15 + 16·7)·D/2 < 2^24 for D <= 512, so also exact as f32), and
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -114,18 +115,24 @@ def plane_offset(n1_lo, n2_lo, s1, s2):
 
 
 def estimate(a, colscale, k_off, scale, *, rows: int):
-    """est f32 [..., rows] from the int32 plane sums a [..., 2·rows], the planes interleaved (column 2r:
-    plane 1 of row r, 2r + 1: plane 2), colscale f32 [2·rows] = (s1_r/16, s2_r/16) interleaved likewise,
-    k_off f32 [rows] (:func:`plane_offset`), scale [..., 1]. The two planes of a row are adjacent
-    columns (in one thread of an MMA accumulator), so their sum needs no data movement."""
+    """est f32 [..., rows] from the int32 plane sums a [..., 2·rows] (columns: plane 1 of rows 0..rows-1,
+    then plane 2: ``side_by_side``), colscale f32 [2·rows] = (s1/16 | s2/16), k_off f32 [rows]
+    (:func:`plane_offset`), scale [..., 1]. Columns r and rows + r sit in one thread of an MMA
+    accumulator, so the planes' sum needs no data movement."""
     w = a.astype(jnp.float32) * colscale
-    x = jnp.sum(w.reshape(w.shape[:-1] + (rows, 2)), axis=-1)
+    x = jnp.sum(w.reshape(w.shape[:-1] + (2, rows)), axis=-2)
     return (x - k_off) * scale
 
 
-def interleave(x1, x2):
-    """[..., n] x2 -> [..., 2·n] with x1 at even and x2 at odd positions (a join, then a reshape)."""
-    return jnp.stack([x1, x2], axis=-1).reshape(x1.shape[:-1] + (2 * x1.shape[-1],))
+def side_by_side(x1, x2):
+    """[..., n] x2 -> [..., 2·n] = (x1 | x2), written as a broadcast and a select (Pallas-Triton lowers no
+    concatenation of wide tensors)."""
+    n = x1.shape[-1]
+    shape = x1.shape[:-1] + (2, n)
+    t1 = jnp.broadcast_to(jnp.expand_dims(x1, -2), shape).reshape(x1.shape[:-1] + (2 * n,))
+    t2 = jnp.broadcast_to(jnp.expand_dims(x2, -2), shape).reshape(x1.shape[:-1] + (2 * n,))
+    col = jax.lax.broadcasted_iota(jnp.int32, (2 * n,), 0)
+    return jnp.where(col < n, t1, t2)
 
 
 def row_coefficients(l1, l2, dq, q_l1, *, head_dim: int, rounding_slack: float):

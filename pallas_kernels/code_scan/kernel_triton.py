@@ -126,11 +126,11 @@ def scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, *, g: int, rows: int, sin
     l2 = jnp.sqrt(jnp.sum(parts[0] * parts[0], axis=1) + jnp.sum(parts[1] * parts[1], axis=1))
     ca, cb, ce = ar.row_coefficients(l1, l2, dq, q_l1, head_dim=d, rounding_slack=rounding_slack)
 
-    def operand(n1, n2):  # [Gr, D/2] x2 -> int8 [D/2, 2·Gr] (planes interleaved)
-        return ar.interleave(n1.T, n2.T).astype(jnp.int8)
+    def operand(n1, n2):  # [Gr, D/2] x2 -> int8 [D/2, 2·Gr] (the planes side by side)
+        return ar.side_by_side(n1.T, n2.T).astype(jnp.int8)
 
     return dict(q_lo=operand(n1_lo, n2_lo), q_hi=operand(n1_hi, n2_hi),
-                colscale=ar.interleave(s1 / 16.0, s2 / 16.0), k_off=ar.plane_offset(n1_lo, n2_lo, s1, s2),
+                colscale=ar.side_by_side(s1 / 16.0, s2 / 16.0), k_off=ar.plane_offset(n1_lo, n2_lo, s1, s2),
                 ca=ca, cb=cb, ce=ce, thr=jnp.where(live, thr, jnp.inf), m_sw=m_sw, live=live)
 
 
@@ -146,13 +146,16 @@ def tile_estimate(inv, c, sc16, *, rows: int):
 def tile_hits(inv, est, sc16, er16):
     """bool [T, Gr]: not(est + δ < thr) per key and query row."""
     delta = ar.key_bound(inv["ca"][None, :], inv["cb"][None, :], inv["ce"][None, :], sc16[:, None], er16[:, None])
-    return ar.is_candidate(est, delta, inv["thr"][None, :]) & inv["live"][None, :]
+    return ar.is_candidate(est, delta, inv["thr"][None, :])
 
 
 def tile_base(t, *, tile: int, capacity: int):
-    """First position of tile t; the store's last tile is moved back to end at the capacity."""
-    align = math.gcd(tile, capacity) & -math.gcd(tile, capacity)
-    return pl.multiple_of(jnp.minimum(t * tile, capacity - tile), align)
+    """First position of tile t; when the capacity is not a multiple of the tile, the store's last tile is
+    moved back to end at the capacity (static: no clamp in the common case)."""
+    if capacity % tile == 0:
+        return pl.multiple_of(t * tile, tile)
+    align = math.gcd(tile, capacity)
+    return pl.multiple_of(jnp.minimum(t * tile, capacity - tile), align & -align)
 
 
 def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref, flags_ref, lists_ref, cnt_ref,

@@ -45,7 +45,8 @@ def forced_scores(q, keys, lengths, *, sink, window):
 
 
 def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack):
-    """(candidates bool [B, Hkv, S], m_sw f32 [B, Hkv, G]): the scan's test for every searched key."""
+    """(candidates bool [B, Hkv, S], m_sw f32 [B, Hkv, G], est f32 [B, Hkv, S, G], δ f32 [B, Hkv, S, G],
+    thr f32 [B, Hkv, G]): the scan's test for every searched key, and its terms (for tests)."""
     b, hq, d = q.shape
     _, hkv, s_cap, _ = keys.shape
     g = hq // hkv
@@ -62,20 +63,20 @@ def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, 
     l2 = jnp.sqrt(jnp.sum(parts[0] * parts[0], axis=-1) + jnp.sum(parts[1] * parts[1], axis=-1))
     ca, cb, ce = ar.row_coefficients(l1, l2, dq, q_l1, head_dim=d, rounding_slack=rounding_slack)
 
-    def cols(n1, n2):  # [B, Hkv, G, D/2] x2 -> int8 [B, Hkv, 2G, D/2], planes interleaved (rows 2g, 2g + 1)
-        return jnp.stack([n1, n2], axis=-2).reshape(b, hkv, 2 * g, dh).astype(jnp.int8)
+    def cols(n1, n2):  # [B, Hkv, G, D/2] x2 -> int8 [B, Hkv, 2G, D/2]: plane 1 rows, then plane 2 rows
+        return jnp.concatenate([n1, n2], axis=2).astype(jnp.int8)
 
     lo, hi = ar.code_operands(codes)  # int8 [B, Hkv, S, D/2]
     a = (16 * jnp.einsum("bhsd,bhcd->bhsc", lo, cols(n1_lo, n2_lo), preferred_element_type=jnp.int32)
          + jnp.einsum("bhsd,bhcd->bhsc", hi, cols(n1_hi, n2_hi), preferred_element_type=jnp.int32))
     sc = scales[..., None]
-    est = ar.estimate(a, ar.interleave(s1 / 16.0, s2 / 16.0)[:, :, None, :],
+    est = ar.estimate(a, ar.side_by_side(s1 / 16.0, s2 / 16.0)[:, :, None, :],
                       ar.plane_offset(n1_lo, n2_lo, s1, s2)[:, :, None, :], sc.astype(jnp.float32), rows=g)
     delta = ar.key_bound(ca[:, :, None, :], cb[:, :, None, :], ce[:, :, None, :], sc, errs[..., None])
     hit = ar.is_candidate(est, delta, thr[:, :, None, :])  # [B, Hkv, S, G]
     pos = jnp.arange(s_cap, dtype=jnp.int32)
     searched = (pos[None] >= sink) & (pos[None] < searched_end(lengths[:, None], sink=sink, window=window))
-    return searched[:, None] & jnp.any(hit, axis=-1), m_sw
+    return searched[:, None] & jnp.any(hit, axis=-1), m_sw, est, delta, thr
 
 
 def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, tile,
@@ -84,8 +85,8 @@ def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, s
     [B, Hq])."""
     b, hq, _ = q.shape
     _, hkv, s_cap, _ = keys.shape
-    cand, m_sw = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink, window=window,
-                                      rounding_slack=rounding_slack)
+    cand, m_sw, _, _, _ = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink,
+                                               window=window, rounding_slack=rounding_slack)
     pos = jnp.arange(s_cap, dtype=jnp.int32)
     split = split_of_position(pos[None], lengths[:, None], sink=sink, window=window, tile=tile,
                               num_splits=num_splits)  # [B, S]
