@@ -158,13 +158,11 @@ def tile_base(t, *, tile: int, capacity: int):
     return pl.multiple_of(jnp.minimum(t * tile, capacity - tile), align & -align)
 
 
-def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref, flags_ref, lists_ref, cnt_ref,
-                 msw_ref, *, g: int, rows: int, sink: int, window: int, tile: int, num_splits: int, chunk: int,
-                 rounding_slack: float, interpret: bool):
-    length = len_ref[0]
+def scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, *, rows: int, sink: int, window: int, tile: int,
+               num_splits: int):
+    """The tile loop of program (b, h, j): stores the flag byte of every key of its split's tiles; returns the
+    split's (first tile, end tile)."""
     s_cap = c_ref.shape[0]
-    inv = scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, g=g, rows=rows, sink=sink, window=window,
-                     rounding_slack=rounding_slack)
     t_start, t_end = split_tiles(length, pl.program_id(2), sink=sink, window=window, tile=tile,
                                  num_splits=num_splits)
     hi_end = searched_end(length, sink=sink, window=window)
@@ -186,6 +184,18 @@ def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref,
         return ahead
 
     jax.lax.fori_loop(t_start, t_end, body, meta(jnp.maximum(jnp.minimum(t_start, t_end - 1), 0)))
+    return t_start, t_end
+
+
+def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref, flags_ref, lists_ref, cnt_ref,
+                 msw_ref, *, g: int, rows: int, sink: int, window: int, tile: int, num_splits: int, chunk: int,
+                 rounding_slack: float, interpret: bool):
+    length = len_ref[0]
+    s_cap = c_ref.shape[0]
+    inv = scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, g=g, rows=rows, sink=sink, window=window,
+                     rounding_slack=rounding_slack)
+    t_start, t_end = scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, rows=rows, sink=sink, window=window,
+                                tile=tile, num_splits=num_splits)
     store_rows(msw_ref, inv["m_sw"], g)
 
     # ------------------------------------------------ epilogue: the split's flags -> its candidate list
