@@ -146,8 +146,8 @@ def main(argv=None):
     impl = "pallas"
     meta = harness.run_meta(model=args.model, batch=args.batch)
     rows = []
+    cfg, model = build_model(args.model, max(args.contexts))  # one model (and its weights) for every context
     for context in args.contexts:
-        cfg, model = build_model(args.model, context)
         capacity = context + (args.steps + 2) * max(len(args.betas64), 1) + 16  # every timed step appends
         t0 = time.perf_counter()
         stores, qs = proxy_stores(cfg, args.batch, context, capacity)

@@ -179,7 +179,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
     mid = betas[len(betas) // 2]
     ops = [scan_operands(q, st, mid) for q, st in zip(qs, stores)]
     load_best = None
-    if kind == "real-proxy":
+    if kind == "real-proxy" and f"{b}:{s}" in args.stage_pairs:
         tile = scan_tile(s)
         for t, nsp, w in ((tile, ns, 4), (64, 4 * ns, 8)):
             def run_load(t=t, nsp=nsp, w=w):
@@ -211,6 +211,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
                                         interpret=interp, num_splits=num_splits, refine_programs=refine_programs)[0]
         return dipr
 
+    step_one = jax.jit(step_fn(ns, programs))
     stats_fn = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, sink=SINK, window=WINDOW,
                                                                 with_mask=True, implementation="pallas",
                                                                 interpret=interp, num_splits=ns)[1])
@@ -232,7 +233,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
                 tf.append(float(np.mean(sd.keys_in_range / ln[:, None])))
                 cf.append(float(np.mean(sd.candidates / ln[:, None])))
             row.update(true_fraction=float(np.mean(tf)), candidate_fraction=float(np.mean(cf)))
-            row["check"] = check_layer(qs[0], stores[0], dense[0], beta, step_fn(ns, programs), slack)
+            row["check"] = check_layer(qs[0], stores[0], dense[0], beta, step_one, slack)
             lists = [scan_lists(q, st, bj) for q, st in zip(qs, stores)]
             rt, _ = per_layer(lambda q, st, li: refine_attention(
                 q, st.dense_keys(), st.dense_values(), *li, st.lengths, bj, sink=SINK, window=WINDOW,
@@ -247,7 +248,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
         attempt(f"dipr step β={beta:.1f}", run_step)
 
     # ---------------------------------------------------------------- knob variants at the middle β
-    if kind == "real-proxy" and not args.no_variants:
+    if kind == "real-proxy" and f"{b}:{s}" in args.variant_pairs:
         lays = [(st, jnp.float32(mid)) for st in stores]
         for label, nsv in ((f"splits={max(1, ns // 2)}", max(1, ns // 2)), (f"splits={ns * 2}", ns * 2)):
             def run_variant(label=label, nsv=nsv):
@@ -282,13 +283,17 @@ def _scan_lists(q, st, beta, ns, interp):
     return scan_codes(q, st, bt, sink=SINK, window=WINDOW, num_splits=ns, implementation="pallas", interpret=interp)
 
 
+@functools.partial(jax.jit, static_argnames=("slack",))
+def _brute(q, k, v, lengths, beta, *, slack):
+    return dipr_attention(q, k, v, beta=beta, lengths=lengths, sink=SINK, window=WINDOW, rounding_slack=slack)
+
+
 def check_layer(q, st, kv, beta, step, slack):
     """Layer 0 of the step against brute-force DIPR attention (same rounding slack): relative L2 error of the
     output, and whether it is within the bf16 tolerance of the kernel tests."""
     k, v = kv
-    out = jax.jit(step)(q, (st, jnp.float32(beta)))
-    ref = jax.jit(lambda q, k, v: dipr_attention(q, k, v, beta=beta, lengths=st.lengths, sink=SINK, window=WINDOW,
-                                                 rounding_slack=slack))(q, k, v)
+    out = step(q, (st, jnp.float32(beta)))
+    ref = _brute(q, k, v, st.lengths, jnp.float32(beta), slack=slack)
     o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     rel = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
     return {"out_rel_err": rel, "ok": bool(rel <= 1.5e-2 and np.isfinite(o).all())}
@@ -399,7 +404,7 @@ def markdown(meta, rows) -> str:
 def main(argv=None):
     ap = harness.parser(__doc__.split("\n")[0], "dipr_real_keys", smoke="CPU: tiny shapes, interpret mode, jnp dense "
                                                                         "only")
-    ap.add_argument("--pairs", nargs="+", default=["1:131072", "1:524288", "8:131072"], help="B:S cases")
+    ap.add_argument("--pairs", nargs="+", default=["1:32768", "1:131072", "1:524288", "8:131072"], help="B:S cases")
     ap.add_argument("--keys", nargs="+", default=["real-proxy", "synthetic"])
     ap.add_argument("--synthetic-pairs", nargs="+", default=["1:131072"], help="B:S cases of the synthetic keys")
     ap.add_argument("--betas64", type=float, nargs="+", default=[16.0, 24.0, 32.0],
@@ -411,7 +416,10 @@ def main(argv=None):
     ap.add_argument("--num-splits", type=int, default=None, help="splits per (batch, KV head); default: auto")
     ap.add_argument("--refine-programs", type=int, default=None, help="refine programs per (batch, KV head)")
     ap.add_argument("--dense", nargs="+", default=["cudnn", "xla"])
-    ap.add_argument("--no-variants", action="store_true")
+    ap.add_argument("--stage-pairs", nargs="*", default=["1:131072", "1:524288", "8:131072"],
+                    help="B:S cases that also time load-only and the scan's stages")
+    ap.add_argument("--variant-pairs", nargs="*", default=["1:131072", "1:524288"],
+                    help="B:S cases that also time the knob variants")
     ap.add_argument("--profile", action="store_true", help="trace one DIPR step of --profile-case")
     ap.add_argument("--profile-case", type=int, nargs=2, default=[1, 131072], metavar=("B", "S"))
     ap.add_argument("--hq", type=int, default=32)
@@ -421,7 +429,7 @@ def main(argv=None):
     if args.smoke:
         args.pairs, args.synthetic_pairs, args.layers, args.iters, args.dense = ["1:2048"], ["1:1024"], 2, 1, ["jnp"]
         args.betas64, args.betas, args.hq, args.hkv = [16.0, 24.0], [20.0], 8, 2
-        args.num_splits, args.refine_programs = 4, 4
+        args.num_splits, args.refine_programs, args.variant_pairs, args.stage_pairs = 4, 4, ["1:2048"], ["1:2048"]
         args.profile, args.profile_case = True, [1, 2048]
     os.makedirs(args.out, exist_ok=True)
     args.gpu = jax.default_backend() == "gpu"

@@ -125,6 +125,8 @@ class AttentionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: tuple[int, ...] = ()
+    # TODO(issue 18): re-fit from the rebuilt kernels' rows (bench/results/dipr_real_keys, decode_step_real)
+    # once they have run on the H200; 131072 is the crossover of the previous kernels.
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
     collect_stats: bool = False
