@@ -40,7 +40,7 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
     thr = m - row_vector(beta_ref, rows, g, 0.0)
     q = query_tile(q_ref, rows, g)  # [Gr, D] score dtype
     qsl = jnp.float32(rounding_slack) * jnp.sum(jnp.abs(q.astype(jnp.float32)), axis=1)
-    _, total, p, mine = chunk_slots(cnt_ref, chunk, programs)
+    total, p, mine = chunk_slots(cnt_ref, chunk, programs)
     lanes = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
 

@@ -23,25 +23,49 @@ from pallas_kernels.code_scan.kernel_triton import dot_rows, gather_rows, query_
 from pallas_kernels.common import compiler_params, next_pow2
 
 
+SEARCH_BLOCK = 32  # splits compared with a chunk's slots at a time (bounds the live [R, block] tensors)
+
+
 def chunk_slots(cnt_ref, chunk: int, programs: int):
-    """(prefix i32 [NSp], total, first chunk, number of chunks) of this program: the splits' counts
-    (a [NS] block, read padded to a power of two) as one list of ``total`` slots."""
+    """(total, first chunk, number of chunks) of this program: the splits' counts (a [NS] block, read
+    padded to a power of two) as one list of ``total`` slots, dealt in chunks round-robin."""
     ns = cnt_ref.shape[0]
     j = jax.lax.broadcasted_iota(jnp.int32, (next_pow2(ns),), 0)
-    counts = plgpu.load(cnt_ref.at[jnp.minimum(j, ns - 1)], mask=j < ns, other=0)
-    prefix = jnp.cumsum(counts) - counts
-    total = jnp.sum(counts)
+    total = jnp.sum(plgpu.load(cnt_ref.at[jnp.minimum(j, ns - 1)], mask=j < ns, other=0))
     p = pl.program_id(2)
     nch = (total + chunk - 1) // chunk
     mine = jnp.where(nch > p, (nch - p + programs - 1) // programs, 0)
-    return prefix, total, p, mine
+    return total, p, mine
+
+
+def slot_split(cnt_ref, slots):
+    """(split, offset in its list) i32 [R] of each slot of the concatenated lists: split = the last j
+    whose prefix_j = Σ_{i<j} count_i is <= slot (empty splits share the prefix of the next one, so the last
+    such j is the non-empty split holding the slot); the splits are compared a block at a time."""
+    ns = cnt_ref.shape[0]
+    sb = min(SEARCH_BLOCK, next_pow2(ns))
+    j = jax.lax.broadcasted_iota(jnp.int32, (sb,), 0)
+
+    def block(i, carry):
+        before, part, base = carry  # slots of the splits before this block; running split and its prefix
+        jj = i * sb + j
+        counts = plgpu.load(cnt_ref.at[jnp.minimum(jj, ns - 1)], mask=jj < ns, other=0)
+        prefix = before + jnp.cumsum(counts) - counts
+        le = (prefix[None, :] <= slots[:, None]) & (jj < ns)[None, :]  # [R, block]
+        part = part + jnp.sum(le.astype(jnp.int32), axis=1)
+        base = jnp.maximum(base, jnp.max(jnp.where(le, prefix[None, :], 0), axis=1))
+        return before + jnp.sum(counts), part, base
+
+    zero = jnp.zeros(slots.shape, jnp.int32)
+    _, part, base = jax.lax.fori_loop(0, -(-ns // sb), block, (jnp.int32(0), zero - 1, zero))
+    return jnp.clip(part, 0, ns - 1), slots - base
 
 
 def _score_kernel(cnt_ref, lists_ref, q_ref, k_ref, idx_ref, s_ref, kinf_ref, mx_ref, *, g: int, rows: int,
                   chunk: int, programs: int):
-    ns, lsize = lists_ref.shape
+    lsize = lists_ref.shape[1]
     gi = s_ref.shape[1]
-    prefix, total, p, mine = chunk_slots(cnt_ref, chunk, programs)
+    total, p, mine = chunk_slots(cnt_ref, chunk, programs)
     qt = query_tile(q_ref, rows, g).T  # [D, Gr]
     lanes = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
     cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
@@ -49,10 +73,8 @@ def _score_kernel(cnt_ref, lists_ref, q_ref, k_ref, idx_ref, s_ref, kinf_ref, mx
     def body(k, mx):
         slots = (p + k * programs) * chunk + lanes
         valid = slots < total
-        le = prefix[None, :] <= slots[:, None]  # [R, NSp]: splits starting at or before the slot
-        part = jnp.sum(le.astype(jnp.int32), axis=1) - 1
-        off = slots - jnp.max(jnp.where(le, prefix[None, :], 0), axis=1)
-        idx = plgpu.load(lists_ref.at[jnp.clip(part, 0, ns - 1), jnp.clip(off, 0, lsize - 1)], mask=valid, other=0)
+        part, off = slot_split(cnt_ref, slots)
+        idx = plgpu.load(lists_ref.at[part, jnp.clip(off, 0, lsize - 1)], mask=valid, other=0)
         idx = jnp.where(valid, idx, 0)
         kk = gather_rows(k_ref, idx, mask=valid)  # [R, D], 0 where not listed
         s = dot_rows(kk, qt)  # [R, Gr] f32

@@ -27,8 +27,8 @@ def _case(kind, g, d, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _scan(sink, window):
-    return jax.jit(functools.partial(code_scan, sink=sink, window=window, num_splits=NS))
+def _scan(sink, window, ns=NS):
+    return jax.jit(functools.partial(code_scan, sink=sink, window=window, num_splits=ns))
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,6 +122,22 @@ def test_pallas_matches_reference_with_every_candidate_and_on_empty_heads():
                                         c["lengths"], beta)
         assert np.all(np.asarray(out.astype(jnp.float32)) == 0) and np.all(np.asarray(m) == -np.inf)
         assert np.all(np.asarray(n) == 0)
+
+
+def test_many_splits_most_of_them_empty():
+    """More splits than tiles (most lists empty) and more than one block of the score pass's split search:
+    the concatenated lists are read slot by slot exactly as the reference reads them."""
+    c = _case("gauss", 4, 64, jnp.float32)
+    beta = jnp.asarray(case_betas("gauss", *c["q"].shape[:2]))
+    lists = _scan(SINK, WINDOW, 40)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"],
+                                     beta)
+    assert int((np.asarray(lists[1]) == 0).sum()) > 40
+    args = (c["q"], c["keys"], c["values"], *lists, c["lengths"], beta)
+    r = [np.asarray(x) for x in _refine("reference", SINK, WINDOW)(*args)]
+    p = [np.asarray(x) for x in _refine("pallas", SINK, WINDOW, 2, 16)(*args)]
+    assert _rel(p[0], r[0]) <= OUT_TOL[jnp.float32]
+    np.testing.assert_allclose(p[1], r[1], rtol=1e-6)
+    np.testing.assert_array_equal(p[2], r[2])
 
 
 def test_bad_inputs_raise():
