@@ -55,8 +55,8 @@ def refine_attention(
     Args:
       q: [B, Hq, D]; keys, values: [B, Hkv, S, D] (garbage/NaN past each length).
       cand_idx: i32 [B, Hkv, NS, L], cand_count: i32 [B, Hkv, NS] (``code_scan``'s lists: the first
-        count slots of each split, distinct, valid, searched positions); m_sw: f32 [B, Hq], the scan's
-        max over the forced positions.
+        count slots of each split, distinct, valid, searched positions; a slot set to -1 is skipped: a
+        filter's way to drop a candidate); m_sw: f32 [B, Hq], the scan's max over the forced positions.
       lengths: [B] int32; beta: f32 [B, Hq] (or broadcastable), >= 0, may be +inf.
       A candidate is attended when s + rounding_slack·‖q‖₁·‖k‖∞ >= M − β (None: 2·D·2^-24), with
       M = max(m_sw, the candidates' exact scores); the forced positions are always attended.

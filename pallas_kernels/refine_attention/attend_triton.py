@@ -57,7 +57,8 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
             slots = (p + k * programs) * chunk + lanes
             valid = slots < total
             at = jnp.minimum(slots, sl - 1)
-            idx = plgpu.load(idx_ref.at[at], mask=valid, other=0)
+            idx = plgpu.load(idx_ref.at[at], mask=valid, other=-1)
+            valid = valid & (idx >= 0)  # -1: dropped by a filter
             kinf = plgpu.load(kinf_ref.at[at], mask=valid, other=0.0)
             s = plgpu.load(s_ref.at[at[:, None], jnp.minimum(cols, gi - 1)], mask=valid[:, None] & (cols < gi),
                            other=0.0)  # [R, Gr]

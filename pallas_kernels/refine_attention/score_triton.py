@@ -6,7 +6,8 @@ cut into chunks of R slots dealt round-robin to the P programs: program p takes 
 so a split crowded with candidates (the most recent one usually is) does not serialise the pass. Per
 chunk it gathers the R candidates' exact keys (each key is read once in the whole refine), scores them
 for the group's rows with one MMA ([R, D] x [D, Gr], 16-bit products, f32 sums: the refine's exact-score
-arithmetic) and stores, by slot, the position, the G scores and ‖k‖∞, for the attend pass; the running
+arithmetic) and stores, by slot, the position (-1 for a candidate a filter dropped: not scored), the G scores and ‖k‖∞,
+for the attend pass; the running
 max is kept elementwise ([R, Gr]) and reduced once after the loop.
 """
 
@@ -74,14 +75,14 @@ def _score_kernel(cnt_ref, lists_ref, q_ref, k_ref, idx_ref, s_ref, kinf_ref, mx
         slots = (p + k * programs) * chunk + lanes
         valid = slots < total
         part, off = slot_split(cnt_ref, slots)
-        idx = plgpu.load(lists_ref.at[part, jnp.clip(off, 0, lsize - 1)], mask=valid, other=0)
-        idx = jnp.where(valid, idx, 0)
-        kk = gather_rows(k_ref, idx, mask=valid)  # [R, D], 0 where not listed
+        idx = plgpu.load(lists_ref.at[part, jnp.clip(off, 0, lsize - 1)], mask=valid, other=-1)
+        listed = valid & (idx >= 0)  # -1: a candidate dropped by a filter (never scored)
+        kk = gather_rows(k_ref, jnp.where(listed, idx, 0), mask=listed)  # [R, D], 0 where not listed
         s = dot_rows(kk, qt)  # [R, Gr] f32
         plgpu.store(idx_ref.at[slots], idx, mask=valid)  # (masked stores: indices never clamped)
         plgpu.store(kinf_ref.at[slots], jnp.max(jnp.abs(kk.astype(jnp.float32)), axis=1), mask=valid)
         plgpu.store(s_ref.at[slots[:, None], cols], s, mask=valid[:, None] & (cols < gi))
-        return jnp.maximum(mx, jnp.where(valid[:, None], s, -jnp.inf))
+        return jnp.maximum(mx, jnp.where(listed[:, None], s, -jnp.inf))
 
     mx = jax.lax.fori_loop(0, mine, body, jnp.full((chunk, rows), -jnp.inf, jnp.float32))
     mx_ref[...] = jnp.max(mx, axis=0)

@@ -18,6 +18,12 @@ no host sync:
    window always attended, V read only for the keys attended.
 
 β may be a number or an array broadcastable to ``[B, Hq]`` (a β per query head).
+
+A filter (``key_mask`` [B, S]) restricts the query to part of the store: DIPR over the valid keys
+in the filter or among the sink and window positions. The scan still reads every code; the
+candidates outside the filter are then dropped from the lists (slot −1, which both refine backends
+skip), so no such key is ever scored exactly, in range or attended; ``M_sw`` (sink and window,
+inside the filter by definition) stays a lower bound of the filtered max.
 """
 
 from __future__ import annotations
@@ -94,6 +100,14 @@ def _found_mask(q, keys, lengths, cand_idx, cand_count, beta, *, sink: int, wind
     return listed | (forced[:, None, :] & (sc_f >= m))
 
 
+def _drop_outside(cand_idx: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """cand_idx [B,Hkv,NS,C] with every candidate outside ``key_mask`` [B,S] set to −1 (not listed)."""
+    b, hkv, ns, cap = cand_idx.shape
+    idx = jnp.clip(cand_idx, 0, key_mask.shape[1] - 1).reshape(b, hkv * ns * cap)
+    inside = jnp.take_along_axis(key_mask, idx, axis=1).reshape(cand_idx.shape)
+    return jnp.where(inside, cand_idx, -1)
+
+
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, rounding_slack: Optional[float] = None,
                implementation: str = "reference", interpret: Optional[bool] = None):
@@ -122,6 +136,7 @@ def dipr_store_attention(
     num_splits: Optional[int] = None,
     refine_programs: Optional[int] = None,
     rounding_slack: Optional[float] = None,
+    key_mask: Optional[jax.Array] = None,
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store by filter–refine.
 
@@ -139,6 +154,8 @@ def dipr_store_attention(
       rounding_slack: the refine's compare is ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥ M − β`` (None:
         2·D·2^-24), so that a threshold taken from one computation never drops a key that
         another computation of the same score rounds just below it.
+      key_mask: bool [B, S=capacity] or None: a filter (see the module docstring); the result is
+        ``brute_force.dipr_attention(..., key_mask=key_mask)``.
 
     Returns:
       ``(out [B, Hq, D] in q's dtype, stats: DiprStats, mask or None)``.
@@ -148,7 +165,7 @@ def dipr_store_attention(
     b, hq, d = q.shape
     if (b, d) != (store.batch, store.head_dim):
         raise ValueError(f"q [B,Hq,D]={tuple(q.shape)} does not match the store (B={store.batch}, D={store.head_dim})")
-    hkv = store.num_kv_heads
+    hkv, s = store.num_kv_heads, store.capacity
     group_size(hq, hkv)
     check_beta(beta)
     beta = _beta_heads(beta, b, hq)
@@ -157,6 +174,11 @@ def dipr_store_attention(
     keys = store.dense_keys()
     cand_idx, cand_count, m_sw = scan_codes(q, store, beta, sink=sink, window=window, num_splits=num_splits,
                                             rounding_slack=slack, **kw)
+    if key_mask is not None:
+        key_mask = jnp.asarray(key_mask, bool)
+        if key_mask.shape != (b, s):
+            raise ValueError(f"key_mask must be bool [B, S]={(b, s)}, got {tuple(key_mask.shape)}")
+        cand_idx = _drop_outside(cand_idx, key_mask)
     out, m, _ = refine_attention(q, keys, store.dense_values(), cand_idx, cand_count, m_sw, store.lengths, beta,
                                  sink=sink, window=window, rounding_slack=slack, programs=refine_programs, **kw)
     mask = None
@@ -164,6 +186,10 @@ def dipr_store_attention(
     if with_mask:
         mask = _found_mask(q, keys, store.lengths, cand_idx, cand_count, beta, sink=sink, window=window)
         keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-    stats = DiprStats(candidates=jnp.sum(cand_count, axis=-1, dtype=jnp.int32), keys_in_range=keys_in_range,
-                      max_score=m)
+    if key_mask is None:
+        listed = jnp.sum(cand_count, axis=-1, dtype=jnp.int32)
+    else:  # the candidates kept in the filter
+        slot = jnp.arange(cand_idx.shape[-1])
+        listed = jnp.sum((slot < cand_count[..., None]) & (cand_idx >= 0), axis=(-2, -1), dtype=jnp.int32)
+    stats = DiprStats(candidates=listed, keys_in_range=keys_in_range, max_score=m)
     return out, stats, mask
