@@ -35,6 +35,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -272,7 +273,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
     if args.profile and kind == "real-proxy" and (b, s) == tuple(args.profile_case):
         lays = [(st, jnp.float32(mid)) for st in stores]
         attempt("profile", lambda: emit({"row": "profile", "beta": mid,
-                                         **profile_step(step_fn(ns, programs), qs, lays, args.out)}))
+                                         **profile_step(step_fn(ns, programs), qs, lays)}))
     return rows
 
 
@@ -299,11 +300,12 @@ def check_layer(q, st, kv, beta, step, slack):
     return {"out_rel_err": rel, "ok": bool(rel <= 1.5e-2 and np.isfinite(o).all())}
 
 
-def profile_step(step, qs, lays, out_dir):
-    """Device kernels of the chained DIPR step (3 traced calls): per layer, each kernel's count and µs."""
+def profile_step(step, qs, lays):
+    """Device kernels of the chained DIPR step (3 traced calls): per layer, each kernel's count and µs (the
+    trace itself goes to a temporary directory, removed after)."""
     f = harness.layered(step)
     jax.block_until_ready(f(qs, lays))
-    d = tempfile.mkdtemp(dir=out_dir if os.path.isdir(out_dir) else None)
+    d = tempfile.mkdtemp(prefix="dipr-profile-")
     calls = 3
     with jax.profiler.trace(d, create_perfetto_trace=True):
         for _ in range(calls):
@@ -327,9 +329,7 @@ def profile_step(step, qs, lays, out_dir):
         k = kern.setdefault(e["name"][:80], [0, 0.0])
         k[0] += 1
         k[1] += float(e["dur"])
-    for p in glob.glob(os.path.join(d, "**", "*"), recursive=True)[::-1]:  # keep $OUT small: the trace goes
-        (os.remove(p) if os.path.isfile(p) else os.rmdir(p))
-    os.rmdir(d)
+    shutil.rmtree(d, ignore_errors=True)
     top = sorted(({"kernel": n, "per_layer": c / per, "us_per_layer": t / per} for n, (c, t) in kern.items()),
                  key=lambda r: -r["us_per_layer"])
     return {"kernels_per_layer": len(dev) / per, "device_us_per_layer": sum(x["us_per_layer"] for x in top),
