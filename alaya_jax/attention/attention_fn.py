@@ -55,7 +55,8 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
     """The model's attention function for one forward call.
 
     ``num_new`` [B]: how many of the T new rows of each sequence are real (ragged
-    prefill); default all T. ``beta`` / ``top_p``: traced overrides (see
+    prefill; 0 or 1 for a decode step of the device loop, whose finished rows append
+    nothing); default all T. ``beta`` / ``top_p``: traced overrides (see
     :func:`decode_attention`).
     """
     if cfg.method == "auto":
@@ -68,7 +69,9 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
             if t == 1 and cfg.collect_stats:
                 out, stats = decode_attention(q[:, 0], cache, cfg, dense=True)
                 return out[:, None], cache, stats
-            return DENSE_IMPLEMENTATIONS[cfg.kernel.prefill_attention](q, cache, positions), cache, {}
+            n = jnp.full((q.shape[0],), t, jnp.int32) if num_new is None else num_new
+            dense = DENSE_IMPLEMENTATIONS[cfg.kernel.prefill_attention]
+            return dense(q, cache, positions, k=k, v=v, num_new=n), cache, {}
         out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers, beta=beta, top_p=top_p)
         return out[:, None], cache, stats
 
