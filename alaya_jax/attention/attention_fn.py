@@ -75,6 +75,8 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
         out, stats = decode_attention(q[:, 0], cache, cfg, dense=layer in cfg.dense_layers, beta=beta, top_p=top_p)
         return out[:, None], cache, stats
 
+    # It depends on the layer only through dense_layers: the model traces one layer of each kind.
+    attention_fn.layer_class = lambda layer: layer in cfg.dense_layers
     return attention_fn
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from alaya_jax.runtime.sampling import draw
@@ -98,7 +99,7 @@ def stop_array(stop_ids, *, size: int = 8):
     that tokenizers with a few stop ids share one compilation)."""
     ids = sorted({int(s) for s in stop_ids})
     n = max(size, len(ids))
-    return jnp.asarray(ids + [-1] * (n - len(ids)), jnp.int32)
+    return jax.device_put(np.asarray(ids + [-1] * (n - len(ids)), np.int32))
 
 
 def chunk_sizes(first: int, largest: int):

@@ -60,10 +60,10 @@ class ScoreResult:
 
 @jax.jit
 def _select_rows(logits: list, ends: list) -> jax.Array:
-    """Row b of the chunk logits [B, 1, V] in which sequence b ended (``ends``: bool [B] each) → [B, V]."""
-    out = logits[0][:, 0]
+    """Row b of the chunk logits [B, V] in which sequence b ended (``ends``: bool [B] each) → [B, V]."""
+    out = logits[0]
     for lg, e in zip(logits[1:], ends[1:]):
-        out = jnp.where(e[:, None], lg[:, 0], out)
+        out = jnp.where(e[:, None], lg, out)
     return out
 
 
@@ -174,8 +174,8 @@ class Engine:
             self.trace_counts["forward"] += 1
             m = nnx.merge(graphdef, state)
             x, caches, aux = m.hidden(tokens, positions, caches, attention=make_attention_fn(cfg, num_new))
-            if last_only:  # only each sequence's last real row reaches the head: [B, 1, V], not [B, T, V]
-                x = jnp.take_along_axis(x, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)
+            if last_only:  # only each sequence's last real row reaches the head: [B, V], not [B, T, V]
+                x = jnp.take_along_axis(x, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
             return m.logits_from_hidden(x), caches, aux
 
         def model_step(state, cfg, beta, attn_top_p):
@@ -286,9 +286,8 @@ class Engine:
             for j in range(b):
                 toks[j, : n[j]] = prompts[j][i : i + n[j]]
             pos = (start + i)[:, None] + np.arange(chunk)[None, :]
-            logits, caches, _ = self._forward(self._state, jnp.asarray(toks), jnp.asarray(pos, jnp.int32),
-                                              caches, jnp.asarray(n, jnp.int32), cfg=self._prefill_cfg,
-                                              last_only=not score_next)
+            logits, caches, _ = self._forward(self._state, toks, pos.astype(np.int32), caches, n.astype(np.int32),
+                                              cfg=self._prefill_cfg, last_only=not score_next)
             ends = (n > 0) & (i + n == lens)
             if ends.any():
                 picks.append((logits, ends))
@@ -306,9 +305,9 @@ class Engine:
             order = [j for _, ends in picks for j in np.nonzero(ends)[0]]
             last = last[np.argsort(order)]
         elif len(picks) == 1:  # every row ended in the same chunk (always so for one sequence)
-            last = picks[0][0][:, 0]
+            last = picks[0][0]
         else:
-            last = _select_rows([lg for lg, _ in picks], [jnp.asarray(e) for _, e in picks])
+            last = _select_rows([lg for lg, _ in picks], [e for _, e in picks])
         nll = [np.concatenate(x).astype(np.float64) for x in kept] if score_next else None
         return caches, last, nll
 
@@ -437,6 +436,7 @@ class Engine:
 
         def take(rows: np.ndarray, st_done, st_stopped) -> np.ndarray:
             """Stream the tokens [B, n] of one chunk (−1: none); → the rows' done flags."""
+            rows, st_done, st_stopped = jax.device_get((rows, st_done, st_stopped))
             for j in range(b):
                 for tj in rows[j][rows[j] >= 0].tolist():
                     out[j].append(tj)
