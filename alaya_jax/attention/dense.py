@@ -63,6 +63,7 @@ def fused_causal_attention(q: jax.Array, store: KVStore, positions: jax.Array, *
     v = jnp.swapaxes(store.dense_values(), 1, 2).astype(q.dtype)
     s = k.shape[1]
     kpos = jnp.arange(s)
+    v = jnp.where((kpos[None, :] < store.lengths[:, None])[:, :, None, None], v, 0)  # NaN past a length: 0·NaN
     mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 

@@ -379,7 +379,7 @@ class Scheduler:
 
     def _store_context(self, job: StoreContextJob) -> None:
         if self.db is None:
-            raise ValueError("no context DB: start alaya serve with --db DIR")
+            raise ValueError("this server keeps no contexts (--memory-budget 0 and no --db DIR)")
         t0 = time.perf_counter()
         n = len(job.ids)
         sid = self.db.snapshot_id(job.ids)
