@@ -570,8 +570,9 @@ def step_timing(step, steps: int, *, per: int = 1) -> dict:
 
 def cudnn_check(attn: str, *, seed: int = 0) -> dict:
     """The dense backend the profile times (``attn``) against the reference (``causal_attention`` in f32
-    on the same bf16 values) in the same run, on Llama-3-8B's heads (32 query, 8 KV, D 128), bf16, a ragged batch (one row with no
-    prefix): a decode step and a prefill chunk, with zeros and with NaN past the lengths. → max |error|."""
+    on the same bf16 values) in the same run, on Llama-3-8B's heads (32 query, 8 KV, D 128), bf16, a ragged
+    batch (one row with no prefix): a decode step and a prefill chunk, with zeros and with NaN past the
+    lengths. → max |error| of each."""
     from alaya_jax.attention.dense import DENSE_IMPLEMENTATIONS, causal_attention
     from alaya_jax.store import kv_store
 
@@ -593,8 +594,7 @@ def cudnn_check(attn: str, *, seed: int = 0) -> dict:
             st = kv_store.append(st, k, v, jnp.asarray(n, jnp.int32))
             q = jnp.asarray(rng.normal(size=(3, t, hq, d)) * 2.0, jnp.bfloat16)
             pos = jnp.asarray(prior[:, None] + np.arange(t)[None, :], jnp.int32)
-            got = np.asarray(jax.jit(DENSE_IMPLEMENTATIONS[attn])(q, st, pos, k=k, v=v, num_new=jnp.asarray(n)),
-                             np.float32)
+            got = np.asarray(jax.jit(DENSE_IMPLEMENTATIONS[attn])(q, st, pos), np.float32)
             f32 = st.replace(keys=st.keys.astype(jnp.float32), values=st.values.astype(jnp.float32))
             want = np.asarray(causal_attention(q.astype(jnp.float32), f32, pos))  # the reference in f32
             err = max(float(np.max(np.abs(got[j, :n[j]] - want[j, :n[j]]))) for j in range(3))

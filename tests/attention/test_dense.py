@@ -1,6 +1,6 @@
 """Dense causal attention over a store (alaya_jax/attention/dense.py): the two-part prefill of the
-cuDNN path (the chunk over the prefix before it, the chunk causally over itself, merged by
-log-sum-exp) against the reference, on ragged rows (some with no prefix), GQA 2 and NaN-poisoned
+cuDNN path (the chunk over the prefix before it, the chunk causally over its own stored rows,
+merged by log-sum-exp) against the reference, on ragged rows (some with no prefix), GQA 2 and NaN-poisoned
 padding; cuDNN refusing loudly where it cannot run; and, on an NVIDIA GPU only, cuDNN itself
 against the reference for decode steps and prefill chunks."""
 
@@ -19,7 +19,7 @@ HQ, HKV, D, BK = 4, 2, 16, 8
 
 def chunk_case(prior, num_new, t, *, dtype=jnp.float32, capacity=64, seed=0, poison=True):
     """A store holding ``prior[b]`` old positions and then ``num_new[b]`` chunk rows (appended like the
-    attention function does), positions past the lengths NaN when ``poison``; → (q, store, positions, k, v, n)."""
+    attention function does), positions past the lengths NaN when ``poison``; → (q, store, positions, num_new)."""
     rng = np.random.default_rng(seed)
     b = len(prior)
     old = rng.normal(size=(b, capacity, HKV, D)).astype(np.float32)
@@ -35,7 +35,7 @@ def chunk_case(prior, num_new, t, *, dtype=jnp.float32, capacity=64, seed=0, poi
     store = kv_store.append(store, k, v, n)
     q = jnp.asarray(rng.normal(size=(b, t, HQ, D)) * 2.0, dtype)
     positions = jnp.asarray(prior)[:, None] + jnp.arange(t)[None, :]
-    return q, store, positions, k, v, n
+    return q, store, positions, n
 
 
 def valid_rows(out, num_new):
@@ -43,9 +43,11 @@ def valid_rows(out, num_new):
 
 
 def test_prefix_and_chunk_merge_to_causal_attention():
-    q, store, pos, k, v, n = chunk_case(prior=[0, 9, 30], num_new=[5, 7, 1], t=8)
-    prefix, chunk, prior = reference_parts(q, store, k=k, v=v, num_new=n)
-    got = merge_prefix_and_chunk(prefix, chunk, prior, n)
+    # row 2: its T rows run past the capacity (the last ones are padding)
+    q, store, pos, n = chunk_case(prior=[0, 9, 60], num_new=[5, 7, 3], t=8)
+    prefix, chunk, prior, num_new = reference_parts(q, store, pos)
+    np.testing.assert_array_equal(np.asarray(num_new), np.asarray(n))
+    got = merge_prefix_and_chunk(prefix, chunk, prior, num_new)
     want = causal_attention(q, store, pos)
     for g, w in zip(valid_rows(got, n), valid_rows(want, n)):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
@@ -53,13 +55,17 @@ def test_prefix_and_chunk_merge_to_causal_attention():
 
 
 def test_cudnn_refuses_loudly_where_it_cannot_run():
-    q, store, pos, k, v, n = chunk_case(prior=[3], num_new=[1], t=1)
+    q, store, pos, n = chunk_case(prior=[3], num_new=[1], t=1)
     if jax.default_backend() != "gpu":
         with pytest.raises(BackendUnavailableError, match="needs an NVIDIA GPU"):
-            DENSE_IMPLEMENTATIONS["cudnn"](q, store, pos, k=k, v=v, num_new=n)
-    else:  # float32 is not a cuDNN flash dtype
+            DENSE_IMPLEMENTATIONS["cudnn"](q, store, pos)
+    else:  # float32 is not a cuDNN flash dtype; a filter is not taken
         with pytest.raises(BackendUnavailableError, match="bfloat16 or float16"):
-            cudnn_attention(q, store, pos, k=k, v=v, num_new=n)
+            cudnn_attention(q, store, pos)
+        with pytest.raises(BackendUnavailableError, match="no filter"):
+            cudnn_attention(q.astype(jnp.bfloat16), store.replace(keys=store.keys.astype(jnp.bfloat16),
+                                                                  values=store.values.astype(jnp.bfloat16)),
+                            pos, key_mask=jnp.ones((1, store.capacity), bool))
 
 
 gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
@@ -70,9 +76,10 @@ gpu = pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an 
 @pytest.mark.parametrize("prior,num_new,t", [([0, 9, 300], [1, 1, 1], 1), ([0, 9, 300], [64, 17, 40], 64)],
                          ids=["decode", "prefill"])
 def test_cudnn_equals_the_reference(prior, num_new, t, poison):
-    q, store, pos, k, v, n = chunk_case(prior=prior, num_new=num_new, t=t, dtype=jnp.bfloat16, capacity=512,
+    q, store, pos, n = chunk_case(prior=prior, num_new=num_new, t=t, dtype=jnp.bfloat16, capacity=512,
                                         poison=poison)
-    got = jax.jit(cudnn_attention)(q, store, pos, k=k, v=v, num_new=n)
-    want = causal_attention(q, store, pos)
+    got = jax.jit(cudnn_attention)(q, store, pos)
+    f32 = store.replace(keys=store.keys.astype(jnp.float32), values=store.values.astype(jnp.float32))
+    want = causal_attention(q.astype(jnp.float32), f32, pos)  # the reference in f32 on the same bf16 values
     for g, w in zip(valid_rows(got, n), valid_rows(want, n)):
         np.testing.assert_allclose(g, w, rtol=3e-2, atol=3e-2)
