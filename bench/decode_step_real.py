@@ -9,9 +9,12 @@ own query, so that the layers stay chained). Everything else — embeddings, pro
 RoPE, the append of the new key/value and its code, MLPs, logits, sampling — is the model's
 own decode step, jitted once, caches donated.
 
-Variants: ``full`` (our jnp dense attention over the store), ``full-xla`` / ``full-cudnn``
-(``jax.nn.dot_product_attention``; the store's [B, Hkv, S, D] layout costs them a transpose
-per call — reported as measured), ``dipr`` (filter–refine, Pallas kernels) per β.
+Variants: ``full`` (our jnp dense attention over the store), ``full-xla``
+(``jax.nn.dot_product_attention``; the store's [B, Hkv, S, D] layout costs it a transpose per
+call — reported as measured), ``full-cudnn`` (cuDNN in the store's own layout with sequence
+lengths, alaya_jax/attention/dense.py), ``dipr`` (filter–refine, Pallas kernels) per β. Each row
+has the step's byte roofline beside it (weights + K/V at the context at the copy bandwidth
+measured in the run).
 
 Memory at 512K on an H200 (8B bf16 weights 16 GB + K/V 64 GiB + codes 8.5 GiB): each layer's store is built on
 the device in one jitted call from the real tokens' keys (a gather; no host array of the context, no eager
@@ -66,11 +69,16 @@ def _proxy_store(token_keys, token_index, key, *, capacity: int):
     return kv_store.from_dense(k, v, block_size=64, capacity=capacity)
 
 
-def proxy_stores(cfg, batch: int, context: int, capacity: int):
+def proxy_stores(cfg, batch: int, context: int, capacity: int, *, sources: int = 0):
     """Per layer a store of ``context`` real-proxy keys (bench/real_key_proxy.py, sources drawn
-    with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D]."""
+    with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D].
+    ``sources`` > 0: only that many distinct proxies, copied round-robin over the layers (faster to build)."""
     from bench import real_key_proxy
 
+    if 0 < sources < cfg.num_layers:
+        few, fq = proxy_stores(dataclasses.replace(cfg, num_layers=sources), batch, context, capacity)
+        stores = tuple(jax.tree.map(jnp.copy, few[i % sources]) for i in range(cfg.num_layers))
+        return stores, fq[jnp.arange(cfg.num_layers) % sources]
     stores, qs = [], []
     for layer in range(cfg.num_layers):
         p = real_key_proxy.build_proxy(context=context, batch=batch, num_kv_heads=cfg.num_kv_heads,
@@ -139,19 +147,27 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--betas64", type=float, nargs="+", default=[24.0], help="β at d=64, mapped to the model's D")
     ap.add_argument("--variants", nargs="+", default=["full", "full-xla", "full-cudnn", "dipr"])
+    ap.add_argument("--proxy-sources", type=int, default=0,
+                    help="distinct real-key proxies, cycled over the layers (0: one per layer)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.contexts, args.steps, args.variants = "smollm2-2l", [1024], 2, ["full", "dipr"]
     os.makedirs(args.out, exist_ok=True)
     impl = "pallas"
     meta = harness.run_meta(model=args.model, batch=args.batch)
+    # the byte roofline of a step: weights + K/V at the context read once, at the bandwidth of this run
+    meta["copy_GBps"] = harness.measure_copy_bandwidth(nbytes=(64 << 20) if args.smoke else (4 << 30)) / 1e9
     rows = []
     cfg, model = build_model(args.model, max(args.contexts))  # one model (and its weights) for every context
     for context in args.contexts:
         capacity = context + (args.steps + 2) * max(len(args.betas64), 1) + 16  # every timed step appends
         t0 = time.perf_counter()
-        stores, qs = proxy_stores(cfg, args.batch, context, capacity)
+        stores, qs = proxy_stores(cfg, args.batch, context, capacity, sources=args.proxy_sources)
         setup = time.perf_counter() - t0
+        c0 = stores[0]
+        nbytes = (sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+                  + len(stores) * 2 * c0.batch * c0.num_kv_heads * context * c0.head_dim * c0.dtype.itemsize)
+        roof = {"roofline_bytes": int(nbytes), "roofline_ms": 1e3 * nbytes / (meta["copy_GBps"] * 1e9)}
         for name in args.variants:
             if name == "dipr":
                 att = AttentionConfig(method="dipr", kernel=KernelConfig(implementation=impl))
@@ -162,7 +178,7 @@ def main(argv=None):
             try:
                 got, stores = run_variant(model, stores, qs, name, att, betas, args)
                 for r in got:
-                    rows.append({**meta, "context": context, "setup_s": setup, **r})
+                    rows.append({**meta, "context": context, "setup_s": setup, **roof, **r})
                     print(json.dumps(rows[-1]), flush=True)
             except Exception as e:
                 rows.append({**meta, "context": context, "variant": name,
@@ -182,19 +198,23 @@ def markdown(rows) -> str:
            f"{m['device']}, jax {m['jax']}, jaxlib {m.get('jaxlib')}, triton {m.get('triton')}, {m['date']}, "
            f"commit {m['commit']}, batch {m['batch']}. Step = one jitted decode call incl. the host sync "
            "on the sampled token (median of the timed steps).", "",
-           "| context | variant | β (D) | step ms | tok/s | × best full | candidates |",
-           "|---|---|---|---|---|---|---|"]
+           f"Roofline = weights + K/V at the context read once at the copy bandwidth measured in this run "
+           f"({m.get('copy_GBps', float('nan')):.0f} GB/s).", "",
+           "| context | variant | β (D) | step ms | roofline ms | × roofline | tok/s | × best full | candidates |",
+           "|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
         if "error" not in r and r["variant"].startswith("full"):
             best[r["context"]] = min(best.get(r["context"], 1e18), r["step_ms"])
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['context']} | {r['variant']} | failed: {r['error'][:120]} |||||")
+            out.append(f"| {r['context']} | {r['variant']} | failed: {r['error'][:120]} |||||||")
             continue
         b = best.get(r["context"])
+        roof = r.get("roofline_ms")
         out.append(f"| {r['context']} | {r['variant']} | {'' if r['beta'] is None else format(r['beta'], '.1f')} | "
-                   f"{r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                   f"{r['step_ms']:.2f} | {'' if roof is None else format(roof, '.2f')} | "
+                   f"{'' if roof is None else format(r['step_ms'] / roof, '.2f')} | {r['tokens_per_s']:.1f} | "
                    f"{'' if b is None else format(b / r['step_ms'], '.2f')} | "
                    f"{'' if 'candidate_fraction' not in r else format(r['candidate_fraction'], '.2%')} |")
     return "\n".join(out) + "\n"
