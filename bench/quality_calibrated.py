@@ -105,7 +105,7 @@ def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
     def record(family, name, r, t1, extra=None):
         row = {"text": text, "context": ctx, "family": family, "name": name,
                **{k: r[k] for k in ("tokens", "kl_to_full", "kl_to_full_max", "keys_fraction", "ppl", "ppl_full",
-                                    "ppl_increase", "top1_agreement", "attention_recall", "overflow_steps")},
+                                    "ppl_increase", "top1_agreement", "attention_recall")},
                "per_layer_keys": [x["keys_fraction"] for x in r["per_layer"]],
                "per_layer_recall": [x["attention_recall"] for x in r["per_layer"]],
                **({"calibration": r["calibration"], "dipr_beta_per_layer": r["dipr_beta_per_layer"]}

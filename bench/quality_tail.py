@@ -163,7 +163,7 @@ def evaluate(engine, tokens, text, ctx, phase, args, res, save, log):
             r = score_against(engine, with_bf16_means(ref) if variant == "estimate bf16 means" else ref, cfg)
         row = {"text": text, "context": ctx, "family": family, "name": name, "tail": cfg.tail, "variant": variant,
                **{k: r[k] for k in ("tokens", "kl_to_full", "kl_to_full_max", "keys_fraction", "ppl", "ppl_full",
-                                    "ppl_increase", "top1_agreement", "attention_recall", "overflow_steps")},
+                                    "ppl_increase", "top1_agreement", "attention_recall")},
                "per_layer_keys": [x["keys_fraction"] for x in r["per_layer"]],
                **({"calibration": r["calibration"]} if "calibration" in r else {}),
                "seconds": time.perf_counter() - t1}

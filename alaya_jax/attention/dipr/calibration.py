@@ -43,7 +43,6 @@ from alaya_jax.attention import tail as tail_mod
 from alaya_jax.attention.masked import group_size, masked_attention, raw_scores
 from alaya_jax.errors import ConfigError
 from alaya_jax.store.kv_store import KVStore
-from pallas_kernels.lse_merge import merge_attention
 
 # β candidates in raw q·k units (inf: every key). Dense at small β, where peaked heads live.
 BETA_GRID = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 36,
@@ -183,7 +182,7 @@ def tail_error_curve(q: jax.Array, store: KVStore, positions: jax.Array, row_ok:
         sel = vis & ((gap <= beta) | swf)
         o_sel, lse_sel = masked_attention(qf, k, v, sel, scores=sc)
         o_t, lse_t = tail_mod.tail_partial(qf, store, vis & ~sel, mode=mode, scores=sc, estimates=est)
-        o, _ = merge_attention(jnp.stack([o_sel, o_t]), jnp.stack([lse_sel, lse_t]))
+        o, _ = tail_mod.merge_by_lse(jnp.stack([o_sel, o_t]), jnp.stack([lse_sel, lse_t]))
         e = jnp.linalg.norm(o - full, axis=-1)  # [B, Hkv·T·G]
         return jnp.stack([e, e / jnp.where(norm > 0, norm, 1.0)])
 
@@ -307,6 +306,8 @@ def held_mass(curves: Curves, betas: np.ndarray) -> np.ndarray:
 # bench/results/quality_calibrated/quality_calibrated.md reports what each does to the KL.
 ALLOCATIONS = tuple(f"{g}-{k}" for g in ("head", "layer") for k in ("mass", "spread", "recall", "vdist", "tail",
                                                                         "tailrel"))
+#: The allocations that need a key budget (their gain is an output error, which has no "fraction of a total").
+BUDGET_ONLY_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a.split("-")[1] in ("tail", "tailrel"))
 DEFAULT_ALLOCATION = "head-recall"
 
 
@@ -337,7 +338,7 @@ def choose_betas(curves: Curves, *, mass: Optional[float] = None, keys: Optional
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
     granularity, kind = allocation.split("-")
-    if kind in ("tail", "tailrel") and mass is not None:
+    if allocation in BUDGET_ONLY_ALLOCATIONS and mass is not None:
         raise ConfigError("the tail-aware allocation chooses βs for a key budget (dipr_keys), not a mass target")
     gain = gain_curves(curves, kind)
     if granularity == "layer":
