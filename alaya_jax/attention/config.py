@@ -153,10 +153,10 @@ class AttentionConfig:
             raise TypeError("kernel must be a KernelConfig and calibration a CalibrationConfig")
         if self.tail not in tail.TAIL_MODES + tail.STUDY_MODES:
             raise ConfigError(f"unknown tail {self.tail!r}; choose one of {', '.join(tail.TAIL_MODES)}")
-        if self.tail != "none" and self.method in ("dipr", "auto") and self.kernel.implementation != "reference":
-            raise ConfigError(f"the estimated tail (tail={self.tail!r}) runs with DIPR implementation 'reference' "
-                              f"only so far, not {self.kernel.implementation!r}: use tail 'none' (--tail none) "
-                              "for exact sparse attention with the kernels")
+        if (self.tail not in tail.TAIL_MODES and self.method in ("dipr", "auto")
+                and self.kernel.implementation != "reference"):
+            raise ConfigError(f"the study tail {self.tail!r} runs with DIPR implementation 'reference' only, not "
+                              f"{self.kernel.implementation!r}: the kernels take tail 'estimate' or 'none'")
         if self.calibrated and self.method not in ("dipr", "auto"):
             raise ConfigError(f"dipr_mass / dipr_keys calibrate DIPR; they cannot be used with method "
                               f"{self.method!r} (use method 'dipr')")

@@ -97,21 +97,24 @@ def _masked(select, *, with_tail: bool = True):
 
 
 def _dipr(q, store, cfg, *, beta, with_mask, key_mask):
-    if cfg.tail != "none":
+    kernel_tail = cfg.tail == "estimate" and cfg.kernel.implementation == "pallas" and key_mask is None
+    if cfg.tail != "none" and not kernel_tail:
         return _dipr_with_tail(q, store, cfg, beta=beta, key_mask=key_mask)
     out, st, dmask = dipr_store_attention(
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
-        key_mask=key_mask,
+        key_mask=key_mask, tail=cfg.tail,
     )
     stats = {"candidates": st.candidates}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
 
 
 def _dipr_with_tail(q, store, cfg, *, beta, key_mask):
-    """The jnp reference of DIPR with the estimated tail: the DIPR set from the exact scores (brute force:
-    the set filter–refine finds) ∪ sink ∪ window attended exactly, plus the tail over every other visible
-    key (the kernels' fused tail sums are issue 21's kernel part)."""
+    """The jnp reference of DIPR with the estimated tail (implementation "reference", the study modes, a
+    filter): the DIPR set from the exact scores (brute force: the set filter–refine finds) ∪ sink ∪ window
+    attended exactly, plus the tail over every other visible key, ŝ from ``tail.code_estimates`` (the
+    Pallas path's ŝ is the scan's int8-plane estimate of the same code: they differ by the query split,
+    ≤ 2^-14 relative, and its DIPR set by the refine's rounding slack)."""
     scores = raw_scores(q, store.dense_keys())
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), q.shape[:2])
     visible = visible_keys(store, cfg, key_mask)

@@ -86,6 +86,28 @@ def test_a_selection_of_every_key_is_full_attention(method, kw):
         np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-5, atol=1e-6, err_msg=mode)
 
 
+@pytest.mark.parametrize("beta", [1.0, 3.0, float("inf")])
+def test_the_kernels_tail_is_the_reference_tail(beta):
+    """DIPR + tail through filter-refine in Pallas (interpret: the scan's sums, the refine's rejected
+    candidates, the merge) against the jnp reference (brute-force DIPR set, estimates of the decoded code):
+    the same definition up to the scan's int8 query planes (ŝ within ~2^-14 relative) and the refine's
+    rounding slack; with a filter the kernels refuse the tail loudly."""
+    st, q = make()
+    pallas = KernelConfig(implementation="pallas")
+    ref, _ = decode_attention(q, st, cfg("dipr", "estimate", beta=beta))
+    ker, _ = decode_attention(q, st, cfg("dipr", "estimate", beta=beta, kernel=pallas))
+    plain, _ = decode_attention(q, st, cfg("dipr", "none", beta=beta, kernel=pallas))
+    ref, ker, plain = (np.asarray(x, np.float64) for x in (ref, ker, plain))
+    err = np.linalg.norm(ker - ref) / np.linalg.norm(ref)
+    assert err <= 3e-4, err
+    if np.isfinite(beta):  # ... far below what the tail changes
+        assert np.linalg.norm(ker - plain) / np.linalg.norm(ref) > 30 * max(err, 1e-5)
+    from alaya_jax.attention.dipr.filter_refine import dipr_store_attention
+    with pytest.raises(ValueError, match="key_mask"):
+        dipr_store_attention(q, st, beta=beta, tail="estimate", implementation="pallas",
+                             key_mask=kv_store.positions_valid(st))
+
+
 def test_exact_scores_over_flat_blocks_is_full_attention():
     """With one value per block the block means are exact, so the exact-score tail is full attention for
     any selection, and the estimated tail weighs the rest's own values exactly as vweighted does."""
@@ -105,8 +127,9 @@ def test_config_and_cli_name_the_modes():
     with pytest.raises(ConfigError, match="unknown tail 'bogus'"):
         AttentionConfig(tail="bogus")
     pallas = KernelConfig(implementation="pallas")
-    with pytest.raises(ConfigError, match="--tail none"):
-        AttentionConfig(method="dipr", tail="estimate", kernel=pallas)
+    with pytest.raises(ConfigError, match="study tail 'exact-scores'"):
+        AttentionConfig(method="dipr", tail="exact-scores", kernel=pallas)
+    AttentionConfig(method="dipr", tail="estimate", kernel=pallas)
     AttentionConfig(method="dipr", tail="none", kernel=pallas)
     AttentionConfig(method="topk", tail="estimate", kernel=pallas)  # the masked baselines are jnp
     for cmd in ("eval", "generate", "serve"):
