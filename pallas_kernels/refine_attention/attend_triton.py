@@ -84,15 +84,15 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
             wt = jnp.where(rej, jnp.exp((e - m_safe[None, :]) * sm_scale), 0.0)
             some = jnp.max(rej.astype(jnp.int32), axis=1) > 0
             vb = gather_rows(vm_ref, jnp.where(some, pos // block_size, 0), mask=some)  # [R, D] block means
-            return out + (carry[3] + dot_tn(vb, wt), carry[4] + wt)
+            vb = vb.astype(v_ref.dtype)  # in the values' dtype, like the exact part's MMA
+            return out + (carry[3] + dot_tn(vb, wt), carry[4] + jnp.sum(wt, axis=0))
 
         init = (jnp.zeros((d, rows), jnp.float32), jnp.zeros((chunk, rows), jnp.float32),
                 jnp.zeros((chunk, rows), jnp.int32))
         if tail:
-            init += (jnp.zeros((d, rows), jnp.float32), jnp.zeros((chunk, rows), jnp.float32))
+            init += (jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32))
         res = jax.lax.fori_loop(0, mine, body, init)
-        out = (res[0], jnp.sum(res[1], axis=0), jnp.sum(res[2], axis=0))
-        return out + ((res[3], jnp.sum(res[4], axis=0)) if tail else ())
+        return (res[0], jnp.sum(res[1], axis=0), jnp.sum(res[2], axis=0), *res[3:])
 
     res = jax.lax.cond(p == programs, forced, listed)
     ot, l, n = res[:3]

@@ -51,17 +51,19 @@ def attended_candidates(q, keys, cand_idx, cand_count, m_sw, beta, *, rounding_s
     return idx, listed, s_c, m, listed[:, :, None, :] & (s_c + tol >= thr)
 
 
-def rejected_tail_reference(est, value_means, idx, listed, att, m, *, block_size, sm_scale):
+def rejected_tail_reference(est, value_means, idx, listed, att, m, *, block_size, sm_scale, value_dtype=jnp.float32):
     """The tail over the candidates the refine rejects (listed, not attended), weighed by the scan's
     estimates est f32 [B, Hkv, S, G' >= G] like every other key of the rest: (o f32 [B, Hkv, G, D] =
-    Σ w·V̄_block, l f32 [B, Hkv, G] = Σ w), w = exp((ŝ − M)·sm_scale) (0 where M = -inf: nothing listed)."""
+    Σ w·V̄_block, l f32 [B, Hkv, G] = Σ w), w = exp((ŝ − M)·sm_scale) (0 where M = -inf: nothing listed);
+    the block means rounded to ``value_dtype`` (the values' dtype, as the attend pass multiplies them)."""
     g = att.shape[2]
     e = jnp.take_along_axis(jnp.swapaxes(est[..., :g], 2, 3), jnp.broadcast_to(idx[:, :, None, :], att.shape),
                             axis=3)  # [B, Hkv, G, N]
     rej = listed[:, :, None, :] & ~att
     m_safe = jnp.where(m > -jnp.inf, m, 0.0)
     w = jnp.where(rej, jnp.exp((e - m_safe[..., None]) * jnp.float32(sm_scale)), 0.0)
-    vb = jnp.take_along_axis(value_means.astype(jnp.float32), (idx // block_size)[..., None], axis=2)  # [B,Hkv,N,D]
+    vb = jnp.take_along_axis(value_means.astype(value_dtype).astype(jnp.float32), (idx // block_size)[..., None],
+                             axis=2)  # [B, Hkv, N, D]
     vb = jnp.where(jnp.any(rej, axis=2)[..., None], vb, 0.0)
     return jnp.einsum("bhgn,bhnd->bhgd", w, vb, precision="highest"), jnp.sum(w, axis=-1)
 
@@ -102,7 +104,7 @@ def refine_attention_reference(q, keys, values, cand_idx, cand_count, m_sw, leng
     o = jnp.einsum("bhgn,bhnd->bhgd", p, v, precision="highest")
     if tail is not None:
         o_r, l_r = rejected_tail_reference(tail.est, value_means, idx, listed, att_c, m, block_size=block_size,
-                                           sm_scale=sm_scale)
+                                           sm_scale=sm_scale, value_dtype=values.dtype)
         o_s, l_s = scan_tail_at(tail, m_sw.astype(jnp.float32).reshape(b, hkv, g), m, g=g, sm_scale=sm_scale)
         o, l = o + o_r + o_s, l + l_r + l_s
     out = normalise(o, l)
