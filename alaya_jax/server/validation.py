@@ -132,9 +132,8 @@ class Str(Spec):
 
     @property
     def what(self):
-        if self.min_len and self.max_len:
-            return f"a non-empty string of at most {self.max_len} characters"
-        return "a non-empty string" if self.min_len else "a string"
+        what = "a non-empty string" if self.min_len else "a string"
+        return what if self.max_len is None else f"{what} of at most {self.max_len} characters"
 
     def json_type(self, v):
         return isinstance(v, str)
