@@ -11,7 +11,7 @@
 - ``db_for_model``: the context DB of a loaded model (model and tokenizer fingerprints).
 
 May import: ``pallas_kernels.key_codes``, ``checkpoints`` (snapshots), ``alaya_jax.errors``;
-never ``attention``, ``runtime``, ``server`` or ``cli``. Future homes: the functional store
-API (``new_store`` / ``append`` / ``attend``) and value placement in pinned host memory
-belong beside ``kv_store``.
+never ``attention``, ``runtime``, ``server`` or ``cli``. The public functional store API
+(``new_store`` / ``append`` / ``attend``) is ``alaya_jax.attention.store_api``, since attending
+needs the methods. Future home: value placement in pinned host memory belongs beside ``kv_store``.
 """

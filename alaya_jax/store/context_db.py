@@ -120,6 +120,16 @@ class _Entry:
         return None if self.error is None else str(self.error)
 
 
+def with_name(meta: SnapshotMeta, name: str) -> tuple[SnapshotMeta, str]:
+    """``meta`` with ``name`` added: ``(meta, "name")`` when it had no name, ``(meta with the
+    alias, "alias")`` when it had another one, ``(meta, "present")`` when it has it already."""
+    if name == meta.name or name in meta.aliases:
+        return meta, "present"
+    if meta.name is None:
+        return dataclasses.replace(meta, name=name), "name"
+    return dataclasses.replace(meta, aliases=tuple(meta.aliases) + (name,)), "alias"
+
+
 class ContextDB:
     """Snapshots of prefilled contexts for one model / tokenizer / dtype / block size.
 
@@ -151,6 +161,8 @@ class ContextDB:
     the age after which a temporary directory without its writer's lock file (left by an
     older alaya-jax) is removed too. A write the storage refuses raises
     ``alaya_jax.errors.StorageError`` naming the cause and this DB's path."""
+
+    persistent = True  # its snapshots are files (see memory_db.MemoryContextDB for one that is not)
 
     def __init__(
         self,
@@ -377,6 +389,13 @@ class ContextDB:
         base = self.sharding if self.sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return base.with_memory_kind("device")
 
+    def describe(self) -> dict:
+        """What ``alaya serve``'s ``/health`` says about this DB."""
+        st = self.memory_stats()
+        # no path: /health answers without an API key
+        return {"kind": "disk", "persistent": True, "memory_kind": st.memory_kind,
+                "used_bytes": st.used_bytes, "budget_bytes": st.budget_bytes}
+
     @property
     def memory_tier(self) -> Optional[MemoryTier]:
         """The memory tier (None when ``memory_budget_bytes`` is 0)."""
@@ -499,15 +518,7 @@ class ContextDB:
         the memory tier on, a copy of ``kv`` (trimmed to the valid blocks; ``kv`` itself
         stays the caller's) is kept resident either way. A write the storage refuses raises
         ``StorageError`` (nothing half-written is left)."""
-        tokens = [int(t) for t in tokens]
-        kv = tuple(kv)
-        check_caches(kv, len(tokens))
-        if kv:
-            got = dtype_name(kv[0].dtype)
-            if got != self.dtype:
-                raise SnapshotError(f"caches have dtype {got}, this DB holds {self.dtype}")
-            if kv[0].block_size != self.block_size:
-                raise SnapshotError(f"caches have block size {kv[0].block_size}, this DB uses {self.block_size}")
+        tokens, kv = self._check_import(tokens, kv)
         done = self.stored(tokens, name=name, kv=kv)
         if done is not None:
             return done
@@ -544,7 +555,7 @@ class ContextDB:
         (see ``StoreResult``); None when it is not stored. ``kv``: the caller's caches of
         ``tokens``, kept resident when the memory tier is on."""
         sid = self.snapshot_id(tokens)
-        if not os.path.isdir(self._snap_path(sid)):
+        if self.persistent and not os.path.isdir(self._snap_path(sid)):
             return None
         self.refresh()
         with self._lock:
@@ -572,20 +583,29 @@ class ContextDB:
             fd = os.open(p, os.O_RDONLY)  # flock on the snapshot's directory itself
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                meta = read_meta(p)
-                if name == meta.name or name in meta.aliases:
-                    return dataclasses.replace(meta, snapshot_id=sid), "present"
-                if meta.name is None:
-                    meta, applied = dataclasses.replace(meta, name=name), "name"
-                else:
-                    meta, applied = dataclasses.replace(meta, aliases=tuple(meta.aliases) + (name,)), "alias"
-                write_meta(p, meta)
+                meta, applied = with_name(read_meta(p), name)
+                if applied != "present":
+                    write_meta(p, meta)
             finally:
                 os.close(fd)
         except OSError as e:
             raise (storage_error(e, "cannot name the context in the context DB", self.path) or e) from None
         self.refresh()
         return dataclasses.replace(meta, snapshot_id=sid), applied
+
+    def _check_import(self, tokens: Sequence[int], kv: Sequence[KVStore]) -> tuple[list[int], tuple[KVStore, ...]]:
+        """``(tokens as ints, kv as a tuple)`` after checking that ``kv`` holds exactly ``tokens`` in
+        this DB's dtype and block size (``SnapshotError`` naming what differs)."""
+        tokens = [int(t) for t in tokens]
+        kv = tuple(kv)
+        check_caches(kv, len(tokens))
+        if kv:
+            got = dtype_name(kv[0].dtype)
+            if got != self.dtype:
+                raise SnapshotError(f"caches have dtype {got}, this DB holds {self.dtype}")
+            if kv[0].block_size != self.block_size:
+                raise SnapshotError(f"caches have block size {kv[0].block_size}, this DB uses {self.block_size}")
+        return tokens, kv
 
     def store(self, session: Session, *, name: Optional[str] = None) -> str:
         """Store a session's context (its ``caches`` must hold exactly ``tokens``);

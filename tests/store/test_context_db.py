@@ -326,6 +326,20 @@ def test_a_concurrent_save_of_the_same_context_is_already_stored_and_keeps_both_
     assert named.name == "late" and named.name_applied == "name" and named.aliases == ()
 
 
+def test_memory_db_saves_say_already_stored_and_keep_names():
+    from alaya_jax.store.memory_db import MemoryContextDB
+
+    db = MemoryContextDB(budget_bytes=1 << 20, **KW)
+    kv = dense_kv(48)
+    t = list(range(48))
+    first = db.save(t, stores(kv, 48), name="one")
+    assert not first.already_stored and first.name == "one"
+    again = db.save(t, stores(kv, 48), name="two")
+    assert again.already_stored and again.snapshot_id == first.snapshot_id and again.aliases == ("two",)
+    assert db.resolve("two") == first.snapshot_id and db.show("one").aliases == ("two",)
+    assert db.import_(t, stores(kv, 48)) == first.snapshot_id and db.cleaned == [] and db.leftovers() == []
+
+
 @pytest.mark.parametrize("code,cause", [(28, "no space left on device (ENOSPC)"),
                                         (27, "file too large (a file-size limit) (EFBIG)"),
                                         (30, "read-only file system (EROFS)"), (13, "permission denied (EACCES)")])
