@@ -108,6 +108,8 @@ def test_malformed_values_are_400_naming_the_field(srv):
         assert out["error"]["param"] == param, (raw[:120], out)
         assert out["error"]["type"] == "invalid_request_error"
         assert "/" not in out["error"]["message"], out  # no server paths
+    status, health = srv.http("GET", "/health")  # open without a key: no paths either
+    assert status == 200 and health["context_db"]["kind"] == "disk" and "/" not in json.dumps(health), health
 
 
 def test_unicode_and_control_characters_in_stop_strings_work(srv):
