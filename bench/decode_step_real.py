@@ -116,7 +116,7 @@ def run_variant(model, caches, qs, name, attention, betas, args):
     beside the first). Returns (rows, caches with their original lengths: the appended steps are
     past the lengths, so the next variant starts from the same context)."""
     f, state = make_step(model, attention)
-    lengths0 = caches[0].lengths
+    lengths0 = np.asarray(caches[0].lengths)  # a host copy: the caches' own arrays are donated to the first step
     token = jnp.zeros((qs.shape[1],), jnp.int32)
     rows = []
     for beta in betas:
@@ -136,7 +136,7 @@ def run_variant(model, caches, qs, name, attention, betas, args):
             ln = float(np.asarray(caches[0].lengths).mean())
             row["candidate_fraction"] = float(np.mean([np.asarray(x["candidates"]).mean() for x in a])) / ln
         rows.append(row)
-    return rows, tuple(c.replace(lengths=lengths0) for c in caches)
+    return rows, tuple(c.replace(lengths=jnp.asarray(lengths0)) for c in caches)
 
 
 def main(argv=None):
