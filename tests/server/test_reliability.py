@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 
+import hypothesis
 import pytest
 
 from tests.support.serve_process import Server
@@ -123,8 +124,7 @@ def test_unicode_and_control_characters_in_stop_strings_work(srv):
 
 # ---------------------------------------------------------------- property-based: malformed bodies per endpoint
 
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
+st = hypothesis.strategies  # hypothesis is a dev dependency (pyproject.toml)
 
 LEAVES = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
