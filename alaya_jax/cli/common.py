@@ -145,10 +145,25 @@ def context_limit_text(args, config) -> str:
     return f"the model's context of {n} tokens" if n == config.max_position_embeddings else f"--max-context {n}"
 
 
+def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-weights", default=None, metavar="PRESET",
+                   help="a random-weight model of a preset (tiny, smollm2, llama3-8b) with a byte tokenizer "
+                        "instead of --model: for tests and benchmarks")
+
+
 def load_model(args):
     """``(config, model, tokenizer)`` of ``--model`` (default SmolLM2), after printing the memory estimate
-    (weights + KV for ``--max-context`` or the model's context) and refusing a model that will not fit."""
+    (weights + KV for ``--max-context`` or the model's context) and refusing a model that will not fit;
+    of ``--random-weights PRESET`` where the subcommand has that option and it is given."""
     import jax.numpy as jnp  # noqa: F401  (import jax before models for a clear backend message)
+
+    if getattr(args, "random_weights", None):
+        if args.model:
+            raise UsageError("give either --model or --random-weights, not both")
+        from models.random_model import random_model
+
+        return random_model(args.random_weights, dtype=resolve_dtype(args.dtype),
+                            max_context=getattr(args, "max_context", None))
 
     from alaya_jax.cli.startup import weights_dir
     from alaya_jax.runtime.memory_estimate import check_fits, estimate_memory
