@@ -133,11 +133,25 @@ def scan_operands(q, st, beta):
             group_rows(bt, hkv), st.dense_keys(), codes, scales, errs)
 
 
-def bench_case(kind, b, s, args, bw, log, meta):
+def row_emitter(base, bw, rows, log):
+    """emit(row): the case's fields + row (+ TB/s and the share of the copy bandwidth ``bw`` B/s where it
+    has µs and bytes), appended to ``rows`` and logged; returns the row."""
+    def emit(row):
+        row = {**base, **row}
+        if "us" in row and row.get("bytes_per_layer"):
+            row["TBps"] = row["bytes_per_layer"] / (row["us"] * 1e-6) / 1e12
+            row["pct_copy"] = row["TBps"] / (bw / 1e12)
+        rows.append(row)
+        log(row)
+        return row
+    return emit
+
+
+def case_layers(kind, b, s, args):
+    """The case's layers, each with its own data, as many as fit ``--layer-budget-gb`` (<= ``--layers``):
+    (queries [B, Hq, D], stores, dense (k, v) in cuDNN's layout)."""
     hq, hkv, d = args.hq, args.hkv, args.head_dim
-    g = hq // hkv
     nl = max(1, min(args.layers, int(args.layer_budget_gb * 2**30 // (4.6 * b * s * hkv * d * 2))))
-    interp = not args.gpu
     qs, stores, dense = [], [], []
     for i in range(nl):
         if kind == "real-proxy":
@@ -147,6 +161,15 @@ def bench_case(kind, b, s, args, bw, log, meta):
         qs.append(q)
         stores.append(jax.block_until_ready(jax.jit(functools.partial(kv_store.from_dense, block_size=BK))(k, v)))
         dense.append((k, v))
+    return qs, stores, dense
+
+
+def bench_case(kind, b, s, args, bw, log, meta):
+    hq, hkv, d = args.hq, args.hkv, args.head_dim
+    g = hq // hkv
+    interp = not args.gpu
+    qs, stores, dense = case_layers(kind, b, s, args)
+    nl = len(qs)
     ns = args.num_splits or default_num_splits(b, hkv, s)
     programs = args.refine_programs or default_programs(b, hkv)
     slack = default_rounding_slack(d)
@@ -154,15 +177,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
             "refine_programs": programs, "tile": scan_tile(s)}
     code_bytes = b * hkv * s * CODE_BYTES
     rows = []
-
-    def emit(row):
-        row = {**base, **row}
-        if "us" in row and row.get("bytes_per_layer"):
-            row["TBps"] = row["bytes_per_layer"] / (row["us"] * 1e-6) / 1e12
-            row["pct_copy"] = row["TBps"] / (bw / 1e12)
-        rows.append(row)
-        log(row)
-        return row
+    emit = row_emitter(base, bw, rows, log)
 
     def attempt(what, fn):
         try:
@@ -293,14 +308,9 @@ def tail_case(b, s, args, bw, log):
 
     hq, hkv, d = args.hq, args.hkv, args.head_dim
     g = hq // hkv
-    nl = max(1, min(args.layers, int(args.layer_budget_gb * 2**30 // (4.6 * b * s * hkv * d * 2))))
     interp = not args.gpu
-    qs, stores, dense = [], [], []
-    for i in range(nl):
-        q, k, v = proxy_layer(i, b, s, hq=hq, hkv=hkv, d=d)
-        qs.append(q)
-        stores.append(jax.block_until_ready(jax.jit(functools.partial(kv_store.from_dense, block_size=BK))(k, v)))
-        dense.append((k, v))
+    qs, stores, dense = case_layers("real-proxy", b, s, args)
+    nl = len(qs)
     ns = args.num_splits or default_num_splits(b, hkv, s)
     programs = args.refine_programs or default_programs(b, hkv)
     base = {"keys": "real-proxy", "context": s, "batch": b, "layers_in_loop": nl, "num_splits": ns,
@@ -308,14 +318,7 @@ def tail_case(b, s, args, bw, log):
     code_bytes = b * hkv * s * CODE_BYTES
     means_bytes = b * hkv * (s // BK) * d * 4
     rows = []
-
-    def emit(row):
-        row = {**base, **row}
-        if "us" in row and row.get("bytes_per_layer"):
-            row["TBps"] = row["bytes_per_layer"] / (row["us"] * 1e-6) / 1e12
-            row["pct_copy"] = row["TBps"] / (bw / 1e12)
-        rows.append(row)
-        log(row)
+    emit = row_emitter(base, bw, rows, log)
 
     dense_all = {}
     for name, fn in harness.dense_fns().items():

@@ -263,21 +263,7 @@ def write_markdown(res, path):
                  f"{r['kl_to_full_max']:.3f} | {r['ppl']:.3f} | {r['ppl_full']:.3f} | {r['ppl_increase']:+.2%} | "
                  f"{r['top1_agreement']:.2f} | {r['attention_recall']:.3f} |")
     if res.get("needle"):
-        L += ["", "## Needle (raw completion)", "",
-              f"\"{q.NEEDLE}\" planted at a line boundary at the given depth of `pydoc_data.topics` filler; greedy, "
-              "8 new tokens; found = output contains 68142.", ""]
-        names = list(dict.fromkeys(r["method"] for r in res["needle"]))
-        L += ["| tokens | depth | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-        cells = {}
-        for r in res["needle"]:
-            cells.setdefault((r["tokens"], r["depth"]), {})[r["method"]] = r
-        for (n, d), cs in cells.items():
-            L.append(f"| {n} | {d:.0%} | " + " | ".join(
-                ("✓" if cs[k]["found"] else "✗ `" + cs[k]["output"].strip().replace("\n", " ").replace("|", "\\|")
-                 + "`") if k in cs else "" for k in names) + " |")
-        tot = [(sum(cells[c][k]["found"] for c in cells if k in cells[c]), sum(k in cells[c] for c in cells))
-               for k in names]
-        L.append("| **found** | | " + " | ".join(f"**{a}/{b}**" for a, b in tot) + " |")
+        L += qc.needle_table(res["needle"], "## Needle (raw completion)")
     harness.write_text(path, "\n".join(L) + "\n")
 
 
@@ -355,12 +341,9 @@ def main(argv=None):
     meta = harness.run_meta(steps=args.steps, sink=args.sink, window=args.window,
                             text_tokens={t: len(v) for t, v in texts.items()})
     res = {"meta": meta, "rows": [], "needle": []}
-    if args.resume and os.path.exists(json_path):
-        with open(json_path) as f:
-            old = json.load(f)
-        res["rows"], res["needle"] = old.get("rows", []), old.get("needle", [])
-        res["meta"]["text_tokens"] = {**old["meta"].get("text_tokens", {}), **meta["text_tokens"]}
-        res["meta"]["runs"] = old["meta"].get("runs", []) + [{k: old["meta"][k] for k in ("date", "commit")}]
+    old = qc.resume_into(res, json_path) if args.resume else None
+    if old is not None:
+        res["meta"]["runs"] = old.get("runs", []) + [{k: old[k] for k in ("date", "commit")}]
 
     def save():
         harness.write_json(json_path, res)
