@@ -86,8 +86,7 @@ def test_a_selection_of_every_key_is_full_attention(method, kw):
         np.testing.assert_allclose(np.asarray(out), np.asarray(full), rtol=1e-5, atol=1e-6, err_msg=mode)
 
 
-@pytest.mark.parametrize("beta", [1.0, 3.0, float("inf")])
-def test_the_kernels_tail_is_the_reference_tail(beta):
+def test_the_kernels_tail_is_the_reference_tail(beta=2.0):
     """DIPR + tail through filter-refine in Pallas (interpret: the scan's sums, the refine's rejected
     candidates, the merge) against the jnp reference (brute-force DIPR set, estimates of the decoded code):
     the same definition up to the scan's int8 query planes (ŝ within ~2^-14 relative) and the refine's
@@ -100,8 +99,8 @@ def test_the_kernels_tail_is_the_reference_tail(beta):
     ref, ker, plain = (np.asarray(x, np.float64) for x in (ref, ker, plain))
     err = np.linalg.norm(ker - ref) / np.linalg.norm(ref)
     assert err <= 3e-4, err
-    if np.isfinite(beta):  # ... far below what the tail changes
-        assert np.linalg.norm(ker - plain) / np.linalg.norm(ref) > 30 * max(err, 1e-5)
+    # ... far below what the tail changes
+    assert np.linalg.norm(ker - plain) / np.linalg.norm(ref) > 30 * max(err, 1e-5)
     from alaya_jax.attention.dipr.filter_refine import dipr_store_attention
     with pytest.raises(ValueError, match="key_mask"):
         dipr_store_attention(q, st, beta=beta, tail="estimate", implementation="pallas",

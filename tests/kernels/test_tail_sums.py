@@ -38,17 +38,25 @@ def _case(kind, g, d, dtype, lengths):
     return c
 
 
+@functools.lru_cache(maxsize=None)
+def _scan_fn(impl, tail):
+    return jax.jit(functools.partial(code_scan, sink=SINK, window=WINDOW, num_splits=NS, implementation=impl,
+                                     block_size=BK if tail else None))
+
+
+@functools.lru_cache(maxsize=None)
+def _refine_fn(impl, tail):
+    return jax.jit(functools.partial(refine_attention, sink=SINK, window=WINDOW, implementation=impl, programs=2,
+                                     chunk=16, block_size=BK if tail else None))
+
+
 def _scan(c, beta, impl, tail=True):
-    fn = jax.jit(functools.partial(code_scan, sink=SINK, window=WINDOW, num_splits=NS, implementation=impl,
-                                   block_size=BK if tail else None))
-    return fn(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"], beta,
+    return _scan_fn(impl, tail)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"], beta,
               value_means=c["value_means"] if tail else None)
 
 
 def _refine(c, beta, lists, impl, tail=None):
-    fn = jax.jit(functools.partial(refine_attention, sink=SINK, window=WINDOW, implementation=impl, programs=2,
-                                   chunk=16, block_size=BK if tail is not None else None))
-    return fn(c["q"], c["keys"], c["values"], *lists, c["lengths"], beta, tail=tail,
+    return _refine_fn(impl, tail is not None)(c["q"], c["keys"], c["values"], *lists, c["lengths"], beta, tail=tail,
               value_means=c["value_means"] if tail is not None else None)
 
 
@@ -128,7 +136,7 @@ def _rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-@pytest.mark.parametrize("kind,g,d,dtype,lengths", CASES)
+@pytest.mark.parametrize("kind,g,d,dtype,lengths", CASES[:1])  # (the bf16 G=3 refine: tests/attention/test_tail)
 def test_refine_merges_the_tail(kind, g, d, dtype, lengths):
     c = _case(kind, g, d, dtype, lengths)
     b, hq, _ = c["q"].shape
@@ -168,7 +176,7 @@ def test_an_empty_rest_is_exact_sparse_attention_and_every_key_is_full_attention
             z = k64[i, hh // g, :L] @ q64[i, hh] / math.sqrt(d)
             w = np.exp(z - z.max())
             full[i, hh] = (w[:, None] * v64[i, hh // g, :L]).sum(0) / w.sum()
-    for impl in ("reference", "pallas"):
+    for impl in ("pallas",):  # (the reference's β = inf: tests/attention/test_tail)
         cidx, counts, m_sw, tail = _scan(c, beta, impl)
         assert np.all(np.asarray(tail.l)[:, :, :, :g] == 0) and np.all(np.asarray(tail.o)[:, :, :, :g] == 0)
         out = np.asarray(_refine(c, beta, (cidx, counts, m_sw), impl, tail)[0])
