@@ -316,7 +316,7 @@ def tail_case(b, s, args, bw, log):
     base = {"keys": "real-proxy", "context": s, "batch": b, "layers_in_loop": nl, "num_splits": ns,
             "refine_programs": programs, "tile": scan_tile(s)}
     code_bytes = b * hkv * s * CODE_BYTES
-    means_bytes = b * hkv * (s // BK) * d * 4
+    means_bytes = b * hkv * (s // BK) * d * jnp.dtype(DT).itemsize
     rows = []
     emit = row_emitter(base, bw, rows, log)
 

@@ -52,9 +52,9 @@ DEFAULT_CODE_SEED = 0
 #: that padding a store and building it from zero-padded keys give the same bits.
 ZERO_CODE = (CODE_MAX + 1) * 0x11
 
-#: dtype of the block value means (``KVStore.value_means``): f32, 1/32 of the bytes of bf16 values
-#: at Bk = 64 (bf16 means against f32: bench/results/quality_tail/).
-VALUE_MEANS_DTYPE = jnp.float32
+# The block value means (``KVStore.value_means``) are held in the values' dtype (averaged in f32):
+# 1/64 of the values' bytes at Bk = 64, so that the code scan's tail reads 1/34 of a key code's
+# bytes more per key (bf16, D = 128), not twice that.
 
 # Fields with a block axis (axis 2), each with its fill value for blocks / positions that hold no
 # key (all but ``value_means`` also have a position inside the block, axis 3). Private: only this
@@ -72,7 +72,7 @@ class KVStore:
     codes: jax.Array  # [B, Hkv, NB, Bk, D/2] uint8
     code_scale: jax.Array  # [B, Hkv, NB, Bk] f16
     code_err: jax.Array  # [B, Hkv, NB, Bk] f16
-    value_means: jax.Array  # [B, Hkv, NB, D] VALUE_MEANS_DTYPE: mean of each block's valid values
+    value_means: jax.Array  # [B, Hkv, NB, D] values' dtype: mean of each block's valid values
     rot_signs: jax.Array  # [Hkv, D] f32
     lengths: jax.Array  # [B] int32
     dipr_beta: Optional[jax.Array] = None  # [B, Hq] f32: calibrated β per query head (None: not calibrated)
@@ -159,7 +159,7 @@ def empty(
         codes=jnp.full(shape + (head_dim // 2,), ZERO_CODE, jnp.uint8),
         code_scale=jnp.zeros(shape, jnp.float16),
         code_err=jnp.zeros(shape, jnp.float16),
-        value_means=jnp.zeros((batch, num_kv_heads, nb, head_dim), VALUE_MEANS_DTYPE),
+        value_means=jnp.zeros((batch, num_kv_heads, nb, head_dim), dtype),
         rot_signs=jnp.asarray(rotation_signs(num_kv_heads, head_dim, seed=code_seed)),
         lengths=jnp.zeros((batch,), jnp.int32),
     )
@@ -191,17 +191,17 @@ def _block_valid(lengths: jax.Array, first_blocks: jax.Array, num_blocks: int, b
 
 
 def _masked_block_means(values: jax.Array, valid: jax.Array) -> jax.Array:
-    """values [B, Hkv, n, Bk, D], valid bool [B, n, Bk] → [B, Hkv, n, D] VALUE_MEANS_DTYPE: the mean
-    of each block's valid values in f32 (0 where none is valid; invalid positions may hold NaN)."""
+    """values [B, Hkv, n, Bk, D], valid bool [B, n, Bk] → [B, Hkv, n, D] in the values' dtype: the mean
+    of each block's valid values, summed in f32 (0 where none is valid; invalid positions may hold NaN)."""
     ok = valid[:, None, :, :, None]
     total = jnp.sum(jnp.where(ok, values.astype(jnp.float32), 0.0), axis=3)
     count = jnp.sum(ok, axis=3, dtype=jnp.float32)
-    return (total / jnp.maximum(count, 1.0)).astype(VALUE_MEANS_DTYPE)
+    return (total / jnp.maximum(count, 1.0)).astype(values.dtype)
 
 
 def block_value_means(values: jax.Array, lengths: jax.Array) -> jax.Array:
     """The mean value of every block's valid positions: values [B, Hkv, NB, Bk, D], lengths [B] →
-    [B, Hkv, NB, D] VALUE_MEANS_DTYPE (0 for blocks without a valid position)."""
+    [B, Hkv, NB, D] in the values' dtype (0 for blocks without a valid position)."""
     _, _, nb, bk, _ = values.shape
     return _masked_block_means(values, _block_valid(lengths, 0, nb, bk))
 
@@ -497,6 +497,6 @@ def abstract_arrays(*, batch: int, num_kv_heads: int, num_blocks: int, block_siz
     return {"keys": sds(pos + (head_dim,), dtype), "values": sds(pos + (head_dim,), dtype),
             "codes": sds(pos + (head_dim // 2,), jnp.uint8), "code_scale": sds(pos, jnp.float16),
             "code_err": sds(pos, jnp.float16),
-            "value_means": sds((batch, num_kv_heads, num_blocks, head_dim), VALUE_MEANS_DTYPE),
+            "value_means": sds((batch, num_kv_heads, num_blocks, head_dim), dtype),
             "rot_signs": sds((num_kv_heads, head_dim), jnp.float32),
             "lengths": sds((batch,), jnp.int32)}

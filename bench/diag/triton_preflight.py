@@ -106,8 +106,8 @@ def kernels(b: int, s: int, *, hq=32, hkv=8, d=128, sink=4, window=64):
               (sds((b,), jnp.int32), sds((b, hkv, ns), jnp.int32), sds((b, hkv, sl), jnp.int32),
                sds((b, hkv, sl, g), jnp.float32), sds((b, hkv, sl), jnp.float32),
                sds((b, hkv, p, rows), jnp.float32), vec, vec, grp(bf), kv, kv), dict(num_warps=4, num_stages=2))
-    # the estimated tail's variants (issue 21): the block means [B, Hkv, S/64, D] f32, the scan's estimates
-    vm = sds((b, hkv, s // 64, d), jnp.float32)
+    # the estimated tail's variants (issue 21): the block means [B, Hkv, S/64, D] bf16, the scan's estimates
+    vm = sds((b, hkv, s // 64, d), bf)
     scan_tail = (lambda *x: scan[0](*x[:-1], value_means=x[-1], block_size=64, sm_scale=d ** -0.5),
                  (*scan[1], vm), scan[2])
     attend_tail = (lambda *x: attend_pallas(*x[:-2], g=g, sink=sink, window=window, chunk=DEFAULT_CHUNK,

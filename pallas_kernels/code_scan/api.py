@@ -102,8 +102,9 @@ def code_scan(
       rounding_slack: σ of the refine's compare s + σ·‖q‖₁·‖k‖∞ >= M − β (None: 2·D·2^-24); the scan
         widens its bound and threshold by it (``arithmetic``) so that no key the refine attends is missed.
       num_warps, num_stages: Triton launch knobs (Pallas only).
-      value_means: f32 [B, Hkv, S / block_size, D], the store's mean value of each block of block_size keys,
-        or None (a static switch: None runs the scan without the tail, the kernel exactly as before): also
+      value_means: [B, Hkv, S / block_size, D] (any float dtype; the store keeps the values'), the store's
+        mean value of each block of block_size keys, or None (a static switch: None runs the scan without
+        the tail, the kernel exactly as before): also
         the estimated tail's part of the scan, a :class:`ScanTail` appended to the outputs (sm_scale: the
         softmax scale, None: 1/√D).
     Returns:
@@ -139,7 +140,7 @@ def code_scan(
         if bk < 1 or s_cap % bk or tuple(value_means.shape) != (b, hkv, s_cap // bk, d):
             raise ValueError(f"{op}: value_means must be [B, Hkv, S / block_size, D] with block_size >= 1 dividing "
                              f"S={s_cap}; got value_means{tuple(value_means.shape)}, block_size={block_size}")
-        kw.update(value_means=value_means.astype(jnp.float32), block_size=bk,
+        kw.update(value_means=value_means, block_size=bk,
                   sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale))
     return IMPLEMENTATIONS[implementation](q, q_rot, keys, codes, scales, errs, lengths, beta, interpret=interpret,
                                            num_warps=num_warps, num_stages=num_stages, **kw)

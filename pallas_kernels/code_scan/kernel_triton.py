@@ -236,7 +236,7 @@ def tail_tile(tail, inv, est, pos, rest, cand, ot, lt, *, base, tile: int, capac
     for j in range(tile // bk if aligned else (tile + bk - 1) // bk + 1):  # the blocks the tile touches
         wj = jnp.sum(jnp.where((blk == b0 + j)[:, None], w, 0.0), axis=0)  # [Gr] = w_b
         bj = jnp.minimum(b0 + j, nb - 1)
-        vbar = plgpu.load(vm_ref.at[jnp.full((d,), bj, jnp.int32), dd])  # [D]
+        vbar = plgpu.load(vm_ref.at[jnp.full((d,), bj, jnp.int32), dd]).astype(jnp.float32)  # [D]
         vbar = jnp.where(jnp.sum(wj) > 0, vbar, 0.0)  # a block with no weight: never its (maybe NaN) mean
         ot = ot + vbar[:, None] * wj[None, :]
         lt = lt + wj
@@ -302,7 +302,7 @@ def scan_pallas(lengths, q, q_rot, beta, keys, codes, scales, errs, *, g: int, s
     count slots; the other slots unwritten), counts i32 [B, Hkv, NS], m_sw f32 [B, Hkv, Gi] (rows >= G
     unwritten)).
 
-    ``value_means`` f32 [B, Hkv, S / block_size, D] (static switch: None compiles the kernel without the
+    ``value_means`` [B, Hkv, S / block_size, D] (the store's dtype; static switch: None compiles the kernel without the
     tail): also the estimated tail, appended to the outputs: est f32 [B, Hkv, S, Gi] (the estimates, written
     at the candidates only), o_tail f32 [B, Hkv, NS, Gi, D] = Σ_b w_b·V̄_b and l_tail f32 [B, Hkv, NS, Gi] =
     Σ w over the split's searched non-candidates, w = exp((est − M_sw)·sm_scale) (M_sw 0 where -inf)."""

@@ -67,9 +67,9 @@ def refine_attention(
       programs: refine programs per (b, KV head) (Pallas; a power of two; None: ``default_programs``);
       chunk: candidate slots per step (a power of two >= 16).
       tail: the scan's ``ScanTail`` (``code_scan(..., value_means=...)``) or None (a static switch: None runs
-        the kernels without the tail, exactly as before); with value_means f32 [B, Hkv, S / block_size, D]
-        (the same the scan took): the estimated tail over every searched key not attended is added to the
-        softmax — out = (Σ_att e^{s·c} v + Σ_b w_b V̄_b) / (Σ_att e^{s·c} + Σ_b w_b), w_b = Σ_{rest ∩ b} e^{ŝ·c}
+        the kernels without the tail, exactly as before); with value_means [B, Hkv, S / block_size, D] (the
+        same the scan took; any float dtype): the estimated tail over every searched key not attended is added
+        to the softmax — out = (Σ_att e^{s·c} v + Σ_b w_b V̄_b) / (Σ_att e^{s·c} + Σ_b w_b), w_b = Σ_{rest ∩ b} e^{ŝ·c}
         (c = sm_scale; rest = the scan's non-candidates and the candidates rejected here).
     Returns:
       out [B, Hq, D] (q dtype), M f32 [B, Hq] (the exact max when the lists hold every candidate of the
@@ -112,7 +112,7 @@ def refine_attention(
                 or tail.l.shape[:3] != (b, hkv, ns)):
             raise ValueError(f"{op}: tail arrays est{tuple(tail.est.shape)}, o{tuple(tail.o.shape)}, "
                              f"l{tuple(tail.l.shape)} do not match B, Hkv, S, NS = {(b, hkv, s_cap, ns)} and G = {g}")
-        tail_kw = dict(tail=tail, value_means=value_means.astype(jnp.float32), block_size=bk)
+        tail_kw = dict(tail=tail, value_means=value_means, block_size=bk)
     return IMPLEMENTATIONS[implementation](
         q, keys, values, jnp.asarray(cand_idx, jnp.int32), jnp.asarray(cand_count, jnp.int32),
         jnp.asarray(m_sw, jnp.float32), jnp.asarray(lengths, jnp.int32), beta, sink=int(sink), window=int(window),

@@ -114,7 +114,7 @@ def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values
     keys attended, M f32 [B, Hkv, Gi]), p = exp((s − M)·sm_scale); rows >= G unwritten.
 
     ``block_size`` > 0 (a static switch; 0 compiles the pass without the tail) with the scan's est f32
-    [B, Hkv, S, Gi] and value_means f32 [B, Hkv, S / block_size, D]: also the tail over the candidates
+    [B, Hkv, S, Gi] and value_means [B, Hkv, S / block_size, D]: also the tail over the candidates
     rejected, appended: o_tail f32 [B, Hkv, P + 1, Gi, D] = Σ w·V̄_block, l_tail f32 [B, Hkv, P + 1, Gi] = Σ w,
     w = exp((ŝ − M)·sm_scale)."""
     b, hkv, ns = counts.shape

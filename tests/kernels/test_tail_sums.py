@@ -34,7 +34,7 @@ def _case(kind, g, d, dtype, lengths):
     n = valid.reshape(b, 1, s // BK, BK, 1).sum(3)
     with np.errstate(invalid="ignore", divide="ignore"):  # blocks past a length: 0/0 = NaN, poisoned on purpose
         vm = np.where(valid, v, 0.0).reshape(b, hkv, s // BK, BK, d).sum(3) / n
-    c["value_means"] = jnp.asarray(vm, jnp.float32)
+    c["value_means"] = jnp.asarray(vm, jnp.float32).astype(dtype)  # in the values' dtype, as the store keeps them
     return c
 
 

@@ -127,7 +127,7 @@ def test_value_means_follow_appends_truncation_and_lengths():
         s = step(s, k[jnp.arange(2)[:, None], rows], v[jnp.arange(2)[:, None], rows], jnp.asarray(n))
         done += n
         np.testing.assert_allclose(np.asarray(s.value_means), _means_of(k, v, done), rtol=1e-6, atol=1e-7)
-    assert s.value_means.dtype == kv_store.VALUE_MEANS_DTYPE and done.tolist() == [23, 8]
+    assert s.value_means.dtype == s.values.dtype and done.tolist() == [23, 8]
     cut = kv_store.truncate(s, 5)
     np.testing.assert_allclose(np.asarray(cut.value_means), _means_of(k, v, [5, 5]), rtol=1e-6, atol=1e-7)
     w = jax.jit(kv_store.with_lengths)(s, jnp.asarray([17, 2]))
