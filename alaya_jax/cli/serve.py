@@ -70,6 +70,9 @@ def build_state(args):
     from alaya_jax.server.protocol import RequestLimits
     from alaya_jax.server.scheduler import BatchLimits, Scheduler
 
+    if args.kv_placement != "device":
+        raise UsageError(f"alaya serve keeps the KV on the device for now (--kv-placement {args.kv_placement} is "
+                         "supported by alaya generate and the Python API)")
     if args.random_weights:
         if args.model:
             raise UsageError("give either --model or --random-weights, not both")

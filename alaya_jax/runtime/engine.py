@@ -25,6 +25,7 @@ from alaya_jax.attention.dipr import calibration
 from alaya_jax.errors import InputError
 from alaya_jax.runtime.sampling import SamplingConfig, sample
 from alaya_jax.store import kv_store
+from alaya_jax.store.placement import host_fields
 
 FULL = AttentionConfig(method="full")
 
@@ -126,12 +127,20 @@ class Engine:
     def dtype(self):
         return jnp.dtype(self.config.dtype)
 
-    def new_caches(self, *, batch: int, capacity: int) -> tuple[kv_store.KVStore, ...]:
+    def new_caches(self, *, batch: int, capacity: int, placement: str = "device") -> tuple[kv_store.KVStore, ...]:
+        """Empty caches, one store per layer; ``placement``: where their values (and keys) live
+        (``KernelConfig.kv_placement``; host fields are allocated in pinned host memory directly)."""
         c = self.config
-        one = kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                             capacity=capacity, block_size=self.block_size, dtype=self.dtype)
+
+        def one():
+            return kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, capacity=capacity,
+                                  block_size=self.block_size, dtype=self.dtype, placement=placement)
+
+        if host_fields(placement):
+            return tuple(one() for _ in range(c.num_layers))
+        first = one()
         # Separate buffers per layer (donation and in-place updates need distinct arrays).
-        return tuple(jax.tree.map(jnp.copy, one) for _ in range(c.num_layers))
+        return tuple(jax.tree.map(jnp.copy, first) for _ in range(c.num_layers))
 
     def check_fits(self, total_tokens: int) -> None:
         limit = self.config.max_position_embeddings
@@ -247,7 +256,8 @@ class Engine:
         """Generate for a batch of prompts of different lengths.
 
         ``caches``: already-prefilled caches whose tokens precede each prompt
-        (e.g. from a context snapshot); ``prompts`` are then the tokens still to
+        (e.g. from a context snapshot), moved to ``attention.kernel.kv_placement`` if they are
+        elsewhere (new caches are made there); ``prompts`` are then the tokens still to
         prefill; ``context_tokens[b]`` are then the tokens already in them (calibrated DIPR
         reads the last ``calibration.n_cal`` tokens of context + prompt). ``on_token(batch_index, token)``
         streams tokens. Returns the results and the final caches.
@@ -257,11 +267,14 @@ class Engine:
         lens = np.array([len(p) for p in prompts]) + start
         total = int(lens.max()) + sampling.max_new_tokens
         self.check_fits(total)
+        placement = attention.kernel.kv_placement
         if caches is None:
             cap = capacity or total
-            caches = self.new_caches(batch=b, capacity=cap)
+            caches = self.new_caches(batch=b, capacity=cap, placement=placement)
         elif caches[0].capacity < total:
             raise ValueError(f"the given caches hold {caches[0].capacity} positions; {total} are needed")
+        elif caches[0].placement != placement:
+            caches = tuple(kv_store.place(c, placement) for c in caches)
         attention = attention.resolve(int(lens.min()))
         t0 = time.perf_counter()
         caches, logits, _ = self.prefill(caches, prompts, progress=progress)

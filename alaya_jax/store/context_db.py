@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from alaya_jax.errors import ConfigError
+from alaya_jax.store import placement as placements
 from alaya_jax.store.kv_store import KVStore
 from alaya_jax.store.memory_tier import MEMORY_KINDS, MemoryTier, MemoryTierStats, materialize
 from alaya_jax.store.prefix_index import PrefixIndex, block_hashes, prefix_seed
@@ -124,7 +125,12 @@ class ContextDB:
     disk; ``delete``, a snapshot found unusable, or one removed / rewritten by another
     process evicts it. The tier is per instance (per process): a CLI call, one process
     each, gains nothing from it. A ``memory_kind`` the devices do not offer raises
-    ``ValueError`` here (no fallback to another kind)."""
+    ``ValueError`` here (no fallback to another kind).
+
+    ``kv_placement``: where sessions' and loads' values (and keys) live
+    (:mod:`alaya_jax.store.placement`: "device", "values-on-host", "keys-and-values-on-host").
+    Served from a pinned-host tier with values on the host, a session moves only the codes, scales,
+    error norms and lengths (and the keys when they stay on the GPU) to the device: lazy restore."""
 
     def __init__(
         self,
@@ -139,6 +145,7 @@ class ContextDB:
         stale_tmp_s: float = 6 * 3600,
         memory_budget_bytes: int = 0,
         memory_kind: str = "device",
+        kv_placement: str = placements.DEFAULT_PLACEMENT,
     ):
         self.path = os.path.abspath(os.fspath(path))
         given = [x is not None for x in (model_fingerprint, tokenizer_fingerprint, dtype, block_size)]
@@ -159,6 +166,7 @@ class ContextDB:
         if int(memory_budget_bytes) < 0:
             raise ConfigError(f"memory_budget_bytes must be >= 0 (0: no memory tier), got {memory_budget_bytes}")
         self.memory_kind = memory_kind
+        self.kv_placement = placements.check_placement(kv_placement)
         self.memory_budget_bytes = int(memory_budget_bytes)
         self._lock = threading.RLock()
         self._tier: Optional[MemoryTier] = None
@@ -373,7 +381,8 @@ class ContextDB:
 
     def _materialize(self, caches, length: int, n: int, capacity: int, *, shared: bool) -> tuple[KVStore, ...]:
         """Session caches on this DB's devices (see ``memory_tier.materialize``)."""
-        return materialize(caches, length, n, capacity, device_sharding=self._device_sharding(), shared=shared)
+        return materialize(caches, length, n, capacity, device_sharding=self._device_sharding(), shared=shared,
+                           placement=self.kv_placement)
 
     def _keep(self, sid: str, caches, tokens: list[int], meta: SnapshotMeta, *, owned: bool):
         """Keep snapshot ``sid`` resident (tier on, its catalogue entry usable, and it fits the

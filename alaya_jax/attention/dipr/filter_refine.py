@@ -44,6 +44,7 @@ from flax import struct
 
 from alaya_jax.attention.dipr.brute_force import check_beta, dipr_attention, range_mask_from_scores
 from alaya_jax.attention.masked import group_size, raw_scores, sink_window_mask
+from alaya_jax.store import placement as placements
 from alaya_jax.store.kv_store import KVStore
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.code_scan.api import DEFAULT_TILE
@@ -139,17 +140,20 @@ def _found_mask(q, keys, lengths, cand_idx, cand_count, beta, *, sink: int, wind
 
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, capacity_fraction: float = DEFAULT_CAPACITY_FRACTION,
-               implementation: str = "reference", interpret: Optional[bool] = None):
+               implementation: str = "reference", interpret: Optional[bool] = None,
+               keys: Optional[jax.Array] = None):
     """The filter stage alone: ``(cand_idx [B,Hkv,NS,C], cand_count [B,Hkv,NS], lb_max [B,Hq,NS],
     m_sw [B,Hq], C, no_overflow)`` for q [B, Hq, D] and β f32 [B, Hq] (see
-    ``pallas_kernels.code_scan``); ``no_overflow`` (a Python bool): C holds every key of a split."""
+    ``pallas_kernels.code_scan``); ``no_overflow`` (a Python bool): C holds every key of a split.
+    ``keys``: the store's keys [B,Hkv,S,D] as the kernels take them (default ``store.dense_keys()``)."""
     b, hkv, s = store.batch, store.num_kv_heads, store.capacity
     ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
     if ns < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     cap = split_capacity(s, ns, capacity_fraction)
     codes, scales, errs = store.dense_codes()
-    out = code_scan(q, rotate_queries(q, store.rot_signs), store.dense_keys(), codes, scales, errs,
+    keys = store.dense_keys() if keys is None else keys
+    out = code_scan(q, rotate_queries(q, store.rot_signs), keys, codes, scales, errs,
                     store.lengths, beta, sink=sink, window=window, num_splits=ns, capacity=cap,
                     implementation=implementation, interpret=interpret)
     return (*out, cap, cap >= longest_split(s, ns))
@@ -202,9 +206,14 @@ def dipr_store_attention(
     slack = default_rounding_slack(d) if rounding_slack is None else float(rounding_slack)
     kw = dict(implementation=implementation, interpret=interpret)
     lengths = store.lengths
-    keys, values = store.dense_keys(), store.dense_values()
+    # Placement (docs/design.md §3): a GPU Pallas kernel reads host-memory K / V rows where they lie,
+    # only those it loads; every other backend gets device copies (whole-array transfers).
+    if placements.reads_in_place(implementation, interpret):
+        keys, values = store.dense_keys_in_place(), store.dense_values_in_place()
+    else:
+        keys, values = store.dense_keys(), store.dense_values()
     scan = functools.partial(scan_codes, q, store, sink=sink, window=window, num_splits=num_splits,
-                             capacity_fraction=capacity_fraction, **kw)
+                             capacity_fraction=capacity_fraction, keys=keys, **kw)
     cand_idx, cand_count, lb_max, m_sw, cap, no_overflow = scan(beta)
     m_lb = jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
 
@@ -231,7 +240,8 @@ def dipr_store_attention(
         overflow = jnp.any(cand_count > cap)
 
         def dense():
-            kd, vd = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2)  # [B,S,Hkv,D]
+            keys = store.dense_keys()  # device copies of host fields: this branch is jnp
+            kd, vd = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(store.dense_values(), 1, 2)  # [B,S,Hkv,D]
             out = dipr_attention(q, kd, vd, beta=beta[..., None], lengths=lengths, sink=sink, window=window,
                                  rounding_slack=slack)
             sc = raw_scores(q, keys)
@@ -245,10 +255,11 @@ def dipr_store_attention(
     if with_mask:
         def dense_mask():  # overflow: the brute-force mask
             valid = jnp.arange(s)[None, :] < lengths[:, None]
-            return range_mask_from_scores(raw_scores(q, keys), valid, beta[..., None])
+            return range_mask_from_scores(raw_scores(q, store.dense_keys()), valid, beta[..., None])
 
         def found():
-            return _found_mask(q, keys, lengths, cand_idx, cand_count, beta, sink=sink, window=window)
+            return _found_mask(q, store.dense_keys(), lengths, cand_idx, cand_count, beta, sink=sink,
+                               window=window)
 
         mask = found() if no_overflow else jax.lax.cond(overflow, dense_mask, found)
         keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
