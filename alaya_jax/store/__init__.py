@@ -9,9 +9,10 @@
   block hashes that find the longest stored prefix of a prompt; ``memory_tier``: the
   resident copies of snapshots in device or pinned host memory.
 - ``db_for_model``: the context DB of a loaded model (model and tokenizer fingerprints).
+- ``placement``: where a store's exact values (and keys) live: device memory or pinned host
+  memory, and the explicit transfers between the two.
 
 May import: ``pallas_kernels.key_codes``, ``checkpoints`` (snapshots), ``alaya_jax.errors``;
-never ``attention``, ``runtime``, ``server`` or ``cli``. Future homes: the functional store
-API (``new_store`` / ``append`` / ``attend``) and value placement in pinned host memory
-belong beside ``kv_store``.
+never ``attention``, ``runtime``, ``server`` or ``cli``. Future home: the functional store
+API (``new_store`` / ``append`` / ``attend``) belongs beside ``kv_store``.
 """

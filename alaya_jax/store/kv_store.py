@@ -25,7 +25,8 @@ mutated in place. Block structure (``Bk``) is what prefix reuse hashes and what
 the block baselines (Quest, InfLLM) select; the DIPR search is per key.
 
 This module owns every change to a store's shape — :func:`resize`, :func:`fit_blocks`,
-:func:`truncate`, :func:`with_lengths`, :func:`take_rows`, :func:`place_row` — and its
+:func:`truncate`, :func:`with_lengths`, :func:`take_rows`, :func:`place_row`,
+:func:`gather_positions`, :func:`place` (where its arrays live) — and its
 array layout (:func:`to_arrays`, :func:`from_arrays`, :func:`abstract_arrays`, for
 snapshots): callers never pad axes or list fields themselves.
 
@@ -498,6 +499,24 @@ def truncate(store: KVStore, num_tokens: int) -> KVStore:
     if (lengths == n).all():
         return store
     return store.replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+
+
+def gather_positions(store: KVStore, positions) -> KVStore:
+    """A store of ``len(positions) / block_size`` blocks whose position p holds position ``positions[p]``
+    of the same sequence in ``store`` (positions int [S'], S' a positive multiple of the block size,
+    every entry a valid position of every sequence; traceable), every position valid (lengths S').
+    Keys, values, codes, scales and error norms move together, so the codes still describe the keys
+    (e.g. a long context tiled from a short one: ``bench/beyond_gpu.py``)."""
+    positions = jnp.asarray(positions, jnp.int32)
+    n, bk = positions.shape[0], store.block_size
+    if n < 1 or n % bk:
+        raise ValueError(f"gather_positions takes a positive multiple of the block size {bk} of positions, got {n}")
+
+    def gather(x, _):
+        flat = jnp.take(_flat(x), positions, axis=2)
+        return flat.reshape(flat.shape[:2] + (n // bk, bk) + flat.shape[3:])
+
+    return store._map_blocked(gather).replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
 
 
 def take_rows(store: KVStore, rows: jax.Array) -> KVStore:

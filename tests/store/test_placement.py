@@ -78,16 +78,17 @@ def test_append_and_shape_ops_match_the_device_store_bit_for_bit(placement):
         assert_bitwise_equal(kv_store.place(b, "device"), a)
 
 
-@pytest.mark.parametrize("implementation", ["reference", "pallas"])
-def test_dipr_is_identical_in_every_placement(implementation):
-    """GQA 3, ragged lengths, NaN past the lengths, the overflow path (capacity fraction 0.25)."""
+@pytest.mark.parametrize("implementation,fraction", [("reference", 0.25), ("pallas", 1.0)])
+def test_dipr_is_identical_in_every_placement(implementation, fraction):
+    """GQA 3, ragged lengths, NaN past the lengths; with the reference also the rescan / dense-overflow
+    path (capacity fraction 0.25), whose jnp branches take device copies of the host fields."""
     q, _, _, _, store = store_case([97, 140], 6, 2, 16, 16, seed=3)
     q = jnp.asarray(q)
     beta = jnp.float32(2.5)
     outs = {}
     for placement in PLACEMENTS:
         f = jax.jit(lambda q, s: dipr_store_attention(q, s, beta=beta, implementation=implementation,
-                                                      with_mask=True, capacity_fraction=0.25))
+                                                      with_mask=True, capacity_fraction=fraction))
         out, stats, mask = f(q, kv_store.place(store, placement))
         outs[placement] = [np.asarray(x) for x in (out, mask, stats.candidates, stats.max_score, stats.overflow)]
     assert outs["device"][1].any() and np.isfinite(outs["device"][0]).all()
@@ -157,3 +158,14 @@ def test_memory_estimate_splits_device_and_host_bytes():
     assert est["values-on-host"].kv_device_bytes / kv == pytest.approx((256 + 68) / 512, rel=1e-4)
     assert "host" in est["values-on-host"].describe()
     assert dataclasses.replace(est["device"]).total_bytes == est["device"].weights_bytes + est["device"].kv_bytes
+
+
+def test_gather_positions_is_the_store_of_the_gathered_keys():
+    """What bench/beyond_gpu.py tiles contexts with: the codes move with their keys."""
+    rng = np.random.default_rng(4)
+    k, v = (jnp.asarray(rng.standard_normal((1, 48, 2, 8)), jnp.float32) for _ in range(2))
+    idx = jnp.asarray(np.concatenate([np.arange(4), 4 + np.arange(56) % 40, np.arange(44, 48)]), jnp.int32)
+    got = kv_store.gather_positions(kv_store.from_dense(k, v, block_size=16), idx)
+    assert_bitwise_equal(got, kv_store.from_dense(k[:, idx], v[:, idx], block_size=16))
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        kv_store.gather_positions(got, idx[:50])
