@@ -54,27 +54,40 @@ def per_token_kv_bytes(args) -> int:
     return kv_bytes(model_config(args), 1)
 
 
+def pinned_pool_gib(args, context: int, fields: int) -> int:
+    """The pinned host pool cap for ``fields`` (1: values, 2: keys and values) of ``context`` tokens: their
+    bytes plus the slack XLA's BFC pool may waste (it grows by regions of doubling size, each holding
+    whole arrays: less than one array per region, 8 arrays at most, 8 GiB at least)."""
+    arrays = fields * per_token_kv_bytes(args) // 2 * (context + 64)  # every layer's host arrays
+    one = arrays // (fields * model_config(args).num_layers)
+    return int(-(-(arrays + max(8 * GIB, 8 * one)) // GIB))
+
+
 def host_kv_context(args) -> int:
-    """``--kv-host-context``, or the longest multiple of 64K tokens (1K for a smoke run) whose K + V fit
-    the host's available RAM less 16 GiB, at most ``--context``."""
+    """``--kv-host-context``, or the longest multiple of 64K tokens (1K for a smoke run), at most
+    ``--context``, whose keys and values plus the pinned pool's slack leave 12 GiB of the host's
+    available RAM."""
     if args.kv_host_context:
         return args.kv_host_context
     step = 1024 if args.smoke else 65536
-    avail = host_available() - (0 if args.smoke else 16 * GIB)
-    return int(min(args.context, max(step, avail // per_token_kv_bytes(args) // step * step)))
+    avail = host_available() - (0 if args.smoke else 12 * GIB)
+    context = step
+    while context + step <= args.context and pinned_pool_gib(args, context + step, 2) * GIB <= avail:
+        context += step
+    return context
 
 
 def stage_env(stage: str, args) -> dict:
     """The environment of a stage process: XLA's GPU pool, and its pinned host pool capped near what the
-    stage places there (XLA's default cap is 64 GiB; its BFC pool grows by doubling regions up to the
-    cap and keeps them until the process ends, so the cap bounds the pinned RAM taken). Read once, when
-    the backend starts."""
+    stage places there (:func:`pinned_pool_gib`; XLA's default cap is 64 GiB, and the pool keeps its
+    regions until the process ends, so the cap bounds the pinned RAM taken). Read once, when the
+    backend starts."""
     env = dict(os.environ)
     if not args.smoke:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.96")
-        need = {"exact_ttft": 24 * GIB, "dense_1m": per_token_kv_bytes(args) * args.context // 2,
-                "kv_host": per_token_kv_bytes(args) * host_kv_context(args)}[stage]
-        env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(-(-need // GIB) + 6))
+        limit = {"exact_ttft": 32, "dense_1m": pinned_pool_gib(args, args.context, 1),
+                 "kv_host": pinned_pool_gib(args, host_kv_context(args), 2)}[stage]
+        env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(limit))
     return env
 
 
@@ -626,12 +639,20 @@ def long_context(stage, model, proxy, cfg, context: int, placement: str):
 
 
 def dense_arithmetic(cfg, context: int) -> str:
+    """Why dense attention at ``context`` does (not) fit this device: the memory estimate against the
+    device's pool (``memory_stats()['bytes_limit']``)."""
+    import jax
+
     from alaya_jax.runtime.memory_estimate import estimate_memory
 
     e = estimate_memory(cfg, context=context)
-    return (f"dense needs the bf16 K + V on the GPU: {kv_bytes(cfg, context) / GIB:.1f} GiB + codes and scales "
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    verdict = "" if limit is None else (f" {'>' if e.total_bytes > limit else '<='} the device pool of "
+                                        f"{limit / GIB:.1f} GiB: {'does not fit' if e.total_bytes > limit else 'fits'}")
+    return (f"{context} tokens dense: bf16 K + V {kv_bytes(cfg, context) / GIB:.1f} GiB + codes and scales "
             f"{(e.kv_bytes - kv_bytes(cfg, context)) / GIB:.1f} GiB + weights {e.weights_bytes / GIB:.1f} GiB = "
-            f"{e.total_bytes / GIB:.1f} GiB")
+            f"{e.total_bytes / GIB:.1f} GiB{verdict}")
 
 
 # --- stage 3
@@ -662,6 +683,11 @@ def fmt(x, spec):
     return "" if x is None else format(x, spec)
 
 
+def dense_cell(r) -> str:
+    note = r.get("dense_note") or ""
+    return "does not fit" if "does not fit" in note else "not run here"
+
+
 def markdown(rows, meta=None) -> str:
     meta = meta or next((r for r in rows if r.get("kind") == "meta"), {})
     out = ["# Contexts beyond GPU memory: random-weight Llama-3-8B, real-key-proxy caches, B = 1 (bench/beyond_gpu.py)",
@@ -677,14 +703,14 @@ def markdown(rows, meta=None) -> str:
     for r in rows:
         if r.get("kind") == "main":
             out.append(f"| {r['context']} | {r['layers']} | {r['placement']} | {r.get('variant', '')} | "
-                       f"{r['tokens_per_s']:.1f} | {fmt(r['dense_tokens_per_s'], '.1f') or 'does not fit'} | "
+                       f"{r['tokens_per_s']:.1f} | {fmt(r['dense_tokens_per_s'], '.1f') or dense_cell(r)} | "
                        f"{gib(r['gpu_context_bytes'])} | {gib(r['kv_bytes'])} | "
                        f"{r['gpu_context_fraction_of_kv']:.0%} | "
                        f"{gib(r['host_context_bytes'])} | {fmt(r.get('candidate_fraction'), '.2%')} | "
                        f"{fmt(r.get('build_s'), '.1f')} ({fmt(r.get('host_fill_GBps'), '.1f')}) |")
     notes = [r["dense_note"] for r in rows if r.get("kind") == "main" and r.get("dense_note")]
     if notes:
-        out += ["", "Why dense cannot run there: " + "; ".join(sorted(set(notes))) + "."]
+        out += ["", "Dense memory arithmetic: " + "; ".join(sorted(set(notes))) + "."]
     ttft = [r for r in rows if r.get("kind") == "ttft"]
     pre = [r for r in rows if r.get("kind") == "prefill"]
     if ttft or pre:
