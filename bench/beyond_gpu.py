@@ -10,20 +10,21 @@ the model's own, as bench/decode_step_real.py). A step = one jitted decode call,
 with the host sync on the sampled token.
 
 Stages, each in a process of its own (XLA's pinned host pool keeps what it allocated until the
-process ends, and one process could not hold 64 GiB of values and then 96 GiB of keys and values):
+process ends, and one process could not hold 64 GiB of values and then 96 GiB of keys and values),
+in this order, each within its share of ``--budget-s`` (``RESERVE``):
 
-1. ``exact_ttft``: (a) a few-layer 8B-shaped model at ``--exact-context``: logits, DIPR statistics and
+1. ``dense_1m``: the HBM copy roofline and the host-to-device bandwidth; DIPR at ``--context`` (1M)
+   with the values on the host; dense cuDNN decode at the longest of ``--dense-contexts`` that fits
+   on the GPU, DIPR all-on-GPU there, and DIPR with the values on the host at that context.
+2. ``kv_host``: DIPR with keys and values on the host at the longest context the host RAM holds
+   (``--kv-host-context``; 0: from ``MemAvailable``, see :func:`host_kv_context`).
+3. ``exact_ttft``: (a) a few-layer 8B-shaped model at ``--exact-context``: logits, DIPR statistics and
    tokens of ``--exact-steps`` steps in every placement, compared bit for bit with all-on-device;
    the compiled HLO checked for whole-array host transfers. (b) 32 layers at ``--ttft-context``:
    re-prefill with cuDNN attention (all on device; and with values on the host: the chunked
    prefill that writes each chunk's values to the host, its rate), then time to first token from
    a ``ContextDB`` pinned-host memory tier in every placement (lazy restore + tail prefill + first
    token), each against the re-prefill.
-2. ``dense_1m``: the HBM copy roofline and the host-to-device bandwidth; dense cuDNN decode at the
-   longest of ``--dense-contexts`` that fits on the GPU, DIPR all-on-GPU there (and with the values
-   on the host at the same context); then DIPR at ``--context`` (1M) with the values on the host.
-3. ``kv_host``: DIPR with keys and values on the host at the longest context the host RAM holds
-   (``--kv-host-context``; 0: from ``MemAvailable``, rounded down to 64K tokens).
 
     python -m bench.beyond_gpu --out $OUT                # GPU: the three stages, bounded by --budget-s
     python -m bench.beyond_gpu --smoke --out /tmp/bg     # CPU: tiny shapes, interpret mode, ~3 min
@@ -41,7 +42,10 @@ import threading
 import time
 import traceback
 
-STAGES = ("exact_ttft", "dense_1m", "kv_host")
+STAGES = ("dense_1m", "kv_host", "exact_ttft")  # the headline first
+#: Seconds of the budget reserved for each stage: a stage must end before the budget less what the
+#: stages after it reserve (time an earlier stage leaves unused goes to the later ones).
+RESERVE = {"dense_1m": 210.0, "kv_host": 95.0, "exact_ttft": 210.0}
 GIB = 1 << 30
 PERIOD = 8192  # real tokens of the captured sequence: the proxy's period
 TAIL = 32
@@ -98,10 +102,12 @@ def drive(args, argv) -> int:
     """Runs every stage in a child process, in order, within ``--budget-s``; collects their rows into
     ``beyond_gpu.json`` / ``.md`` (rewritten after each stage) and their output into ``beyond_gpu.log``."""
     os.makedirs(args.out, exist_ok=True)
-    deadline = time.time() + args.budget_s
+    end = time.time() + args.budget_s
+    scale = args.budget_s / sum(RESERVE.values())
     rows, log_path = [], os.path.join(args.out, "beyond_gpu.log")
     with open(log_path, "w") as log:
-        for stage in STAGES:
+        for i, stage in enumerate(STAGES):
+            deadline = end - scale * sum(RESERVE[s] for s in STAGES[i + 1:])
             left = deadline - time.time()
             if left < 30:
                 rows.append({"kind": "skipped", "stage": stage, "why": f"time budget ({left:.0f} s left)"})
@@ -118,7 +124,7 @@ def drive(args, argv) -> int:
                       f"{env.get('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB')} XLA_PYTHON_CLIENT_MEM_FRACTION="
                       f"{env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}\n")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            watchdog = threading.Timer(max(1.0, deadline + 20 - time.time()), proc.kill)  # a stage past the budget
+            watchdog = threading.Timer(max(1.0, deadline + 15 - time.time()), proc.kill)  # a stage past its time
             watchdog.start()
             for line in proc.stdout:
                 sys.stdout.write(line)
@@ -772,7 +778,8 @@ def parse(argv):
     ap.add_argument("--exact-steps", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--beta64", type=float, default=24.0, help="DIPR β at d=64, scaled by sqrt(D/64)")
-    ap.add_argument("--budget-s", type=float, default=530.0, help="wall-clock bound of the whole run")
+    ap.add_argument("--budget-s", type=float, default=515.0,
+                    help="wall-clock budget of the stages (a stage still running 15 s past its share is killed)")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--rows-file", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
