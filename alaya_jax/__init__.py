@@ -9,10 +9,21 @@ The public API, importable from here (each name is loaded on first use, so impor
     engine = Engine(model)
     [res], caches = engine.generate([tok.encode("Hi")], attention=AttentionConfig(method="dipr"))
 
+Any other JAX model keeps its KV cache in alaya stores through the functional store API
+(``alaya_jax.attention.store_api``; jit-compatible, no hidden state)::
+
+    store = alaya_jax.new_store(batch=B, num_kv_heads=Hkv, head_dim=D, capacity=S)   # per layer
+    store = alaya_jax.append(store, k, v, layout="bhtd")                        # k, v [B, Hkv, T, D]
+    out, stats = alaya_jax.attend(q, store, attention=AttentionConfig(method="dipr"), layout="bhtd")
+
+or a stateful ``Session`` (``update(layer, k, v)``, ``attention(layer, q)``) stored in and
+reused from a ``ContextDB``.
+
 - running a model: ``Engine``, ``GenerationResult``, ``SamplingConfig``; loading one:
   ``load_model`` (a GGUF file or a Hugging Face directory), ``load_smollm2``;
 - attention: ``AttentionConfig`` (method and range), ``KernelConfig``, ``CalibrationConfig``;
-- the KV store: ``KVStore``, ``empty_store``, ``store_from_dense``;
+- the KV store: ``KVStore``, ``empty_store``, ``store_from_dense``; the functional store API for any
+  model: ``new_store``, ``append``, ``attend`` (filters: ``positions=``), and ``Session``;
 - stored contexts: ``ContextDB``, ``open_db`` (the DB of a loaded model);
 - errors: ``UserError`` (what the user gave is wrong; the CLI prints it, exit 2).
 
@@ -35,6 +46,10 @@ _EXPORTS = {
     "KVStore": ("alaya_jax.store.kv_store", "KVStore"),
     "empty_store": ("alaya_jax.store.kv_store", "empty"),
     "store_from_dense": ("alaya_jax.store.kv_store", "from_dense"),
+    "new_store": ("alaya_jax.attention.store_api", "new_store"),
+    "append": ("alaya_jax.attention.store_api", "append"),
+    "attend": ("alaya_jax.attention.store_api", "attend"),
+    "Session": ("alaya_jax.runtime.session", "Session"),
     "ContextDB": ("alaya_jax.store.context_db", "ContextDB"),
     "open_db": ("alaya_jax.store.db_for_model", "open_db"),
     "load_model": ("models", "load_model_path"),

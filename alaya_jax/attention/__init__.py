@@ -3,8 +3,10 @@
 - ``config``: :class:`~alaya_jax.attention.config.AttentionConfig` (the user's method and
   range), ``KernelConfig`` (how the kernels run) and ``CalibrationConfig`` (self-calibrated DIPR).
 - ``registry``: the attention methods by name, one ``attend`` signature.
-- ``attention_fn``: the attention function the model calls (append, then attend) and one
-  decode query through the registry.
+- ``store_api``: the public functional store API for any model — ``new_store``, ``append``,
+  ``attend`` (one layer: decode rows through the registry, prefill rows dense causal; head
+  layouts; filtered queries over the stored positions) — and one decode query through the registry.
+- ``attention_fn``: the attention function our model calls (``store_api.append``, then ``attend``).
 - ``dense``: dense causal attention (prefill, method ``full``) and its backends;
   ``masked``: attention under an explicit key mask, raw scores, sink/window masks;
   ``baselines``: top-k, top-p, Quest and InfLLM-style selections.

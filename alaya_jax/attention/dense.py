@@ -16,8 +16,16 @@ from alaya_jax.attention.masked import group_size
 from alaya_jax.store.kv_store import KVStore
 
 
-def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.Array:
-    """Dense causal attention: q [B,T,Hq,D] at absolute ``positions`` [B,T] over the store → [B,T,Hq,D]."""
+def _key_mask(store: KVStore, positions: jax.Array, key_mask) -> jax.Array:
+    """bool [B,T,S]: key position <= the query's position, < the length, and in ``key_mask`` [B,S] (None: all)."""
+    kpos = jnp.arange(store.capacity)
+    mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
+    return mask if key_mask is None else mask & key_mask[:, None, :]
+
+
+def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array, *, key_mask=None) -> jax.Array:
+    """Dense causal attention: q [B,T,Hq,D] at absolute ``positions`` [B,T] over the store → [B,T,Hq,D].
+    ``key_mask`` bool [B,S=capacity] (None: every position): the keys a query may see at all."""
     b, t, hq, d = q.shape
     k, v = store.dense_keys(), store.dense_values()  # [B,Hkv,S,D]
     hkv, s = k.shape[1], k.shape[2]
@@ -28,8 +36,7 @@ def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.
         qg, kk, prec = q.reshape(b, t, hkv, g, d), k.astype(q.dtype), None
     sc = jnp.einsum("bthgd,bhsd->bhgts", qg, kk, precision=prec, preferred_element_type=jnp.float32)
     kpos = jnp.arange(s)
-    mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
-    mask = mask[:, None, None]  # [B,1,1,T,S]
+    mask = _key_mask(store, positions, key_mask)[:, None, None]  # [B,1,1,T,S]
     z = jnp.where(mask, sc / jnp.sqrt(jnp.float32(d)), -jnp.inf)
     p = jax.nn.softmax(z, axis=-1, where=mask)
     p = jnp.where(mask, p, 0.0)
@@ -40,19 +47,18 @@ def causal_attention(q: jax.Array, store: KVStore, positions: jax.Array) -> jax.
     return o.reshape(b, t, hq, d).astype(q.dtype)
 
 
-def fused_causal_attention(q: jax.Array, store: KVStore, positions: jax.Array, *, implementation: str) -> jax.Array:
+def fused_causal_attention(q: jax.Array, store: KVStore, positions: jax.Array, *, implementation: str,
+                           key_mask=None) -> jax.Array:
     """Same contract as :func:`causal_attention` through ``jax.nn.dot_product_attention``
     (``implementation`` "xla" or "cudnn"); the mask is passed as a boolean [B,1,T,S]."""
     k = jnp.swapaxes(store.dense_keys(), 1, 2).astype(q.dtype)  # [B,S,Hkv,D]
     v = jnp.swapaxes(store.dense_values(), 1, 2).astype(q.dtype)
-    s = k.shape[1]
-    kpos = jnp.arange(s)
-    mask = (kpos[None, None, :] <= positions[:, :, None]) & (kpos[None, None, :] < store.lengths[:, None, None])
+    mask = _key_mask(store, positions, key_mask)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
 
 
 #: Dense attention's backends by name (``KernelConfig.prefill_attention``): each is
-#: ``fn(q [B,T,Hq,D], store, positions [B,T]) -> [B,T,Hq,D]``.
+#: ``fn(q [B,T,Hq,D], store, positions [B,T], *, key_mask=None) -> [B,T,Hq,D]``.
 DENSE_IMPLEMENTATIONS = MappingProxyType({
     "reference": causal_attention,
     "xla": functools.partial(fused_causal_attention, implementation="xla"),

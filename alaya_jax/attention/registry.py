@@ -3,13 +3,16 @@
 Every method is an :class:`AttentionMethod` registered by name with :func:`register`.
 Its ``attend`` function has the signature::
 
-    attend(q [B,Hq,D], store: KVStore, cfg: AttentionConfig, *, beta, top_p, with_mask: bool)
+    attend(q [B,Hq,D], store: KVStore, cfg: AttentionConfig, *, beta, top_p, with_mask: bool, key_mask)
         -> (out [B,Hq,D], mask bool [B,Hq,S] or None, stats dict)
 
 ``beta`` / ``top_p`` are the (possibly traced) values to use in place of
 ``cfg.beta`` / ``cfg.top_p``; ``mask`` is the set of keys attended (sink and window
 included) and must be returned when ``with_mask`` (statistics), else may be None.
-``attention_fn.decode_attention`` dispatches through :func:`get`; the CLI, the engine, the
+``key_mask`` bool [B,S] or None: a filter over the stored positions — the method sees only the
+valid keys in it or among the sink and window positions (:func:`visible_keys`), as if the
+others were padding.
+``store_api.decode_attention`` dispatches through :func:`get`; the CLI, the engine, the
 evaluation and the benchmarks list methods with :func:`names`. A new method touches
 this file only.
 """
@@ -67,41 +70,48 @@ def _sw(store, cfg):
     return sink_window_mask(store.lengths, store.capacity, sink=cfg.sink, window=cfg.window)[:, None, :]
 
 
+def visible_keys(store, cfg, key_mask):
+    """bool [B,S]: the valid positions a query sees under the filter ``key_mask`` [B,S] (None: all
+    valid positions) — those in the filter and the sink and window positions of ``cfg``."""
+    valid = kv_store.positions_valid(store)
+    return valid if key_mask is None else valid & (key_mask | _sw(store, cfg)[:, 0])
+
+
 def _masked(select):
     """A method that builds a token mask from the exact scores, then attends densely-masked."""
 
-    def attend(q, store, cfg, *, beta, top_p, with_mask):
+    def attend(q, store, cfg, *, beta, top_p, with_mask, key_mask):
         k, v = store.dense_keys(), store.dense_values()
         scores = raw_scores(q, k)
-        valid = kv_store.positions_valid(store)  # [B,S]
-        mask = select(q, store, cfg, scores=scores, valid=valid, top_p=top_p)
+        valid = visible_keys(store, cfg, key_mask)  # [B,S]
+        mask = select(q, store, cfg, scores=scores, valid=valid, top_p=top_p) & valid[:, None, :]
         out, _ = masked_attention(q, k, v, mask, scores=scores)
         return out, mask, {}
 
     return attend
 
 
-def _dipr(q, store, cfg, *, beta, with_mask):
+def _dipr(q, store, cfg, *, beta, with_mask, key_mask):
     out, st, dmask = dipr_store_attention(
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
-        capacity_fraction=cfg.kernel.capacity_fraction,
+        capacity_fraction=cfg.kernel.capacity_fraction, key_mask=key_mask,
     )
     stats = {"candidates": st.candidates, "overflow": st.overflow, "refined": st.refined,
              "rescanned": st.rescanned}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
 
 
-def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask):
-    return _dipr(q, store, cfg, beta=beta, with_mask=with_mask)
+def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask, key_mask):
+    return _dipr(q, store, cfg, beta=beta, with_mask=with_mask, key_mask=key_mask)
 
 
-def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask):
+def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask, key_mask):
     if store.dipr_beta is None:
         raise ValueError("calibrated DIPR (dipr_mass / dipr_keys) needs the βs chosen at the end of prefill: "
                          "run alaya_jax.attention.dipr.calibration.calibrate_caches (Engine.calibrate) on the "
                          "caches first")
-    return _dipr(q, store, cfg, beta=store.dipr_beta, with_mask=with_mask)
+    return _dipr(q, store, cfg, beta=store.dipr_beta, with_mask=with_mask, key_mask=key_mask)
 
 
 register(AttentionMethod("full", _masked(lambda q, s, c, *, scores, valid, top_p:
@@ -136,4 +146,4 @@ register(AttentionMethod("streaming", _masked(lambda q, s, c, *, scores, valid, 
                          "sink ∪ window only (StreamingLLM)"))
 
 
-__all__ = ["AttentionMethod", "register", "get", "names"]
+__all__ = ["AttentionMethod", "register", "get", "names", "visible_keys"]

@@ -13,6 +13,7 @@
   memory, and the explicit transfers between the two.
 
 May import: ``pallas_kernels.key_codes``, ``checkpoints`` (snapshots), ``alaya_jax.errors``;
-never ``attention``, ``runtime``, ``server`` or ``cli``. Future home: the functional store
-API (``new_store`` / ``append`` / ``attend``) belongs beside ``kv_store``.
+never ``attention``, ``runtime``, ``server`` or ``cli``. The public functional store API
+(``new_store`` / ``append`` / ``attend``) is ``alaya_jax.attention.store_api``, since attending
+needs the methods.
 """

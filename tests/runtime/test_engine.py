@@ -131,7 +131,7 @@ def test_eval_metrics_match_numpy_on_tiny_model(engine):
 
 def test_recall_matches_numpy(engine):
     """attention_recall: the share of the full softmax mass on the attended keys (NumPy, one layer)."""
-    from alaya_jax.attention.attention_fn import decode_attention
+    from alaya_jax.attention.store_api import decode_attention
     from alaya_jax.store import kv_store
 
     rng = np.random.default_rng(0)

@@ -78,8 +78,12 @@ def dipr_attention(
     sink: int = 4,
     window: int = 64,
     rounding_slack: float = 0.0,
+    key_mask: Optional[jax.Array] = None,
 ) -> jax.Array:
     """Attention over DIPR ∪ first ``sink`` ∪ last ``window`` positions → [B, Hq, D].
+
+    ``key_mask`` bool [B, S] (None: every position): a filter — DIPR over the valid keys in the
+    filter or among the sink and window positions (the max too is taken over those), ∪ sink ∪ window.
 
     ``rounding_slack`` > 0 widens the range to ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥ M − β``, the
     rule of the store path's refine kernel (``pallas_kernels.refine_attention``; docs/design.md §4);
@@ -90,13 +94,14 @@ def dipr_attention(
     lengths = _lengths(lengths, b, s)
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = raw_scores(q, kt)
-    valid = valid_positions(lengths, s)  # [B, S]
+    forced = sink_window_mask(lengths, s, sink=sink, window=window)  # [B, S]
+    valid = valid_positions(lengths, s) if key_mask is None else valid_positions(lengths, s) & (key_mask | forced)
     tol = None
     if rounding_slack:
         kinf = jnp.max(jnp.abs(jnp.where(valid[:, None, :, None], kt.astype(jnp.float32), 0.0)), axis=-1)
         g = q.shape[1] // k.shape[2]  # kinf [B, Hkv, S] = ‖k‖∞ per key
         tol = query_slack(q, rounding_slack)[..., None] * jnp.repeat(kinf, g, axis=1)
     mask = range_mask_from_scores(scores, valid, beta, tol)
-    mask = mask | sink_window_mask(lengths, s, sink=sink, window=window)[:, None, :]
+    mask = mask | forced[:, None, :]
     out, _ = masked_attention(q, kt, vt, mask, scores=scores)
     return out

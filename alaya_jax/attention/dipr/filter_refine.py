@@ -30,6 +30,13 @@ dense path (brute force over every valid key) for the whole batch — never a si
 and counts it in ``DiprStats.overflow``.
 
 β may be a number or an array broadcastable to ``[B, Hq]`` (a β per query head).
+
+A filter (``key_mask`` [B, S]) restricts the query to part of the store: DIPR over the valid keys
+in the filter or among the sink and window positions. The scan still reads every code; the
+candidates outside the filter are then dropped from the lists (slot −1, which both refine backends
+skip), so no such key is ever scored exactly, in range or attended; ``M_sw`` (sink and window,
+inside the filter by definition) stays a lower bound of the filtered max, and the scan's
+``max ŝ − δ`` (over every key) is not used.
 """
 
 from __future__ import annotations
@@ -138,6 +145,14 @@ def _found_mask(q, keys, lengths, cand_idx, cand_count, beta, *, sink: int, wind
     return listed | (forced[:, None, :] & (sc_f >= m))
 
 
+def _drop_outside(cand_idx: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """cand_idx [B,Hkv,NS,C] with every candidate outside ``key_mask`` [B,S] set to −1 (not listed)."""
+    b, hkv, ns, cap = cand_idx.shape
+    idx = jnp.clip(cand_idx, 0, key_mask.shape[1] - 1).reshape(b, hkv * ns * cap)
+    inside = jnp.take_along_axis(key_mask, idx, axis=1).reshape(cand_idx.shape)
+    return jnp.where(inside, cand_idx, -1)
+
+
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, capacity_fraction: float = DEFAULT_CAPACITY_FRACTION,
                implementation: str = "reference", interpret: Optional[bool] = None,
@@ -172,6 +187,7 @@ def dipr_store_attention(
     num_splits: Optional[int] = None,
     capacity_fraction: float = DEFAULT_CAPACITY_FRACTION,
     rounding_slack: Optional[float] = None,
+    key_mask: Optional[jax.Array] = None,
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store by filter–refine.
 
@@ -188,6 +204,9 @@ def dipr_store_attention(
       rounding_slack: the refine's compare is ``s + rounding_slack·‖q‖₁·‖k‖∞ ≥ M − β`` (None:
         2·D·2^-24), so that a threshold taken from one computation never drops a key that
         another computation of the same score rounds just below it.
+      key_mask: bool [B, S=capacity] or None: a filter (see the module docstring); the result is
+        ``brute_force.dipr_attention(..., key_mask=key_mask)``. With it an overflowing list takes
+        the dense path at once (no re-scan: the scan's lower bound covers keys outside the filter).
 
     Returns:
       ``(out [B, Hq, D] in q's dtype, stats: DiprStats, mask or None)``.
@@ -214,8 +233,23 @@ def dipr_store_attention(
         keys, values = store.dense_keys(), store.dense_values()
     scan = functools.partial(scan_codes, q, store, sink=sink, window=window, num_splits=num_splits,
                              capacity_fraction=capacity_fraction, keys=keys, **kw)
+    if key_mask is not None:
+        key_mask = jnp.asarray(key_mask, bool)
+        if key_mask.shape != (b, s):
+            raise ValueError(f"key_mask must be bool [B, S]={(b, s)}, got {tuple(key_mask.shape)}")
+        unfiltered = scan
+
+        def scan(beta):
+            cand_idx, *rest = unfiltered(beta)
+            return (_drop_outside(cand_idx, key_mask), *rest)
     cand_idx, cand_count, lb_max, m_sw, cap, no_overflow = scan(beta)
-    m_lb = jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
+    m_lb = m_sw if key_mask is not None else jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
+
+    def visible():  # bool [B, S]: the keys the query may see (valid, and in the filter or forced)
+        valid = jnp.arange(s)[None, :] < lengths[:, None]
+        if key_mask is None:
+            return valid
+        return valid & (key_mask | sink_window_mask(lengths, s, sink=sink, window=window))
 
     def filter_refine(cand_idx, cand_count):
         m = refine_max(q, keys, cand_idx, cand_count, lengths, sink=sink, window=window, **kw)
@@ -227,7 +261,8 @@ def dipr_store_attention(
         rescanned = overflow = jnp.zeros((), bool)
         out, m, refined = filter_refine(cand_idx, cand_count)
     else:
-        rescanned = jnp.any(cand_count > cap)
+        # With a filter the scan's lower bound M_lb covers keys outside it: no re-scan.
+        rescanned = jnp.any(cand_count > cap) if key_mask is None else jnp.zeros((), bool)
 
         def rescan():
             # The first scan's threshold was M_sw − β (sink and window only); M_lb ≥ M_sw is known now.
@@ -243,10 +278,9 @@ def dipr_store_attention(
             keys = store.dense_keys()  # device copies of host fields: this branch is jnp
             kd, vd = jnp.swapaxes(keys, 1, 2), jnp.swapaxes(store.dense_values(), 1, 2)  # [B,S,Hkv,D]
             out = dipr_attention(q, kd, vd, beta=beta[..., None], lengths=lengths, sink=sink, window=window,
-                                 rounding_slack=slack)
+                                 rounding_slack=slack, key_mask=key_mask)
             sc = raw_scores(q, keys)
-            valid = jnp.arange(s)[None, :] < lengths[:, None]
-            m = jnp.max(jnp.where(valid[:, None, :], sc, -jnp.inf), axis=-1)
+            m = jnp.max(jnp.where(visible()[:, None, :], sc, -jnp.inf), axis=-1)
             return out.astype(q.dtype), m, jnp.int32(0)
 
         out, m, refined = jax.lax.cond(overflow, dense, lambda: filter_refine(cand_idx, cand_count))
@@ -254,8 +288,7 @@ def dipr_store_attention(
     keys_in_range = jnp.full((b, hq), -1, jnp.int32)
     if with_mask:
         def dense_mask():  # overflow: the brute-force mask
-            valid = jnp.arange(s)[None, :] < lengths[:, None]
-            return range_mask_from_scores(raw_scores(q, store.dense_keys()), valid, beta[..., None])
+            return range_mask_from_scores(raw_scores(q, store.dense_keys()), visible(), beta[..., None])
 
         def found():
             return _found_mask(q, store.dense_keys(), lengths, cand_idx, cand_count, beta, sink=sink,
@@ -264,7 +297,12 @@ def dipr_store_attention(
         mask = found() if no_overflow else jax.lax.cond(overflow, dense_mask, found)
         keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
     valid_count = jnp.broadcast_to(lengths[:, None], (b, hkv))
-    candidates = jnp.where(overflow, valid_count, jnp.sum(cand_count, axis=-1))
+    if key_mask is None:
+        listed = jnp.sum(cand_count, axis=-1)
+    else:  # the candidates kept in the filter
+        slot = jnp.arange(cand_idx.shape[-1])
+        listed = jnp.sum((slot < cand_count[..., None]) & (cand_idx >= 0), axis=(-2, -1))
+    candidates = jnp.where(overflow, valid_count, listed)
     stats = DiprStats(candidates=candidates.astype(jnp.int32), keys_in_range=keys_in_range,
                       overflow=overflow.astype(jnp.int32), max_score=m, refined=refined,
                       rescanned=rescanned.astype(jnp.int32))
