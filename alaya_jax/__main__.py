@@ -1,5 +1,3 @@
-import sys
+from alaya_jax.cli import run
 
-from alaya_jax.cli import main
-
-sys.exit(main())
+run()

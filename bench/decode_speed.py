@@ -80,16 +80,14 @@ def attention_config(spec: str, args) -> AttentionConfig:
         return AttentionConfig(method="full", kernel=KernelConfig(prefill_attention=impl))
     if spec == "dipr":
         return AttentionConfig(method="dipr", beta=args.betas[0],
-                               kernel=KernelConfig(implementation=args.implementation, num_splits=args.num_splits,
-                                                   capacity_fraction=args.capacity_fraction))
+                               kernel=KernelConfig(implementation=args.implementation, num_splits=args.num_splits))
     raise SystemExit(f"unknown attention spec {spec!r}; use full, full-cudnn, full-xla or dipr")
 
 
-def _kept(aux) -> tuple[float, int]:
-    """Mean DIPR candidates per (batch, KV head) over layers, and the number of overflowing layers."""
+def _kept(aux) -> float:
+    """Mean DIPR candidates per (batch, KV head) over layers."""
     kept = [np.asarray(a["candidates"]).mean() for a in aux if "candidates" in a]
-    over = [int(np.asarray(a["overflow"]).sum() > 0) for a in aux if "overflow" in a]
-    return (float(np.mean(kept)) if kept else float("nan")), int(sum(over))
+    return float(np.mean(kept)) if kept else float("nan")
 
 
 def run(args) -> list[dict]:
@@ -132,16 +130,14 @@ def run_variant(engine, base, first, spec, att, betas, args, setup_s, nb) -> lis
     token, key, s = first, jax.random.PRNGKey(0), SamplingConfig()
     for bi, beta in enumerate(betas):
         a = att if beta is None else dataclasses.replace(att, beta=beta)
-        times, kept, over = [], [], []
+        times, kept = [], []
         for i in range(args.new_tokens + 1):
             t = time.perf_counter()
             token, lg, caches, aux = engine.decode_step(caches, token, key=key, sampling=s, attention=a)
             token.block_until_ready()
             times.append(time.perf_counter() - t)
             if a.method == "dipr":
-                k_, o_ = _kept(aux)
-                kept.append(k_)
-                over.append(o_)
+                kept.append(_kept(aux))
         steady = np.array(times[1:])
         rec = {
             "model": args.model, "dtype": args.dtype, "context": args.context, "batch": args.batch,
@@ -150,10 +146,8 @@ def run_variant(engine, base, first, spec, att, betas, args, setup_s, nb) -> lis
             "attention": spec, "beta": beta,
             "implementation": a.kernel.implementation if a.method == "dipr" else a.kernel.prefill_attention,
             "num_splits": a.kernel.num_splits if a.method == "dipr" else None,
-            "capacity_fraction": a.kernel.capacity_fraction if a.method == "dipr" else None,
             "candidates_mean": float(np.mean(kept)) if kept else None,
             "kept_fraction": float(np.mean(kept)) / args.context if kept else None,
-            "layers_overflowing_mean": float(np.mean(over)) if over else None,
             "setup_s": setup_s, "first_decode_s": times[0] if bi == 0 else None,
             "decode_step_median_s": float(np.median(steady)), "decode_step_p90_s": float(np.percentile(steady, 90)),
             "decode_tokens_per_s": float(args.batch / np.median(steady)), "steps_timed": int(steady.size),
@@ -183,8 +177,6 @@ def markdown(records) -> str:
             continue
         best = full.get((r["model"], r["context"], r["batch"], r["keys"]))
         kept = "" if r["kept_fraction"] is None else f"{r['kept_fraction']:.1%}"
-        if r.get("layers_overflowing_mean"):
-            kept += f" ({r['layers_overflowing_mean']:.0f} layers overflow → dense)"
         name = r["attention"] + (f" ({r['implementation']})" if r["attention"] == "dipr" else "")
         ratio = "" if best is None else f"{best / r['decode_step_median_s']:.2f}"
         beta = "" if r["beta"] is None else f"{r['beta']:g}"
@@ -203,8 +195,6 @@ def main(argv=None):
     p.add_argument("--attention", nargs="+", default=["full"], help="full, full-cudnn, full-xla, dipr")
     p.add_argument("--betas", type=float, nargs="+", default=[32.0], help="DIPR β values (traced: one compile)")
     p.add_argument("--implementation", default="reference", choices=DIPR_IMPLEMENTATIONS)
-    p.add_argument("--capacity-fraction", type=float, default=1.0,
-                   help="DIPR candidate slots per split, as a fraction of its keys")
     p.add_argument("--num-splits", type=int, default=None)
     p.add_argument("--keys", default="prefill", choices=("prefill", "synthetic"),
                    help="prefill random token ids, or fill the stores with synthetic block-clustered keys")

@@ -9,9 +9,18 @@ own query, so that the layers stay chained). Everything else — embeddings, pro
 RoPE, the append of the new key/value and its code, MLPs, logits, sampling — is the model's
 own decode step, jitted once, caches donated.
 
-Variants: ``full`` (our jnp dense attention over the store), ``full-xla`` / ``full-cudnn``
-(``jax.nn.dot_product_attention``; the store's [B, Hkv, S, D] layout costs them a transpose
-per call — reported as measured), ``dipr`` (filter–refine, Pallas kernels) per β.
+Variants: ``full`` (our jnp dense attention over the store), ``full-xla``
+(``jax.nn.dot_product_attention``; the store's [B, Hkv, S, D] layout costs it a transpose per
+call — reported as measured), ``full-cudnn`` (cuDNN in the store's own layout with sequence
+lengths, alaya_jax/attention/dense.py), ``dipr`` (filter–refine, Pallas kernels) per β. Each row
+has the step's byte roofline beside it (weights + K/V at the context at the copy bandwidth
+measured in the run).
+
+Memory at 512K on an H200 (8B bf16 weights 16 GB + K/V 64 GiB + codes 8.5 GiB): each layer's store is built on
+the device in one jitted call from the real tokens' keys (a gather; no host array of the context, no eager
+temporaries), the caches are donated to every step, the variants run one at a time on the same caches, and
+XLA may use 94% of the device's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, set before jax starts unless
+given; the default 75% is less than the 512K caches and weights need).
 
     python -m bench.decode_step_real --contexts 131072 524288 --out $OUT
     python -m bench.decode_step_real --smoke --out /tmp/x        # CPU: tiny model, interpret mode
@@ -20,23 +29,24 @@ per call — reported as measured), ``dipr`` (filter–refine, Pallas kernels) p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from bench import harness
-
-from alaya_jax.store import kv_store
-from alaya_jax.attention.attention_fn import make_attention_fn
-from alaya_jax.attention.config import AttentionConfig, KernelConfig
+from alaya_jax.attention.attention_fn import make_attention_fn  # noqa: E402
+from alaya_jax.attention.config import AttentionConfig, KernelConfig  # noqa: E402
+from alaya_jax.store import kv_store  # noqa: E402
+from bench import harness  # noqa: E402
 
 
 def build_model(name: str, context: int):
@@ -50,20 +60,33 @@ def build_model(name: str, context: int):
     return cfg, Llama(cfg, rngs=nnx.Rngs(0))
 
 
-def proxy_stores(cfg, batch: int, context: int, capacity: int):
+@functools.partial(jax.jit, static_argnames=("capacity",))
+def _proxy_store(token_keys, token_index, key, *, capacity: int):
+    """One layer's store from the real tokens' keys [B, Hkv, T, D] and the proxy's token index [S] (keys
+    gathered, values drawn, blocked and coded in one compiled call)."""
+    k = jnp.take(token_keys, token_index, axis=2).astype(jnp.bfloat16).transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
+    v = jax.random.normal(key, k.shape, jnp.bfloat16)
+    return kv_store.from_dense(k, v, block_size=64, capacity=capacity)
+
+
+def proxy_stores(cfg, batch: int, context: int, capacity: int, *, sources: int = 0):
     """Per layer a store of ``context`` real-proxy keys (bench/real_key_proxy.py, sources drawn
-    with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D]."""
+    with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D].
+    ``sources`` > 0: only that many distinct proxies, copied round-robin over the layers (faster to build)."""
     from bench import real_key_proxy
 
+    if 0 < sources < cfg.num_layers:
+        few, fq = proxy_stores(dataclasses.replace(cfg, num_layers=sources), batch, context, capacity)
+        stores = tuple(jax.tree.map(jnp.copy, few[i % sources]) for i in range(cfg.num_layers))
+        return stores, fq[jnp.arange(cfg.num_layers) % sources]
     stores, qs = [], []
     for layer in range(cfg.num_layers):
         p = real_key_proxy.build_proxy(context=context, batch=batch, num_kv_heads=cfg.num_kv_heads,
                                        group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim, seed=layer,
-                                       values=False)
-        k = jnp.asarray(p["keys"]).astype(jnp.bfloat16).transpose(0, 2, 1, 3)  # [B, S, Hkv, D]
-        v = jax.random.normal(jax.random.PRNGKey(layer), k.shape, jnp.float32).astype(jnp.bfloat16)
-        stores.append(jax.block_until_ready(kv_store.from_dense(k, v, block_size=64, capacity=capacity)))
-        del k, v
+                                       values=False, by_token=True)
+        stores.append(jax.block_until_ready(_proxy_store(jnp.asarray(p["keys"]), jnp.asarray(p["token_index"],
+                                                                                                jnp.int32),
+                                                         jax.random.PRNGKey(layer), capacity=capacity)))
         qs.append(jnp.asarray(p["q"], jnp.float32).astype(jnp.bfloat16))
     return tuple(stores), jnp.stack(qs)
 
@@ -110,9 +133,6 @@ def run_variant(model, caches, qs, name, attention, betas, args):
                "tokens_per_s": qs.shape[1] / float(np.median(steady))}
         if attention.method == "dipr":
             a = jax.device_get(aux)
-            row["overflow_layers"] = int(sum(int(np.asarray(x["overflow"])) for x in a))
-            row["refined_layers"] = int(sum(int(np.asarray(x["refined"])) for x in a))
-            row["rescanned_layers"] = int(sum(int(np.asarray(x["rescanned"])) for x in a))
             ln = float(np.asarray(caches[0].lengths).mean())
             row["candidate_fraction"] = float(np.mean([np.asarray(x["candidates"]).mean() for x in a])) / ln
         rows.append(row)
@@ -127,19 +147,27 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--betas64", type=float, nargs="+", default=[24.0], help="β at d=64, mapped to the model's D")
     ap.add_argument("--variants", nargs="+", default=["full", "full-xla", "full-cudnn", "dipr"])
+    ap.add_argument("--proxy-sources", type=int, default=0,
+                    help="distinct real-key proxies, cycled over the layers (0: one per layer)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.contexts, args.steps, args.variants = "smollm2-2l", [1024], 2, ["full", "dipr"]
     os.makedirs(args.out, exist_ok=True)
     impl = "pallas"
     meta = harness.run_meta(model=args.model, batch=args.batch)
+    # the byte roofline of a step: weights + K/V at the context read once, at the bandwidth of this run
+    meta["copy_GBps"] = harness.measure_copy_bandwidth(nbytes=(64 << 20) if args.smoke else (4 << 30)) / 1e9
     rows = []
+    cfg, model = build_model(args.model, max(args.contexts))  # one model (and its weights) for every context
     for context in args.contexts:
-        cfg, model = build_model(args.model, context)
         capacity = context + (args.steps + 2) * max(len(args.betas64), 1) + 16  # every timed step appends
         t0 = time.perf_counter()
-        stores, qs = proxy_stores(cfg, args.batch, context, capacity)
+        stores, qs = proxy_stores(cfg, args.batch, context, capacity, sources=args.proxy_sources)
         setup = time.perf_counter() - t0
+        c0 = stores[0]
+        nbytes = (sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+                  + len(stores) * 2 * c0.batch * c0.num_kv_heads * context * c0.head_dim * c0.dtype.itemsize)
+        roof = {"roofline_bytes": int(nbytes), "roofline_ms": 1e3 * nbytes / (meta["copy_GBps"] * 1e9)}
         for name in args.variants:
             if name == "dipr":
                 att = AttentionConfig(method="dipr", kernel=KernelConfig(implementation=impl))
@@ -150,7 +178,7 @@ def main(argv=None):
             try:
                 got, stores = run_variant(model, stores, qs, name, att, betas, args)
                 for r in got:
-                    rows.append({**meta, "context": context, "setup_s": setup, **r})
+                    rows.append({**meta, "context": context, "setup_s": setup, **roof, **r})
                     print(json.dumps(rows[-1]), flush=True)
             except Exception as e:
                 rows.append({**meta, "context": context, "variant": name,
@@ -170,23 +198,25 @@ def markdown(rows) -> str:
            f"{m['device']}, jax {m['jax']}, jaxlib {m.get('jaxlib')}, triton {m.get('triton')}, {m['date']}, "
            f"commit {m['commit']}, batch {m['batch']}. Step = one jitted decode call incl. the host sync "
            "on the sampled token (median of the timed steps).", "",
-           "| context | variant | β (D) | step ms | tok/s | × best full | candidates | overflow / M > M_lb layers |",
-           "|---|---|---|---|---|---|---|---|"]
+           f"Roofline = weights + K/V at the context read once at the copy bandwidth measured in this run "
+           f"({m.get('copy_GBps', float('nan')):.0f} GB/s).", "",
+           "| context | variant | β (D) | step ms | roofline ms | × roofline | tok/s | × best full | candidates |",
+           "|---|---|---|---|---|---|---|---|---|"]
     best = {}
     for r in rows:
         if "error" not in r and r["variant"].startswith("full"):
             best[r["context"]] = min(best.get(r["context"], 1e18), r["step_ms"])
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['context']} | {r['variant']} | failed: {r['error'][:120]} ||||||")
+            out.append(f"| {r['context']} | {r['variant']} | failed: {r['error'][:120]} |||||||")
             continue
         b = best.get(r["context"])
+        roof = r.get("roofline_ms")
         out.append(f"| {r['context']} | {r['variant']} | {'' if r['beta'] is None else format(r['beta'], '.1f')} | "
-                   f"{r['step_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+                   f"{r['step_ms']:.2f} | {'' if roof is None else format(roof, '.2f')} | "
+                   f"{'' if roof is None else format(r['step_ms'] / roof, '.2f')} | {r['tokens_per_s']:.1f} | "
                    f"{'' if b is None else format(b / r['step_ms'], '.2f')} | "
-                   f"{'' if 'candidate_fraction' not in r else format(r['candidate_fraction'], '.2%')} | "
-                   f"{'' if 'overflow_layers' not in r else str(r['overflow_layers']) + ' / '}"
-                   f"{'' if 'overflow_layers' not in r else str(r['refined_layers'])} |")
+                   f"{'' if 'candidate_fraction' not in r else format(r['candidate_fraction'], '.2%')} |")
     return "\n".join(out) + "\n"
 
 

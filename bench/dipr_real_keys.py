@@ -1,45 +1,65 @@
-"""Exact filter–refine DIPR decode attention vs dense cuDNN at Llama-3-8B shapes, on real keys.
+"""Exact filter–refine DIPR decode attention vs dense cuDNN at Llama-3-8B shapes, on real keys, with the code
+scan's stage table.
 
-Keys: ``real-proxy`` — Llama-3-8B attention shapes (32 query / 8 KV heads, D = 128, bf16)
-built from keys and queries captured from SmolLM2 on real text
-(bench/real_keys/, bench/real_key_proxy.py: two real d = 64 heads side by side make one
-d = 128 head; real sequences laid end to end make the long contexts; the query is a real
-last-position query) — and ``synthetic`` (i.i.d. Gaussian keys with a few keys planted
-near the query; an extra row only: synthetic keys flattered the old block path).
+Keys: ``real-proxy`` — Llama-3-8B attention shapes (32 query / 8 KV heads, D = 128, bf16) built from keys and
+queries captured from SmolLM2 on real text (bench/real_keys/, bench/real_key_proxy.py: a real d = 64 head
+repeated side by side makes one d = 128 head; the real sequence laid end to end makes the long contexts; the
+query is a real last-position query; built on the device from the real tokens' keys) — and ``synthetic``
+(i.i.d. Gaussian keys with a few keys planted near the query; an extra row).
 
-For every (keys, context, batch, β) the same run times: DIPR attention (``dipr_store_attention``,
-Pallas kernels: code scan + refine/attend), the code scan alone, and dense attention
-(cuDNN, and XLA for reference) over the same keys in cuDNN's [B, S, H, D] layout, all as
-``L`` layers in one jit (bench/harness.py). It measures the copy bandwidth, the DIPR and
-candidate shares (from the kernels' own statistics), overflow and re-refine counts.
+For every (keys, context, batch) the same run measures, ``L`` layers with their own data in one jit
+(bench/harness.py; µs per layer = back-to-back calls, host dispatch overlapped, / L; the blocked figure too):
 
-Writes ``dipr_real_keys.json`` (a list of rows with the fields the issue asks for plus
-details) and ``dipr_real_keys.md`` into ``--out``.
+- dense attention (cuDNN, and XLA) over the same keys in cuDNN's [B, S, H, D] layout, and the copy bandwidth;
+- ``load-only``: our own minimal load-only Pallas kernel over the same code bytes (68 B a key);
+- the scan's stage table (bench/diag/scan_stages.py: load → unpack → prologue → estimate → test → flags,
+  each with the production kernel's helpers) and the production scan (``full``: + the compaction of its
+  candidate lists), each in TB/s over the 68 code bytes of a key;
+- per β: the whole exact DIPR step (``dipr_store_attention``: scan, score pass, attend pass and the XLA
+  glue), the refine alone (score + attend passes on the scan's lists) and the score pass alone, the DIPR
+  and candidate shares, and a check of layer 0 against brute-force DIPR attention;
+- a few knob variants of the step at the middle β (splits, refine programs) and, with ``--profile``, the
+  kernels of one traced DIPR step (names, count and device µs per layer).
 
-    python -m bench.dipr_real_keys --out $OUT                         # GPU, default cases
-    python -m bench.dipr_real_keys --smoke --out /tmp/x               # CPU, tiny, interpret mode
+Writes ``dipr_real_keys.json`` ({"meta", "rows"}) and ``dipr_real_keys.md`` into ``--out``.
+
+    python -m bench.dipr_real_keys --out $OUT                  # GPU, default cases
+    python -m bench.dipr_real_keys --smoke                      # CPU, tiny, interpret mode
 """
 
 from __future__ import annotations
 
+import functools
+import glob
+import gzip
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-from bench import harness
-
+from alaya_jax.attention.dipr.brute_force import dipr_attention
+from alaya_jax.attention.dipr.filter_refine import dipr_store_attention, rotate_queries
 from alaya_jax.store import kv_store
-from alaya_jax.attention.dipr.filter_refine import dipr_store_attention, scan_codes
+from bench import harness
+from bench.diag import scan_stages
+from pallas_kernels.code_scan.api import EPILOGUE_CHUNK, default_num_splits, list_size, scan_tile
+from pallas_kernels.code_scan.kernel_triton import scan_pallas
+from pallas_kernels.common import default_rounding_slack, group_rows, score_operand_dtype
+from pallas_kernels.refine_attention import refine_attention
+from pallas_kernels.refine_attention.api import DEFAULT_CHUNK, default_programs
+from pallas_kernels.refine_attention.score_triton import score_pallas
 
 DT = jnp.bfloat16
 BK = 64
+SINK, WINDOW = 4, 64
+CODE_BYTES = 68  # a key's code: D/2 = 64 bytes of nibbles, an f16 scale and an f16 err
 
 
 def synthetic_layer(key, b, s, *, hq, hkv, d, planted=8):
@@ -47,25 +67,30 @@ def synthetic_layer(key, b, s, *, hq, hkv, d, planted=8):
     normalised to norm 3·√d, so those keys (and few others) score high."""
     k1, k2, k3 = jax.random.split(key, 3)
     k = jax.random.normal(k1, (b, s, hkv, d), jnp.float32)
-    v = jax.random.normal(k2, (b, s, hkv, d), jnp.float32)
+    v = jax.random.normal(k2, (b, s, hkv, d), DT)
     pick = jax.random.randint(k3, (b, hkv, planted), 0, s)
     chosen = jnp.take_along_axis(k.transpose(0, 2, 1, 3), pick[..., None], axis=2).sum(2)  # [B,Hkv,D]
     q = chosen / jnp.linalg.norm(chosen, axis=-1, keepdims=True) * 3 * math.sqrt(d)
     q = jnp.repeat(q, hq // hkv, axis=1) + 0.5 * jax.random.normal(k3, (b, hq, d))
-    return q.astype(DT), k.astype(DT), v.astype(DT)
+    return q.astype(DT), k.astype(DT), v
+
+
+@jax.jit
+def _positions(token_keys, token_index, key):
+    """Real tokens' keys [B, Hkv, T, D] -> the proxy's keys [B, S, Hkv, D] (one gather) and Gaussian values."""
+    k = jnp.take(token_keys, token_index, axis=2).astype(DT).transpose(0, 2, 1, 3)
+    return k, jax.random.normal(key, k.shape, DT)
 
 
 def proxy_layer(layer, b, s, *, hq, hkv, d):
-    """Real-key proxy (bench/real_key_proxy.py, construction "embed", sources drawn with seed
-    ``layer``): q [B,Hq,D], keys [B,S,Hkv,D] bf16; values Gaussian, drawn on the device."""
+    """Real-key proxy (bench/real_key_proxy.py, construction "embed", sources drawn with seed ``layer``),
+    built on the device: q [B, Hq, D], keys and values [B, S, Hkv, D] bf16 (values Gaussian)."""
     from bench import real_key_proxy
 
     p = real_key_proxy.build_proxy(context=s, batch=b, num_kv_heads=hkv, group=hq // hkv, head_dim=d,
-                                   seed=layer, values=False)
-    q = jnp.asarray(p["q"], jnp.float32).astype(DT)
-    k = jnp.asarray(p["keys"]).astype(DT).transpose(0, 2, 1, 3)  # [B,Hkv,S,D] -> [B,S,Hkv,D]
-    v = jax.random.normal(jax.random.PRNGKey(layer), k.shape, jnp.float32).astype(DT)
-    return q, k, v
+                                   seed=layer, values=False, by_token=True)
+    k, v = _positions(jnp.asarray(p["keys"]), jnp.asarray(p["token_index"], jnp.int32), jax.random.PRNGKey(layer))
+    return jnp.asarray(p["q"], jnp.float32).astype(DT), k, v
 
 
 def proxy_beta(beta64: float, head_dim: int) -> float:
@@ -74,10 +99,36 @@ def proxy_beta(beta64: float, head_dim: int) -> float:
     return float(beta64 * math.sqrt(head_dim / 64))
 
 
-def bench_case(kind, b, s, args, bw, log):
+def per_layer(fn, layers, iters):
+    """fn(*args) once per layer (own data) in one jit: (timing dict in µs per layer, outputs)."""
+    f = jax.jit(lambda all_args: [fn(*x) for x in all_args])
+    t, out = harness.timed_rounds(f, (layers,), iters)
+    n = len(layers)
+    return {"us": 1e6 * t["s"] / n, "us_min": 1e6 * t["s_min"] / n, "us_blocked": 1e6 * t["s_blocked"] / n}, out
+
+
+def chained(attn, qs, lays, iters):
+    """The layers chained as a model runs them (harness.layered): (timing dict in µs per layer, output)."""
+    t, out = harness.timed_rounds(harness.layered(attn), (qs, lays), iters)
+    n = len(qs)
+    return {"us": 1e6 * t["s"] / n, "us_min": 1e6 * t["s_min"] / n, "us_blocked": 1e6 * t["s_blocked"] / n}, out
+
+
+def scan_operands(q, st, beta):
+    """The production scan's operands for one layer (as ``code_scan``'s Pallas path builds them)."""
+    hkv = st.num_kv_heads
+    codes, scales, errs = st.dense_codes()
+    qdt = score_operand_dtype(q.dtype, st.dtype, "auto")
+    bt = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), q.shape[:2])
+    return (st.lengths, group_rows(q.astype(qdt), hkv), group_rows(rotate_queries(q, st.rot_signs), hkv),
+            group_rows(bt, hkv), st.dense_keys(), codes, scales, errs)
+
+
+def bench_case(kind, b, s, args, bw, log, meta):
     hq, hkv, d = args.hq, args.hkv, args.head_dim
+    g = hq // hkv
     nl = max(1, min(args.layers, int(args.layer_budget_gb * 2**30 // (4.6 * b * s * hkv * d * 2))))
-    rows = []
+    interp = not args.gpu
     qs, stores, dense = [], [], []
     for i in range(nl):
         if kind == "real-proxy":
@@ -85,152 +136,324 @@ def bench_case(kind, b, s, args, bw, log):
         else:
             q, k, v = synthetic_layer(jax.random.PRNGKey(1000 * i + s + b), b, s, hq=hq, hkv=hkv, d=d)
         qs.append(q)
-        stores.append(jax.block_until_ready(kv_store.from_dense(k, v, block_size=BK)))
+        stores.append(jax.block_until_ready(jax.jit(functools.partial(kv_store.from_dense, block_size=BK))(k, v)))
         dense.append((k, v))
-    meta = harness.run_meta()
-    base = {"gpu": meta["device"], "jax": jax.__version__, "jaxlib": meta.get("jaxlib"), "triton": meta.get("triton"),
-            "commit": meta["commit"], "keys": kind, "context": s, "batch": b, "layers_in_loop": nl,
-            "hbm_TBps": bw / 1e12}
-    # Dense in the same run.
+    ns = args.num_splits or default_num_splits(b, hkv, s)
+    programs = args.refine_programs or default_programs(b, hkv)
+    slack = default_rounding_slack(d)
+    base = {"keys": kind, "context": s, "batch": b, "layers_in_loop": nl, "num_splits": ns,
+            "refine_programs": programs, "tile": scan_tile(s)}
+    code_bytes = b * hkv * s * CODE_BYTES
+    rows = []
+
+    def emit(row):
+        row = {**base, **row}
+        if "us" in row and row.get("bytes_per_layer"):
+            row["TBps"] = row["bytes_per_layer"] / (row["us"] * 1e-6) / 1e12
+            row["pct_copy"] = row["TBps"] / (bw / 1e12)
+        rows.append(row)
+        log(row)
+        return row
+
+    def attempt(what, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a failing row is recorded and the run goes on
+            traceback.print_exc()
+            emit({"row": what, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            return None
+
+    # ---------------------------------------------------------------- dense, same keys, same run
     dense_us = {}
     for name, fn in harness.dense_fns().items():
-        if name not in args.dense:
-            continue
-        try:
-            t, _ = harness.timed(harness.layered(fn), (qs, dense), args.iters)
-            dense_us[name] = 1e6 * t / nl
-            log({**base, "dense_impl": name, "dense_us": dense_us[name]})
-        except Exception as e:
-            log({**base, "dense_impl": name, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-    best_impl = "cudnn" if "cudnn" in dense_us else (min(dense_us, key=dense_us.get) if dense_us else None)
-    code_bytes = sum(x.nbytes for x in stores[0].dense_codes())
-    betas = args.betas if kind == "synthetic" else [proxy_beta(b64, d) for b64 in args.betas64]
-    kw = dict(sink=4, window=64, implementation=args.implementation, capacity_fraction=args.capacity_fraction,
-              num_splits=args.num_splits)
+        if name in args.dense:
+            def run_dense(name=name, fn=fn):
+                tm, _ = chained(fn, qs, dense, args.iters)
+                dense_us[name] = tm["us"]
+                emit({"row": "dense", "impl": name, **tm, "bytes_per_layer": b * hkv * s * d * 2 * 2})
+            attempt(f"dense/{name}", run_dense)
+    ref_impl = "cudnn" if "cudnn" in dense_us else (min(dense_us, key=dense_us.get) if dense_us else None)
+    dense_ref = dense_us.get(ref_impl)
 
-    def dipr(q, lay):  # β travels as data: one compilation for every β
-        st, beta = lay
-        return dipr_store_attention(q, st, beta=beta, **kw)[0]
+    # ---------------------------------------------------------------- load-only and the scan's stages
+    betas = args.betas if kind == "synthetic" else [proxy_beta(x, d) for x in args.betas64]
+    mid = betas[len(betas) // 2]
+    ops = [scan_operands(q, st, mid) for q, st in zip(qs, stores)]
+    load_best = None
+    if kind == "real-proxy" and f"{b}:{s}" in args.stage_pairs:
+        tile = scan_tile(s)
+        for t, nsp, w in ((tile, ns, 4), (64, 4 * ns, 8)):
+            def run_load(t=t, nsp=nsp, w=w):
+                nonlocal load_best
+                fn = functools.partial(scan_stages.load_only, tile=t, splits=nsp, warps=w, stages=3, interpret=interp)
+                tm, _ = per_layer(fn, [o[5:8] for o in ops], args.iters)
+                r = emit({"row": "load-only", "variant": f"T{t}_ns{nsp}_w{w}", **tm, "bytes_per_layer": code_bytes})
+                load_best = max(load_best or 0.0, r["TBps"])
+            attempt("load-only", run_load)
+        kw = dict(g=g, sink=SINK, window=WINDOW, tile=tile, num_splits=ns, rounding_slack=slack, interpret=interp)
+        for stage in scan_stages.STAGES + ("full",):
+            def run_stage(stage=stage):
+                if stage == "full":
+                    fn = functools.partial(scan_pallas, list_size=list_size(s, ns), chunk=EPILOGUE_CHUNK, **kw)
+                else:
+                    fn = functools.partial(scan_stages.stage_call, stage, **kw)
+                tm, _ = per_layer(fn, ops, args.iters)
+                r = {"row": "scan stage", "stage": stage, **tm, "bytes_per_layer": code_bytes}
+                r = emit(r)
+                if load_best:
+                    r["pct_load_only"] = r["TBps"] / load_best
+            attempt(f"scan stage {stage}", run_stage)
 
-    def scan_only(q, lay):
-        st, beta = lay
-        bt = jnp.broadcast_to(beta, q.shape[:2])
-        _, cnt, lb, msw, _, _ = scan_codes(q, st, bt, sink=4, window=64, implementation=args.implementation,
-                                        capacity_fraction=args.capacity_fraction, num_splits=args.num_splits)
-        return jnp.broadcast_to((jnp.max(lb, -1) + msw)[..., None], q.shape).astype(q.dtype)
+    # ---------------------------------------------------------------- the DIPR step per β
+    def step_fn(num_splits=None, refine_programs=None):
+        def dipr(q, lay):
+            st, beta = lay
+            return dipr_store_attention(q, st, beta=beta, sink=SINK, window=WINDOW, implementation="pallas",
+                                        interpret=interp, num_splits=num_splits, refine_programs=refine_programs)[0]
+        return dipr
 
-    run_dipr, run_scan = harness.layered(dipr), harness.layered(scan_only)
-    stats = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, with_mask=True, **kw)[1])
+    step_one = jax.jit(step_fn(ns, programs))
+    stats_fn = jax.jit(lambda q, st, beta: dipr_store_attention(q, st, beta=beta, sink=SINK, window=WINDOW,
+                                                                with_mask=True, implementation="pallas",
+                                                                interpret=interp, num_splits=ns)[1])
+    scan_lists = jax.jit(lambda q, st, beta: _scan_lists(q, st, beta, ns, interp))
     for beta in betas:
-        row = {**base, "beta": beta, "num_splits": args.num_splits, "dense_impl": best_impl,
-               "dense_us": dense_us.get(best_impl), "dense_all_us": dense_us}
         bj = jnp.float32(beta)
         lays = [(st, bj) for st in stores]
-        try:
-            t, _ = harness.timed(run_dipr, (qs, lays), args.iters)
-            row["dipr_us"] = 1e6 * t / nl
-            tf, cf, ov, rf, rs = [], [], 0, 0, 0
+
+        def run_step(beta=beta, bj=bj, lays=lays):
+            tm, _ = chained(step_fn(ns, programs), qs, lays, args.iters)
+            row = {"row": "dipr step", "beta": beta, **tm, "dense_impl": ref_impl, "dense_us": dense_ref,
+                   "dense_all_us": dense_us}
+            if dense_ref:
+                row["speedup"] = dense_ref / tm["us"]
+            cf, tf = [], []
             for q, st in zip(qs, stores):
-                sd = jax.device_get(stats(q, st, bj))
+                sd = jax.device_get(stats_fn(q, st, bj))
                 ln = np.asarray(st.lengths, np.float64)
                 tf.append(float(np.mean(sd.keys_in_range / ln[:, None])))
                 cf.append(float(np.mean(sd.candidates / ln[:, None])))
-                ov += int(sd.overflow)
-                rf += int(sd.refined)
-                rs += int(sd.rescanned)
-            row.update(true_fraction=float(np.mean(tf)), candidate_fraction=float(np.mean(cf)),
-                       overflow_layers=ov, refined_layers=rf, rescanned_layers=rs)
-            try:
-                ts, _ = harness.timed(run_scan, (qs, lays), args.iters)
-                row["scan_us"] = 1e6 * ts / nl
-                row["scan_TBps"] = code_bytes / (ts / nl) / 1e12
-            except Exception as e:
-                row["scan_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            if row.get("dense_us"):
-                row["speedup"] = row["dense_us"] / row["dipr_us"]
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc()
-        rows.append(row)
-        log(row)
+            row.update(true_fraction=float(np.mean(tf)), candidate_fraction=float(np.mean(cf)))
+            row["check"] = check_layer(qs[0], stores[0], dense[0], beta, step_one, slack)
+            lists = [scan_lists(q, st, bj) for q, st in zip(qs, stores)]
+            rt, _ = per_layer(lambda q, st, li: refine_attention(
+                q, st.dense_keys(), st.dense_values(), *li, st.lengths, bj, sink=SINK, window=WINDOW,
+                implementation="pallas", interpret=interp, programs=programs), list(zip(qs, stores, lists)),
+                args.iters)
+            row["refine_us"] = rt["us"]
+            st_, _ = per_layer(lambda q, st, li: score_pallas(
+                li[1], li[0], group_rows(q, st.num_kv_heads), st.dense_keys(), g=g, chunk=DEFAULT_CHUNK,
+                programs=programs, interpret=interp), list(zip(qs, stores, lists)), args.iters)
+            row["score_us"] = st_["us"]
+            emit(row)
+        attempt(f"dipr step β={beta:.1f}", run_step)
+
+    # ---------------------------------------------------------------- knob variants at the middle β
+    if kind == "real-proxy" and f"{b}:{s}" in args.variant_pairs:
+        lays = [(st, jnp.float32(mid)) for st in stores]
+        for label, nsv in ((f"splits={max(1, ns // 2)}", max(1, ns // 2)), (f"splits={ns * 2}", ns * 2)):
+            def run_variant(label=label, nsv=nsv):
+                tm, _ = chained(step_fn(nsv, programs), qs, lays, args.iters)
+                emit({"row": "dipr variant", "variant": label, "beta": mid, **tm,
+                      **({"speedup": dense_ref / tm["us"]} if dense_ref else {})})
+            attempt(f"variant {label}", run_variant)
+        lists = [scan_lists(q, st, jnp.float32(mid)) for q, st in zip(qs, stores)]
+        for label, kw_ in ((f"programs={max(1, programs // 2)}", dict(programs=max(1, programs // 2))),
+                           (f"programs={programs * 2}", dict(programs=programs * 2)),
+                           ("chunk=32", dict(programs=programs, chunk=32))):
+            def run_refine(label=label, kw_=kw_):
+                tm, _ = per_layer(lambda q, st, li: refine_attention(
+                    q, st.dense_keys(), st.dense_values(), *li, st.lengths, jnp.float32(mid), sink=SINK,
+                    window=WINDOW, implementation="pallas", interpret=interp, **kw_), list(zip(qs, stores, lists)),
+                    args.iters)
+                emit({"row": "refine variant", "variant": label, "beta": mid, **tm})
+            attempt(f"refine variant {label}", run_refine)
+
+    # ---------------------------------------------------------------- profile of one DIPR step
+    if args.profile and kind == "real-proxy" and (b, s) == tuple(args.profile_case):
+        lays = [(st, jnp.float32(mid)) for st in stores]
+        attempt("profile", lambda: emit({"row": "profile", "beta": mid,
+                                         **profile_step(step_fn(ns, programs), qs, lays)}))
     return rows
 
 
+def _scan_lists(q, st, beta, ns, interp):
+    from alaya_jax.attention.dipr.filter_refine import scan_codes
+
+    bt = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), q.shape[:2])
+    return scan_codes(q, st, bt, sink=SINK, window=WINDOW, num_splits=ns, implementation="pallas", interpret=interp)
+
+
+@functools.partial(jax.jit, static_argnames=("slack",))
+def _brute(q, k, v, lengths, beta, *, slack):
+    return dipr_attention(q, k, v, beta=beta, lengths=lengths, sink=SINK, window=WINDOW, rounding_slack=slack)
+
+
+def check_layer(q, st, kv, beta, step, slack):
+    """Layer 0 of the step against brute-force DIPR attention (same rounding slack): relative L2 error of the
+    output, and whether it is within the bf16 tolerance of the kernel tests."""
+    k, v = kv
+    out = step(q, (st, jnp.float32(beta)))
+    ref = _brute(q, k, v, st.lengths, jnp.float32(beta), slack=slack)
+    o, r = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    rel = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
+    return {"out_rel_err": rel, "ok": bool(rel <= 1.5e-2 and np.isfinite(o).all())}
+
+
+def profile_step(step, qs, lays):
+    """Device kernels of the chained DIPR step (3 traced calls): per layer, each kernel's count and µs (the
+    trace itself goes to a temporary directory, removed after)."""
+    f = harness.layered(step)
+    jax.block_until_ready(f(qs, lays))
+    d = tempfile.mkdtemp(prefix="dipr-profile-")
+    calls = 3
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+        for _ in range(calls):
+            jax.block_until_ready(f(qs, lays))
+    paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not paths:
+        raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {d}")
+    with gzip.open(paths[0], "rt") as fh:
+        tr = json.load(fh)
+    evs = tr["traceEvents"] if isinstance(tr, dict) else tr
+    pname = {e["pid"]: e["args"]["name"] for e in evs if e.get("ph") == "M" and e.get("name") == "process_name"}
+    tname = {(e["pid"], e["tid"]): e["args"]["name"] for e in evs
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    gpu = {p for p, n in pname.items() if "GPU" in n.upper()}
+    streams = {k for k, v in tname.items() if k[0] in gpu and "stream" in v.lower()}
+    dev = [e for e in evs if e.get("ph") == "X" and e.get("pid") in gpu
+           and (not streams or (e["pid"], e["tid"]) in streams)]
+    per = calls * len(qs)
+    kern = {}
+    for e in dev:
+        k = kern.setdefault(e["name"][:80], [0, 0.0])
+        k[0] += 1
+        k[1] += float(e["dur"])
+    shutil.rmtree(d, ignore_errors=True)
+    top = sorted(({"kernel": n, "per_layer": c / per, "us_per_layer": t / per} for n, (c, t) in kern.items()),
+                 key=lambda r: -r["us_per_layer"])
+    return {"kernels_per_layer": len(dev) / per, "device_us_per_layer": sum(x["us_per_layer"] for x in top),
+            "pallas_kernels_per_layer": sum(x["per_layer"] for x in top if any(
+                n in x["kernel"] for n in ("code_scan", "refine_score", "refine_attend"))),
+            "kernels": top[:24], "device_tracks": sorted(pname[p] for p in gpu)}
+
+
+def _f(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
 def markdown(meta, rows) -> str:
+    bw = meta["hbm_TBps"]
     out = ["# Exact DIPR (filter–refine over 4-bit key codes) vs dense, Llama-3-8B attention shapes", "",
            f"{meta['device']}, jax {meta['jax']}, jaxlib {meta.get('jaxlib')}, triton {meta.get('triton')}, "
            f"{meta['date']}, commit {meta['commit']}. {meta['hq']} q / {meta['hkv']} KV heads, D={meta['head_dim']}, "
-           f"bf16, sink 4, window 64, candidate capacity {meta['capacity_fraction']:.0%} of each split. "
-           f"Copy bandwidth in this run: {meta['hbm_TBps']:.2f} TB/s. µs per layer = one jit over L layers "
-           "(own K/V each) / L. β in raw q·k units at D=128 (real-proxy: the d=64 β of the CPU measurement "
-           "mapped by bench/real_key_proxy.py).", "",
-           "| keys | B | context | β | dense cuDNN µs | DIPR µs | × dense | DIPR keys | candidates | scan µs | scan "
-           "TB/s (% HBM) | rescanned/overflow/M > M_lb layers |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           f"bf16, sink {SINK}, window {WINDOW}. Copy bandwidth in this run: {bw:.2f} TB/s. µs per layer: L layers "
+           "(own K/V each) in one jit, back-to-back calls (host dispatch overlapped) / L; 'blk' = each call blocked. "
+           "TB/s of the scan rows over the 68 code bytes a key. β in raw q·k units at D=128 (real-proxy: the d=64 "
+           "β of the CPU measurement mapped by bench/real_key_proxy.py).", "",
+           "| keys | B | context | β | cuDNN µs | DIPR µs (blk) | × cuDNN | DIPR keys | candidates | scan µs | "
+           "scan TB/s (% copy) | refine µs (% scan) | score µs | check |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    scans = {(r["keys"], r["batch"], r["context"]): r for r in rows if r.get("row") == "scan stage"
+             and r.get("stage") == "full" and "us" in r}
     for r in rows:
-        if "beta" not in r:
+        if r.get("row") != "dipr step":
             continue
         if "error" in r:
-            out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | {r['beta']:.1f} | failed: {r['error'][:100]} "
-                       "||||||||")
+            out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | | failed: {r['error'][:100]} |||||||||")
             continue
-        scan = (f"{r['scan_TBps']:.2f} ({r['scan_TBps'] / r['hbm_TBps']:.0%})" if "scan_TBps" in r
-                else r.get("scan_error", "")[:60])
-        dense = f"{r['dense_us']:.1f}" if r.get("dense_us") else "-"
-        sp = f"{r['speedup']:.2f}" if r.get("speedup") else "-"
-        out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | {r['beta']:.1f} | {dense} | {r['dipr_us']:.1f} | "
-                   f"{sp} | {r['true_fraction']:.2%} | {r['candidate_fraction']:.2%} | "
-                   f"{r.get('scan_us', float('nan')):.1f} | "
-                   f"{scan} | {r['rescanned_layers']}/{r['overflow_layers']}/{r['refined_layers']} of "
-                   f"{r['layers_in_loop']} |")
+        sc = scans.get((r["keys"], r["batch"], r["context"]))
+        scan = f"{sc['us']:.1f}" if sc else "-"
+        scan_bw = f"{sc['TBps']:.2f} ({sc['pct_copy']:.0%})" if sc else "-"
+        ref = (f"{r['refine_us']:.1f} ({r['refine_us'] / sc['us']:.0%})" if sc and "refine_us" in r
+               else _f(r.get("refine_us")))
+        chk = r.get("check", {})
+        out.append(f"| {r['keys']} | {r['batch']} | {r['context']} | {r['beta']:.1f} | {_f(r.get('dense_us'))} | "
+                   f"{r['us']:.1f} ({r['us_blocked']:.0f}) | {_f(r.get('speedup'), '.2f')} | "
+                   f"{r['true_fraction']:.2%} | {r['candidate_fraction']:.2%} | {scan} | {scan_bw} | {ref} | "
+                   f"{_f(r.get('score_us'))} | {'ok' if chk.get('ok') else 'FAIL'} {chk.get('out_rel_err', 0):.1e} |")
+    out += ["", "## The scan, stage by stage (real-proxy; µs per layer, TB/s over 68 B a key)", "",
+            "| B | context | row | stage / variant | µs (blk) | TB/s | % copy | % load-only |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("row") in ("load-only", "scan stage", "dense") and "us" in r:
+            what = r.get("stage") or r.get("variant") or r.get("impl")
+            out.append(f"| {r['batch']} | {r['context']} | {r['row']} | {what} | "
+                       f"{r['us']:.1f} ({r['us_blocked']:.0f}) | {_f(r.get('TBps'), '.2f')} | "
+                       f"{_f(r.get('pct_copy'), '.0%')} | {_f(r.get('pct_load_only'), '.0%')} |")
+    var = [r for r in rows if r.get("row") in ("dipr variant", "refine variant") and "us" in r]
+    if var:
+        out += ["", "## Variants (middle β): the whole step, or the refine alone", "",
+                "| B | context | row | variant | µs | × cuDNN |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['batch']} | {r['context']} | {r['row']} | {r['variant']} | {r['us']:.1f} | "
+                f"{_f(r.get('speedup'), '.2f')} |" for r in var]
+    for r in rows:
+        if r.get("row") == "profile" and "kernels" in r:
+            out += ["", f"## Kernels of one DIPR step (B={r['batch']}, {r['context']}, β {r['beta']:.1f}; profiler, "
+                    f"per layer): {r['kernels_per_layer']:.1f} kernels, {r['pallas_kernels_per_layer']:.1f} Pallas, "
+                    f"{r['device_us_per_layer']:.1f} µs of device time", "", "| kernel | per layer | µs |",
+                    "|---|---|---|"]
+            out += [f"| `{k['kernel']}` | {k['per_layer']:.2f} | {k['us_per_layer']:.1f} |" for k in r["kernels"]]
+    errs = [r for r in rows if "error" in r and r.get("row") != "dipr step"]
+    if errs:
+        out += ["", "## Failed rows", ""]
+        out += [f"- {r['context']} B={r['batch']} {r['row']}: {r['error'][:200]}" for r in errs]
     return "\n".join(out) + "\n"
 
 
 def main(argv=None):
     ap = harness.parser(__doc__.split("\n")[0], "dipr_real_keys", smoke="CPU: tiny shapes, interpret mode, jnp dense "
                                                                         "only")
-    ap.add_argument("--pairs", nargs="+", default=["1:32768", "1:131072", "1:524288", "8:131072"],
-                    help="B:S cases")
+    ap.add_argument("--pairs", nargs="+", default=["1:32768", "1:131072", "1:524288", "8:131072"], help="B:S cases")
     ap.add_argument("--keys", nargs="+", default=["real-proxy", "synthetic"])
+    ap.add_argument("--synthetic-pairs", nargs="+", default=["1:131072"], help="B:S cases of the synthetic keys")
     ap.add_argument("--betas64", type=float, nargs="+", default=[16.0, 24.0, 32.0],
                     help="real-proxy: β at d=64 (mapped to d=128)")
     ap.add_argument("--betas", type=float, nargs="+", default=[20.0], help="synthetic keys: β at d=128")
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--layer-budget-gb", type=float, default=48.0)
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--capacity-fraction", type=float, default=1.0)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layer-budget-gb", type=float, default=24.0)
+    ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--num-splits", type=int, default=None, help="splits per (batch, KV head); default: auto")
+    ap.add_argument("--refine-programs", type=int, default=None, help="refine programs per (batch, KV head)")
     ap.add_argument("--dense", nargs="+", default=["cudnn", "xla"])
-    ap.add_argument("--implementation", default="pallas")
+    ap.add_argument("--stage-pairs", nargs="*", default=["1:131072", "1:524288", "8:131072"],
+                    help="B:S cases that also time load-only and the scan's stages")
+    ap.add_argument("--variant-pairs", nargs="*", default=["1:131072", "1:524288"],
+                    help="B:S cases that also time the knob variants")
+    ap.add_argument("--profile", action="store_true", help="trace one DIPR step of --profile-case")
+    ap.add_argument("--profile-case", type=int, nargs=2, default=[1, 131072], metavar=("B", "S"))
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.pairs, args.layers, args.iters, args.dense = ["1:2048"], 2, 1, ["jnp"]
-        args.betas64, args.betas = [24.0], [20.0]
+        args.pairs, args.synthetic_pairs, args.layers, args.iters, args.dense = ["1:2048"], ["1:1024"], 2, 1, ["jnp"]
+        args.betas64, args.betas, args.hq, args.hkv = [16.0, 24.0], [20.0], 8, 2
+        args.num_splits, args.refine_programs, args.variant_pairs, args.stage_pairs = 4, 4, ["1:2048"], ["1:2048"]
+        args.profile, args.profile_case = True, [1, 2048]
     os.makedirs(args.out, exist_ok=True)
-    gpu = jax.default_backend() == "gpu"
-    if not gpu and not args.smoke:
+    args.gpu = jax.default_backend() == "gpu"
+    if not args.gpu and not args.smoke:
         raise SystemExit("dipr_real_keys: no GPU here; use --smoke for a CPU check of the script")
-    bw = harness.measure_copy_bandwidth() if gpu else harness.measure_copy_bandwidth(64 << 20, 3)
-    meta = harness.run_meta(hq=args.hq, hkv=args.hkv, head_dim=args.head_dim, hbm_TBps=bw / 1e12,
-                           capacity_fraction=args.capacity_fraction, args=vars(args))
+    bw = harness.measure_copy_bandwidth() if args.gpu else harness.measure_copy_bandwidth(64 << 20, 3)
+    meta = harness.run_meta(hq=args.hq, hkv=args.hkv, head_dim=args.head_dim, hbm_TBps=bw / 1e12, args=vars(args))
     rows = []
 
     def log(r):
         print(json.dumps(r), flush=True)
 
-    for pair in args.pairs:
+    cases = [(kind, pair) for pair in args.pairs for kind in args.keys
+             if kind != "synthetic" or pair in args.synthetic_pairs]
+    cases += [("synthetic", p) for p in args.synthetic_pairs if "synthetic" in args.keys and p not in args.pairs]
+    for kind, pair in cases:
         b, s = (int(x) for x in pair.split(":"))
-        for kind in args.keys:
-            try:
-                rows += bench_case(kind, b, s, args, bw, log)
-            except Exception as e:
-                rows.append({"keys": kind, "context": s, "batch": b, "error": f"{type(e).__name__}: {str(e)[:400]}"})
-                traceback.print_exc()
-            harness.write_results(args.out, "dipr_real_keys", [r for r in rows if "beta" in r or "error" in r],
-                                  markdown(meta, rows))
+        try:
+            rows += bench_case(kind, b, s, args, bw, log, meta)
+        except Exception as e:
+            rows.append({"row": "case", "keys": kind, "context": s, "batch": b,
+                         "error": f"{type(e).__name__}: {str(e)[:400]}"})
+            traceback.print_exc()
+        harness.write_results(args.out, "dipr_real_keys", {"meta": meta, "rows": rows}, markdown(meta, rows))
     print(markdown(meta, rows))
 
 

@@ -61,6 +61,23 @@ def timed(fn, args, iters: int):
     return float(np.median(ts)), out
 
 
+def timed_rounds(fn, args, iters: int, rounds: int = 5):
+    """Two timings of ``fn(*args)`` after one warm-up: (dict(s=median over ``rounds`` of ``iters``
+    back-to-back calls blocked once (host dispatch overlapped; the figure a model's step sees), s_blocked=
+    median of ``iters`` calls blocked one by one (:func:`timed`'s figure)) in seconds per call, last output)."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    per = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        per.append((time.perf_counter() - t) / iters)
+    blocked, out = timed(fn, args, iters)
+    return {"s": float(np.median(per)), "s_min": float(np.min(per)), "s_blocked": blocked}, out
+
+
 def layered(attn):
     """jit of L chained calls ``attn(q_i, layer_i)``: layer i's own query gets a tiny dependence
     on layer i−1's output (so XLA cannot run the layers concurrently or drop any)."""

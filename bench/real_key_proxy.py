@@ -92,13 +92,16 @@ CONSTRUCTIONS = ("embed", "pair")
 
 def build_proxy(*, context: int, batch: int = 1, num_kv_heads: int = 8, group: int = 4, head_dim: int = 128,
                 layer: int | None = None, query_offset: int = 0, window: int = 64, construction: str = "embed",
-                seed: int = 0, capture: dict | None = None, values: bool = True) -> dict:
+                seed: int = 0, capture: dict | None = None, values: bool = True, by_token: bool = False) -> dict:
     """Llama-3-8B-shaped attention inputs made of real SmolLM2 keys and queries (see the module doc).
 
     ``layer``: a model layer held in the capture (its ``layers``), or None for all of them.
     ``query_offset``: the query is that of real position 8191 − query_offset (0: the last).
     ``window``: the real last tokens kept once at the end (match the DIPR window you run).
     ``construction``: "embed" (default) or "pair" (see the module doc).
+    ``by_token``: return ``keys`` (and ``values``) per real token, [B, Hkv, 8192, D], instead of per position:
+    the proxy is then ``keys[:, :, token_index]``, which a device builds in one gather (long contexts
+    without a host array of the whole context).
 
     Returns ``q`` f32 [B, Hq=num_kv_heads·group, D] (query head j belongs to KV head j // group),
     ``keys`` f16 [B, Hkv, S=context, D], ``values`` f16 [B, Hkv, S, D] (None if not ``values``),
@@ -136,10 +139,11 @@ def build_proxy(*, context: int, batch: int = 1, num_kv_heads: int = 8, group: i
         draws += [combos[i] for i in rng.permutation(len(combos))]
     last = s_c - 1 - query_offset
     idx = token_index(context=context, last=last, window=window)
+    rows = np.arange(s_c) if by_token else idx  # the real token of each row of ``keys``
     qrow = nq - 1 - query_offset
     gq = q_c.shape[2] // hkv_c
     kscale = np.float32(1 / np.sqrt(r)) if construction == "embed" else np.float32(1)
-    keys = np.empty((batch, num_kv_heads, context, head_dim), np.float16)
+    keys = np.empty((batch, num_kv_heads, len(rows), head_dim), np.float16)
     q = np.empty((batch, num_kv_heads * group, head_dim), np.float32)
     source = []
     for b in range(batch):
@@ -151,7 +155,7 @@ def build_proxy(*, context: int, batch: int = 1, num_kv_heads: int = 8, group: i
                 if i and heads[i] == heads[0]:
                     keys[b, h, :, part] = keys[b, h, :, :REAL_D]
                 else:
-                    keys[b, h, :, part] = (real[kh, idx].astype(np.float32) * kscale).astype(np.float16)
+                    keys[b, h, :, part] = (real[kh, rows].astype(np.float32) * kscale).astype(np.float16)
                 for j in range(group):
                     q[b, h * group + j, part] = q_c[li, qrow, kh * gq + j % gq]
             source.append({"batch": b, "kv_head": h, "layer": layers[li], "real_kv_heads": list(heads),
@@ -160,7 +164,7 @@ def build_proxy(*, context: int, batch: int = 1, num_kv_heads: int = 8, group: i
     if values:
         vrng = np.random.default_rng([seed, 1])
         base = vrng.standard_normal((batch, num_kv_heads, s_c, head_dim), np.float32).astype(np.float16)
-        vals = base[:, :, idx]
+        vals = base[:, :, rows]
     return {"q": q, "keys": keys, "values": vals, "beta_scale": float(np.sqrt(r)), "source": source,
             "token_index": idx, "query_position": last}
 

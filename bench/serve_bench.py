@@ -9,10 +9,12 @@ the standard library only (no openai package needed on the device). Measured:
   streamed. Decode tokens/s of one stream = (chunks - 1) / (last chunk - first chunk);
   aggregate tokens/s of N streams = chunks of all streams inside the window where all N
   stream (the latest first chunk to the earliest last chunk) / the window. A chunk is one
-  token here (the byte tokenizer gives every id >= 257 its own text). The whole pattern
+  token here (the byte tokenizer gives every id >= 257 its own text); the server decodes
+  ``--decode-chunk`` tokens per device dispatch, so they arrive in bursts of that many and
+  ``--new-tokens`` should span several bursts. The whole pattern
   runs once unmeasured first, so that every (batch, capacity) shape is compiled.
 - ``ttft``: a ``--context``-token text stored with ``POST /v1/contexts`` (it stays in the
-  server's memory tier), then TTFT of completions whose prompt is that text + a
+  server's memory tier; on disk too with ``--db-on-disk``), then TTFT of completions whose prompt is that text + a
   ``--tail``-token question (``reuse``) vs another text of the same length + tail
   (``cold``, a full prefill), median of ``--reps`` after one unmeasured run each. TTFT:
   the server's own ``usage.ttft_s`` (arrival to first token) and the client's time to the
@@ -104,7 +106,8 @@ def start_server(args, port, db):
     cmd = [sys.executable, "-m", "alaya_jax", "--dtype", args.dtype, "serve", "--random-weights", args.model,
            "--port", str(port), "--max-context", str(max_context), "--max-batch", str(args.streams),
            "--prefill-attention", args.prefill_attention, "--prefill-chunk", str(args.prefill_chunk),
-           "--db", db, "--memory-budget", args.memory_budget, "--memory-kind", args.memory_kind,
+           *(["--db", db] if db else []), "--memory-budget", args.memory_budget, "--memory-kind", args.memory_kind,
+           "--decode-chunk", str(args.decode_chunk),
            "--max-body-bytes", "64MiB", "--max-tokens-limit", str(max(args.new_tokens, 16)), "--attention",
            args.attention, "--log-level", "warning"]
     log = open(os.path.join(args.out, "server.log"), "w")
@@ -194,8 +197,9 @@ def ttft(cl, args, rec, log):
 def markdown(rec) -> str:
     lines = [f"# alaya serve benchmark ({rec['model']}, {rec['context']} tokens, {rec['device']})", "",
              f"jax {rec['versions'].get('jax')}, python {rec['versions']['python']}, commit {rec['commit']}, "
-             f"{rec['dtype']}, prefill attention {rec['prefill_attention']}, decode attention {rec['attention']}, "
-             f"server start {rec['server_start_s']:.1f} s", ""]
+             f"{rec['dtype']}, prefill attention {rec['prefill_attention']} (chunk {rec['prefill_chunk']}), decode "
+             f"attention {rec['attention']}, {rec.get('decode_chunk')} decode steps per dispatch, contexts in "
+             f"{rec.get('context_db')}, server start {rec['server_start_s']:.1f} s", ""]
     if "concurrent" in rec:
         one, many = rec["single_stream"], rec["concurrent"]
         lines += ["| streams | context each | new tokens | decode tok/s (aggregate) | per stream tok/s |",
@@ -243,11 +247,15 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--memory-budget", default="24GiB")
     p.add_argument("--memory-kind", default="device")
+    p.add_argument("--db-on-disk", action="store_true",
+                   help="start the server with --db (a temporary directory); default: contexts in memory only")
+    p.add_argument("--decode-chunk", type=int, default=16, help="the server's decode steps per dispatch")
     p.add_argument("--phases", nargs="+", default=["ttft", "throughput"], choices=["ttft", "throughput"])
     p.add_argument("--start-timeout", type=float, default=900)
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.context, args.streams, args.new_tokens, args.tail = "tiny", 256, 4, 16, 8
+        args.model, args.context, args.streams, args.new_tokens, args.tail = "tiny", 256, 4, 40, 8
+        args.decode_chunk = 4
         args.dtype, args.prefill_attention, args.prefill_chunk, args.reps = "float32", "reference", 512, 2
         args.memory_budget = "256MiB"
     os.makedirs(args.out, exist_ok=True)
@@ -262,13 +270,14 @@ def main(argv=None):
         logf.write(line + "\n")
         logf.flush()
 
-    db = tempfile.mkdtemp(prefix="alaya-serve-bench-")
+    db = tempfile.mkdtemp(prefix="alaya-serve-bench-") if args.db_on_disk else None
     port = _free_port()
     proc, cl, health, start_s = start_server(args, port, db)
     log(f"server up in {start_s:.1f} s on {health.get('device')}")
     rec = {"bench": "serve", "model": args.model, "context": args.context, "streams": args.streams,
            "new_tokens": args.new_tokens, "tail": args.tail, "dtype": args.dtype, "attention": args.attention,
            "prefill_attention": args.prefill_attention, "prefill_chunk": args.prefill_chunk,
+           "decode_chunk": args.decode_chunk, "context_db": "disk" if db else "memory",
            # no harness.run_meta() here: this client must not start jax on the server's GPU
            "device": health.get("device"), "versions": _versions(), "commit": harness.commit(),
            "date": harness.utc_now(), "cpu": harness.cpu_name(),

@@ -1,6 +1,7 @@
 """Flax nnx Llama with an explicit, external cache and an injected attention function."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -11,6 +12,12 @@ from models.config import LlamaConfig
 from models.rope import apply_rope
 
 AttentionFn = Callable[..., tuple]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _shared_block(graphdef, attention, layer, state, x, positions, cache):
+    """One decoder layer as a function of its parameters (see ``Llama``: ``layer_class``)."""
+    return nnx.merge(graphdef, state)(layer, x, positions, cache, attention)
 
 
 class RMSNorm(nnx.Module):
@@ -78,6 +85,10 @@ class Llama(nnx.Module):
     - logits f32 [B,T,V] ([B,1,V] of position T-1 with ``last_only=True``); new_caches and aux are
       tuples with one entry per layer. Layers run as an unrolled Python loop (no scan over a stacked
       cache, which would copy it).
+    - ``fn.layer_class`` (optional): ``layer -> hashable`` saying which layers ``fn`` treats alike
+      (``fn`` then only sees the first layer of each class as ``layer``). Layers of one class run
+      through one nested ``jax.jit``, so a forward traces and lowers one layer per class instead of
+      every layer (XLA inlines the calls: the compiled program is the same).
     """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
@@ -106,8 +117,15 @@ class Llama(nnx.Module):
             raise ValueError(f"expected {c.num_layers} layer caches, got {len(caches)}")
         x = self.embed(tokens)
         new, aux = [], []
+        classes = getattr(attention, "layer_class", None)
+        first: dict = {}
         for i, layer in enumerate(self.layers):
-            x, cache, a = layer(i, x, positions, caches[i], attention)
+            if classes is None:
+                x, cache, a = layer(i, x, positions, caches[i], attention)
+            else:  # layers of one class share one trace (and one lowered function): see the class docstring
+                graphdef, state = nnx.split(layer)
+                rep = first.setdefault(classes(i), i)
+                x, cache, a = _shared_block(graphdef, attention, rep, state, x, positions, caches[i])
             new.append(cache)
             aux.append(a)
         return x, tuple(new), tuple(aux)

@@ -1,7 +1,8 @@
 """A user-level cache of parsed GGUF files: what ``load_gguf`` reads (config, tokenizer
-metadata, dequantized f32 tensors in checkpoint layout under their Hugging Face names)
-saved once as one uncompressed ``.npz`` so that later loads skip the GGUF parse and the
-dequantization. Tensors are written and read one at a time (no whole-model host copy).
+metadata, dequantized f32 tensors under their Hugging Face names, matrices already in the
+model's ``[in, out]`` layout) saved once as one uncompressed ``.npz`` so that later loads
+skip the GGUF parse, the dequantization and the transposes; beside it the model's abstract
+skeleton (``models.weights.abstract_model``). Tensors are written and read one at a time (no whole-model host copy).
 
 Entries are keyed by the file's size, mtime and a hash of its first and last MiB
 (plus this cache's format version): a changed file gets a new entry. Writes are
@@ -24,7 +25,7 @@ import numpy as np
 
 from models.config import LlamaConfig
 
-FORMAT = 2  # 1: GGUF-named tensors; 2: HF-named, Q/K un-permuted
+FORMAT = 3  # 1: GGUF-named tensors; 2: HF-named, Q/K un-permuted; 3: matrices stored [in, out]
 _META = "__alaya_meta__"
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,11 @@ def entry_key(path: pathlib.Path) -> str:
 
 
 def _write(dest: pathlib.Path, config: LlamaConfig, tok_fields: dict, read, names) -> None:
-    """Stream ``read(name)`` for every name into ``dest`` (a temp file, then an atomic rename)."""
+    """Stream ``read(name)`` for every name into ``dest`` (a temp file, then an atomic rename);
+    the projection matrices (``.kernel`` parameters) transposed to the model's layout."""
     import zipfile
+
+    from models.weights import expected_tensors
 
     meta = {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "dtype"}, "tokenizer": tok_fields}
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +55,8 @@ def _write(dest: pathlib.Path, config: LlamaConfig, tok_fields: dict, read, name
     try:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             items = [(_META, lambda: np.frombuffer(json.dumps(meta).encode(), np.uint8))]
-            items += [(n, functools.partial(read, n)) for n in names]
+            kernels = {n for n, (_, p) in expected_tensors(config).items() if p.endswith(".kernel")}
+            items += [(n, (lambda n=n: read(n).T) if n in kernels else functools.partial(read, n)) for n in names]
             for name, get in items:
                 with zf.open(name + ".npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.ascontiguousarray(get()), allow_pickle=False)
@@ -107,7 +112,8 @@ def _load_entry(src: pathlib.Path, dtype: str):
         missing = sorted(set(expected_tensors(config)) - set(z.files))
         if missing:
             raise ValueError(f"entry lacks tensor(s) {missing[:3]}")
-        return config, fill_model(config, z.__getitem__), Tokenizer(**meta["tokenizer"])
+        model = fill_model(config, z.__getitem__, kernels_transposed=True, cache_dir=src.parent)
+        return config, model, Tokenizer(**meta["tokenizer"])
 
 
 MAX_ENTRY_BYTES = 4 << 30

@@ -84,21 +84,74 @@ def _transpose(w):
     return w.T
 
 
-def fill_model(config: LlamaConfig, read: Callable[[str], np.ndarray | jax.Array], *, device=None) -> Llama:
-    """A :class:`Llama` whose every parameter comes from ``read(hf_name)`` (checkpoint layout, any float dtype).
+_SKELETON_FORMAT = 1
+
+
+def _skeleton_key(config: LlamaConfig) -> str:
+    """What an abstract model depends on: the config, flax and jax, and the model's source."""
+    import hashlib
+    import pathlib
+
+    import flax
+
+    h = hashlib.sha256(f"alaya-skeleton-v{_SKELETON_FORMAT}|{config!r}|{flax.__version__}|{jax.__version__}".encode())
+    for mod in ("llama.py", "config.py", "rope.py"):
+        h.update((pathlib.Path(__file__).parent / mod).read_bytes())
+    return h.hexdigest()[:24]
+
+
+def abstract_model(config: LlamaConfig, *, cache_dir=None) -> Llama:
+    """A :class:`Llama` of ``config`` whose parameters are ``jax.ShapeDtypeStruct`` (nothing allocated).
+
+    Building it traces every parameter's random initialiser (~0.7-2 s for SmolLM2 on a CPU); with
+    ``cache_dir`` its graph definition and abstract state are pickled there once (keyed by the
+    config, the flax and jax versions and the model's source files; written atomically) and
+    later processes unpickle them in a few milliseconds. An unreadable entry is rebuilt."""
+    import os
+    import pickle
+    import tempfile
+
+    path = None if cache_dir is None else os.path.join(os.fspath(cache_dir), f"skeleton-{_skeleton_key(config)}.pkl")
+    if path is not None and os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                graphdef, state = pickle.load(f)
+            return nnx.merge(graphdef, state)
+        except Exception:  # a stale or broken entry (e.g. written by another flax): rebuild it below
+            pass
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    if path is not None:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pkl", dir=os.path.dirname(path))
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(nnx.split(model), f)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # the cache is an optimisation only
+    return model
+
+
+def fill_model(config: LlamaConfig, read: Callable[[str], np.ndarray | jax.Array], *, device=None,
+               kernels_transposed: bool = False, cache_dir=None) -> Llama:
+    """A :class:`Llama` whose every parameter comes from ``read(hf_name)`` (checkpoint layout, any float dtype;
+    ``kernels_transposed``: matrices already in the model's ``[in, out]`` layout, as the weight cache keeps them).
 
     Each tensor goes to ``device`` (default: the first device) on its own, is cast to ``config.dtype``
     and transposed there; the host keeps no copy. Call only after the names and shapes were checked.
+    ``cache_dir``: where :func:`abstract_model` keeps the model's skeleton.
     """
     device = device or jax.devices()[0]
     dt = jnp.dtype(config.dtype)
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    model = abstract_model(config, cache_dir=cache_dir)
     for name, (shape, path) in expected_tensors(config).items():
         w = read(name)
-        if tuple(w.shape) != shape:  # the caller checked the header; the data must agree with it
-            raise UnsupportedModelError(f"tensor {name!r} reads as shape {tuple(w.shape)}, expected {shape}")
+        kernel = path.endswith(".kernel")
+        want = shape[::-1] if kernel and kernels_transposed else shape
+        if tuple(w.shape) != want:  # the caller checked the header; the data must agree with it
+            raise UnsupportedModelError(f"tensor {name!r} reads as shape {tuple(w.shape)}, expected {want}")
         w = jax.device_put(w, device).astype(dt)
-        if path.endswith(".kernel"):
+        if kernel and not kernels_transposed:
             w = _transpose(w)
         param = _param(model, path)
         if hasattr(param, "set_value"):  # flax >= 0.12

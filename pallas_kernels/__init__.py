@@ -2,10 +2,11 @@
 
 - ``key_codes``: the fixed rotation of keys/queries, the per-key 4-bit codes and their
   error bound (plain jnp; runs at prefill and at every append).
-- ``code_scan``: the filter — one pass over the codes of every key, candidates per split.
-- ``refine_attention``: refine and attend — exact scores of the candidates, attention over
-  the keys in range ∪ sink ∪ window, splits merged by log-sum-exp (``lse_merge``);
-  ``refine_max``, the same kernel's max pass (exact max over candidates ∪ sink ∪ window).
+- ``code_scan``: the filter — one pass over the codes of every key, candidates per split
+  (one kernel: sink/window scores, the scan, the compaction of its candidate lists).
+- ``refine_attention``: refine and attend — the exact scores of the candidates (a score pass that
+  reads each candidate's key once), the exact max, attention over V of the keys in range ∪ sink ∪
+  window (an attend pass); two kernels.
 
 Each kernel folder holds ``reference.py`` (plain jnp), the lowering-specific Pallas body
 (``kernel_triton.py``, written for the GPU Triton lowering and run with ``interpret=True``
@@ -22,14 +23,11 @@ attention config and the CLI read. This package imports nothing else of ours (do
 
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.common import BackendUnavailableError, default_rounding_slack
-from pallas_kernels.lse_merge import merge_attention
-from pallas_kernels.refine_attention import refine_attention, refine_max
+from pallas_kernels.refine_attention import refine_attention
 
 __all__ = [
     "BackendUnavailableError",
     "code_scan",
     "default_rounding_slack",
-    "merge_attention",
     "refine_attention",
-    "refine_max",
 ]

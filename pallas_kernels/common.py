@@ -77,6 +77,22 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def group_rows(x: jax.Array, num_kv_heads: int, value=0) -> jax.Array:
+    """[B, Hq, ...] -> [B, Hkv, Gi, ...] with Gi = next_pow2(G) (query head h is row h % G of KV head
+    h // G); a free reshape when G is a power of two, else padded with ``value``."""
+    b, hq = x.shape[:2]
+    g = hq // num_kv_heads
+    return pad_axis(x.reshape(b, num_kv_heads, g, *x.shape[2:]), 2, next_pow2(g), value=value)
+
+
+def ungroup_rows(x: jax.Array, g: int) -> jax.Array:
+    """[B, Hkv, Gi, ...] -> [B, Hkv·G, ...]: the inverse of :func:`group_rows` (free when Gi == G)."""
+    b, hkv, gi = x.shape[:3]
+    if gi != g:
+        x = x[:, :, :g]
+    return x.reshape(b, hkv * g, *x.shape[3:])
+
+
 def gqa_groups(num_q_heads: int, num_kv_heads: int, op: str) -> int:
     if num_kv_heads <= 0 or num_q_heads % num_kv_heads:
         raise ValueError(

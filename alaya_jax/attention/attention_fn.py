@@ -28,7 +28,8 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
     """The model's attention function for one forward call.
 
     ``num_new`` [B]: how many of the T new rows of each sequence are real (ragged
-    prefill); default all T. ``beta`` / ``top_p``: traced overrides; ``positions``: a filter over
+    prefill; 0 or 1 for a decode step of the device loop, whose finished rows append
+    nothing); default all T. ``beta`` / ``top_p``: traced overrides; ``positions``: a filter over
     the stored positions (see :func:`alaya_jax.attention.store_api.attend`).
     """
     if cfg.method == "auto":
@@ -40,6 +41,8 @@ def make_attention_fn(cfg: AttentionConfig, num_new: Optional[jax.Array] = None,
                                       query_positions=query_positions, beta=beta, top_p=top_p)
         return out, cache, stats
 
+    # It depends on the layer only through dense_layers: the model traces one layer of each kind.
+    attention_fn.layer_class = lambda layer: layer in cfg.dense_layers
     return attention_fn
 
 

@@ -3,7 +3,7 @@
 - :class:`AttentionConfig` — the user's choice: the method and its range (β, budget,
   top-p, sink, window, dense layers, ``auto``'s threshold). It holds the other two.
 - :class:`KernelConfig` — how the kernels run, set by whoever deploys: the DIPR kernels'
-  backend, splits and candidate capacity, and the dense (prefill) attention's backend.
+  backend and splits, and the dense (prefill) attention's backend.
 - :class:`CalibrationConfig` — self-calibrated DIPR: a mass target or a key budget from
   which a β per (layer, query head) is chosen at the end of prefill, and when to choose
   again while generating (:mod:`alaya_jax.attention.dipr.calibration`).
@@ -44,9 +44,7 @@ class KernelConfig:
 
     ``implementation``: the DIPR kernels' backend (:data:`DIPR_IMPLEMENTATIONS`).
     ``num_splits``: splits of each sequence in the code scan (None: enough to fill the GPU).
-    ``capacity_fraction``: candidate slots per split as a fraction of its keys (1.0: no
-    overflow possible and no ``lax.cond``; below 1.0 an overflow re-scans, then takes the
-    exact dense path, and is counted).
+    (A split's candidate list holds every key it covers, so there is no capacity to set.)
     ``prefill_attention``: how dense attention runs — chunks of T > 1 rows, and decode steps
     of method ``full`` (:data:`PREFILL_ATTENTIONS`). "reference": our jnp code (materialises
     f32 scores over the whole capacity); "xla" / "cudnn": ``jax.nn.dot_product_attention``
@@ -61,7 +59,6 @@ class KernelConfig:
 
     implementation: str = "reference"
     num_splits: Optional[int] = None
-    capacity_fraction: float = 1.0
     prefill_attention: str = "reference"
     kv_placement: str = DEFAULT_PLACEMENT
 
@@ -70,8 +67,6 @@ class KernelConfig:
             raise ConfigError(f"unknown implementation {self.implementation!r}; choose one of {DIPR_IMPLEMENTATIONS}")
         if self.num_splits is not None and self.num_splits < 1:
             raise ConfigError(f"num_splits must be >= 1 or None, got {self.num_splits}")
-        if not (0.0 < self.capacity_fraction <= 1.0):
-            raise ConfigError(f"capacity_fraction must be in (0, 1], got {self.capacity_fraction}")
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ConfigError(f"unknown prefill_attention {self.prefill_attention!r}; choose one of "
                               f"{PREFILL_ATTENTIONS}")
@@ -140,6 +135,8 @@ class AttentionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: tuple[int, ...] = ()
+    # TODO(issue 18): re-fit from the rebuilt kernels' rows (bench/results/dipr_real_keys, decode_step_real)
+    # once they have run on the H200; 131072 is the crossover of the previous kernels.
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
     collect_stats: bool = False

@@ -95,10 +95,9 @@ def _dipr(q, store, cfg, *, beta, with_mask, key_mask):
     out, st, dmask = dipr_store_attention(
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
-        capacity_fraction=cfg.kernel.capacity_fraction, key_mask=key_mask,
+        key_mask=key_mask,
     )
-    stats = {"candidates": st.candidates, "overflow": st.overflow, "refined": st.refined,
-             "rescanned": st.rescanned}
+    stats = {"candidates": st.candidates}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
 
 

@@ -151,7 +151,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
 
     Stats (when ``cfg.collect_stats``): ``keys_attended`` [B,Hq] and ``recall``
     [B,Hq] (share of the full softmax mass, over the keys the filter lets the query see, on the
-    attended keys); DIPR adds ``candidates`` [B,Hkv], ``overflow`` [] and ``refined`` [].
+    attended keys); DIPR adds ``candidates`` [B,Hkv].
     """
     method = registry.get("full" if dense else cfg.registry_name)
     beta = cfg.beta if beta is None else beta

@@ -14,6 +14,10 @@ from alaya_jax.runtime.prompts import context_prefix_ids
 from alaya_jax.store.db_for_model import open_db
 
 
+#: The smallest KV capacity ``alaya generate`` compiles for (capacities are bucketed).
+CLI_MIN_CAPACITY = 512
+
+
 def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="answer a prompt, optionally about a long context file")
     g.add_argument("--prompt", default=None, help="the question or instruction (required unless --demo-context)")
@@ -37,7 +41,8 @@ def add_parser(sub) -> None:
 
 def cmd_generate(args) -> int:
     from alaya_jax.runtime.corpus import DEMO_QUESTION, demo_context
-    from alaya_jax.runtime.engine import Engine
+    from alaya_jax.runtime.detokenize import IncrementalDecoder
+    from alaya_jax.runtime.engine import Engine, capacity_bucket
     from alaya_jax.runtime.sampling import SamplingConfig
 
     if args.prompt is None:
@@ -70,28 +75,28 @@ def cmd_generate(args) -> int:
             f"more than {context_limit_text(args, config)}"
         )
     engine = Engine(model)
+    # A capacity bucket, not the exact size: other prompts of a similar length reuse the compiled programs.
+    capacity = capacity_bucket(total, block_size=engine.block_size, minimum=CLI_MIN_CAPACITY,
+                               maximum=context_limit(args, config))
     caches, todo, db, session = None, ids, None, None
     t0 = time.perf_counter()
     if args.db:
         # hashes the weights once: set-up, not part of TTFT
         db = open_db(args.db, config, tok, engine, kv_placement=attention.kernel.kv_placement)
         t0 = time.perf_counter()  # TTFT counts from here: snapshot restore + tail prefill + first token
-        session, todo = db.create_session(ids, capacity=total)
+        session, todo = db.create_session(ids, capacity=capacity)
         caches = session.caches
     t_restored = time.perf_counter()
     bar = progress_bar(not args.json, len(todo), "prefill")
-    printed = [""]
-    streamed = []
+    stream = IncrementalDecoder(tok)
 
     def on_token(_, t):
         if args.json:
             return
-        streamed.append(t)
-        s = tok.decode(streamed)
-        if not s.endswith("\ufffd"):
-            sys.stdout.write(s[len(printed[0]):])
+        delta = stream.add([t])
+        if delta:
+            sys.stdout.write(delta)
             sys.stdout.flush()
-            printed[0] = s
 
     def progress(n):
         if bar is not None:
@@ -102,7 +107,7 @@ def cmd_generate(args) -> int:
     t_gen = time.perf_counter()
     results, final_caches = engine.generate([todo], sampling=sampling, attention=attention,
                                             stop_ids=sorted(tok.stop_ids), on_token=on_token, caches=caches,
-                                            capacity=total, progress=progress,
+                                            capacity=capacity, progress=progress,
                                             context_tokens=[ids[: len(ids) - len(todo)]])
     if bar is not None:
         bar.close()
@@ -137,7 +142,7 @@ def cmd_generate(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        sys.stdout.write(text[len(printed[0]):] + "\n")
+        sys.stdout.write((text[len(stream.text):] if text.startswith(stream.text) else "") + "\n")
         tp = f", {out['decode_tokens_per_s']:.1f} tok/s decode" if out["decode_tokens_per_s"] else ""
         reused = f", {r.reused_tokens} reused" if args.db else ""
         st = f"; stored context snapshot {stored}" if stored else ""

@@ -39,9 +39,13 @@ def add_parser(sub) -> None:
                    help="serve a random-weight model of a preset (tiny, smollm2, llama3-8b) with a byte "
                         "tokenizer: for tests and benchmarks")
     s.add_argument("--db", default=None, help="context DB directory: stored contexts are reused by every request "
-                                              "whose prompt starts with one")
+                                              "whose prompt starts with one, and kept on disk (default: kept in "
+                                              "memory only, lost at exit)")
     s.add_argument("--memory-budget", type=byte_size, default=byte_size("2GiB"),
-                   help="bytes of stored contexts kept resident (the DB's memory tier; 0: off; default 2GiB)")
+                   help="bytes of stored contexts kept resident (the DB's memory tier; without --db the only place "
+                        "they are kept; 0: off; default 2GiB)")
+    s.add_argument("--decode-chunk", type=positive_int, default=16,
+                   help="decode steps per device dispatch (a request arriving meanwhile waits for the chunk)")
     s.add_argument("--memory-kind", choices=("device", "pinned_host"), default="device")
     s.add_argument("--api-key", default=os.environ.get("ALAYA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: env ALAYA_API_KEY; none: open)")
@@ -90,20 +94,25 @@ def build_state(args):
 
             name = find_smollm2_gguf().stem
     context = context_limit(args, config)
-    engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk)
+    engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk,
+                    max_chunk=max(args.decode_chunk, 1))
     db = None
     if args.db:
         from alaya_jax.store.db_for_model import open_db
 
         db = open_db(args.db, config, tok, engine, memory_budget_bytes=args.memory_budget,
                      memory_kind=args.memory_kind)
+    elif args.memory_budget > 0:  # no --db: stored contexts live in memory only (lost at exit)
+        from alaya_jax.store.db_for_model import open_memory_db
+
+        db = open_memory_db(config, tok, engine, budget_bytes=args.memory_budget, memory_kind=args.memory_kind)
     attention = attention_config(args, prefill_attention=args.prefill_attention)
     limits = RequestLimits(max_context=context, max_prompt_tokens=min(args.max_prompt_tokens or context, context),
                            max_tokens=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                            max_body_bytes=args.max_body_bytes)
     metrics = Metrics()
-    scheduler = Scheduler(engine, tok, limits=BatchLimits(max_batch=args.max_batch, max_context=context), db=db,
-                          observer=metrics)
+    scheduler = Scheduler(engine, tok, limits=BatchLimits(max_batch=args.max_batch, max_context=context,
+                                                          decode_chunk=args.decode_chunk), db=db, observer=metrics)
     return ServerState(scheduler=scheduler, tok=tok, model_name=args.served_model_name or name, limits=limits,
                        attention=attention, metrics=metrics, api_key=args.api_key or None,
                        shutdown_timeout_s=args.shutdown_timeout, device=_device())

@@ -214,7 +214,8 @@ async def models(request: Request) -> Response:
 
 def _need_db(state: ServerState):
     if state.db is None:
-        raise APIError(400, "this server has no context DB: start alaya serve with --db DIR", code="no_context_db")
+        raise APIError(400, "this server keeps no contexts: start alaya serve with a --memory-budget above 0 "
+                            "(contexts in memory) or --db DIR (on disk)", code="no_context_db")
     return state.db
 
 
@@ -300,7 +301,8 @@ async def health(request: Request) -> Response:
     state: ServerState = request.app.state.alaya
     err = state.scheduler.error
     body = {"status": "ok" if err is None else "failed", "model": state.model_name, "device": state.device,
-            **state.scheduler.load()}
+            **state.scheduler.load(),
+            "context_db": None if state.db is None else state.db.describe()}
     if err is not None:
         body["error"] = f"{type(err).__name__}: {err}"[:300]
     return JSONResponse(body, status_code=200 if err is None else 503)

@@ -15,7 +15,11 @@ Each loop turn:
 2. prefill each admitted generation on its own (batch 1), from the context DB's
    longest stored prefix of its prompt (memory tier, else disk) when there is one;
    sample its first token and give it a slot;
-3. one decode step for every slot of the batch; finished sequences leave.
+3. one chunk of decode steps for every slot of the batch, on the device
+   (``Engine.decode_chunk``: up to ``BatchLimits.decode_chunk`` tokens per dispatch, sampling
+   per row, stop ids and each row's ``max_tokens`` checked on the device); finished sequences
+   leave. Stop strings are checked on the host after the chunk (the device may have decoded a
+   few tokens past one: they are dropped).
 
 Batch layout (explicit and simple): ``B`` slots, ``B`` a power of two up to
 ``max_batch`` (the smallest that holds the active sequences), every slot with the
@@ -23,11 +27,12 @@ same capacity ``C`` = the largest capacity bucket of the active sequences (a
 sequence's bucket covers prompt + ``max_tokens``, rounded up to 1/8 of its power of
 two, at least ``min_capacity``). A join that needs more slots or capacity, or a
 leave that halves the slot count, re-lays the batch out (one gather/pad copy of the
-active rows); a join into a free slot is one row copy. Idle slots decode a dummy
-token (their compute is wasted, their length is reset before it can overflow).
-Each distinct ``(B, C, attention config)`` compiles a decode step; each distinct
-(prefill chunk, capacity) a prefill. A long prefill holds the decode steps of the
-batch for its duration (no chunked-prefill interleaving).
+active rows); a join into a free slot is one row copy. Idle slots are done rows of the
+device loop: they append nothing (their compute in a step is wasted, their length never grows).
+Each distinct ``(B, C, attention config, sampling kind)`` compiles a decode chunk; each
+distinct (prefill chunk, capacity) a prefill. A long prefill holds the decode chunks of the
+batch for its duration (no chunked-prefill interleaving); joins and leaves happen between
+chunks.
 """
 
 from __future__ import annotations
@@ -44,26 +49,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from alaya_jax.attention.config import AttentionConfig
-from alaya_jax.runtime.sampling import SamplingConfig, sample
 from alaya_jax.errors import ConfigError
+from alaya_jax.runtime.decode_loop import DecodeState
+from alaya_jax.runtime.detokenize import IncrementalDecoder
+from alaya_jax.runtime.engine import capacity_bucket, host_key, sampling_kind
+from alaya_jax.runtime.sampling import SamplingConfig
 from alaya_jax.store import kv_store
 
 log = logging.getLogger("alaya.serve")
-
-GREEDY = SamplingConfig(max_new_tokens=1, temperature=0.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchLimits:
     """``max_batch``: sequences decoded together; ``max_context``: positions per sequence
-    (prompt + new tokens); ``min_capacity``: the smallest capacity bucket."""
+    (prompt + new tokens); ``min_capacity``: the smallest capacity bucket; ``decode_chunk``:
+    decode steps per device dispatch (a job arriving meanwhile waits for the chunk to end;
+    at most the engine's ``max_chunk``)."""
 
     max_batch: int = 8
     max_context: int
     min_capacity: int = 256
+    decode_chunk: int = 16
 
     def __post_init__(self):
-        if self.max_batch < 1 or self.max_context < 1 or self.min_capacity < 1:
+        if self.max_batch < 1 or self.max_context < 1 or self.min_capacity < 1 or self.decode_chunk < 1:
             raise ConfigError(f"batch limits must be >= 1, got {self}")
 
 
@@ -125,18 +134,6 @@ def _bucket_batch(n: int, maximum: int) -> int:
     return min(b, maximum)
 
 
-def capacity_bucket(n: int, *, block_size: int, minimum: int, maximum: int) -> int:
-    """The capacity for ``n`` positions: ``n`` rounded up to an eighth of its power of two
-    (at most 12.5% over), at least ``minimum``, whole blocks, at most ``maximum`` rounded
-    up to a block."""
-    n = max(int(n), int(minimum), 1)
-    step = max(block_size, 1 << max(n.bit_length() - 4, 0))
-    step = -(-step // block_size) * block_size
-    cap = -(-n // step) * step
-    top = -(-int(maximum) // block_size) * block_size
-    return min(cap, max(top, -(-n // block_size) * block_size))
-
-
 def _regather_impl(caches, rows, lengths, *, num_blocks: int):
     """Stores of batch ``len(rows)``: row ``i`` = input row ``rows[i]`` with ``lengths[i]``
     valid positions, blocks padded / cut to ``num_blocks``."""
@@ -149,38 +146,29 @@ def _place_impl(batch, row, slot):
     return tuple(kv_store.place_row(b, slot, r) for b, r in zip(batch, row))
 
 
-def _set_lengths_impl(caches, lengths):
-    return tuple(kv_store.with_lengths(c, lengths) for c in caches)
-
-
-def _sample_rows_impl(logits, keys, temperature, top_p):
-    """Per-row sampling: logits f32 [B,V], keys uint32 [B,2], temperature/top_p f32 [B] →
-    (tokens int32 [B], next keys [B,2]); each row's key chain as ``Engine.generate``'s."""
-    split = jax.vmap(jax.random.split)(keys)  # [B,2,2]
-    one = lambda l, k, t, p: sample(l[None], k, t, p)[0]
-    return jax.vmap(one)(logits, split[:, 1], temperature, top_p), split[:, 0]
-
-
 _DONATE = jax.default_backend() != "cpu"
 _regather = jax.jit(_regather_impl, static_argnames=("num_blocks",))
 _place = jax.jit(_place_impl, donate_argnums=(0,) if _DONATE else ())
-_set_lengths = jax.jit(_set_lengths_impl, donate_argnums=(0,) if _DONATE else ())
-_sample_rows = jax.jit(_sample_rows_impl)
 
 
 class TextStream:
     """Incremental detokenization with stop strings: ``push`` the ids so far, get the text
     that is safe to send (nothing ending in a partial UTF-8 character, nothing that could
-    still become a stop string) and whether a stop string ended the text."""
+    still become a stop string) and whether a stop string ended the text. Each push decodes
+    only the new ids (``IncrementalDecoder``), not all of them."""
 
     def __init__(self, tok, stop: Sequence[str] = ()):
         self.tok = tok
         self.stop = tuple(s for s in stop if s)
         self.sent = 0
         self.text = ""
+        self._dec = IncrementalDecoder(tok)
 
     def push(self, ids: Sequence[int], *, final: bool = False) -> tuple[str, bool]:
-        s = self.tok.decode(ids)
+        self._dec.add(ids[len(self._dec.ids):])
+        if final:
+            self._dec.flush()
+        s = self._dec.text
         hit = None
         for st in self.stop:
             i = s.find(st, max(0, self.sent - len(st)))
@@ -217,6 +205,7 @@ class _Seq:
     t_last: float
     tokens: list = dataclasses.field(default_factory=list)
     next_token: int = 0  # the input of the next decode step
+    left: int = 0  # tokens it may still emit
 
 
 class Scheduler:
@@ -237,13 +226,12 @@ class Scheduler:
         self._caches = None
         self._capacity = 0
         self._batch_attention: Optional[AttentionConfig] = None
-        self._idle_len: list[int] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="alaya-engine-loop", daemon=True)
-        self.steps = 0
+        self.steps = 0  # decode steps run (each for the whole batch)
+        self.chunks = 0  # device dispatches of the decode loop
         self.peak_active = 0  # most sequences ever decoded together
         self._deadline: Optional[float] = None  # drain(): after it, what is left is cut short
-        self._no_key = jax.random.PRNGKey(0)  # decode_step's own sampling is greedy: the key is unused
         self.error: Optional[BaseException] = None
 
     # ------------------------------------------------------------------ outside API (any thread)
@@ -306,7 +294,7 @@ class Scheduler:
         with self._cond:
             return {"active": sum(s is not None for s in self._slots), "waiting": len(self._waiting),
                     "batch_slots": len(self._slots), "capacity": self._capacity, "steps": self.steps,
-                    "peak_active": self.peak_active}
+                    "decode_chunks": self.chunks, "peak_active": self.peak_active}
 
     # ------------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -363,7 +351,7 @@ class Scheduler:
         with self._cond:
             jobs = list(self._waiting) + [s.job for s in self._active()]
             self._waiting.clear()
-            self._slots, self._caches, self._capacity, self._idle_len = [], None, 0, []
+            self._slots, self._caches, self._capacity = [], None, 0
         for job in jobs:
             if self.error is not None:
                 self._end(job, Event("error", message=f"the engine loop failed: {type(self.error).__name__}"))
@@ -391,7 +379,7 @@ class Scheduler:
 
     def _store_context(self, job: StoreContextJob) -> None:
         if self.db is None:
-            raise ValueError("no context DB: start alaya serve with --db DIR")
+            raise ValueError("this server keeps no contexts (--memory-budget 0 and no --db DIR)")
         t0 = time.perf_counter()
         n = len(job.ids)
         sid = self.db.snapshot_id(job.ids)
@@ -419,37 +407,42 @@ class Scheduler:
         if job.attention.calibrated:  # calibrated DIPR: βs from the prompt's own last queries
             caches, _ = self.engine.calibrate(caches, [ids], job.attention)
         s = job.sampling
-        key = jax.random.PRNGKey(s.seed)
-        key, sub = jax.random.split(key)
-        first = int(np.asarray(sample(logits, sub, jnp.float32(s.temperature), jnp.float32(s.top_p)))[0])
+        sampled, nucleus = sampling_kind([s.temperature], [s.top_p])
+        first, st = self.engine.first_tokens(logits, host_key(s.seed)[None], np.float32([s.temperature]),
+                                             np.float32([s.top_p]), [s.max_new_tokens], stop_ids=self.stop_ids,
+                                             sampled=sampled, nucleus=nucleus)
+        first, keys = jax.device_get((first, st.keys))
         now = time.perf_counter()
-        seq = _Seq(job=job, need=cap, length=len(ids), key=np.asarray(key), stream=TextStream(self.tok, job.stop),
+        seq = _Seq(job=job, need=cap, length=len(ids), key=keys[0], stream=TextStream(self.tok, job.stop),
                    prompt_tokens=len(ids), reused_tokens=reused, source=source, t_first=now, t_last=now)
         self.observer.first_token(now - job.t_arrival, reused, source)
-        if not self._accept(seq, first):
+        t = int(first[0])
+        seq.left = s.max_new_tokens - (t >= 0)
+        end = "stop" if t < 0 else ("length" if seq.left <= 0 else None)
+        if not self._take(seq, [t] if t >= 0 else [], end):
             self._join(seq, caches)
 
     # ------------------------------------------------------------------ tokens
-    def _accept(self, seq: _Seq, token: int) -> bool:
-        """Take a sampled token; emit text; True when the sequence is finished (done emitted)."""
+    def _take(self, seq: _Seq, tokens: list[int], end: Optional[str]) -> bool:
+        """Take the tokens a sequence emitted, in order, then ``end`` ("stop": a stop id came
+        next; "length": its last token reached max_tokens; None: it goes on); emit their text
+        (one event a token); True when the sequence is finished (done emitted)."""
         if seq.job.cancelled:
             self._finish(seq, "abort")
             return True
-        if token in self.stop_ids:
+        for i, token in enumerate(tokens):
+            seq.tokens.append(token)
+            seq.next_token = token
+            delta, stopped = seq.stream.push(seq.tokens, final=end == "length" and i == len(tokens) - 1)
+            self._emit_text(seq, delta)
+            if stopped:  # a stop string: what the device decoded after it is dropped
+                self._finish(seq, "stop")
+                return True
+        if end == "stop":
             delta, _ = seq.stream.push(seq.tokens, final=True)
             self._emit_text(seq, delta)
-            self._finish(seq, "stop")
-            return True
-        seq.tokens.append(token)
-        seq.next_token = token
-        full = len(seq.tokens) >= seq.job.sampling.max_new_tokens
-        delta, stopped = seq.stream.push(seq.tokens, final=full)
-        self._emit_text(seq, delta)
-        if stopped:
-            self._finish(seq, "stop")
-            return True
-        if full:
-            self._finish(seq, "length")
+        if end is not None:
+            self._finish(seq, end)
             return True
         return False
 
@@ -497,27 +490,18 @@ class Scheduler:
             self._caches = _regather(self._caches, rows, lengths, num_blocks=kv_store.num_blocks_for(c, bk))
             self._slots = [s for _, s in active] + [None] * (b - len(active))
         self._capacity = -(-c // bk) * bk
-        self._idle_len = [0] * b
 
     def _leave(self, slots: Sequence[int]) -> None:
         """The sequences in ``slots`` are finished: free them, shrink the batch when half empty."""
         for j in slots:
             self._slots[j] = None
-            self._idle_len[j] = 0
         active = self._active()
         if not active:
-            self._caches, self._slots, self._capacity, self._idle_len = None, [], 0, []
+            self._caches, self._slots, self._capacity = None, [], 0
             return
         b = _bucket_batch(len(active), self.limits.max_batch)
         if b < len(self._slots):
             self._relayout(b, max(s.need for s in active), calibrated=self._batch_attention.calibrated)
-        else:
-            self._reset_idle()
-
-    def _reset_idle(self) -> None:
-        lengths = np.array([s.length if s is not None else 0 for s in self._slots], np.int32)
-        self._caches = _set_lengths(self._caches, jnp.asarray(lengths))
-        self._idle_len = [0] * len(self._slots)
 
     def _drop_cancelled(self) -> None:
         gone = [j for j, s in enumerate(self._slots) if s is not None and s.job.cancelled]
@@ -526,37 +510,36 @@ class Scheduler:
         if gone:
             self._leave(gone)
 
-    # ------------------------------------------------------------------ one decode step
+    # ------------------------------------------------------------------ one chunk of decode steps
     def _step(self) -> None:
-        if any(n + 1 >= self._capacity for n in self._idle_len):
-            self._reset_idle()
         slots = self._slots
-        tokens = np.array([s.next_token if s is not None else 0 for s in slots], np.int32)
-        active = [s for s in slots if s is not None]
-        greedy = all(s.job.sampling.temperature == 0 for s in active)
-        nxt, logits, self._caches, _ = self.engine.decode_step(
-            self._caches, jnp.asarray(tokens), key=self._no_key, sampling=GREEDY,
-            attention=self._batch_attention)
-        if not greedy:
-            keys = np.stack([s.key if s is not None else np.zeros(2, np.uint32) for s in slots])
-            temp = np.array([s.job.sampling.temperature if s is not None else 0.0 for s in slots], np.float32)
-            top_p = np.array([s.job.sampling.top_p if s is not None else 1.0 for s in slots], np.float32)
-            nxt, new_keys = _sample_rows(logits, jnp.asarray(keys), jnp.asarray(temp), jnp.asarray(top_p))
-            new_keys = np.asarray(new_keys)
-        out = np.asarray(nxt)
+        b = len(slots)
+        token, keys = np.zeros(b, np.int32), np.zeros((b, 2), np.uint32)
+        done, left = np.ones(b, bool), np.zeros(b, np.int32)
+        temp, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
+        active = [(j, s) for j, s in enumerate(slots) if s is not None]
+        for j, s in active:
+            token[j], keys[j], done[j], left[j] = s.next_token, s.key, False, s.left
+            temp[j], top_p[j] = s.job.sampling.temperature, s.job.sampling.top_p
+        sampled, nucleus = sampling_kind(temp[~done], top_p[~done])
+        steps = min(self.limits.decode_chunk, self.engine.max_chunk, int(left.max()))
+        state = DecodeState(token=token, keys=keys, done=done, left=left, stopped=np.zeros(b, bool))
+        toks, lengths, state, self._caches = self.engine.decode_chunk(
+            self._caches, state, steps=steps, temperature=temp, top_p=top_p, sampled=sampled, nucleus=nucleus,
+            attention=self._batch_attention, stop_ids=self.stop_ids)
+        toks, lengths, st = jax.device_get((toks, lengths, state))
         now = time.perf_counter()
-        self.steps += 1
-        done = []
-        for j, s in enumerate(slots):
-            if s is None:
-                self._idle_len[j] += 1
-                continue
-            s.length += 1
-            if not greedy:
-                s.key = new_keys[j]
-            self.observer.token(now - s.t_last)
+        self.chunks += 1
+        self.steps += max(int(lengths[j]) - s.length for j, s in active)
+        finished = []
+        for j, s in active:
+            got = toks[j][toks[j] >= 0].tolist()
+            for _ in got:
+                self.observer.token((now - s.t_last) / len(got))
             s.t_last = now
-            if self._accept(s, int(out[j])):
-                done.append(j)
-        if done:
-            self._leave(done)
+            s.length, s.key, s.left = int(lengths[j]), st.keys[j], int(st.left[j])
+            end = "stop" if st.stopped[j] else ("length" if st.done[j] else None)
+            if self._take(s, got, end):
+                finished.append(j)
+        if finished:
+            self._leave(finished)

@@ -354,6 +354,12 @@ class ContextDB:
         base = self.sharding if self.sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return base.with_memory_kind("device")
 
+    def describe(self) -> dict:
+        """What ``alaya serve``'s ``/health`` says about this DB."""
+        st = self.memory_stats()
+        return {"kind": "disk", "persistent": True, "path": self.path, "memory_kind": st.memory_kind,
+                "used_bytes": st.used_bytes, "budget_bytes": st.budget_bytes}
+
     @property
     def memory_tier(self) -> Optional[MemoryTier]:
         """The memory tier (None when ``memory_budget_bytes`` is 0)."""
@@ -471,15 +477,7 @@ class ContextDB:
         returns the existing id without writing. With the memory tier on, a copy of
         ``kv`` (trimmed to the valid blocks; ``kv`` itself stays the caller's) is kept
         resident either way."""
-        tokens = [int(t) for t in tokens]
-        kv = tuple(kv)
-        check_caches(kv, len(tokens))
-        if kv:
-            got = dtype_name(kv[0].dtype)
-            if got != self.dtype:
-                raise SnapshotError(f"caches have dtype {got}, this DB holds {self.dtype}")
-            if kv[0].block_size != self.block_size:
-                raise SnapshotError(f"caches have block size {kv[0].block_size}, this DB uses {self.block_size}")
+        tokens, kv = self._check_import(tokens, kv)
         sid = self.snapshot_id(tokens)
         path = self._snap_path(sid)
         if os.path.isdir(path):
@@ -498,6 +496,20 @@ class ContextDB:
         self.refresh()
         self._keep(sid, kv, tokens, dataclasses.replace(meta, snapshot_id=sid), owned=False)
         return sid
+
+    def _check_import(self, tokens: Sequence[int], kv: Sequence[KVStore]) -> tuple[list[int], tuple[KVStore, ...]]:
+        """``(tokens as ints, kv as a tuple)`` after checking that ``kv`` holds exactly ``tokens`` in
+        this DB's dtype and block size (``SnapshotError`` naming what differs)."""
+        tokens = [int(t) for t in tokens]
+        kv = tuple(kv)
+        check_caches(kv, len(tokens))
+        if kv:
+            got = dtype_name(kv[0].dtype)
+            if got != self.dtype:
+                raise SnapshotError(f"caches have dtype {got}, this DB holds {self.dtype}")
+            if kv[0].block_size != self.block_size:
+                raise SnapshotError(f"caches have block size {kv[0].block_size}, this DB uses {self.block_size}")
+        return tokens, kv
 
     def store(self, session: Session, *, name: Optional[str] = None) -> str:
         """Store a session's context (its ``caches`` must hold exactly ``tokens``);

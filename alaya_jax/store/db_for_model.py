@@ -43,3 +43,16 @@ def open_db(path: str, config, tok, engine, **db_kw):
     return ContextDB(path, model_fingerprint=model_fingerprint(config, engine),
                      tokenizer_fingerprint=tokenizer_fingerprint(tok), dtype=engine.dtype,
                      block_size=engine.block_size, **db_kw)
+
+
+def open_memory_db(config, tok, engine, *, budget_bytes: int, memory_kind: str = "device"):
+    """A :class:`~alaya_jax.store.memory_db.MemoryContextDB` (contexts in this process's memory only)
+    for this model. Its ids never leave the process, so the model is named by its config and dtype
+    and the tokenizer by its fingerprint, without hashing every weight (seconds for a large model)."""
+    from checkpoints import fingerprint
+
+    from alaya_jax.store.memory_db import MemoryContextDB
+
+    return MemoryContextDB(model_fingerprint=fingerprint("in-process", repr(config), str(engine.dtype)),
+                           tokenizer_fingerprint=tokenizer_fingerprint(tok), dtype=engine.dtype,
+                           block_size=engine.block_size, budget_bytes=budget_bytes, memory_kind=memory_kind)

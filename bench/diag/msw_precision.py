@@ -20,10 +20,9 @@ c = make_coded_case("gauss", g=4, hkv=2, d=64, dtype=jnp.float32, seed=68, max_i
 beta = jnp.asarray(case_betas("gauss", *c["q"].shape[:2]))
 out = {}
 for impl in IMPLEMENTATIONS:
-    r = jax.jit(lambda *a, impl=impl: code_scan(*a, sink=SINK, window=WINDOW, num_splits=3, capacity=384,
-                                               tile_size=128, implementation=impl))(
+    r = jax.jit(lambda *a, impl=impl: code_scan(*a, sink=SINK, window=WINDOW, num_splits=3, implementation=impl))(
         c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"], beta)
-    out[impl] = np.asarray(r[3], np.float64)
+    out[impl] = np.asarray(r[2], np.float64)
 b, hq, d = c["q"].shape
 hkv = c["keys"].shape[1]
 g = hq // hkv

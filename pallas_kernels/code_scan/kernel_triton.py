@@ -1,68 +1,60 @@
 """Pallas kernel (Triton lowering) of the code scan: the filter step of filter-refine DIPR.
 
-Grid (B, Hkv, NS). Program (b, h, j):
-  1. scores the forced positions (sink + window, gathered by index, padded to F >= 16) exactly
-     for the G query heads of the group (rows padded to Gp >= 16 for tl.dot): M_sw and the
-     threshold M_sw' - β with M_sw' = max(s - slack·‖q‖₁·‖k‖∞);
-  2. walks the tiles [start_j, end_j) of its split (``layout.split_tiles``), reading each tile's
-     codes [T, D/2] uint8, scales and errs ONCE for the whole group: nibbles unpacked with
-     shifts/masks into f16 (exact ints in [-7, 7]), est = scale·qscale·(q16_lo·lo + q16_hi·hi)
-     by two f16 MMAs [Gp, D/2] x [D/2, T] with f32 accumulation, δ by key_codes.bound_from_norms;
-  3. compacts the tile's candidates in ascending order with a cumsum (exclusive rank) and a
-     scatter to ``count + rank`` (non-candidates get distinct slots after the candidates and a
-     False mask, so no two lanes ever target one slot) and keeps the true count (slots past it
-     are never written: readers go by the count); tracks max(est - δ) per query row.
+Grid (B, Hkv, NS). Program (b, h, j) serves the G query heads of KV head h (rows padded to Gr >= 8):
 
-A Mosaic GPU port (a file beside this one) would need: the same grid as a
-``plgpu.kernel``/``pallas_call`` over (B, Hkv, NS) with TMA (or cp.async) loads of the [T, D/2]
-uint8 code tiles and the f16 scales/errs into a multi-stage SMEM pipeline
-(``plgpu.emit_pipeline``); the nibble unpack as vector integer ops on registers; the two
-[Gp, D/2] x [D/2, T] products as WGMMA with the codes converted to f16 in SMEM (or an
-elementwise FMA form for G <= 4, as M = 64 is WGMMA's minimum); the row-gather of the forced
-keys (a TMA gather or per-row async copies); and the compaction (cumsum + scatter) as a warp-level
-prefix sum (ballot/popc) with plain global stores — Mosaic GPU has no scatter store.
+1. **prologue** (once per program, no XLA op before it but the query rotation): the exact scores of the
+   forced positions (sink and window rows of the keys, gathered by index, one MMA), their max M_sw and
+   the candidate threshold; the two int8 planes of the rotated query and the bound's coefficients
+   (``arithmetic``);
+2. **tile loop** over the tiles [start_j, end_j) of its split (``layout.split_tiles``; the last tile of the
+   store is moved back to end at S, so S need not be a multiple of the tile: the overlap is scanned twice
+   and flagged identically): per tile of T keys, the codes [T, D/2] uint8, scales and errs (one tile
+   ahead, a register double buffer) are read once for the group; the nibbles become int8 MMA operands
+   with one AND (and an XOR) per byte; two int8 MMAs [T, D/2] x [D/2, 2·Gr] give exact int32 sums of
+   both query planes; est, δ and the test are elementwise, the group's "any" is a reduction inside a
+   thread and the flag byte of each key is stored elementwise (no reduction across warps, no carried
+   offset: nothing serialises the loop);
+3. **epilogue**: after a CTA barrier the program reads its own flags back (chunks of C keys, L2-resident)
+   and compacts them into its split's list (an exclusive cumsum and a scatter a chunk; the offset is
+   carried per chunk of C, not per tile): the split's candidates in ascending order and their count.
+
+The refine kernels (``pallas_kernels.refine_attention``) share this file's helpers: the forced scores
+(identical code, so both kernels compute them the same way), the row gathers and the query-row loads.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.code_scan import arithmetic as ar
 from pallas_kernels.code_scan.layout import forced_positions, searched_end, split_tiles
 from pallas_kernels.common import compiler_params
-from pallas_kernels.key_codes import bound_from_norms
 
 _HI = jax.lax.Precision.HIGHEST
-_NT = (((1,), (1,)), ((), ()))  # a [M, K] · b [N, K]^T
+_NN = (((1,), (0,)), ((), ()))  # a [M, K] · b [K, N]
+_TN = (((0,), (0,)), ((), ()))  # a [K, M]^T · b [K, N]
 
 
-def dot_nt(a, b):
-    """a [M, K], b [N, K] -> f32 [M, N]: IEEE f32 (HIGHEST, no TF32) when a is f32, else a 16-bit
-    MMA with f32 accumulation (b cast to a's dtype)."""
-    if a.dtype == jnp.float32:
-        return jax.lax.dot_general(a, b.astype(jnp.float32), _NT, precision=(_HI, _HI),
+def dot_rows(k, qt):
+    """k [N, D] · qt [D, R] -> f32 [N, R] (keys on the MMA's M): IEEE f32 (HIGHEST, no TF32) when qt is f32,
+    else a 16-bit MMA with f32 accumulation (k cast to qt's dtype)."""
+    if qt.dtype == jnp.float32:
+        return jax.lax.dot_general(k.astype(jnp.float32), qt, _NN, precision=(_HI, _HI),
                                    preferred_element_type=jnp.float32)
-    return jax.lax.dot_general(a, b.astype(a.dtype), _NT, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(k.astype(qt.dtype), qt, _NN, preferred_element_type=jnp.float32)
 
 
-_F16_1024 = 0x6400  # the f16 bit pattern of 1024.0: 0x6400 | n is exactly 1024 + n for 0 <= n < 1024
-
-
-def unpack_nibbles(c):
-    """c int32 [T, D/2] (bytes 0..255) -> (lo, hi) f16 [T, D/2]: the signed levels (c & 15) - 8 and
-    (c >> 4) - 8, exact. Each nibble n becomes the f16 1024 + n by OR-ing it into the bit pattern of
-    1024.0 and a bitcast, then 1032 is subtracted in f16 (exact: every value is a small integer), so
-    the unpack needs integer ops and one f16 subtract instead of an int-to-float conversion (a
-    quarter-rate instruction on NVIDIA GPUs)."""
-    def level(n):
-        bits = (n | _F16_1024).astype(jnp.uint16)
-        return jax.lax.bitcast_convert_type(bits, jnp.float16) - jnp.float16(1032.0)
-
-    return level(c & 15), level(c >> 4)
+def dot_tn(v, p):
+    """v [N, D], p f32 [N, R] -> f32 [D, R] = vᵀ·p (16-bit values: p in their dtype, f32 accumulation)."""
+    if v.dtype == jnp.float32:
+        return jax.lax.dot_general(v, p, _TN, precision=(_HI, _HI), preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(v, p.astype(v.dtype), _TN, preferred_element_type=jnp.float32)
 
 
 def gather_rows(ref, rows, *, mask=None):
@@ -74,194 +66,207 @@ def gather_rows(ref, rows, *, mask=None):
     return plgpu.load(view, mask=mask[:, None], other=0)
 
 
-def forced_tile(q, qsl, k_ref, length, *, sink: int, window: int, size: int):
-    """Exact scores of the forced positions: (pos [F], ok bool [F], s f32 [Gp, F],
-    s_lo f32 [Gp, F] = s - qsl·‖k‖∞); keys of entries not ok are read as 0 (never their NaN)."""
+def query_tile(ref, rows: int, g: int, *, col0: int = 0, cols: int = None):
+    """The group's query rows of a [Gi, D] block as a [rows, cols] tile (rows >= G are 0): row r reads
+    row min(r, Gi - 1) of the block, so no padded copy of the query is needed in XLA."""
+    gi = ref.shape[0]
+    cols = ref.shape[1] if cols is None else cols
+    r = jax.lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    c = col0 + jax.lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+    x = plgpu.load(ref.at[jnp.minimum(r, gi - 1), c])
+    return jnp.where(r < g, x, jnp.zeros((), x.dtype))
+
+
+def row_vector(ref, rows: int, g: int, fill):
+    """A [Gi] block as a [rows] vector (rows >= G are ``fill``)."""
+    r = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0)
+    x = plgpu.load(ref.at[jnp.minimum(r, ref.shape[0] - 1)])
+    return jnp.where(r < g, x, jnp.asarray(fill, x.dtype))
+
+
+def store_rows(ref, x, g: int):
+    """Store the first min(G, Gi) entries of x [rows] into a [Gi] block. (A masked store never clamps its
+    indices: masked-out lanes may point past the block, they write nothing; clamped, they would alias a
+    written slot, which interpret mode's scatter does not order.)"""
+    r = jax.lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    plgpu.store(ref.at[r], x, mask=r < min(g, ref.shape[0]))
+
+
+def forced_scores_tile(q, k_ref, length, *, sink: int, window: int, size: int):
+    """Exact scores of the forced positions: (pos int32 [F], ok bool [F], s f32 [F, Gr]); q [Gr, D] in the
+    score dtype. Keys of entries not ok are read as 0 (never their NaN)."""
     pos, ok = forced_positions(length, sink=sink, window=window, size=size)
     pos = jnp.minimum(pos, k_ref.shape[0] - 1)
-    k = gather_rows(k_ref, pos, mask=ok)
-    s = dot_nt(q, k)
-    kinf = jnp.max(jnp.abs(k.astype(jnp.float32)), axis=1)[None, :]
-    return pos, ok, s, s - qsl[:, None] * kinf
+    return pos, ok, dot_rows(gather_rows(k_ref, pos, mask=ok), q.T)
 
 
-def _scan_kernel(
-    len_ref,  # [1] int32
-    q_ref,  # [Gp, D] score dtype (exact q, for the forced scores)
-    qsl_ref,  # [Gp] f32: rounding_slack·‖q‖₁
-    qlo_ref,  # [Gp, D/2] f16: q16[:, :D/2]
-    qhi_ref,  # [Gp, D/2] f16: q16[:, D/2:]
-    qs_ref,  # [Gp] f32: qscale (q' ≈ qscale·q16)
-    l1_ref,  # [Gp] f32: ‖q'‖₁
-    l2_ref,  # [Gp] f32: ‖q'‖₂
-    beta_ref,  # [Gp] f32
-    k_ref,  # [S, D] keys
-    c_ref,  # [S, D/2] uint8 codes
-    sc_ref,  # [S] f16 scales
-    er_ref,  # [S] f16 errs
-    cidx_ref,  # [C] int32 (out): candidates, ascending (slots past the count: not written)
-    cnt_ref,  # [1] int32 (out): true candidate count of the split
-    lb_ref,  # [Gp] f32 (out): max(est - δ) over the split's searched keys
-    msw_ref,  # [Gp] f32 (out): exact max over the forced positions
-    *,
-    g: int,
-    sink: int,
-    window: int,
-    tile: int,
-    num_splits: int,
-    capacity: int,
-    fsize: int,
-    ablate: str = "none",
-):
-    gp = q_ref.shape[0]
-    head_dim = 2 * c_ref.shape[1]
-    length = len_ref[0]
-    rows = jax.lax.broadcasted_iota(jnp.int32, (gp, 1), 0) < g  # real query rows
+def forced_size(sink: int, window: int) -> int:
+    """Padded count of forced positions a program scores (a power of two >= 16, the MMA's M)."""
+    n = int(sink) + int(window)
+    return max(16, 1 << max(0, (n - 1).bit_length()))
 
-    _, ok, s_f, s_lo = forced_tile(q_ref[...], qsl_ref[...], k_ref, length, sink=sink, window=window,
-                                   size=fsize)
-    okr = ok[None, :]
-    msw_ref[...] = jnp.max(jnp.where(okr, s_f, -jnp.inf), axis=1)
-    thr = (jnp.max(jnp.where(okr, s_lo, -jnp.inf), axis=1) - beta_ref[...])[:, None]  # [Gp, 1]
 
+def scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, *, g: int, rows: int, sink: int, window: int,
+               rounding_slack: float):
+    """The program's loop invariants: a dict of the int8 operands (``q_lo``, ``q_hi`` int8 [D/2, 2·Gr]),
+    ``colscale`` [2·Gr], ``k_off``, ``ca``, ``cb``, ``ce``, ``thr``, ``m_sw`` f32 [Gr] and ``live`` bool [Gr]
+    (the rows < G)."""
+    d = q_ref.shape[1]
+    dh = d // 2
+    q = query_tile(q_ref, rows, g)  # [Gr, D] score dtype
+    q_l1 = jnp.sum(jnp.abs(q.astype(jnp.float32)), axis=1)
+    _, ok_f, s_f = forced_scores_tile(q, k_ref, length, sink=sink, window=window,
+                                      size=forced_size(sink, window))
+    live = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) < g
+    m_sw = jnp.max(jnp.where(ok_f[:, None], s_f, -jnp.inf), axis=0)
+    thr = m_sw - row_vector(beta_ref, rows, g, 0.0)
+    parts = [query_tile(qr_ref, rows, g, col0=0, cols=dh), query_tile(qr_ref, rows, g, col0=dh, cols=dh)]
+    (n1_lo, n1_hi), (n2_lo, n2_hi), s1, s2, dq = ar.split_query(parts, d)
+    l1 = jnp.sum(jnp.abs(parts[0]), axis=1) + jnp.sum(jnp.abs(parts[1]), axis=1)
+    l2 = jnp.sqrt(jnp.sum(parts[0] * parts[0], axis=1) + jnp.sum(parts[1] * parts[1], axis=1))
+    ca, cb, ce = ar.row_coefficients(l1, l2, dq, q_l1, head_dim=d, rounding_slack=rounding_slack)
+
+    def operand(n1, n2):  # [Gr, D/2] x2 -> int8 [D/2, 2·Gr] (the planes side by side)
+        return ar.side_by_side(n1.T, n2.T).astype(jnp.int8)
+
+    return dict(q_lo=operand(n1_lo, n2_lo), q_hi=operand(n1_hi, n2_hi),
+                colscale=ar.side_by_side(s1 / 16.0, s2 / 16.0), k_off=ar.plane_offset(n1_lo, n2_lo, s1, s2),
+                ca=ca, cb=cb, ce=ce, thr=jnp.where(live, thr, jnp.inf), m_sw=m_sw, live=live)
+
+
+def tile_estimate(inv, c, sc16, *, rows: int):
+    """est f32 [T, Gr] of a code tile c uint8 [T, D/2] with scales f16 [T]."""
+    lo, hi = ar.code_operands(c)
+    a = (16 * jax.lax.dot_general(lo, inv["q_lo"], _NN, preferred_element_type=jnp.int32)
+         + jax.lax.dot_general(hi, inv["q_hi"], _NN, preferred_element_type=jnp.int32))  # [T, 2·Gr] exact
+    return ar.estimate(a, inv["colscale"][None, :], inv["k_off"][None, :], sc16.astype(jnp.float32)[:, None],
+                       rows=rows)
+
+
+def tile_hits(inv, est, sc16, er16):
+    """bool [T, Gr]: not(est + δ < thr) per key and query row."""
+    delta = ar.key_bound(inv["ca"][None, :], inv["cb"][None, :], inv["ce"][None, :], sc16[:, None], er16[:, None])
+    return ar.is_candidate(est, delta, inv["thr"][None, :])
+
+
+def tile_base(t, *, tile: int, capacity: int):
+    """First position of tile t; when the capacity is not a multiple of the tile, the store's last tile is
+    moved back to end at the capacity (static: no clamp in the common case)."""
+    if capacity % tile == 0:
+        return pl.multiple_of(t * tile, tile)
+    align = math.gcd(tile, capacity)
+    return pl.multiple_of(jnp.minimum(t * tile, capacity - tile), align & -align)
+
+
+def scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, *, rows: int, sink: int, window: int, tile: int,
+               num_splits: int):
+    """The tile loop of program (b, h, j): stores the flag byte of every key of its split's tiles; returns the
+    split's (first tile, end tile)."""
+    s_cap = c_ref.shape[0]
     t_start, t_end = split_tiles(length, pl.program_id(2), sink=sink, window=window, tile=tile,
                                  num_splits=num_splits)
     hi_end = searched_end(length, sink=sink, window=window)
-    qlo, qhi = qlo_ref[...], qhi_ref[...]
-    qs = qs_ref[...][:, None]
-    l1 = l1_ref[...][:, None]
-    l2 = l2_ref[...][:, None]
     lanes = jax.lax.broadcasted_iota(jnp.int32, (tile,), 0)
 
-    def body(t, carry):
-        count, lbm = carry
-        base = t * tile
-        c = c_ref[pl.ds(base, tile), :].astype(jnp.int32)  # [T, D/2]
-        sc = sc_ref[pl.ds(base, tile)].astype(jnp.float32)[None, :]  # [1, T]
-        er = er_ref[pl.ds(base, tile)].astype(jnp.float32)[None, :]
-        if ablate == "load_only":  # diagnostics only (bench/diag/scan_ablation.py): wrong results
-            return count, jnp.maximum(lbm, jnp.max(c).astype(jnp.float32) + jnp.max(sc) + jnp.max(er))
-        lo, hi = unpack_nibbles(c)
-        est = ((dot_nt(qlo, lo) + dot_nt(qhi, hi)) * qs) * sc  # [Gp, T]
-        if ablate == "estimate_only":
-            return count, jnp.maximum(lbm, jnp.max(est + er, axis=1))
-        delta = bound_from_norms(l1, l2, sc, er, head_dim)
+    def meta(t):
+        base = tile_base(t, tile=tile, capacity=s_cap)
+        return sc_ref[pl.ds(base, tile)], er_ref[pl.ds(base, tile)]
+
+    def body(t, nxt):
+        sc16, er16 = nxt  # this tile's scales and errs, loaded one iteration ahead
+        base = tile_base(t, tile=tile, capacity=s_cap)
+        c = c_ref[pl.ds(base, tile), :]
+        ahead = meta(jnp.minimum(t + 1, t_end - 1))
+        hit = tile_hits(inv, tile_estimate(inv, c, sc16, rows=rows), sc16, er16)
         pos = base + lanes
-        searched = (pos >= sink) & (pos < hi_end)  # [T]
-        hit = jnp.logical_not(est + delta < thr) & rows  # NaN (vacuous bound) is a hit
-        cand = searched & (jnp.max(hit.astype(jnp.int32), axis=0) > 0)
-        lb = est - delta
-        lb = jnp.where(searched[None, :] & (lb == lb), lb, -jnp.inf)
-        lbm = jnp.maximum(lbm, jnp.max(lb, axis=1))
-        ci = cand.astype(jnp.int32)
-        if ablate == "no_compaction":
-            return count + jnp.sum(ci), lbm
-        crank = jnp.cumsum(ci) - ci  # exclusive rank among the tile's candidates
-        nc = jnp.sum(ci)
-        dest = jnp.where(cand, count + crank, count + nc + (lanes - crank))  # a permutation
-        plgpu.store(cidx_ref.at[dest], pos, mask=cand & (dest < capacity))
-        return count + nc, lbm
+        cand = (pos >= sink) & (pos < hi_end) & (jnp.max(hit.astype(jnp.int32), axis=1) > 0)
+        flags_ref[pl.ds(base, tile)] = cand.astype(jnp.uint8)
+        return ahead
 
-    count, lbm = jax.lax.fori_loop(t_start, t_end, body,
-                                   (jnp.int32(0), jnp.full((gp,), -jnp.inf, jnp.float32)))
-    lb_ref[...] = lbm
+    jax.lax.fori_loop(t_start, t_end, body, meta(jnp.maximum(jnp.minimum(t_start, t_end - 1), 0)))
+    return t_start, t_end
+
+
+def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref, flags_ref, lists_ref, cnt_ref,
+                 msw_ref, *, g: int, rows: int, sink: int, window: int, tile: int, num_splits: int, chunk: int,
+                 rounding_slack: float, interpret: bool):
+    length = len_ref[0]
+    s_cap = c_ref.shape[0]
+    inv = scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, g=g, rows=rows, sink=sink, window=window,
+                     rounding_slack=rounding_slack)
+    t_start, t_end = scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, rows=rows, sink=sink, window=window,
+                                tile=tile, num_splits=num_splits)
+    store_rows(msw_ref, inv["m_sw"], g)
+
+    # ------------------------------------------------ epilogue: the split's flags -> its candidate list
+    if not interpret:  # the flags written above by the other threads of this CTA must be visible
+        plgpu.debug_barrier()
+    p0 = t_start * tile
+    p1 = jnp.minimum(t_end * tile, s_cap)
+    nch = jnp.where(t_end > t_start, (p1 - p0 + chunk - 1) // chunk, 0)
+    cl = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+
+    def compact(ch, count):
+        pos = p0 + ch * chunk + cl
+        inr = pos < p1
+        f = plgpu.load(flags_ref.at[jnp.minimum(pos, s_cap - 1)], mask=inr, other=0)
+        ok = inr & (f != 0)
+        ci = ok.astype(jnp.int32)
+        rank = jnp.cumsum(ci) - ci  # exclusive rank among the chunk's candidates
+        n = jnp.sum(ci)
+        dest = count + jnp.where(ok, rank, n + (cl - rank))  # a permutation of [count, count + C)
+        plgpu.store(lists_ref.at[dest], pos, mask=ok)
+        return count + n
+
+    count = jax.lax.fori_loop(0, nch, compact, jnp.int32(0))
     cnt_ref[...] = jnp.full((1,), count, jnp.int32)
-    # Slots from min(count, capacity) on are left unwritten: readers go by the count.
 
 
-def code_scan_pallas(
-    lengths,  # [B] int32
-    q,  # [B, Hkv, Gp, D] score dtype
-    qslack,  # [B, Hkv, Gp] f32
-    q16,  # [B, Hkv, Gp, D] f16
-    qscale,  # [B, Hkv, Gp] f32
-    l1,  # [B, Hkv, Gp] f32
-    l2,  # [B, Hkv, Gp] f32
-    beta,  # [B, Hkv, Gp] f32
-    keys,  # [B, Hkv, Sp, D]  (Sp a multiple of tile)
-    codes,  # [B, Hkv, Sp, D/2] uint8
-    scales,  # [B, Hkv, Sp] f16
-    errs,  # [B, Hkv, Sp] f16
-    *,
-    g: int,
-    sink: int,
-    window: int,
-    tile: int,
-    num_splits: int,
-    capacity: int,
-    fsize: int,
-    interpret: bool,
-    num_warps: int = 4,
-    num_stages: int = 3,
-):
-    """Returns (cand_idx [B,Hkv,NS,C] i32, counts [B,Hkv,NS] i32, lb [B,Hkv,NS,Gp] f32,
-    m_sw [B,Hkv,NS,Gp] f32 (equal over NS))."""
-    static = dict(g=g, sink=sink, window=window, tile=tile, num_splits=num_splits, capacity=capacity, fsize=fsize)
-    return _scan_call((lengths, q, qslack, q16, qscale, l1, l2, beta, keys, codes, scales, errs), static,
-                      interpret=interpret, num_warps=num_warps, num_stages=num_stages, ablate="none")
+def scan_pallas(lengths, q, q_rot, beta, keys, codes, scales, errs, *, g: int, sink: int, window: int, tile: int,
+                num_splits: int, list_size: int, chunk: int, rounding_slack: float, interpret: bool,
+                num_warps: int = 4, num_stages: int = 3):
+    """The raw kernel call on validated operands.
 
-
-#: Parts of the scan that :func:`ablated_code_scan_pallas` can cut away.
-ABLATIONS = ("load_only", "estimate_only", "no_compaction")
-
-
-def ablated_code_scan_pallas(*operands, ablate: str, interpret: bool, num_warps: int = 4, num_stages: int = 3,
-                             **static):
-    """Diagnostics only (``bench/diag/scan_ablation.py``; wrong results): :func:`code_scan_pallas`
-    (same operands and knobs) with parts cut away — "load_only" (read the tiles, nothing else),
-    "estimate_only" (+ unpack and the two MMAs), "no_compaction" (+ bound and candidate test, no
-    cumsum/scatter)."""
-    if ablate not in ABLATIONS:
-        raise ValueError(f"ablated_code_scan_pallas: ablate must be one of {ABLATIONS}, got {ablate!r}")
-    return _scan_call(operands, static, interpret=interpret, num_warps=num_warps, num_stages=num_stages,
-                      ablate=ablate)
-
-
-def _scan_call(operands: tuple, static: dict, *, interpret: bool, num_warps: int, num_stages: int, ablate: str):
-    """The scan's ``pallas_call`` on the operands of :func:`code_scan_pallas` (in its order) with its
-    static knobs (``ablate``: "none", or one of :data:`ABLATIONS`)."""
-    lengths, q, qslack, q16, qscale, l1, l2, beta, keys, codes, scales, errs = operands
-    g, sink, window, tile = static["g"], static["sink"], static["window"], static["tile"]
-    num_splits, capacity, fsize = static["num_splits"], static["capacity"], static["fsize"]
-    b, hkv, gp, d = q.shape
-    sp = keys.shape[2]
-    dh = d // 2
-    ns = num_splits
-    kernel = functools.partial(_scan_kernel, g=g, sink=sink, window=window, tile=tile, num_splits=ns,
-                               capacity=capacity, fsize=fsize, ablate=ablate)
+    lengths [B] i32; q [B, Hkv, Gi, D] (score dtype), q_rot f32 [B, Hkv, Gi, D], beta f32 [B, Hkv, Gi]
+    (Gi >= G a power of two; rows >= G are ignored); keys [B, Hkv, S, D]; codes uint8 [B, Hkv, S, D/2];
+    scales, errs f16 [B, Hkv, S]; S >= tile. Returns (flags uint8 [B, Hkv, S] (inside the splits' tiles:
+    1 for a candidate), lists i32 [B, Hkv, NS, list_size] (the split's candidates ascending in the first
+    count slots; the other slots unwritten), counts i32 [B, Hkv, NS], m_sw f32 [B, Hkv, Gi] (rows >= G
+    unwritten))."""
+    b, hkv, gi, d = q.shape
+    s_cap = keys.shape[2]
+    rows = max(8, gi)
+    kernel = functools.partial(_scan_kernel, g=g, rows=rows, sink=sink, window=window, tile=tile,
+                               num_splits=num_splits, chunk=chunk, rounding_slack=float(rounding_slack),
+                               interpret=interpret)
     row = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
     return pl.pallas_call(
         kernel,
-        grid=(b, hkv, ns),
+        grid=(b, hkv, num_splits),
         in_specs=[
             pl.BlockSpec((1,), lambda i, h, j: (i,)),
-            pl.BlockSpec((None, None, gp, d), mat),
-            pl.BlockSpec((None, None, gp), row),
-            pl.BlockSpec((None, None, gp, dh), mat),
-            pl.BlockSpec((None, None, gp, dh), lambda i, h, j: (i, h, 0, 1)),
-            pl.BlockSpec((None, None, gp), row),
-            pl.BlockSpec((None, None, gp), row),
-            pl.BlockSpec((None, None, gp), row),
-            pl.BlockSpec((None, None, gp), row),
-            pl.BlockSpec((None, None, sp, d), mat),
-            pl.BlockSpec((None, None, sp, dh), mat),
-            pl.BlockSpec((None, None, sp), row),
-            pl.BlockSpec((None, None, sp), row),
+            pl.BlockSpec((None, None, gi, d), mat),
+            pl.BlockSpec((None, None, gi, d), mat),
+            pl.BlockSpec((None, None, gi), row),
+            pl.BlockSpec((None, None, s_cap, d), mat),
+            pl.BlockSpec((None, None, s_cap, d // 2), mat),
+            pl.BlockSpec((None, None, s_cap), row),
+            pl.BlockSpec((None, None, s_cap), row),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, capacity), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, s_cap), row),
+            pl.BlockSpec((None, None, None, list_size), lambda i, h, j: (i, h, j, 0)),
             pl.BlockSpec((None, None, 1), lambda i, h, j: (i, h, j)),
-            pl.BlockSpec((None, None, None, gp), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, None, gp), lambda i, h, j: (i, h, j, 0)),
+            pl.BlockSpec((None, None, gi), row),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, ns, capacity), jnp.int32),
-            jax.ShapeDtypeStruct((b, hkv, ns), jnp.int32),
-            jax.ShapeDtypeStruct((b, hkv, ns, gp), jnp.float32),
-            jax.ShapeDtypeStruct((b, hkv, ns, gp), jnp.float32),
+            jax.ShapeDtypeStruct((b, hkv, s_cap), jnp.uint8),
+            jax.ShapeDtypeStruct((b, hkv, num_splits, list_size), jnp.int32),
+            jax.ShapeDtypeStruct((b, hkv, num_splits), jnp.int32),
+            jax.ShapeDtypeStruct((b, hkv, gi), jnp.float32),
         ],
         interpret=interpret,
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
         name="code_scan",
-    )(lengths, q, qslack, q16, q16, qscale, l1, l2, beta, keys, codes, scales, errs)
+    )(lengths, q, q_rot, beta, keys, codes, scales, errs)

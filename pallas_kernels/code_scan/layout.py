@@ -52,3 +52,10 @@ def forced_positions(length, *, sink: int, window: int, size: int):
     p = jnp.where(j < sink, j, length - window + (j - sink))
     ok = jnp.where(j < sink, p < length, (j < sink + window) & (p >= sink) & (p < length))
     return jnp.maximum(p, 0), ok
+
+
+def longest_split(capacity: int, num_splits: int, *, tile: int) -> int:
+    """The most positions one split can cover in a store of ``capacity`` positions (its list cannot
+    overflow at this size): the tile cover of [sink, end) has at most ceil(capacity / tile) tiles."""
+    tiles = -(-int(capacity) // int(tile))
+    return min(int(capacity), -(-tiles // int(num_splits)) * int(tile))

@@ -1,12 +1,10 @@
-"""Plain-jnp reference of the code scan (filter step of filter-refine DIPR).
+"""Plain-jnp reference of the code scan (filter step of filter-refine DIPR), with the kernel's arithmetic.
 
-For query head g of KV head h: the exact max M_sw over the forced positions, the estimate
-est and bound δ of every searched key (key_codes.estimate / key_codes.bound_from_norms),
-candidates = searched keys with not(est + δ < M_sw' - β) for some g of the group, where
-M_sw' = max over forced f of (s_f - rounding_slack·‖q‖₁·‖k_f‖∞) <= M_sw (so a refine that
-sums the forced scores in another order can never sit below the threshold used here), and
-per split: the candidates in ascending order (the first ``capacity``), their true count and
-max(est - δ).
+For query head g of KV head h: the exact scores of the forced positions, their max M_sw and the threshold
+M_sw − β; per searched key the estimate from the two int8 query planes and the bound
+(``arithmetic``: the same functions the kernel calls on its tiles, so the two differ only in the order of
+a few f32 sums); candidates = searched keys with not(est + δ < thr) for some g of the group; per split the
+candidates in ascending order and their count.
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.code_scan import arithmetic as ar
 from pallas_kernels.code_scan.layout import forced_positions, searched_end, split_of_position
-from pallas_kernels.common import query_slack, score_operand_dtype
-from pallas_kernels.key_codes import bound_from_norms, estimate, query_norms
+from pallas_kernels.common import score_operand_dtype
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -30,11 +28,10 @@ def exact_scores(q, k):
     return jnp.einsum("...gd,...nd->...gn", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
 
 
-def forced_scores(q, keys, lengths, *, sink, window, rounding_slack):
+def forced_scores(q, keys, lengths, *, sink, window):
     """Exact scores of the forced positions.
 
-    q [B, Hq, D]; keys [B, Hkv, S, D] -> (pos [B, F], ok [B, F], s f32 [B, Hkv, G, F],
-    s_lo f32 [B, Hkv, G, F] = s - rounding_slack·‖q‖₁·‖k‖∞), -inf where not ok.
+    q [B, Hq, D]; keys [B, Hkv, S, D] -> (pos [B, F], ok [B, F], s f32 [B, Hkv, G, F] (-inf where not ok)).
     """
     b, hq, d = q.shape
     hkv = keys.shape[1]
@@ -43,48 +40,63 @@ def forced_scores(q, keys, lengths, *, sink, window, rounding_slack):
     pos, ok = forced_positions(lengths, sink=sink, window=window, size=f)
     kf = jnp.take_along_axis(keys, pos[:, None, :, None], axis=2)  # [B, Hkv, F, D]
     kf = jnp.where(ok[:, None, :, None], kf, jnp.zeros_like(kf))  # NaN padding -> 0
-    qg = q.reshape(b, hkv, g, d)
-    s = exact_scores(qg, kf)
-    kinf = jnp.max(jnp.abs(kf.astype(jnp.float32)), axis=-1)  # [B, Hkv, F]
-    s_lo = s - query_slack(qg, rounding_slack)[..., None] * kinf[:, :, None, :]
-    okb = ok[:, None, None, :]
-    return pos, ok, jnp.where(okb, s, -jnp.inf), jnp.where(okb, s_lo, -jnp.inf)
+    s = exact_scores(q.reshape(b, hkv, g, d), kf)
+    return pos, ok, jnp.where(ok[:, None, None, :], s, -jnp.inf)
 
 
-def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits,
-                        capacity, tile_size, rounding_slack):
+def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack):
+    """(candidates bool [B, Hkv, S], m_sw f32 [B, Hkv, G], est f32 [B, Hkv, S, G], δ f32 [B, Hkv, S, G],
+    thr f32 [B, Hkv, G]): the scan's test for every searched key, and its terms (for tests)."""
     b, hq, d = q.shape
     _, hkv, s_cap, _ = keys.shape
     g = hq // hkv
-    ns = num_splits
-    _, _, s_f, s_lo = forced_scores(q, keys, lengths, sink=sink, window=window, rounding_slack=rounding_slack)
-    m_sw = jnp.max(s_f, axis=-1).reshape(b, hq)
-    thr = jnp.max(s_lo, axis=-1) - beta.astype(jnp.float32).reshape(b, hkv, g)  # [B, Hkv, G]
-
+    dh = d // 2
+    _, _, s_f = forced_scores(q, keys, lengths, sink=sink, window=window)
+    m_sw = jnp.max(s_f, axis=-1)  # [B, Hkv, G]
+    thr = m_sw - beta.astype(jnp.float32).reshape(b, hkv, g)
+    q_l1 = jnp.sum(jnp.abs(q.astype(score_operand_dtype(q.dtype, keys.dtype, "auto")).astype(jnp.float32)),
+                   axis=-1).reshape(b, hkv, g)
     qr = q_rot.astype(jnp.float32).reshape(b, hkv, g, d)
-    est = estimate(qr, codes, scales)  # [B, Hkv, G, S]
-    l1, l2 = query_norms(qr)
-    delta = bound_from_norms(l1[..., None], l2[..., None], scales[:, :, None, :], errs[:, :, None, :], d)
+    parts = [qr[..., :dh], qr[..., dh:]]
+    (n1_lo, n1_hi), (n2_lo, n2_hi), s1, s2, dq = ar.split_query(parts, d)
+    l1 = jnp.sum(jnp.abs(parts[0]), axis=-1) + jnp.sum(jnp.abs(parts[1]), axis=-1)
+    l2 = jnp.sqrt(jnp.sum(parts[0] * parts[0], axis=-1) + jnp.sum(parts[1] * parts[1], axis=-1))
+    ca, cb, ce = ar.row_coefficients(l1, l2, dq, q_l1, head_dim=d, rounding_slack=rounding_slack)
 
+    def cols(n1, n2):  # [B, Hkv, G, D/2] x2 -> int8 [B, Hkv, 2G, D/2]: plane 1 rows, then plane 2 rows
+        return jnp.concatenate([n1, n2], axis=2).astype(jnp.int8)
+
+    lo, hi = ar.code_operands(codes)  # int8 [B, Hkv, S, D/2]
+    a = (16 * jnp.einsum("bhsd,bhcd->bhsc", lo, cols(n1_lo, n2_lo), preferred_element_type=jnp.int32)
+         + jnp.einsum("bhsd,bhcd->bhsc", hi, cols(n1_hi, n2_hi), preferred_element_type=jnp.int32))
+    sc = scales[..., None]
+    est = ar.estimate(a, ar.side_by_side(s1 / 16.0, s2 / 16.0)[:, :, None, :],
+                      ar.plane_offset(n1_lo, n2_lo, s1, s2)[:, :, None, :], sc.astype(jnp.float32), rows=g)
+    delta = ar.key_bound(ca[:, :, None, :], cb[:, :, None, :], ce[:, :, None, :], sc, errs[..., None])
+    hit = ar.is_candidate(est, delta, thr[:, :, None, :])  # [B, Hkv, S, G]
     pos = jnp.arange(s_cap, dtype=jnp.int32)
-    L = lengths[:, None]
-    searched = (pos[None] >= sink) & (pos[None] < searched_end(L, sink=sink, window=window))  # [B, S]
-    hit = ~(est + delta < thr[..., None])  # NaN (vacuous bound) counts as a hit
-    cand = searched[:, None] & jnp.any(hit, axis=2)  # [B, Hkv, S]
-    lb = est - delta
-    lb = jnp.where(searched[:, None, None] & ~jnp.isnan(lb), lb, -jnp.inf)  # [B, Hkv, G, S]
+    searched = (pos[None] >= sink) & (pos[None] < searched_end(lengths[:, None], sink=sink, window=window))
+    return searched[:, None] & jnp.any(hit, axis=-1), m_sw, est, delta, thr
 
-    split = split_of_position(pos[None], L, sink=sink, window=window, tile=tile_size, num_splits=ns)  # [B, S]
+
+def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, tile,
+                        list_size, rounding_slack):
+    """(cand_idx i32 [B, Hkv, NS, list_size] (-1 past the count), cand_count i32 [B, Hkv, NS], m_sw f32
+    [B, Hq])."""
+    b, hq, _ = q.shape
+    _, hkv, s_cap, _ = keys.shape
+    cand, m_sw, _, _, _ = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink,
+                                               window=window, rounding_slack=rounding_slack)
+    pos = jnp.arange(s_cap, dtype=jnp.int32)
+    split = split_of_position(pos[None], lengths[:, None], sink=sink, window=window, tile=tile,
+                              num_splits=num_splits)  # [B, S]
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(hkv)[None, :, None]
     sp = jnp.broadcast_to(split[:, None, :], (b, hkv, s_cap))
-    counts = jnp.zeros((b, hkv, ns), jnp.int32).at[bi, hi, sp].add(cand.astype(jnp.int32))
-    lb_max = jnp.full((b, hkv, g, ns), -jnp.inf, jnp.float32).at[
-        bi[..., None], hi[..., None], jnp.arange(g)[None, None, :, None], sp[:, :, None, :]].max(lb)
+    counts = jnp.zeros((b, hkv, num_splits), jnp.int32).at[bi, hi, sp].add(cand.astype(jnp.int32))
     rank = jnp.cumsum(cand.astype(jnp.int32), axis=-1) - 1  # rank among the sequence's candidates
     first = jnp.cumsum(counts, axis=-1) - counts  # rank of each split's first candidate
-    slot = rank - jnp.take_along_axis(first, sp, axis=-1)
-    slot = jnp.where(cand & (slot < capacity), slot, capacity)  # capacity: dropped (out of bounds)
-    cand_idx = jnp.full((b, hkv, ns, capacity), -1, jnp.int32).at[bi, hi, sp, slot].set(
+    slot = jnp.where(cand, rank - jnp.take_along_axis(first, sp, axis=-1), list_size)  # list_size: dropped
+    cand_idx = jnp.full((b, hkv, num_splits, list_size), -1, jnp.int32).at[bi, hi, sp, slot].set(
         jnp.broadcast_to(pos, (b, hkv, s_cap)), mode="drop")
-    return cand_idx, counts, lb_max.reshape(b, hq, ns), m_sw
+    return cand_idx, counts, m_sw.reshape(b, hq)

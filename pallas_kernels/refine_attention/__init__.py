@@ -1,6 +1,6 @@
-"""Refine and attend: the refine step of exact filter-refine DIPR (exact scores of the candidates,
-attention over V of the keys in range ∪ sink ∪ window, split partials merged by log-sum-exp)."""
+"""Refine and attend: the refine step of exact filter-refine DIPR (the exact scores of the candidates, once
+each; the exact max; attention over V of the keys in range ∪ sink ∪ window)."""
 
-from pallas_kernels.refine_attention.api import refine_attention, refine_mask, refine_max
+from pallas_kernels.refine_attention.api import refine_attention
 
-__all__ = ["refine_attention", "refine_mask", "refine_max"]
+__all__ = ["refine_attention"]

@@ -20,7 +20,7 @@ from alaya_jax.attention.store_api import filter_mask
 from tests.support.dipr_cases import np_attention, np_dipr_mask, store_case
 
 _dipr = jax.jit(dipr_store_attention, static_argnames=("sink", "window", "with_mask", "implementation",
-                                                        "num_splits", "capacity_fraction"))
+                                                        "num_splits", "refine_programs"))
 # Jitted: one compilation per shape is far cheaper on the CPU than running the ops one by one.
 _attend = jax.jit(alaya_jax.attend, static_argnames=("attention", "layout", "layer"))
 _append = jax.jit(alaya_jax.append, static_argnames=("layout",))
@@ -67,20 +67,23 @@ def test_filtered_dipr_equals_brute_force_on_the_filtered_keys(sink, window):
             np.testing.assert_array_equal(np.asarray(out)[0], 0.0)
 
 
-def test_filtered_pallas_and_overflow_paths_are_exact():
+def test_filtered_pallas_and_every_candidate_paths_are_exact():
     q, k, v, ln, st = store_case([5, 200], 4, 2, 32, 32, seed=22)
     ranges = np.array([[60, 120], [190, 10**6]], np.int32)
     filt = np.asarray(filter_mask(ranges, st))[:, : k.shape[1]]
-    for beta, kw in ((4.0, dict(implementation="pallas", num_splits=2)),
-                     (1000.0, dict(num_splits=2, capacity_fraction=0.05))):
+    # pallas: chunks of the dropped (-1) slots dealt over two refine programs; β = 1000: every key a candidate
+    for beta, kw in ((4.0, dict(implementation="pallas", num_splits=2, refine_programs=2)),
+                     (1000.0, dict(implementation="pallas", num_splits=2, refine_programs=2)),
+                     (1000.0, dict(num_splits=2))):
         out, stats, mask = _dipr(jnp.asarray(q), st, beta=jnp.float32(beta), sink=2, window=8, with_mask=True,
                                  key_mask=filter_mask(ranges, st), **kw)
         want, _ = np_filtered_dipr(q, k, beta, ln, filt, 2, 8)
         np.testing.assert_array_equal(np.asarray(mask)[:, :, : k.shape[1]], want)
         attended = want | sw_mask(ln, k.shape[1], 2, 8)[:, None]
         np.testing.assert_allclose(np.asarray(out), np_attention(q, k, v, attended), rtol=2e-5, atol=2e-5)
-        if "capacity_fraction" in kw:  # the lists overflow: the filtered dense path, no re-scan
-            assert int(stats.overflow) == 1 and int(stats.rescanned) == 0
+        if beta == 1000.0:  # every searched key in the filter is a candidate, none outside
+            vis = filt & ~sw_mask(ln, k.shape[1], 2, 8) & (np.arange(k.shape[1])[None] < ln[:, None])
+            np.testing.assert_array_equal(np.asarray(stats.candidates), np.repeat(vis.sum(1)[:, None], 2, 1))
 
 
 def _layouts(q, k, v):

@@ -1,5 +1,5 @@
-"""refine_attention: the scan -> max pass -> refine protocol gives exact DIPR attention (vs brute force
-in f64), Pallas (interpret) vs reference, mask, beta 0..inf, empty rows."""
+"""refine_attention: the scan's lists -> score pass -> attend pass give exact DIPR attention (vs f64 brute
+force), Pallas (interpret, chunks dealt over several programs) vs reference, empty heads, errors."""
 
 import functools
 import math
@@ -12,11 +12,11 @@ import pytest
 from pallas_kernels import BackendUnavailableError
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.common import default_rounding_slack
-from pallas_kernels.refine_attention import refine_attention, refine_mask, refine_max
+from pallas_kernels.refine_attention import refine_attention
 from pallas_kernels.refine_attention.api import IMPLEMENTATIONS
 from pallas_kernels.testing import case_betas, make_coded_case, np_dipr
 
-TILE, NS, CAP = 128, 3, 384
+NS = 3
 SINK, WINDOW = 4, 64
 OUT_TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
 
@@ -27,37 +27,19 @@ def _case(kind, g, d, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _scan(sink, window):
-    return jax.jit(functools.partial(code_scan, sink=sink, window=window, num_splits=NS, capacity=CAP,
-                                     tile_size=TILE))
+def _scan(sink, window, ns=NS):
+    return jax.jit(functools.partial(code_scan, sink=sink, window=window, num_splits=ns))
 
 
 @functools.lru_cache(maxsize=None)
-def _refine(impl, sink, window):
-    return jax.jit(functools.partial(refine_attention, sink=sink, window=window, implementation=impl))
-
-
-@functools.lru_cache(maxsize=None)
-def _max(impl, sink, window):
-    return jax.jit(functools.partial(refine_max, sink=sink, window=window, implementation=impl))
-
-
-def _dipr_attention(c, beta, impl, *, sink=SINK, window=WINDOW):
-    """The caller's protocol: scan, the max pass over forced ∪ candidates (the exact M), one refine
-    with m_base = M."""
-    cidx, counts, lb_max, m_sw = _scan(sink, window)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"],
-                                                       c["errs"], c["lengths"], jnp.asarray(beta))
-    m_lb = jnp.maximum(m_sw, jnp.max(lb_max, axis=-1))
-    m = _max(impl, sink, window)(c["q"], c["keys"], cidx, counts, c["lengths"])
-    assert np.all(np.asarray(m) >= np.asarray(m_lb) - 1e-5 * np.abs(np.asarray(m_lb)))  # M_lb <= M
-    args = (c["q"], c["keys"], c["values"], cidx, counts, c["lengths"])
-    out, m_seen, n = _refine(impl, sink, window)(*args, m, jnp.asarray(beta))
-    np.testing.assert_array_equal(np.asarray(m_seen), np.asarray(m))  # same scores in both passes
-    return out, m_seen, n, (cidx, counts)
+def _refine(impl, sink, window, programs=None, chunk=64):
+    return jax.jit(functools.partial(refine_attention, sink=sink, window=window, implementation=impl,
+                                     programs=programs, chunk=chunk))
 
 
 def _brute(c, beta, *, sink=SINK, window=WINDOW):
-    """f64 DIPR attention over forced ∪ (in range by the kernels' slack rule); returns out, M, mask, near."""
+    """f64 DIPR attention over forced ∪ (in range by the kernels' slack rule): out, M, near-threshold
+    mask, keys attended."""
     q64, k64 = c["q64"], c["keys64"]
     v64 = np.asarray(c["values"].astype(jnp.float32), np.float64)
     b, hq, d = q64.shape
@@ -77,15 +59,14 @@ def _brute(c, beta, *, sink=SINK, window=WINDOW):
     att = inr | forced[:, None]
     out = np.zeros((b, hq, d))
     vv = np.repeat(np.nan_to_num(v64), g, axis=1)
-    scale = 1.0 / math.sqrt(d)
     for i in range(b):
         for h in range(hq):
             a = att[i, h]
             if a.any():
-                lg = s[i, h, a] * scale
+                lg = s[i, h, a] / math.sqrt(d)
                 w = np.exp(lg - lg.max())
                 out[i, h] = (w[:, None] * vv[i, h, a]).sum(0) / w.sum()
-    return out, m, inr, near, att.sum(-1)
+    return out, m, near, att.sum(-1)
 
 
 def _rel(a, b):
@@ -98,52 +79,65 @@ CASES = [("gauss", 4, 64, jnp.float32), ("high", 3, 128, jnp.bfloat16), ("ties",
 
 
 @pytest.mark.parametrize("kind,g,d,dtype", CASES)
-def test_protocol_gives_exact_dipr_attention(kind, g, d, dtype):
+def test_scan_and_refine_give_exact_dipr_attention(kind, g, d, dtype):
     c = _case(kind, g, d, dtype)
-    beta = case_betas(kind, *c["q"].shape[:2])
-    o_np, m_np, inr, near, n_np = _brute(c, beta)
+    beta = jnp.asarray(case_betas(kind, *c["q"].shape[:2]))
+    o_np, m_np, near, n_np = _brute(c, np.asarray(beta))
+    lists = _scan(SINK, WINDOW)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"], beta)
     res = {}
-    for impl in IMPLEMENTATIONS:
-        out, m_seen, n, (cidx, counts) = _dipr_attention(c, beta, impl)
-        assert out.dtype == dtype and out.shape == c["q"].shape and m_seen.dtype == jnp.float32
-        assert n.dtype == jnp.int32
-        np.testing.assert_allclose(np.asarray(m_seen), m_np, rtol=1e-5, atol=1e-6 * np.abs(m_np).max())
+    for impl, programs, chunk in (("reference", None, 64), ("pallas", 4, 16)):  # pallas: several chunks a program
+        out, m, n = _refine(impl, SINK, WINDOW, programs, chunk)(c["q"], c["keys"], c["values"], *lists,
+                                                                 c["lengths"], beta)
+        assert out.dtype == dtype and out.shape == c["q"].shape and m.dtype == jnp.float32 and n.dtype == jnp.int32
+        np.testing.assert_allclose(np.asarray(m), m_np, rtol=1e-5, atol=1e-6 * np.abs(m_np).max())
         n = np.asarray(n)
         # keys attended: the brute-force count, up to keys within rounding of the threshold
         assert np.all(np.abs(n - n_np) <= near.sum(-1)), (n, n_np)
         assert _rel(out.astype(jnp.float32), o_np) <= OUT_TOL[dtype]
-        mask = np.asarray(refine_mask(c["q"], c["keys"], cidx, counts, m_seen, jnp.asarray(beta)))
-        assert mask.shape == inr.shape
-        assert not np.any((mask != inr) & ~near)
-        res[impl] = (np.asarray(out.astype(jnp.float32)), np.asarray(m_seen), n)
+        res[impl] = (np.asarray(out.astype(jnp.float32)), np.asarray(m), n)
     np.testing.assert_allclose(res["pallas"][1], res["reference"][1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(res["pallas"][2], res["reference"][2])
     assert _rel(res["pallas"][0], res["reference"][0]) <= OUT_TOL[dtype]
 
 
-def test_pallas_matches_reference_on_one_pass_and_empty_rows():
-    """One refine at a given m_base (no protocol): β = inf attends every listed candidate; a head
-    with nothing forced and no candidate gets out 0, m_seen -inf, 0 keys."""
+def test_pallas_matches_reference_with_every_candidate_and_on_empty_heads():
+    """β = inf attends every listed candidate; a head with nothing forced and no candidate gets out 0,
+    M -inf, 0 keys."""
     c = make_coded_case("gauss", g=3, hkv=2, d=64, dtype=jnp.bfloat16, lengths=(1, 300), seed=5)
     b, hq = c["q"].shape[:2]
-    beta = np.resize(np.asarray([np.inf, 0.5, 4.0], np.float32), b * hq).reshape(b, hq)
-    cidx, counts, lb_max, m_sw = _scan(1, 8)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"],
-                                             c["lengths"], jnp.asarray(beta))
-    m_base = jnp.maximum(m_sw, jnp.max(lb_max, -1))
-    # empty the list of batch 0 (its single key is forced as the sink); then make it un-forced too
-    args = (c["q"], c["keys"], c["values"], cidx, counts, c["lengths"], m_base, jnp.asarray(beta))
+    beta = jnp.asarray(np.resize(np.asarray([np.inf, 0.5, 4.0], np.float32), b * hq).reshape(b, hq))
+    cidx, counts, m_sw = _scan(1, 8)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"],
+                                     c["lengths"], beta)
+    args = (c["q"], c["keys"], c["values"], cidx, counts, m_sw, c["lengths"], beta)
     r = [np.asarray(x.astype(jnp.float32)) for x in _refine("reference", 1, 8)(*args)]
-    p = [np.asarray(x.astype(jnp.float32)) for x in _refine("pallas", 1, 8)(*args)]
+    p = [np.asarray(x.astype(jnp.float32)) for x in _refine("pallas", 1, 8, 2, 16)(*args)]
     assert _rel(p[0], r[0]) <= OUT_TOL[jnp.bfloat16]
     np.testing.assert_allclose(p[1], r[1], rtol=1e-6)
     np.testing.assert_array_equal(p[2], r[2])
-    inf_heads = np.isinf(beta[1])
-    np.testing.assert_array_equal(r[2][1][inf_heads], counts[1].sum(-1).repeat(3)[inf_heads] + 8 + 1)
-    z_counts = jnp.zeros_like(counts)
+    inf_heads = np.isinf(np.asarray(beta[1]))
+    np.testing.assert_array_equal(r[2][1][inf_heads], np.asarray(counts[1]).sum(-1).repeat(3)[inf_heads] + 8 + 1)
+    no_forced = jnp.full_like(m_sw, -jnp.inf)
     for impl in IMPLEMENTATIONS:
-        out, m_seen, n = _refine(impl, 0, 0)(c["q"], c["keys"], c["values"], cidx, z_counts, c["lengths"],
-                                             m_base, jnp.asarray(beta))
-        assert np.all(np.asarray(out.astype(jnp.float32)) == 0) and np.all(np.asarray(m_seen) == -np.inf)
+        out, m, n = _refine(impl, 0, 0)(c["q"], c["keys"], c["values"], cidx, jnp.zeros_like(counts), no_forced,
+                                        c["lengths"], beta)
+        assert np.all(np.asarray(out.astype(jnp.float32)) == 0) and np.all(np.asarray(m) == -np.inf)
         assert np.all(np.asarray(n) == 0)
+
+
+def test_many_splits_most_of_them_empty():
+    """More splits than tiles (most lists empty) and more than one block of the score pass's split search:
+    the concatenated lists are read slot by slot exactly as the reference reads them."""
+    c = _case("gauss", 4, 64, jnp.float32)
+    beta = jnp.asarray(case_betas("gauss", *c["q"].shape[:2]))
+    lists = _scan(SINK, WINDOW, 40)(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"],
+                                     beta)
+    assert int((np.asarray(lists[1]) == 0).sum()) > 40
+    args = (c["q"], c["keys"], c["values"], *lists, c["lengths"], beta)
+    r = [np.asarray(x) for x in _refine("reference", SINK, WINDOW)(*args)]
+    p = [np.asarray(x) for x in _refine("pallas", SINK, WINDOW, 2, 16)(*args)]
+    assert _rel(p[0], r[0]) <= OUT_TOL[jnp.float32]
+    np.testing.assert_allclose(p[1], r[1], rtol=1e-6)
+    np.testing.assert_array_equal(p[2], r[2])
 
 
 def test_bad_inputs_raise():
@@ -153,16 +147,17 @@ def test_bad_inputs_raise():
     counts = jnp.zeros((b, 2, NS), jnp.int32)
     m = jnp.zeros((b, hq))
     kw = dict(sink=4, window=8)
+    args = (c["q"], c["keys"], c["values"], cidx, counts, m, c["lengths"], 1.0)
     with pytest.raises(ValueError, match="cand_count"):
-        refine_attention(c["q"], c["keys"], c["values"], cidx, counts[:, :, :1], c["lengths"], m, 1.0, **kw)
+        refine_attention(*args[:4], counts[:, :, :1], *args[5:], **kw)
     with pytest.raises(ValueError, match="values"):
-        refine_attention(c["q"], c["keys"], c["values"][:, :, :5], cidx, counts, c["lengths"], m, 1.0, **kw)
-    with pytest.raises(ValueError, match="m_base"):
-        refine_attention(c["q"], c["keys"], c["values"], cidx, counts, c["lengths"], m[:, :3], 1.0, **kw)
+        refine_attention(args[0], args[1], args[2][:, :, :5], *args[3:], **kw)
+    with pytest.raises(ValueError, match="m_sw"):
+        refine_attention(*args[:5], m[:, :3], *args[6:], **kw)
     with pytest.raises(ValueError, match="chunk"):
-        refine_attention(c["q"], c["keys"], c["values"], cidx, counts, c["lengths"], m, 1.0, chunk=48,
-                         implementation="pallas", **kw)
+        refine_attention(*args, chunk=48, implementation="pallas", **kw)
+    with pytest.raises(ValueError, match="programs"):
+        refine_attention(*args, programs=3, implementation="pallas", **kw)
     if jax.default_backend() == "cpu":
         with pytest.raises(BackendUnavailableError):
-            refine_attention(c["q"], c["keys"], c["values"], cidx, counts, c["lengths"], m, 1.0,
-                             implementation="pallas", interpret=False, **kw)
+            refine_attention(*args, implementation="pallas", interpret=False, **kw)

@@ -411,8 +411,9 @@ def test_weight_cache_miss_hit_config_and_corrupt_entry(tmp_path, caplog):
         assert cfg == want_cfg and tok.fingerprint() == want_tok.fingerprint()
         for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), want):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    entries = list(cache.iterdir())
+    entries = sorted(p for p in cache.iterdir() if p.suffix == ".npz")
     assert entries == [entry_path(path, cache)]
+    assert [p.name[:9] for p in cache.iterdir() if p.suffix == ".pkl"] == ["skeleton-"]  # the abstract model
     assert cached_config(path, dtype="float32", cache_dir=cache) == want_cfg
     entries[0].write_bytes(b"not a zip")
     with caplog.at_level("WARNING"):

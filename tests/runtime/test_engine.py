@@ -38,13 +38,15 @@ def test_chunked_prefill_then_decode_equals_one_forward(engine):
     np.testing.assert_allclose(got, ref[39:], rtol=1e-4, atol=1e-4)
 
 
-def test_decode_compiles_once_for_50random_tokens(engine):
-    before = engine.trace_counts["decode"]
-    res, _ = engine.generate([random_tokens(11, 1)], sampling=SamplingConfig(max_new_tokens=50))
-    assert len(res[0].tokens) == 50
+def test_decode_compiles_once_per_sampling_kind_for_50_tokens(engine):
+    before = engine.trace_counts["decode_chunk"]
+    for seed in (1, 2):  # greedy: one compilation for both prompts and every chunk
+        res, _ = engine.generate([random_tokens(11, seed)], sampling=SamplingConfig(max_new_tokens=50))
+        assert len(res[0].tokens) == 50
+    assert engine.trace_counts["decode_chunk"] - before == 1
     res, _ = engine.generate([random_tokens(11, 2)], sampling=SamplingConfig(max_new_tokens=50, temperature=0.7,
                                                                         top_p=0.9, seed=3))
-    assert engine.trace_counts["decode"] - before == 1
+    assert engine.trace_counts["decode_chunk"] - before == 2
 
 
 def test_ragged_batch_equals_single_prompts(engine):
@@ -76,10 +78,10 @@ def test_stop_ids(engine):
 @pytest.mark.parametrize("method", SPARSE)
 def test_every_method_generates_and_compiles_once(engine, method):
     cfg = AttentionConfig(method=method, beta=4.0, budget=16, top_p=0.8, sink=2, window=8)
-    before = engine.trace_counts["decode"]
+    before = engine.trace_counts["decode_chunk"]
     res, _ = engine.generate([random_tokens(150, 8)], sampling=SamplingConfig(max_new_tokens=20), attention=cfg)
     assert len(res[0].tokens) == 20
-    assert engine.trace_counts["decode"] - before == 1
+    assert engine.trace_counts["decode_chunk"] - before == 1
 
 
 def test_dipr_infinite_beta_equals_full(engine):

@@ -1,8 +1,9 @@
 """``alaya serve``: the real server (a subprocess on 127.0.0.1) and the official ``openai`` client.
 
 A tiny random-weight model with a byte tokenizer where the text does not matter (API,
-errors, concurrency, contexts, SIGTERM); real SmolLM2 where it does (the same greedy
-text as ``alaya generate``; a stored 4K-token context served from the memory tier).
+errors, concurrency, contexts in a DB on disk, SIGTERM); real SmolLM2 where it does (the
+same greedy text as ``alaya generate``; a server without ``--db`` storing a 4K-token
+context in memory and serving it from there).
 """
 
 import concurrent.futures
@@ -342,7 +343,7 @@ def test_sigterm_past_the_shutdown_timeout_cuts_the_stream_cleanly(tmp_path):
 def smol(tmp_path_factory):
     pytest.importorskip("gguf")
     tmp = tmp_path_factory.mktemp("serve-smol")
-    srv = Server(tmp, "--db", str(tmp / "db"), "--memory-budget", "1GiB", timeout=600)
+    srv = Server(tmp, "--memory-budget", "1GiB", timeout=600)  # no --db: contexts in memory only
     yield srv
     assert srv.stop() == 0, srv.output()
 
@@ -389,3 +390,10 @@ def test_stored_4k_context_is_served_from_memory_10x_faster(smol):
     warm = ask(ctx, "What is this about?")
     assert warm["reused_tokens"] >= 4000 and warm["context_source"] == "memory:device", warm
     assert warm["ttft_s"] * 10 <= made["seconds"], (made, warm)
+    _, health = smol.http("GET", "/health")  # started without --db: the contexts live in memory only
+    db = health["context_db"]
+    assert (db["kind"], db["persistent"], db["contexts"]) == ("memory", False, 1) and db["used_bytes"] > 0, health
+    st, listed = smol.http("GET", "/v1/contexts")
+    assert st == 200 and [x["id"] for x in listed["data"]] == [made["id"]]
+    assert smol.http("DELETE", f"/v1/contexts/{made['id']}")[0] == 200
+    assert smol.http("GET", "/v1/contexts")[1]["data"] == []

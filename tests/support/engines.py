@@ -37,3 +37,48 @@ def decode_logits(engine, toks, cfg, steps=6, caches=None):
                                                     sampling=SamplingConfig(), attention=cfg)
         out.append(np.asarray(logits))
     return np.stack(out)
+
+
+def stepwise_generate(engine, prompts, sampling, *, attention=None, stop_ids=(), capacity=None):
+    """What ``Engine.generate`` computes, one ``decode_step`` at a time with the host deciding after
+    every token (the loop generate ran before decoding moved onto the device): the reference the
+    device chunks are held to. Greedy or sampled (one key chain for the batch), stop ids, each
+    row's limit, calibrated DIPR re-calibrated before the step at which the context has grown
+    ``recalibrate_growth``-fold. → list of token lists."""
+    from alaya_jax.runtime.engine import FULL
+    from alaya_jax.runtime.sampling import sample
+
+    attention = attention or FULL
+    b, lens = len(prompts), np.array([len(p) for p in prompts])
+    caches = engine.new_caches(batch=b, capacity=capacity or int(lens.max()) + sampling.max_new_tokens)
+    caches, logits, _ = engine.prefill(caches, prompts)
+    attention = attention.resolve(int(lens.min()))
+    calibrated = attention.method == "dipr" and attention.calibrated
+    history = [list(p) for p in prompts]
+    if calibrated:
+        caches, _ = engine.calibrate(caches, history, attention)
+    cal_at = int(lens.max())
+    key, sub = jax.random.split(jax.random.PRNGKey(sampling.seed))
+    temp, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
+    token = np.asarray(sample(logits, sub, temp, top_p))
+    out, done = [[] for _ in range(b)], np.zeros(b, bool)
+    for step in range(sampling.max_new_tokens):
+        for j in range(b):
+            if not done[j]:
+                if int(token[j]) in set(stop_ids):
+                    done[j] = True
+                    continue
+                out[j].append(int(token[j]))
+                history[j].append(int(token[j]))
+                done[j] = len(out[j]) >= sampling.max_new_tokens
+        if done.all():
+            break
+        growth = attention.calibration.recalibrate_growth if calibrated else None
+        if growth is not None and int(lens.max()) + step >= growth * cal_at:
+            caches, _ = engine.calibrate(caches, [h[: int(lens[j]) + step] for j, h in enumerate(history)], attention)
+            cal_at = int(lens.max()) + step
+        key, sub = jax.random.split(key)
+        nxt, _, caches, _ = engine.decode_step(caches, jnp.asarray(token), key=sub, sampling=sampling,
+                                               attention=attention)
+        token = np.asarray(nxt)
+    return out

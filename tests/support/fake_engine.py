@@ -1,9 +1,11 @@
 """A model-free engine and tokenizer for the server's unit tests.
 
-``FakeEngine`` has the interface the scheduler uses (``block_size``, ``config.num_heads``,
-``new_caches``, ``prefill``, ``calibrate``, ``decode_step``) over real, tiny ``KVStore``
-caches (so the scheduler's batch re-layouts run as in production), and a fixed rule for
-the next token: ``(last token + 1) % vocab``, the same in every slot whatever the batch.
+``FakeEngine`` has the interface the scheduler uses (``block_size``, ``max_chunk``,
+``config.num_heads``, ``new_caches``, ``prefill``, ``calibrate``, ``first_tokens``,
+``decode_chunk``) over real, tiny ``KVStore`` caches (so the scheduler's batch re-layouts
+run as in production) and the real device loop (``alaya_jax.runtime.decode_loop``), with a
+fixed rule for the next token: ``(last token + 1) % vocab``, the same in every slot whatever
+the batch.
 ``FakeTokenizer`` maps id ``i`` to the letter ``chr(97 + i % 26)``.
 """
 
@@ -13,10 +15,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alaya_jax.runtime import decode_loop
 from alaya_jax.store import kv_store
 
 VOCAB = 26
 _append = jax.jit(kv_store.append)  # one compile per shape instead of one per op
+
+
+def _step(caches, token, feed):
+    """The fake model step for the device loop: logits favour ``(token + 1) % VOCAB``."""
+    (c,) = caches
+    z = jnp.zeros((c.batch, 1, c.num_kv_heads, c.head_dim), jnp.float32)
+    caches = (kv_store.append(c, z, z, feed.astype(jnp.int32)),)
+    return jax.nn.one_hot((token + 1) % VOCAB, VOCAB) * 20.0, caches
+
+
+_begin = jax.jit(decode_loop.begin, static_argnames=("sampled", "nucleus"))
+_chunk = jax.jit(lambda *a, **k: decode_loop.run_chunk(_step, *a, **k),
+                 static_argnames=("max_steps", "sampled", "nucleus"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +49,7 @@ def next_token(token: int) -> int:
 
 class FakeEngine:
     block_size = 8
+    max_chunk = 8
 
     def __init__(self):
         self.config = _Config()
@@ -66,12 +83,15 @@ class FakeEngine:
         (c,) = caches
         return (c.replace(dipr_beta=jnp.full((c.batch, self.config.num_heads), 3.0, jnp.float32)),), None
 
-    def decode_step(self, caches, token, *, key, sampling, attention):
-        tokens = np.asarray(token)
-        self.decode_batches.append(len(tokens))
-        caches = self._append(caches, [1] * len(tokens))
-        logits, nxt = self._logits(tokens)
-        return jnp.asarray(nxt, jnp.int32), logits, caches, []
+    def first_tokens(self, logits, keys, temperature, top_p, max_new, *, stop_ids=(), sampled, nucleus):
+        return _begin(logits, keys, temperature, top_p, np.asarray(max_new, np.int32),
+                      decode_loop.stop_array(stop_ids), sampled=sampled, nucleus=nucleus)
+
+    def decode_chunk(self, caches, state, *, steps, temperature, top_p, sampled, nucleus, attention, stop_ids=()):
+        self.decode_batches.append(len(state.token))
+        out, state, caches = _chunk(caches, state, np.int32(steps), decode_loop.stop_array(stop_ids), temperature,
+                                    top_p, max_steps=self.max_chunk, sampled=sampled, nucleus=nucleus)
+        return out, caches[0].lengths, state, caches
 
 
 class FakeTokenizer:

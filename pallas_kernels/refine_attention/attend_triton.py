@@ -1,0 +1,126 @@
+"""Pallas kernel (Triton lowering) of the refine's attend pass: exact DIPR attention from the scored candidates.
+
+Grid (B, Hkv, P + 1). Every program first takes the exact max M = max(M_sw, the score pass's P maxes) of
+its group's rows (the scan's M_sw: see ``code_scan.arithmetic`` for why the refine never rescores it), so
+the weights p = exp((s − M)·scale) need no running max and no rescaling, and the P + 1 partial sums add
+up without a log-sum-exp merge. Programs p < P walk the same chunks of slots as the score pass (program p:
+chunks p, p + P, ...), read the stored positions, scores and ‖k‖∞ (no key is read again), attend a
+candidate when s + σ·‖q‖₁·‖k‖∞ >= M − β, gather V only for the rows some head of the group attends
+(a masked gather: the other rows are not read) and accumulate oᵀ += Vᵀ·p by one MMA ([D, R] x [R, Gr]);
+Σp and the count attended are kept elementwise ([R, Gr]) and reduced once after the loop. Program P
+attends the forced positions (sink and window, always attended; scored here, their V gathered by index).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.code_scan.kernel_triton import (
+    dot_tn, forced_scores_tile, forced_size, gather_rows, query_tile, row_vector, store_rows,
+)
+from pallas_kernels.common import compiler_params
+from pallas_kernels.refine_attention.score_triton import chunk_slots
+
+
+def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, beta_ref, q_ref, k_ref, v_ref,
+                   o_ref, l_ref, n_ref, m_ref, *, g: int, rows: int, sink: int, window: int, chunk: int,
+                   programs: int, sm_scale: float, rounding_slack: float):
+    gi, d = q_ref.shape
+    sl = idx_ref.shape[0]
+    length = len_ref[0]
+    live = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) < g
+    m = jnp.maximum(row_vector(msw_ref, rows, g, -jnp.inf), jnp.max(mx_ref[...], axis=0))  # [Gr] exact M
+    m = jnp.where(live, m, -jnp.inf)
+    m_safe = jnp.where(m > -jnp.inf, m, 0.0)
+    thr = m - row_vector(beta_ref, rows, g, 0.0)
+    q = query_tile(q_ref, rows, g)  # [Gr, D] score dtype
+    qsl = jnp.float32(rounding_slack) * jnp.sum(jnp.abs(q.astype(jnp.float32)), axis=1)
+    total, p, mine = chunk_slots(cnt_ref, chunk, programs)
+    lanes = jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+
+    def forced():
+        pos, ok, s = forced_scores_tile(q, k_ref, length, sink=sink, window=window, size=forced_size(sink, window))
+        att = ok[:, None] & live[None, :]
+        w = jnp.where(att, jnp.exp((s - m_safe[None, :]) * sm_scale), 0.0)
+        v = gather_rows(v_ref, pos, mask=ok)  # [F, D]
+        return dot_tn(v, w), jnp.sum(w, axis=0), jnp.sum(att.astype(jnp.int32), axis=0)
+
+    def listed():
+        def body(k, carry):
+            ot, ls, ns_ = carry
+            slots = (p + k * programs) * chunk + lanes
+            valid = slots < total
+            at = jnp.minimum(slots, sl - 1)
+            idx = plgpu.load(idx_ref.at[at], mask=valid, other=-1)
+            valid = valid & (idx >= 0)  # -1: dropped by a filter
+            kinf = plgpu.load(kinf_ref.at[at], mask=valid, other=0.0)
+            s = plgpu.load(s_ref.at[at[:, None], jnp.minimum(cols, gi - 1)], mask=valid[:, None] & (cols < gi),
+                           other=0.0)  # [R, Gr]
+            att = valid[:, None] & live[None, :] & (s + kinf[:, None] * qsl[None, :] >= thr[None, :])
+            w = jnp.where(att, jnp.exp((s - m_safe[None, :]) * sm_scale), 0.0)
+            keep = jnp.max(att.astype(jnp.int32), axis=1) > 0  # rows of V some head attends
+            v = gather_rows(v_ref, jnp.where(keep, idx, 0), mask=keep)  # [R, D]
+            return ot + dot_tn(v, w), ls + w, ns_ + att.astype(jnp.int32)
+
+        init = (jnp.zeros((d, rows), jnp.float32), jnp.zeros((chunk, rows), jnp.float32),
+                jnp.zeros((chunk, rows), jnp.int32))
+        ot, ls, ns_ = jax.lax.fori_loop(0, mine, body, init)
+        return ot, jnp.sum(ls, axis=0), jnp.sum(ns_, axis=0)
+
+    ot, l, n = jax.lax.cond(p == programs, forced, listed)
+    rr = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    dd = jax.lax.broadcasted_iota(jnp.int32, (d, 1), 0)
+    plgpu.store(o_ref.at[rr, dd], ot, mask=rr < min(g, gi))  # oᵀ [D, Gr] -> o [Gi, D]
+    store_rows(l_ref, l, g)
+    store_rows(n_ref, n, g)
+    store_rows(m_ref, m, g)
+
+
+def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values, *, g: int, sink: int,
+                  window: int, chunk: int, sm_scale: float, rounding_slack: float, interpret: bool,
+                  num_warps: int = 4, num_stages: int = 2):
+    """lengths [B]; counts [B, Hkv, NS]; idx, s, kinf, mx: the score pass's outputs (P = mx.shape[2]);
+    m_sw, beta f32 [B, Hkv, Gi]; q [B, Hkv, Gi, D] (score dtype); keys, values [B, Hkv, S, D] ->
+    (o f32 [B, Hkv, P + 1, Gi, D] = Σ p·v, l f32 [B, Hkv, P + 1, Gi] = Σ p, n i32 [B, Hkv, P + 1, Gi]
+    keys attended, M f32 [B, Hkv, Gi]), p = exp((s − M)·sm_scale); rows >= G unwritten."""
+    b, hkv, ns = counts.shape
+    programs, rows = mx.shape[2], mx.shape[3]
+    gi, d = q.shape[2], q.shape[3]
+    s_cap, sl = keys.shape[2], idx.shape[2]
+    kernel = functools.partial(_attend_kernel, g=g, rows=rows, sink=sink, window=window, chunk=chunk,
+                               programs=programs, sm_scale=float(sm_scale), rounding_slack=float(rounding_slack))
+    whole = lambda i, h, j: (i, h, 0)  # noqa: E731
+    mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
+    part = lambda i, h, j: (i, h, j, 0)  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        grid=(b, hkv, programs + 1),
+        in_specs=[pl.BlockSpec((1,), lambda i, h, j: (i,)),
+                  pl.BlockSpec((None, None, ns), whole),
+                  pl.BlockSpec((None, None, sl), whole),
+                  pl.BlockSpec((None, None, sl, gi), mat),
+                  pl.BlockSpec((None, None, sl), whole),
+                  pl.BlockSpec((None, None, programs, rows), mat),
+                  pl.BlockSpec((None, None, gi), whole),
+                  pl.BlockSpec((None, None, gi), whole),
+                  pl.BlockSpec((None, None, gi, d), mat),
+                  pl.BlockSpec((None, None, s_cap, d), mat),
+                  pl.BlockSpec((None, None, s_cap, d), mat)],
+        out_specs=[pl.BlockSpec((None, None, None, gi, d), lambda i, h, j: (i, h, j, 0, 0)),
+                   pl.BlockSpec((None, None, None, gi), part),
+                   pl.BlockSpec((None, None, None, gi), part),
+                   pl.BlockSpec((None, None, gi), whole)],
+        out_shape=[jax.ShapeDtypeStruct((b, hkv, programs + 1, gi, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, programs + 1, gi), jnp.float32),
+                   jax.ShapeDtypeStruct((b, hkv, programs + 1, gi), jnp.int32),
+                   jax.ShapeDtypeStruct((b, hkv, gi), jnp.float32)],
+        interpret=interpret,
+        compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
+        name="refine_attend",
+    )(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values)
