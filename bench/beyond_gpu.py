@@ -11,23 +11,29 @@ with the host sync on the sampled token.
 
 Stages, each in a process of its own (XLA's pinned host pool keeps what it allocated until the
 process ends, and one process could not hold 64 GiB of values and then 96 GiB of keys and values),
-in this order, each within its share of ``--budget-s`` (``RESERVE``):
+in the order of their rows' importance, each within its share of ``--budget-s`` (``RESERVE``):
 
-1. ``dense_1m``: the HBM copy roofline and the host-to-device bandwidth; DIPR at ``--context`` (1M)
-   with the values on the host; dense cuDNN decode at the longest of ``--dense-contexts`` that fits
-   on the GPU, DIPR all-on-GPU there, and DIPR with the values on the host at that context.
-2. ``kv_host``: DIPR with keys and values on the host at the longest context the host RAM holds
-   (``--kv-host-context``; 0: from ``MemAvailable``, see :func:`host_kv_context`).
-3. ``exact_ttft``: (a) a few-layer 8B-shaped model at ``--exact-context``: logits, DIPR statistics and
-   tokens of ``--exact-steps`` steps in every placement, compared bit for bit with all-on-device;
-   the compiled HLO checked for whole-array host transfers. (b) 32 layers at ``--ttft-context``:
-   re-prefill with cuDNN attention (all on device; and with values on the host: the chunked
-   prefill that writes each chunk's values to the host, its rate), then time to first token from
-   a ``ContextDB`` pinned-host memory tier in every placement (lazy restore + tail prefill + first
-   token), each against the re-prefill.
+1. ``values_1m``: the HBM copy roofline and the host-to-device bandwidth; DIPR at ``--context`` (1M)
+   with the values on the host (the compiled HLO audited for whole-array host transfers), then its
+   exactness: layers of the same stores against brute force over every key (:func:`exact_check`).
+2. ``kv_host_dense``: DIPR with keys and values on the host at the longest context the host RAM holds
+   (``--kv-host-context``; 0: from ``MemAvailable``, see :func:`host_kv_context`), checked the same
+   way; then dense cuDNN decode at the longest of ``--dense-contexts`` that fits on the GPU and DIPR
+   all-on-GPU there (``--host-at-dense 1``: also DIPR with the values on the host at that context).
+3. ``ttft``: 32 layers at ``--ttft-context``: re-prefill with cuDNN attention (all on device), then
+   time to first token from a ``ContextDB`` pinned-host memory tier with the values on the host (lazy
+   restore + tail prefill + first token) and all on the device, each against the re-prefill; the
+   chunked prefill that writes each chunk's values to the host (its rate; ``--prefill-to-host 0``:
+   not run); a few-layer 8B-shaped model at ``--exact-context``: logits, DIPR statistics and tokens of
+   ``--exact-steps`` steps in every placement, compared bit for bit with all-on-device, the compiled
+   HLO checked for whole-array host transfers; the TTFT with keys and values on the host.
 
-    python -m bench.beyond_gpu --out $OUT                # GPU: the three stages, bounded by --budget-s
-    python -m bench.beyond_gpu --smoke --out /tmp/bg     # CPU: tiny shapes, interpret mode, ~3 min
+A stage still running 15 s past its share is killed; every row is on disk as soon as it is made, so
+the JSON and markdown hold what the stages finished. Bounded: the run ends within ``--budget-s`` +
+15 s (455 + 15 s by default).
+
+    python -m bench.beyond_gpu --out $OUT                # GPU: the three stages, ≤ 470 s
+    python -m bench.beyond_gpu --smoke --out /tmp/bg     # CPU: tiny shapes, interpret mode, ~4 min
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ import threading
 import time
 import traceback
 
-STAGES = ("dense_1m", "kv_host", "exact_ttft")  # the headline first
+STAGES = ("values_1m", "kv_host_dense", "ttft")  # the headline first
 #: Seconds of the budget reserved for each stage: a stage must end before the budget less what the
 #: stages after it reserve (time an earlier stage leaves unused goes to the later ones).
-RESERVE = {"dense_1m": 210.0, "kv_host": 95.0, "exact_ttft": 210.0}
+RESERVE = {"values_1m": 160.0, "kv_host_dense": 155.0, "ttft": 140.0}
+GRACE_S = 15.0  # a stage still running this long past its share is killed
 GIB = 1 << 30
 PERIOD = 8192  # real tokens of the captured sequence: the proxy's period
 TAIL = 32
@@ -89,8 +96,8 @@ def stage_env(stage: str, args) -> dict:
     env = dict(os.environ)
     if not args.smoke:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.96")
-        limit = {"exact_ttft": 32, "dense_1m": pinned_pool_gib(args, args.context, 1),
-                 "kv_host": pinned_pool_gib(args, host_kv_context(args), 2)}[stage]
+        limit = {"ttft": 32, "values_1m": pinned_pool_gib(args, args.context, 1),
+                 "kv_host_dense": pinned_pool_gib(args, host_kv_context(args), 2)}[stage]
         env.setdefault("XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB", str(limit))
     return env
 
@@ -117,14 +124,14 @@ def drive(args, argv) -> int:
             cmd = [sys.executable, "-m", "bench.beyond_gpu", *argv, "--stage", stage, "--rows-file", rows_file,
                    "--deadline", str(deadline)]
             t0 = time.time()
-            if stage == "kv_host":
+            if stage == "kv_host_dense":
                 cmd += ["--kv-host-context", str(host_kv_context(args))]
             env = stage_env(stage, args)
             log.write(f"# stage {stage}: XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB="
                       f"{env.get('XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB')} XLA_PYTHON_CLIENT_MEM_FRACTION="
                       f"{env.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}\n")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-            watchdog = threading.Timer(max(1.0, deadline + 15 - time.time()), proc.kill)  # a stage past its time
+            watchdog = threading.Timer(max(1.0, deadline + GRACE_S - time.time()), proc.kill)  # past its time
             watchdog.start()
             for line in proc.stdout:
                 sys.stdout.write(line)
@@ -132,11 +139,7 @@ def drive(args, argv) -> int:
                 log.flush()
             rc = proc.wait()
             watchdog.cancel()
-            got = []
-            if os.path.getsize(rows_file):
-                with open(rows_file) as f:
-                    got = json.load(f)
-            os.unlink(rows_file)
+            got = read_rows(rows_file)
             rows += got
             if rc != 0:
                 rows.append({"kind": "stage_failed", "stage": stage, "rc": rc, "seconds": time.time() - t0,
@@ -145,6 +148,19 @@ def drive(args, argv) -> int:
             write_all(args.out, rows)
     print(markdown(rows))
     return 0 if all(r.get("rc", 0) == 0 for r in rows if r.get("kind") == "stage") else 1
+
+
+def read_rows(path: str) -> list:
+    """The rows a stage left in ``path`` (written whole each time, by rename: a stage killed while
+    writing leaves the previous version), then removes it."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    finally:
+        for p in (path, path + ".tmp"):
+            if os.path.exists(p):
+                os.unlink(p)
+    return json.loads(text) if text else []
 
 
 def write_all(out: str, rows) -> None:
@@ -179,11 +195,18 @@ class Stage:
         return self.deadline - time.time()
 
     def add(self, row: dict) -> dict:
+        """Appends ``row`` (printed) and flushes; a caller may add fields to it later, then :meth:`flush`."""
         self.rows.append(row)
         print(json.dumps(row, default=str), flush=True)
-        with open(self.args.rows_file, "w") as f:
-            json.dump(self.rows, f, default=str)
+        self.flush()
         return row
+
+    def flush(self) -> None:
+        """Every row so far to ``--rows-file``: a temporary file, then a rename (a kill never leaves half)."""
+        tmp = self.args.rows_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.rows, f, default=str)
+        os.replace(tmp, self.args.rows_file)
 
     def attempt(self, what: str, fn, *, need_s: float = 0.0, **fields):
         """``fn()`` unless fewer than ``need_s`` seconds are left; a failure is a row, never hidden."""
@@ -409,8 +432,6 @@ def run_steps(stage, model, caches, qs, attention, *, steps: int, what: str, con
     if attention.method == "dipr":
         a = trace[-1][2]
         row["candidate_fraction"] = float(np.mean([np.asarray(x["candidates"]).mean() for x in a])) / context
-        row["overflow_layers"] = int(sum(int(np.asarray(x["overflow"])) for x in a))
-        row["refined_layers"] = int(sum(int(np.asarray(x["refined"])) for x in a))
     if audit is not None:
         row["hlo"] = audit
     return row, tuple(c.replace(lengths=lengths0) for c in caches), trace
@@ -434,10 +455,217 @@ def main_row(stage, cfg, context: int, placement: str, row: dict, caches, *, den
                       **extra})
 
 
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
 # --- stage 1
 
 
-def stage_exact_ttft(stage):
+def stage_values_1m(stage):
+    """The roofline, then the headline: DIPR at ``--context`` with the values on the host, and its check."""
+    import jax
+    import jax.numpy as jnp
+
+    from bench import harness
+
+    args = stage.args
+    roof = {"kind": "roofline"}
+    roof["hbm_copy_GBps"] = harness.measure_copy_bandwidth(nbytes=(1 << 30) if stage.gpu else (1 << 24)) / 1e9
+    x = jnp.ones(((1 << 29) if stage.gpu else (1 << 20),), jnp.bfloat16)
+    xh = jax.device_put(x, jax.memory.Space.Host)
+    del x
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        jax.block_until_ready(jax.device_put(xh, jax.memory.Space.Device))
+        ts.append(time.perf_counter() - t)
+    roof["h2d_GBps"] = xh.nbytes / min(ts) / 1e9
+    del xh
+    stage.add(roof)
+    cfg, model, proxy = setup(stage, args.context)
+    stage.attempt("1M values on host", lambda: long_context(stage, model, proxy, cfg, args.context, "values-on-host"),
+                  need_s=80)
+
+
+def setup(stage, context: int):
+    """``(cfg, model, proxy)`` for contexts up to ``context`` (a setup row)."""
+    cfg = model_config(stage.args, context=context)
+    model = build_model(cfg)
+    proxy = ProxyLayers(cfg)
+    stage.add({"kind": "setup", "what": "proxy period stores", "setup_s": proxy.setup_s, "layers": cfg.num_layers})
+    return cfg, model, proxy
+
+
+def long_context(stage, model, proxy, cfg, context: int, placement: str):
+    """DIPR in ``placement`` at ``context`` (a main row, the HLO audited), then :func:`exact_check` on the
+    same stores, whose result the main row gets as ``exact`` / ``exact_check``."""
+    caches, build = proxy.caches(context, context + 64, placement)
+    layer_host = build["host_bytes"] // cfg.num_layers
+    attention = dipr_config(cfg, stage.args, placement)
+    row, caches, _ = run_steps(stage, model, caches, proxy.qs, attention, steps=stage.args.steps,
+                               what=f"dipr {placement}", context=context, audit_bytes=layer_host // 4,
+                               hlo_name=f"beyond_gpu_hlo_{placement}_{context}.txt")
+    main = main_row(stage, cfg, context, placement, row, caches, variant="dipr", **build,
+                    dense_note=dense_arithmetic(cfg, context), exact=None, exact_check="not run (time budget)")
+    layers = sorted({0, cfg.num_layers - 1})
+    if stage.left() < 15:
+        return
+    try:
+        checks = exact_check(caches, proxy.qs, attention, layers=layers, deadline=stage.deadline - 5)
+    except Exception as e:  # the row says so; the stage goes on
+        traceback.print_exc()
+        main["exact_check"] = f"{type(e).__name__}: {str(e)[:400]}"
+    else:
+        main["exact_check"] = checks
+        main["exact"] = bool(checks) and all(c["ok"] for c in checks)
+    stage.flush()
+    print(json.dumps({"exact_check": main["exact_check"], "context": context, "placement": placement},
+                     default=str), flush=True)
+
+
+def exact_check(caches, qs, attention, *, layers, deadline: float) -> list:
+    """Per layer in ``layers`` (until ``deadline``): the step's DIPR call (same kernels and configuration)
+    on that layer's store where it lies, with the layer's proxy query, against brute force over every key
+    of the store (``brute_force.dipr_mask`` / ``dipr_attention`` on device copies of K and V; the refine's
+    rounding slack). ``ok``: no false negatives (a key in range that the search did not find) and the output
+    within the bf16 tolerance of the kernel benches (relative L2 ≤ 1.5e-2), finite."""
+    import jax
+    import jax.numpy as jnp
+
+    from alaya_jax.attention.dipr.brute_force import dipr_attention, dipr_mask
+    from alaya_jax.attention.dipr.filter_refine import dipr_store_attention
+    from pallas_kernels.common import default_rounding_slack
+
+    beta = jnp.float32(attention.beta)
+    kw = dict(sink=attention.sink, window=attention.window)
+
+    @jax.jit
+    def check(q, store):
+        out, _, got = dipr_store_attention(q, store, beta=beta, with_mask=True,
+                                           implementation=attention.kernel.implementation,
+                                           num_splits=attention.kernel.num_splits, **kw)
+        k = store.dense_keys().transpose(0, 2, 1, 3)  # [B, S, Hkv, D] device copies
+        v = store.dense_values().transpose(0, 2, 1, 3)
+        want = dipr_mask(q, k, beta=beta, lengths=store.lengths)
+        ref = dipr_attention(q, k, v, beta=beta, lengths=store.lengths,
+                             rounding_slack=default_rounding_slack(q.shape[-1]), **kw)
+        o, r = out.astype(jnp.float32), ref.astype(jnp.float32)
+        rel = jnp.linalg.norm(o - r) / jnp.maximum(jnp.linalg.norm(r), 1e-30)
+        return {"false_negatives": jnp.sum(want & ~got), "found_not_in_range": jnp.sum(got & ~want),
+                "keys_in_range": jnp.sum(want), "out_rel_err": rel, "finite": jnp.all(jnp.isfinite(o))}
+
+    rows = []
+    for layer in layers:
+        if time.time() > deadline:
+            break
+        t = time.perf_counter()
+        r = {k: v.item() for k, v in jax.device_get(check(qs[layer], caches[layer])).items()}
+        r.update(layer=layer, seconds=time.perf_counter() - t,
+                 ok=bool(r["false_negatives"] == 0 and r["finite"] and r["out_rel_err"] <= 1.5e-2))
+        rows.append(r)
+    return rows
+
+
+# --- stage 2
+
+
+def stage_kv_host_dense(stage):
+    """Keys and values on the host at the longest context the host holds, then dense at the longest context
+    that fits the GPU (the K+V arrays freed first; their pinned pool regions stay for ``--host-at-dense``)."""
+    import gc
+
+    from alaya_jax.attention.config import AttentionConfig, KernelConfig
+
+    args = stage.args
+    context = host_kv_context(args)  # the driver passes it: the pinned pool was sized for it
+    stage.add({"kind": "kv_host_choice", "context": context, "host_available_gib": host_available() / GIB,
+               "kv_gib": per_token_kv_bytes(args) * context / GIB,
+               "rule": ("--kv-host-context" if args.kv_host_context
+                        else host_kv_context.__doc__.split("``,")[1].strip())})
+    cfg, model, proxy = setup(stage, max(context, *args.dense_contexts))
+    stage.attempt("keys and values on host", lambda: long_context(stage, model, proxy, cfg, context,
+                                                                   "keys-and-values-on-host"), need_s=60)
+    gc.collect()
+    full = AttentionConfig(method="full", kernel=KernelConfig(prefill_attention="cudnn" if stage.gpu else "reference"))
+    fits = {}
+
+    def dense_at(context):
+        caches, build = proxy.caches(context, context + 64, "device")
+        row, caches, _ = run_steps(stage, model, caches, proxy.qs, full, steps=args.steps, what="dense",
+                                   context=context)
+        fits["context"], fits["dense"] = context, row["tokens_per_s"]
+        main_row(stage, cfg, context, "device", row, caches, dense_tokens_per_s=row["tokens_per_s"],
+                 variant="full-cudnn" if stage.gpu else "full-reference", **build,
+                 dense_note=dense_arithmetic(cfg, context))
+        row, caches, _ = run_steps(stage, model, caches, proxy.qs, dipr_config(cfg, args, "device"),
+                                   steps=args.steps, what="dipr all on GPU", context=context)
+        main_row(stage, cfg, context, "device", row, caches, dense_tokens_per_s=fits["dense"], variant="dipr", **build)
+
+    for context in args.dense_contexts:
+        got = stage.attempt(f"dense {context}", lambda c=context: dense_at(c), need_s=45, context=context)
+        gc.collect()
+        if "context" in fits or not (isinstance(got, dict) and got.get("oom")):
+            break
+    if "context" in fits and args.host_at_dense:
+        def host_at_dense():
+            c = fits["context"]
+            caches, build = proxy.caches(c, c + 64, "values-on-host")
+            row, caches, _ = run_steps(stage, model, caches, proxy.qs, dipr_config(cfg, args, "values-on-host"),
+                                       steps=args.steps, what="dipr values on host", context=c)
+            main_row(stage, cfg, c, "values-on-host", row, caches, dense_tokens_per_s=fits["dense"], variant="dipr",
+                     **build)
+
+        stage.attempt("values on host at the dense context", host_at_dense, need_s=45)
+
+
+def dense_arithmetic(cfg, context: int) -> str:
+    """Why dense attention at ``context`` does (not) fit this device: the memory estimate against the
+    device's pool (``memory_stats()['bytes_limit']``)."""
+    import jax
+
+    from alaya_jax.runtime.memory_estimate import estimate_memory
+
+    e = estimate_memory(cfg, context=context)
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    verdict = "" if limit is None else (f" {'>' if e.total_bytes > limit else '<='} the device pool of "
+                                        f"{limit / GIB:.1f} GiB: {'does not fit' if e.total_bytes > limit else 'fits'}")
+    return (f"{context} tokens dense: bf16 K + V {kv_bytes(cfg, context) / GIB:.1f} GiB + codes and scales "
+            f"{(e.kv_bytes - kv_bytes(cfg, context)) / GIB:.1f} GiB + weights {e.weights_bytes / GIB:.1f} GiB = "
+            f"{e.total_bytes / GIB:.1f} GiB{verdict}")
+
+
+# --- stage 3
+
+
+def stage_ttft(stage):
+    """In the order of their importance: TTFT from the pinned-host tier (values on host, all on device)
+    against the re-prefill, the chunked prefill's rate into host values (``--prefill-to-host``), the
+    bit-for-bit check across placements, the TTFT with keys and values on the host."""
+    import gc
+
+    got = stage.attempt("ttft", lambda: TtftBench(stage), need_s=60)
+    serve = got if callable(got) else None
+    if serve is not None:
+        for placement in ("values-on-host", "device"):
+            stage.attempt(f"ttft {placement}", lambda p=placement: serve(p), need_s=20, placement=placement)
+            gc.collect()
+        if stage.args.prefill_to_host:
+            stage.attempt("prefill values-on-host", lambda: serve.reprefill("values-on-host", 1), need_s=40,
+                          placement="values-on-host")
+            gc.collect()
+    stage.attempt("exact", lambda: exact_across_placements(stage), need_s=30)
+    gc.collect()
+    if serve is not None:
+        stage.attempt("ttft keys-and-values-on-host", lambda: serve("keys-and-values-on-host"), need_s=20,
+                      placement="keys-and-values-on-host")
+        serve.close()
+
+
+def exact_across_placements(stage):
     import numpy as np
 
     from alaya_jax.store.placement import PLACEMENTS
@@ -468,214 +696,112 @@ def stage_exact_ttft(stage):
                    "hlo": row.get("hlo"), **build})
 
     for placement in PLACEMENTS:
-        stage.attempt(f"exact {placement}", lambda p=placement: exact(p), need_s=40, placement=placement)
+        stage.attempt(f"exact {placement}", lambda p=placement: exact(p), need_s=10, placement=placement)
         if "trace" not in ref:
             break
-    model = proxy = None  # frees the few-layer model and its stores before the 32-layer one
-    ref.clear()
-    stage.attempt("ttft", lambda: ttft(stage), need_s=150)
 
 
-def ttft(stage):
-    import gc
-    import shutil
+class TtftBench:
+    """Made with the 32-layer engine, its re-prefill timed (all on the device, a row) and the context's
+    snapshot in a ContextDB on disk. ``self(placement)``: time to first token from the pinned-host memory
+    tier in ``placement`` (a row); :meth:`reprefill`: the re-prefill in a placement (a row); :meth:`close`."""
 
-    import numpy as np
+    def __init__(self, stage):
+        import gc
 
-    from alaya_jax.attention.config import AttentionConfig, KernelConfig
-    from alaya_jax.runtime.engine import Engine
-    from alaya_jax.runtime.sampling import SamplingConfig
-    from alaya_jax.store import kv_store
-    from alaya_jax.store.context_db import ContextDB
-    from alaya_jax.store.placement import PLACEMENTS
+        import numpy as np
 
-    args = stage.args
-    context = args.ttft_context
-    cfg = model_config(args, context=context)
-    model = build_model(cfg)
-    dense = "cudnn" if stage.gpu else "reference"
-    engine = Engine(model, block_size=64, prefill_chunk=args.prefill_chunk, prefill_attention=dense)
-    rng = np.random.default_rng(context)
-    ctx = rng.integers(0, cfg.vocab_size, size=context).tolist()
-    tail = rng.integers(0, cfg.vocab_size, size=TAIL).tolist()
-    capacity = context + TAIL + 8
-    one = SamplingConfig(max_new_tokens=1)
+        from alaya_jax.runtime.engine import Engine
+        from alaya_jax.runtime.sampling import SamplingConfig
+        from alaya_jax.store import kv_store
+        from alaya_jax.store.context_db import ContextDB
 
-    def att(placement):
+        self.stage = stage
+        args = stage.args
+        self.context = context = args.ttft_context
+        self.cfg = cfg = model_config(args, context=context)
+        self.dense = "cudnn" if stage.gpu else "reference"
+        self.engine = Engine(build_model(cfg), block_size=64, prefill_chunk=args.prefill_chunk,
+                             prefill_attention=self.dense)
+        rng = np.random.default_rng(context)
+        self.ctx = rng.integers(0, cfg.vocab_size, size=context).tolist()
+        self.tail = rng.integers(0, cfg.vocab_size, size=TAIL).tolist()
+        self.capacity = context + TAIL + 8
+        self.one = SamplingConfig(max_new_tokens=1)
+        self.kept = {}
+        self.base = self.reprefill("device", args.ttft_reps, keep=True)
+        caches = tuple(kv_store.truncate(c, context) for c in self.kept.pop("device"))
+        self.kept.clear()
+        gc.collect()
+        self.root = tempfile.mkdtemp(prefix="beyond_gpu_db_")
+        self.kw = dict(model_fingerprint="bench-ttft", tokenizer_fingerprint="ids", dtype=cfg.dtype, block_size=64,
+                       memory_budget_bytes=int(1.5 * sum(x.nbytes for x in jax_leaves(caches))) + (1 << 26),
+                       memory_kind="pinned_host")
+        t = time.perf_counter()
+        ContextDB(self.root, **self.kw).import_(self.ctx, caches)
+        self.save_s = time.perf_counter() - t
+        del caches
+        gc.collect()
+
+    def attention(self, placement):
+        from alaya_jax.attention.config import AttentionConfig, KernelConfig
+
         return AttentionConfig(method="dipr", kernel=KernelConfig(implementation="pallas", kv_placement=placement))
 
-    kept = {}
+    def reprefill(self, placement, reps, *, keep: bool = False):
+        """The re-prefill of context + tail in ``placement`` (``reps`` timed runs after one with the compile; a
+        row); ``keep``: its last caches stay in ``self.kept[placement]``."""
+        import numpy as np
 
-    def reprefill(placement, reps):
-        times = []
+        times, n = [], self.context + TAIL
         for _ in range(reps + 1):
-            kept.pop(placement, None)
+            self.kept.pop(placement, None)
             t = time.perf_counter()
-            res, kept[placement] = engine.generate([ctx + tail], sampling=one, attention=att(placement),
-                                                   capacity=capacity)
+            _, self.kept[placement] = self.engine.generate([self.ctx + self.tail], sampling=self.one,
+                                                           attention=self.attention(placement), capacity=self.capacity)
             times.append(time.perf_counter() - t)
+        if not keep:
+            self.kept.pop(placement, None)
         med = float(np.median(times[1:]))
-        return stage.add({"kind": "prefill", "context": context + TAIL, "layers": cfg.num_layers,
-                          "placement": placement, "attention": dense, "prefill_chunk": args.prefill_chunk,
-                          "first_run_incl_compile_s": times[0], "prefill_s": med,
-                          "tokens_per_s": (context + TAIL) / med, "reps": reps})
+        return self.stage.add({"kind": "prefill", "context": n, "layers": self.cfg.num_layers,
+                               "placement": placement, "attention": self.dense,
+                               "prefill_chunk": self.stage.args.prefill_chunk,
+                               "first_run_incl_compile_s": times[0], "prefill_s": med, "tokens_per_s": n / med,
+                               "reps": reps})
 
-    base = reprefill("device", args.ttft_reps)
-    caches = tuple(kv_store.truncate(c, context) for c in kept.pop("device"))
-    stage.attempt("prefill values-on-host", lambda: reprefill("values-on-host", 1), need_s=60)
-    kept.clear()
-    gc.collect()
-    root = tempfile.mkdtemp(prefix="beyond_gpu_db_")
-    kw = dict(model_fingerprint="bench-ttft", tokenizer_fingerprint="ids", dtype=cfg.dtype, block_size=64,
-              memory_budget_bytes=int(1.5 * sum(x.nbytes for x in jax_leaves(caches))) + (1 << 26),
-              memory_kind="pinned_host")
-    t = time.perf_counter()
-    ContextDB(root, **kw).import_(ctx, caches)
-    save_s = time.perf_counter() - t
-    del caches
-    gc.collect()
+    def __call__(self, placement):
+        import numpy as np
 
-    def serve(placement):
-        db = ContextDB(root, kv_placement=placement, **kw)
-        db.load(db.snapshot_id(ctx))  # fills this instance's pinned-host tier from disk (not timed)
+        from alaya_jax.store.context_db import ContextDB
+
+        args, context = self.stage.args, self.context
+        db = ContextDB(self.root, kv_placement=placement, **self.kw)
+        db.load(db.snapshot_id(self.ctx))  # fills this instance's pinned-host tier from disk (not timed)
         times, restores, tails = [], [], []
         for _ in range(args.ttft_reps + 1):
             t = time.perf_counter()
-            session, todo = db.create_session(ctx + tail, capacity=capacity)
-            res, final = engine.generate([todo], sampling=one, attention=att(placement), caches=session.caches,
-                                         capacity=capacity)
+            session, todo = db.create_session(self.ctx + self.tail, capacity=self.capacity)
+            res, final = self.engine.generate([todo], sampling=self.one, attention=self.attention(placement),
+                                              caches=session.caches, capacity=self.capacity)
             times.append(time.perf_counter() - t)
             restores.append(session.restore_s)
             tails.append(res[0].ttft_s)
             assert session.source == "memory:pinned_host" and session.reused_tokens == context, session
             del session, final
         med = float(np.median(times[1:]))
-        stage.add({"kind": "ttft", "context": context, "tail": TAIL, "layers": cfg.num_layers, "placement": placement,
-                   "source": "memory:pinned_host", "ttft_s": med, "restore_s": float(np.median(restores[1:])),
-                   "tail_prefill_first_token_s": float(np.median(tails[1:])), "first_run_incl_compile_s": times[0],
-                   "reprefill_s": base["prefill_s"], "speedup": base["prefill_s"] / med, "reps": args.ttft_reps,
-                   "snapshot_save_s": save_s})
+        return self.stage.add({"kind": "ttft", "context": context, "tail": TAIL, "layers": self.cfg.num_layers,
+                               "placement": placement, "source": "memory:pinned_host", "ttft_s": med,
+                               "restore_s": float(np.median(restores[1:])),
+                               "tail_prefill_first_token_s": float(np.median(tails[1:])),
+                               "first_run_incl_compile_s": times[0], "reprefill_s": self.base["prefill_s"],
+                               "speedup": self.base["prefill_s"] / med, "reps": args.ttft_reps,
+                               "snapshot_save_s": self.save_s})
 
-    for placement in PLACEMENTS:
-        stage.attempt(f"ttft {placement}", lambda p=placement: serve(p), need_s=30, placement=placement)
-        gc.collect()
-    shutil.rmtree(root, ignore_errors=True)
+    def close(self):
+        import shutil
 
-
-def jax_leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
-
-
-# --- stage 2
-
-
-def stage_dense_1m(stage):
-    import gc
-
-    import jax
-    import jax.numpy as jnp
-
-    from alaya_jax.attention.config import AttentionConfig, KernelConfig
-    from bench import harness
-
-    args = stage.args
-    roof = {"kind": "roofline"}
-    roof["hbm_copy_GBps"] = harness.measure_copy_bandwidth(nbytes=(1 << 30) if stage.gpu else (1 << 24)) / 1e9
-    x = jnp.ones(((1 << 29) if stage.gpu else (1 << 20),), jnp.bfloat16)
-    xh = jax.device_put(x, jax.memory.Space.Host)
-    del x
-    ts = []
-    for _ in range(5):
-        t = time.perf_counter()
-        jax.block_until_ready(jax.device_put(xh, jax.memory.Space.Device))
-        ts.append(time.perf_counter() - t)
-    roof["h2d_GBps"] = xh.nbytes / min(ts) / 1e9
-    del xh
-    stage.add(roof)
-    cfg = model_config(args, context=max(args.context, *args.dense_contexts))
-    model = build_model(cfg)
-    proxy = ProxyLayers(cfg)
-    stage.add({"kind": "setup", "what": "proxy period stores", "setup_s": proxy.setup_s, "layers": cfg.num_layers})
-    full = AttentionConfig(method="full", kernel=KernelConfig(prefill_attention="cudnn" if stage.gpu else "reference"))
-    fits = {}
-
-    def dense_at(context):
-        caches, build = proxy.caches(context, context + 64, "device")
-        row, caches, _ = run_steps(stage, model, caches, proxy.qs, full, steps=args.steps, what="dense",
-                                   context=context)
-        fits["context"], fits["dense"] = context, row["tokens_per_s"]
-        main_row(stage, cfg, context, "device", row, caches, dense_tokens_per_s=row["tokens_per_s"],
-                 variant="full-cudnn" if stage.gpu else "full-reference", **build)
-        row, caches, _ = run_steps(stage, model, caches, proxy.qs, dipr_config(cfg, args, "device"),
-                                   steps=args.steps, what="dipr all on GPU", context=context)
-        main_row(stage, cfg, context, "device", row, caches, dense_tokens_per_s=fits["dense"], variant="dipr", **build)
-
-    # 1M with the values on the host first: its 2 GiB host arrays grow XLA's pinned pool, whose regions the
-    # smaller host arrays at the dense context then reuse (the other order would need both).
-    stage.attempt("1M values on host", lambda: long_context(stage, model, proxy, cfg, args.context, "values-on-host"),
-                  need_s=90)
-    gc.collect()
-    for context in args.dense_contexts:
-        got = stage.attempt(f"dense {context}", lambda c=context: dense_at(c), need_s=60, context=context)
-        gc.collect()
-        if "context" in fits or not (isinstance(got, dict) and got.get("oom")):
-            break
-    if "context" in fits and args.host_at_dense:
-        def host_at_dense():
-            c = fits["context"]
-            caches, build = proxy.caches(c, c + 64, "values-on-host")
-            row, caches, _ = run_steps(stage, model, caches, proxy.qs, dipr_config(cfg, args, "values-on-host"),
-                                       steps=args.steps, what="dipr values on host", context=c)
-            main_row(stage, cfg, c, "values-on-host", row, caches, dense_tokens_per_s=fits["dense"], variant="dipr",
-                     **build)
-
-        stage.attempt("values on host at the dense context", host_at_dense, need_s=60)
-
-
-def long_context(stage, model, proxy, cfg, context: int, placement: str):
-    caches, build = proxy.caches(context, context + 64, placement)
-    layer_host = build["host_bytes"] // cfg.num_layers
-    row, caches, _ = run_steps(stage, model, caches, proxy.qs, dipr_config(cfg, stage.args, placement),
-                               steps=stage.args.steps, what=f"dipr {placement}", context=context,
-                               audit_bytes=layer_host // 4, hlo_name=f"beyond_gpu_hlo_{placement}_{context}.txt")
-    main_row(stage, cfg, context, placement, row, caches, variant="dipr", **build,
-             dense_note=dense_arithmetic(cfg, context))
-
-
-def dense_arithmetic(cfg, context: int) -> str:
-    """Why dense attention at ``context`` does (not) fit this device: the memory estimate against the
-    device's pool (``memory_stats()['bytes_limit']``)."""
-    import jax
-
-    from alaya_jax.runtime.memory_estimate import estimate_memory
-
-    e = estimate_memory(cfg, context=context)
-    stats = jax.devices()[0].memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    verdict = "" if limit is None else (f" {'>' if e.total_bytes > limit else '<='} the device pool of "
-                                        f"{limit / GIB:.1f} GiB: {'does not fit' if e.total_bytes > limit else 'fits'}")
-    return (f"{context} tokens dense: bf16 K + V {kv_bytes(cfg, context) / GIB:.1f} GiB + codes and scales "
-            f"{(e.kv_bytes - kv_bytes(cfg, context)) / GIB:.1f} GiB + weights {e.weights_bytes / GIB:.1f} GiB = "
-            f"{e.total_bytes / GIB:.1f} GiB{verdict}")
-
-
-# --- stage 3
-
-
-def stage_kv_host(stage):
-    args = stage.args
-    context = host_kv_context(args)  # the driver passes it: the pinned pool was sized for it
-    stage.add({"kind": "kv_host_choice", "context": context, "host_available_gib": host_available() / GIB,
-               "kv_gib": per_token_kv_bytes(args) * context / GIB,
-               "rule": ("--kv-host-context" if args.kv_host_context
-                        else host_kv_context.__doc__.split("``,")[1].strip())})
-    cfg = model_config(args, context=context)
-    model = build_model(cfg)
-    proxy = ProxyLayers(cfg)
-    stage.attempt("keys and values on host", lambda: long_context(stage, model, proxy, cfg, context,
-                                                                   "keys-and-values-on-host"), need_s=60)
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.engine = None
 
 
 # ----------------------------------------------------------------------------- markdown
@@ -694,6 +820,18 @@ def dense_cell(r) -> str:
     return "does not fit" if "does not fit" in note else "not run here"
 
 
+def exact_cell(r) -> str:
+    checks = r.get("exact_check")
+    if "exact_check" not in r:
+        return ""
+    if not isinstance(checks, list) or not checks:
+        return f"not run: {checks}" if checks else "not run"
+    fn = sum(c["false_negatives"] for c in checks)
+    err = max(c["out_rel_err"] for c in checks)
+    return (f"{'yes' if r.get('exact') else 'NO'}: layers {','.join(str(c['layer']) for c in checks)}, "
+            f"{fn} FN, rel err {err:.1e}")
+
+
 def markdown(rows, meta=None) -> str:
     meta = meta or next((r for r in rows if r.get("kind") == "meta"), {})
     out = ["# Contexts beyond GPU memory: random-weight Llama-3-8B, real-key-proxy caches, B = 1 (bench/beyond_gpu.py)",
@@ -704,8 +842,10 @@ def markdown(rows, meta=None) -> str:
            "", "DIPR: Pallas kernels, exact (the refine reads the values — and with keys on the host the candidates' "
            "keys — from pinned host memory in place). Step = one jitted decode call incl. the host sync on the token "
            "(median). GPU context = the stores' device bytes as allocated; K+V = bf16 keys and values of the context.",
+           "", "exact = the layers checked against brute force over every key on the same stores (false negatives, "
+           "max relative L2 error of the output; ``exact_check``).",
            "", "| context | layers | placement | variant | tok/s | dense tok/s | GPU context GiB | K+V GiB | GPU/K+V | "
-           "host GiB | candidates | build s (host fill GB/s) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "host GiB | candidates | exact | build s (host fill GB/s) |", "|" + "---|" * 13]
     for r in rows:
         if r.get("kind") == "main":
             out.append(f"| {r['context']} | {r['layers']} | {r['placement']} | {r.get('variant', '')} | "
@@ -713,7 +853,7 @@ def markdown(rows, meta=None) -> str:
                        f"{gib(r['gpu_context_bytes'])} | {gib(r['kv_bytes'])} | "
                        f"{r['gpu_context_fraction_of_kv']:.0%} | "
                        f"{gib(r['host_context_bytes'])} | {fmt(r.get('candidate_fraction'), '.2%')} | "
-                       f"{fmt(r.get('build_s'), '.1f')} ({fmt(r.get('host_fill_GBps'), '.1f')}) |")
+                       f"{exact_cell(r)} | {fmt(r.get('build_s'), '.1f')} ({fmt(r.get('host_fill_GBps'), '.1f')}) |")
     notes = [r["dense_note"] for r in rows if r.get("kind") == "main" and r.get("dense_note")]
     if notes:
         out += ["", "Dense memory arithmetic: " + "; ".join(sorted(set(notes))) + "."]
@@ -768,18 +908,22 @@ def parse(argv):
     ap.add_argument("--context", type=int, default=1 << 20, help="the long context with values on the host")
     ap.add_argument("--dense-contexts", type=int, nargs="+", default=[786432, 720896, 655360, 524288],
                     help="tried longest first: dense cuDNN (and DIPR all on GPU) at the first that fits")
-    ap.add_argument("--host-at-dense", type=int, default=1, help="also DIPR with values on host at the dense context")
+    ap.add_argument("--host-at-dense", type=int, default=0, help="also DIPR with values on host at the dense context")
     ap.add_argument("--kv-host-context", type=int, default=0, help="keys and values on the host (0: from MemAvailable)")
     ap.add_argument("--ttft-context", type=int, default=32768)
-    ap.add_argument("--ttft-reps", type=int, default=3)
+    ap.add_argument("--ttft-reps", type=int, default=2)
+    ap.add_argument("--prefill-to-host", type=int, default=1,
+                    help="time the 32-layer chunked re-prefill into values on the host (0: not run)")
     ap.add_argument("--prefill-chunk", type=int, default=2048)
     ap.add_argument("--exact-context", type=int, default=32768)
     ap.add_argument("--exact-layers", type=int, default=4)
     ap.add_argument("--exact-steps", type=int, default=4)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--beta64", type=float, default=24.0, help="DIPR β at d=64, scaled by sqrt(D/64)")
-    ap.add_argument("--budget-s", type=float, default=515.0,
-                    help="wall-clock budget of the stages (a stage still running 15 s past its share is killed)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help=f"wall-clock budget of the stages, default {sum(RESERVE.values()):.0f} (smoke: 900); a "
+                    f"stage still running {GRACE_S:.0f} s past its share is killed, so the run ends within the "
+                    f"budget + {GRACE_S:.0f} s")
     ap.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)
     ap.add_argument("--rows-file", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -789,6 +933,9 @@ def parse(argv):
         args.ttft_context, args.ttft_reps, args.prefill_chunk = 512, 1, 256
         args.exact_context, args.exact_layers, args.exact_steps, args.steps = 1024, 2, 2, 2
         args.kv_host_context = args.kv_host_context or 1024
+        args.host_at_dense = args.prefill_to_host = 1  # every code path
+    if args.budget_s is None:
+        args.budget_s = 900.0 if args.smoke else sum(RESERVE.values())
     return args
 
 
@@ -798,7 +945,7 @@ def main(argv=None):
     if args.stage is None:
         return drive(args, [a for a in argv])
     stage = Stage(args)
-    {"exact_ttft": stage_exact_ttft, "dense_1m": stage_dense_1m, "kv_host": stage_kv_host}[args.stage](stage)
+    {"values_1m": stage_values_1m, "kv_host_dense": stage_kv_host_dense, "ttft": stage_ttft}[args.stage](stage)
     return 0
 
 

@@ -78,19 +78,19 @@ def test_append_and_shape_ops_match_the_device_store_bit_for_bit(placement):
         assert_bitwise_equal(kv_store.place(b, "device"), a)
 
 
-@pytest.mark.parametrize("implementation,fraction", [("reference", 0.25), ("pallas", 1.0)])
-def test_dipr_is_identical_in_every_placement(implementation, fraction):
-    """GQA 3, ragged lengths, NaN past the lengths; with the reference also the rescan / dense-overflow
-    path (capacity fraction 0.25), whose jnp branches take device copies of the host fields."""
+@pytest.mark.parametrize("implementation", ["reference", "pallas"])
+def test_dipr_is_identical_in_every_placement(implementation):
+    """GQA 3, ragged lengths, NaN past the lengths: the scan, the refine and the found mask give the
+    same bits with the host fields (device copies here: only GPU Pallas reads them in place)."""
     q, _, _, _, store = store_case([97, 140], 6, 2, 16, 16, seed=3)
     q = jnp.asarray(q)
     beta = jnp.float32(2.5)
     outs = {}
     for placement in PLACEMENTS:
         f = jax.jit(lambda q, s: dipr_store_attention(q, s, beta=beta, implementation=implementation,
-                                                      with_mask=True, capacity_fraction=fraction))
+                                                      with_mask=True))
         out, stats, mask = f(q, kv_store.place(store, placement))
-        outs[placement] = [np.asarray(x) for x in (out, mask, stats.candidates, stats.max_score, stats.overflow)]
+        outs[placement] = [np.asarray(x) for x in (out, mask, stats.candidates, stats.max_score)]
     assert outs["device"][1].any() and np.isfinite(outs["device"][0]).all()
     for placement in ON_HOST:
         for a, b in zip(outs["device"], outs[placement]):
