@@ -445,14 +445,15 @@ def dipr_config(cfg, args, placement: str):
 
 
 def main_row(stage, cfg, context: int, placement: str, row: dict, caches, *, dense_tokens_per_s=None, **extra):
+    """The issue's row (``ROW_KEYS``) for a decode ``row`` of :func:`run_steps` on ``caches``, added."""
     dev, host = context_bytes(caches)
     kv = kv_bytes(cfg, context)
-    return stage.add({"kind": "main", "gpu": stage.meta["device"], "gpus": 1, "context": context,
-                      "layers": cfg.num_layers, "placement": placement, "tokens_per_s": row["tokens_per_s"],
-                      "dense_tokens_per_s": dense_tokens_per_s, "gpu_context_bytes": dev, "kv_bytes": kv,
-                      "host_context_bytes": host, "gpu_context_fraction_of_kv": dev / kv,
-                      **{k: v for k, v in row.items() if k not in ("kind", "context", "placement", "tokens_per_s")},
-                      **extra})
+    out = {"kind": "main", "gpu": stage.meta["device"], "gpus": 1, "context": context, "layers": cfg.num_layers,
+           "placement": placement, "tokens_per_s": row["tokens_per_s"], "dense_tokens_per_s": dense_tokens_per_s,
+           "gpu_context_bytes": dev, "kv_bytes": kv, "host_context_bytes": host, "gpu_context_fraction_of_kv": dev / kv,
+           **{k: v for k, v in row.items() if k not in ("kind", "context", "placement", "tokens_per_s")}, **extra}
+    assert all(k in out for k in ROW_KEYS), out
+    return stage.add(out)
 
 
 def jax_leaves(tree):

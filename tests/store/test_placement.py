@@ -117,7 +117,7 @@ def test_generation_is_token_for_token_identical_and_chunked_prefill_writes_the_
             assert_bitwise_equal(kv_store.place(b, "device"), a)
 
 
-@pytest.mark.parametrize("placement", ["values-on-host"])
+@pytest.mark.parametrize("placement", ON_HOST)
 def test_lazy_restore_from_the_pinned_host_tier(tmp_path, monkeypatch, engine, placement):
     """A session served from the pinned-host tier moves the device fields only: its host fields are
     host arrays of its own; generation from it equals generation after a full prefill."""
