@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, METHODS
+from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, KV_PLACEMENTS, METHODS
 from alaya_jax.attention.tail import DEFAULT_TAIL, TAIL_MODES
 from alaya_jax.errors import InputError
 
@@ -71,6 +71,12 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         f"attention over the selected keys) (default {DEFAULT_TAIL})")
     g.add_argument("--implementation", choices=DIPR_IMPLEMENTATIONS, default="reference",
                    help="kernel implementation for DIPR (pallas: interpret mode on CPU)")
+    g.add_argument("--kv-placement", choices=KV_PLACEMENTS, default="device",
+                   help="where the exact values (and keys) of the context live: device memory, or pinned host "
+                        "memory for contexts larger than the GPU holds (the codes stay on the GPU; outputs are "
+                        "the same; with --attention dipr --implementation pallas on a GPU a decode step reads "
+                        "only the host rows it needs). The memory estimate printed at start-up splits device and "
+                        "host bytes")
     g.add_argument("--dipr-mass", type=unit_float, default=None, metavar="M",
                    help="calibrated DIPR: per (layer, head) the smallest β whose attended keys (DIPR ∪ sink ∪ window) "
                         "hold mass M of the softmax, averaged over the prompt's last --n-cal queries")
@@ -95,7 +101,8 @@ def attention_config(args, *, prefill_attention: str = "reference"):
                          f"(got --attention {args.attention})")
     return AttentionConfig(method=args.attention, beta=args.beta, budget=args.budget, top_p=args.attn_top_p,
                            sink=args.sink, window=args.window, tail=args.tail,
-                           kernel=KernelConfig(implementation=args.implementation, prefill_attention=prefill_attention),
+                           kernel=KernelConfig(implementation=args.implementation, prefill_attention=prefill_attention,
+                                               kv_placement=args.kv_placement),
                            calibration=CalibrationConfig(dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys,
                                                          n_cal=args.n_cal,
                                                          recalibrate_growth=args.recalibrate_growth or None))
@@ -182,7 +189,9 @@ def load_model(args):
 
         config = cached_config(src, dtype=dtype, cache_dir=gguf_cache)  # no GGUF parse when cached
     config = config or read_config(src, dtype=dtype)
-    print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
+    estimate = estimate_memory(config, context=context_limit(args, config),
+                               placement=getattr(args, "kv_placement", "device"))
+    print(f"alaya: {check_fits(estimate)}", file=sys.stderr)
     if path is None:
         return load_smollm2(dtype=dtype, cache_dir=cache)
     if gguf_cache is not None:

@@ -75,6 +75,9 @@ def build_state(args):
     from alaya_jax.server.protocol import RequestLimits
     from alaya_jax.server.scheduler import BatchLimits, Scheduler
 
+    if args.kv_placement != "device":
+        raise UsageError(f"alaya serve keeps the KV on the device for now (--kv-placement {args.kv_placement} is "
+                         "supported by alaya generate and the Python API)")
     config, model, tok = load_model(args)
     if args.random_weights:
         name = f"random-{args.random_weights}"

@@ -43,6 +43,7 @@ import jax
 import numpy as np
 
 from alaya_jax.errors import ConfigError, StorageError
+from alaya_jax.store import placement as placements
 from alaya_jax.store.kv_store import KVStore
 from alaya_jax.store.memory_tier import MEMORY_KINDS, MemoryTier, MemoryTierStats, materialize
 from alaya_jax.store.prefix_index import PrefixIndex, block_hashes, prefix_seed
@@ -160,7 +161,12 @@ class ContextDB:
     Opening a DB removes what killed saves and deletes left (``cleaned``); ``stale_tmp_s``:
     the age after which a temporary directory without its writer's lock file (left by an
     older alaya-jax) is removed too. A write the storage refuses raises
-    ``alaya_jax.errors.StorageError`` naming the cause and this DB's path."""
+    ``alaya_jax.errors.StorageError`` naming the cause and this DB's path.
+
+    ``kv_placement``: where sessions' and loads' values (and keys) live
+    (:mod:`alaya_jax.store.placement`: "device", "values-on-host", "keys-and-values-on-host").
+    Served from a pinned-host tier with values on the host, a session moves only the codes, scales,
+    error norms and lengths (and the keys when they stay on the GPU) to the device: lazy restore."""
 
     persistent = True  # its snapshots are files (see memory_db.MemoryContextDB for one that is not)
 
@@ -177,6 +183,7 @@ class ContextDB:
         stale_tmp_s: float = 6 * 3600,
         memory_budget_bytes: int = 0,
         memory_kind: str = "device",
+        kv_placement: str = placements.DEFAULT_PLACEMENT,
     ):
         self.path = os.path.abspath(os.fspath(path))
         given = [x is not None for x in (model_fingerprint, tokenizer_fingerprint, dtype, block_size)]
@@ -197,6 +204,7 @@ class ContextDB:
         if int(memory_budget_bytes) < 0:
             raise ConfigError(f"memory_budget_bytes must be >= 0 (0: no memory tier), got {memory_budget_bytes}")
         self.memory_kind = memory_kind
+        self.kv_placement = placements.check_placement(kv_placement)
         self.memory_budget_bytes = int(memory_budget_bytes)
         self._lock = threading.RLock()
         self._tier: Optional[MemoryTier] = None
@@ -423,7 +431,8 @@ class ContextDB:
 
     def _materialize(self, caches, length: int, n: int, capacity: int, *, shared: bool) -> tuple[KVStore, ...]:
         """Session caches on this DB's devices (see ``memory_tier.materialize``)."""
-        return materialize(caches, length, n, capacity, device_sharding=self._device_sharding(), shared=shared)
+        return materialize(caches, length, n, capacity, device_sharding=self._device_sharding(), shared=shared,
+                           placement=self.kv_placement)
 
     def _keep(self, sid: str, caches, tokens: list[int], meta: SnapshotMeta, *, owned: bool):
         """Keep snapshot ``sid`` resident (tier on, its catalogue entry usable, and it fits the

@@ -16,6 +16,7 @@ import threading
 from typing import Any, Optional, Sequence
 
 from alaya_jax.errors import ConfigError
+from alaya_jax.store import placement as placements
 from alaya_jax.store.context_db import ContextDB, StoreResult, _Entry, with_name
 from alaya_jax.store.kv_store import KVStore
 from alaya_jax.store.memory_tier import MEMORY_KINDS, MemoryTier
@@ -47,6 +48,7 @@ class MemoryContextDB(ContextDB):
         self.model_fingerprint, self.tokenizer_fingerprint = str(model_fingerprint), str(tokenizer_fingerprint)
         self.dtype, self.block_size = dtype_name(dtype), int(block_size)
         self.sharding, self.verify = sharding, False
+        self.kv_placement = placements.DEFAULT_PLACEMENT  # alaya serve keeps the KV on the device
         self.memory_kind, self.memory_budget_bytes = memory_kind, int(budget_bytes)
         self._lock = threading.RLock()
         self._tier = MemoryTier(budget_bytes=self.memory_budget_bytes, memory_kind=memory_kind,

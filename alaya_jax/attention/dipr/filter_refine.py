@@ -42,6 +42,7 @@ from flax import struct
 
 from alaya_jax.attention.dipr.brute_force import check_beta
 from alaya_jax.attention.masked import group_size, raw_scores, sink_window_mask
+from alaya_jax.store import placement as placements
 from alaya_jax.store.kv_store import KVStore
 from pallas_kernels.code_scan import code_scan
 from pallas_kernels.code_scan.api import default_num_splits
@@ -116,16 +117,19 @@ def _drop_outside(cand_idx: jax.Array, key_mask: jax.Array) -> jax.Array:
 
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, rounding_slack: Optional[float] = None,
-               implementation: str = "reference", interpret: Optional[bool] = None, tail: bool = False):
+               implementation: str = "reference", interpret: Optional[bool] = None,
+               keys: Optional[jax.Array] = None, tail: bool = False):
     """The filter stage alone: ``(cand_idx [B,Hkv,NS,L], cand_count [B,Hkv,NS], m_sw [B,Hq])`` for
-    q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``); ``tail``: also the scan's part of
-    the estimated tail (a ``ScanTail``), from the store's value means."""
+    q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``). ``keys``: the store's keys
+    [B,Hkv,S,D] as the kernel takes them (default ``store.dense_keys()``, a device array); ``tail``: also
+    the scan's part of the estimated tail (a ``ScanTail``), from the store's value means (on the device)."""
     b, hkv, s = store.batch, store.num_kv_heads, store.capacity
     ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
     if ns < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     codes, scales, errs = store.dense_codes()
-    return code_scan(q, rotate_queries(q, store.rot_signs), store.dense_keys(), codes, scales, errs,
+    keys = store.dense_keys() if keys is None else keys
+    return code_scan(q, rotate_queries(q, store.rot_signs), keys, codes, scales, errs,
                      store.lengths, beta, sink=sink, window=window, num_splits=ns, rounding_slack=rounding_slack,
                      implementation=implementation, interpret=interpret,
                      value_means=store.value_means if tail else None, block_size=store.block_size if tail else None)
@@ -187,9 +191,14 @@ def dipr_store_attention(
         raise ValueError("filter-refine DIPR with the estimated tail does not take a key_mask (a filter) yet: "
                          "use tail 'none' for a filtered query")
     kw = dict(implementation=implementation, interpret=interpret)
-    keys = store.dense_keys()
+    # Placement (docs/design.md §3): a GPU Pallas kernel reads host-memory K / V rows where they lie,
+    # only those it loads; every other backend gets device copies (whole-array transfers).
+    if placements.reads_in_place(implementation, interpret):
+        keys, values = store.dense_keys_in_place(), store.dense_values_in_place()
+    else:
+        keys, values = store.dense_keys(), store.dense_values()
     cand_idx, cand_count, m_sw, *scan_tail = scan_codes(q, store, beta, sink=sink, window=window,
-                                                        num_splits=num_splits, rounding_slack=slack,
+                                                        num_splits=num_splits, rounding_slack=slack, keys=keys,
                                                         tail=tail != "none", **kw)
     tail_kw = {} if not scan_tail else dict(tail=scan_tail[0], value_means=store.value_means,
                                             block_size=store.block_size)
@@ -198,13 +207,13 @@ def dipr_store_attention(
         if key_mask.shape != (b, s):
             raise ValueError(f"key_mask must be bool [B, S]={(b, s)}, got {tuple(key_mask.shape)}")
         cand_idx = _drop_outside(cand_idx, key_mask)
-    out, m, _ = refine_attention(q, keys, store.dense_values(), cand_idx, cand_count, m_sw, store.lengths, beta,
+    out, m, _ = refine_attention(q, keys, values, cand_idx, cand_count, m_sw, store.lengths, beta,
                                  sink=sink, window=window, rounding_slack=slack, programs=refine_programs, **kw,
                                  **tail_kw)
     mask = None
     keys_in_range = jnp.full((b, hq), -1, jnp.int32)
     if with_mask:
-        mask = _found_mask(q, keys, store.lengths, cand_idx, cand_count, beta, sink=sink, window=window)
+        mask = _found_mask(q, store.dense_keys(), store.lengths, cand_idx, cand_count, beta, sink=sink, window=window)
         keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
     if key_mask is None:
         listed = jnp.sum(cand_count, axis=-1, dtype=jnp.int32)
