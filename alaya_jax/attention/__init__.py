@@ -10,10 +10,11 @@
 - ``dense``: dense causal attention (prefill, method ``full``) and its backends;
   ``masked``: attention under an explicit key mask, raw scores, sink/window masks;
   ``baselines``: top-k, top-p, Quest and InfLLM-style selections.
+- ``tail``: the estimated tail (``AttentionConfig.tail``): exact attention over a method's keys, the
+  key codes' estimates and the block value means for the keys it leaves out.
 - ``dipr/``: exact DIPR — brute force, filter–refine over the store's codes, calibration.
 
 May import: ``alaya_jax.store``, ``alaya_jax.errors``, ``pallas_kernels``; never
-``runtime``, ``server`` or ``cli``. Future home: an estimated-tail attention option is a
-new method in ``registry`` (and, if it needs one, a module beside ``dipr/``); sequence
-sharding over devices belongs with ``dipr/filter_refine``.
+``runtime``, ``server`` or ``cli``. Future home: sequence sharding over devices belongs with
+``dipr/filter_refine``.
 """

@@ -6,6 +6,7 @@ validated arguments; it is the one list of the op's backends.
 
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
 from typing import Optional
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.code_scan.arithmetic import MAX_HEAD_DIM
 from pallas_kernels.code_scan.layout import longest_split
-from pallas_kernels.code_scan.reference import code_scan_reference
+from pallas_kernels.code_scan.reference import ScanTail, code_scan_reference
 from pallas_kernels.common import (
     check_implementation, gqa_groups, group_rows, next_pow2, pad_axis, resolve_interpret, resolve_rounding_slack,
     score_operand_dtype, ungroup_rows,
@@ -84,6 +85,9 @@ def code_scan(
     interpret: Optional[bool] = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    value_means: Optional[jax.Array] = None,
+    block_size: Optional[int] = None,
+    sm_scale: Optional[float] = None,
 ):
     """Filter step of exact filter-refine DIPR: the candidate keys of each split, from the 4-bit codes.
 
@@ -98,6 +102,11 @@ def code_scan(
       rounding_slack: σ of the refine's compare s + σ·‖q‖₁·‖k‖∞ >= M − β (None: 2·D·2^-24); the scan
         widens its bound and threshold by it (``arithmetic``) so that no key the refine attends is missed.
       num_warps, num_stages: Triton launch knobs (Pallas only).
+      value_means: [B, Hkv, S / block_size, D] (any float dtype; the store keeps the values'), the store's
+        mean value of each block of block_size keys, or None (a static switch: None runs the scan without
+        the tail, the kernel exactly as before): also
+        the estimated tail's part of the scan, a :class:`ScanTail` appended to the outputs (sm_scale: the
+        softmax scale, None: 1/√D).
     Returns:
       cand_idx i32 [B, Hkv, NS, list_size(S, NS)]: the split's candidates, ascending, in the first count
         slots (the other slots are undefined: -1 in the reference, never written by the kernel);
@@ -126,6 +135,13 @@ def code_scan(
     lengths = jnp.asarray(lengths, jnp.int32)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
     kw = dict(sink=int(sink), window=int(window), num_splits=int(num_splits), rounding_slack=slack)
+    if value_means is not None:
+        bk = 0 if block_size is None else int(block_size)
+        if bk < 1 or s_cap % bk or tuple(value_means.shape) != (b, hkv, s_cap // bk, d):
+            raise ValueError(f"{op}: value_means must be [B, Hkv, S / block_size, D] with block_size >= 1 dividing "
+                             f"S={s_cap}; got value_means{tuple(value_means.shape)}, block_size={block_size}")
+        kw.update(value_means=value_means, block_size=bk,
+                  sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale))
     return IMPLEMENTATIONS[implementation](q, q_rot, keys, codes, scales, errs, lengths, beta, interpret=interpret,
                                            num_warps=num_warps, num_stages=num_stages, **kw)
 
@@ -139,7 +155,7 @@ def _scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, inter
 
 
 def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpret, num_warps, num_stages,
-                 num_splits, sink, window, rounding_slack):
+                 num_splits, sink, window, rounding_slack, **tail_kw):
     interpret = resolve_interpret(interpret, "code_scan")
     from pallas_kernels.code_scan.kernel_triton import scan_pallas
 
@@ -148,15 +164,19 @@ def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpre
     g = hq // hkv
     if s_cap < MIN_CAPACITY:  # tiny stores only: the tile must fit in the store (padded on the device: keys
         # may lie in pinned host memory, which the kernel otherwise reads in place, untouched by jnp)
+        if tail_kw:
+            raise ValueError(f"code_scan: the estimated tail needs a store of >= {MIN_CAPACITY} positions, got {s_cap}")
         keys, codes, scales, errs = (pad_axis(jax.device_put(x, jax.memory.Space.Device), 2, MIN_CAPACITY)
                                      for x in (keys, codes, scales, errs))
     qdt = score_operand_dtype(q.dtype, keys.dtype, "auto")
-    _, cand_idx, counts, m_sw = scan_pallas(
+    _, cand_idx, counts, m_sw, *tail = scan_pallas(
         lengths, group_rows(q.astype(qdt), hkv), group_rows(q_rot.astype(jnp.float32), hkv), group_rows(beta, hkv),
         keys, codes, scales, errs, g=g, sink=sink, window=window, tile=scan_tile(s_cap), num_splits=num_splits,
         list_size=list_size(s_cap, num_splits), chunk=EPILOGUE_CHUNK, rounding_slack=rounding_slack,
-        interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages))
-    return cand_idx, counts, ungroup_rows(m_sw, g)
+        interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages), **tail_kw)
+    if not tail:
+        return cand_idx, counts, ungroup_rows(m_sw, g)
+    return cand_idx, counts, ungroup_rows(m_sw, g), ScanTail(*tail)
 
 
 #: The backends of ``code_scan`` by name: "reference" (plain jnp), "pallas" (the Triton-lowered kernel;

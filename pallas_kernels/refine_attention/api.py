@@ -15,10 +15,11 @@ import jax.numpy as jnp
 
 from pallas_kernels.code_scan.api import check_scan_args
 from pallas_kernels.common import (
-    check_implementation, group_rows, next_pow2, resolve_interpret, resolve_rounding_slack, score_operand_dtype,
-    ungroup_rows,
+    check_implementation, group_rows, next_pow2, pad_axis, resolve_interpret, resolve_rounding_slack,
+    score_operand_dtype, ungroup_rows,
 )
-from pallas_kernels.refine_attention.reference import refine_attention_reference
+from pallas_kernels.code_scan.reference import ScanTail
+from pallas_kernels.refine_attention.reference import normalise, refine_attention_reference, scan_tail_at
 
 DEFAULT_CHUNK = 64  # candidate slots per refine step
 
@@ -49,6 +50,9 @@ def refine_attention(
     chunk: int = DEFAULT_CHUNK,
     num_warps: int = 4,
     num_stages: int = 2,
+    tail: Optional[ScanTail] = None,
+    value_means: Optional[jax.Array] = None,
+    block_size: Optional[int] = None,
 ):
     """Refine and attend: exact DIPR ∪ sink ∪ window attention from the code scan's candidate lists.
 
@@ -62,6 +66,11 @@ def refine_attention(
       M = max(m_sw, the candidates' exact scores); the forced positions are always attended.
       programs: refine programs per (b, KV head) (Pallas; a power of two; None: ``default_programs``);
       chunk: candidate slots per step (a power of two >= 16).
+      tail: the scan's ``ScanTail`` (``code_scan(..., value_means=...)``) or None (a static switch: None runs
+        the kernels without the tail, exactly as before); with value_means [B, Hkv, S / block_size, D] (the
+        same the scan took; any float dtype): the estimated tail over every searched key not attended is added
+        to the softmax — out = (Σ_att e^{s·c} v + Σ_b w_b V̄_b) / (Σ_att e^{s·c} + Σ_b w_b), w_b = Σ_{rest ∩ b} e^{ŝ·c}
+        (c = sm_scale; rest = the scan's non-candidates and the candidates rejected here).
     Returns:
       out [B, Hq, D] (q dtype), M f32 [B, Hq] (the exact max when the lists hold every candidate of the
       scan: -inf if nothing is forced or listed), n_attended i32 [B, Hq] (forced included).
@@ -90,11 +99,25 @@ def refine_attention(
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     slack = resolve_rounding_slack(rounding_slack, d, op)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
+    tail_kw = {}
+    if tail is not None:
+        s_cap, g = keys.shape[2], hq // hkv
+        bk = 0 if block_size is None else int(block_size)
+        if value_means is None or bk < 1 or s_cap % bk or tuple(value_means.shape) != (b, hkv, s_cap // bk, d):
+            got = None if value_means is None else tuple(value_means.shape)
+            raise ValueError(f"{op}: a tail needs value_means [B, Hkv, S / block_size, D] with block_size >= 1 "
+                             f"dividing S={s_cap}; got value_means {got}, block_size={block_size}")
+        ns = cand_idx.shape[2]
+        if (tail.est.shape[:3] != (b, hkv, s_cap) or tail.est.shape[3] < g or tail.o.shape[:3] != (b, hkv, ns)
+                or tail.l.shape[:3] != (b, hkv, ns)):
+            raise ValueError(f"{op}: tail arrays est{tuple(tail.est.shape)}, o{tuple(tail.o.shape)}, "
+                             f"l{tuple(tail.l.shape)} do not match B, Hkv, S, NS = {(b, hkv, s_cap, ns)} and G = {g}")
+        tail_kw = dict(tail=tail, value_means=value_means, block_size=bk)
     return IMPLEMENTATIONS[implementation](
         q, keys, values, jnp.asarray(cand_idx, jnp.int32), jnp.asarray(cand_count, jnp.int32),
         jnp.asarray(m_sw, jnp.float32), jnp.asarray(lengths, jnp.int32), beta, sink=int(sink), window=int(window),
         sm_scale=sm_scale, rounding_slack=slack, interpret=interpret, programs=p, chunk=r, num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, **tail_kw)
 
 
 def _refine_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, interpret, programs, chunk,
@@ -104,7 +127,8 @@ def _refine_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta
 
 
 def _refine_pallas(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, sink, window, sm_scale,
-                   rounding_slack, interpret, programs, chunk, num_warps, num_stages):
+                   rounding_slack, interpret, programs, chunk, num_warps, num_stages, tail=None, value_means=None,
+                   block_size=0):
     interpret = resolve_interpret(interpret, "refine_attention")
     from pallas_kernels.refine_attention.attend_triton import attend_pallas
     from pallas_kernels.refine_attention.score_triton import score_pallas
@@ -114,10 +138,28 @@ def _refine_pallas(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *
     qg = group_rows(q.astype(score_operand_dtype(q.dtype, keys.dtype, "auto")), hkv)
     knobs = dict(chunk=chunk, interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages))
     idx, s, kinf, mx = score_pallas(cand_count, cand_idx, qg, keys, g=g, programs=programs, **knobs)
-    o, l, n, m = attend_pallas(lengths, cand_count, idx, s, kinf, mx, group_rows(m_sw, hkv, value=-jnp.inf),
-                               group_rows(beta, hkv), qg, keys, values, g=g, sink=sink, window=window,
-                               sm_scale=sm_scale, rounding_slack=rounding_slack, **knobs)
-    return merge_partials(o, l, n, m, g=g, dtype=q.dtype)
+    msw_g = group_rows(m_sw, hkv, value=-jnp.inf)
+    gi = qg.shape[2]
+    tail_kw = {} if tail is None else dict(est=rows_to(tail.est, 3, gi), value_means=value_means,
+                                           block_size=block_size)
+    o, l, n, m, *rej = attend_pallas(lengths, cand_count, idx, s, kinf, mx, msw_g, group_rows(beta, hkv), qg, keys,
+                                     values, g=g, sink=sink, window=window, sm_scale=sm_scale,
+                                     rounding_slack=rounding_slack, **knobs, **tail_kw)
+    if tail is None:
+        return merge_partials(o, l, n, m, g=g, dtype=q.dtype)
+    num, den = jnp.sum(o, axis=2)[:, :, :g] + jnp.sum(rej[0], axis=2)[:, :, :g], \
+        jnp.sum(l, axis=2)[:, :, :g] + jnp.sum(rej[1], axis=2)[:, :, :g]
+    o_s, l_s = scan_tail_at(tail, msw_g[:, :, :g], m[:, :, :g], g=g, sm_scale=sm_scale)
+    out = normalise(num + o_s, den + l_s)
+    return (ungroup_rows(out, g).astype(q.dtype), ungroup_rows(m[:, :, :g], g),
+            ungroup_rows(jnp.sum(n, axis=2)[:, :, :g], g))
+
+
+def rows_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """x with ``axis`` cut or zero-padded to ``size`` rows (the kernels' padded group rows)."""
+    if x.shape[axis] >= size:
+        return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+    return pad_axis(x, axis, size)
 
 
 def merge_partials(o, l, n, m, *, g: int, dtype):
@@ -125,7 +167,7 @@ def merge_partials(o, l, n, m, *, g: int, dtype):
     dtype, M f32 [B, Hq], n_attended i32 [B, Hq])."""
     num = jnp.sum(o, axis=2)
     den = jnp.sum(l, axis=2)
-    out = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+    out = normalise(num, den)
     return ungroup_rows(out, g).astype(dtype), ungroup_rows(m, g), ungroup_rows(jnp.sum(n, axis=2), g)
 
 

@@ -24,6 +24,12 @@ in the filter or among the sink and window positions. The scan still reads every
 candidates outside the filter are then dropped from the lists (slot −1, which both refine backends
 skip), so no such key is ever scored exactly, in range or attended; ``M_sw`` (sink and window,
 inside the filter by definition) stays a lower bound of the filtered max.
+
+With the estimated tail (``tail="estimate"``, :mod:`alaya_jax.attention.tail`) the scan also sums, per
+split and query head, exp(ŝ/√D) and those weights times their block's mean value (``KVStore.value_means``)
+over the keys that are not candidates, and stores the candidates' estimates; the attend pass adds the
+candidates it rejects, weighed by the same estimates: the output is exact over DIPR ∪ sink ∪ window and
+estimated over every other key (no filter yet).
 """
 
 from __future__ import annotations
@@ -112,10 +118,11 @@ def _drop_outside(cand_idx: jax.Array, key_mask: jax.Array) -> jax.Array:
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, rounding_slack: Optional[float] = None,
                implementation: str = "reference", interpret: Optional[bool] = None,
-               keys: Optional[jax.Array] = None):
+               keys: Optional[jax.Array] = None, tail: bool = False):
     """The filter stage alone: ``(cand_idx [B,Hkv,NS,L], cand_count [B,Hkv,NS], m_sw [B,Hq])`` for
     q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``). ``keys``: the store's keys
-    [B,Hkv,S,D] as the kernel takes them (default ``store.dense_keys()``, a device array)."""
+    [B,Hkv,S,D] as the kernel takes them (default ``store.dense_keys()``, a device array); ``tail``: also
+    the scan's part of the estimated tail (a ``ScanTail``), from the store's value means (on the device)."""
     b, hkv, s = store.batch, store.num_kv_heads, store.capacity
     ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
     if ns < 1:
@@ -124,7 +131,8 @@ def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, wind
     keys = store.dense_keys() if keys is None else keys
     return code_scan(q, rotate_queries(q, store.rot_signs), keys, codes, scales, errs,
                      store.lengths, beta, sink=sink, window=window, num_splits=ns, rounding_slack=rounding_slack,
-                     implementation=implementation, interpret=interpret)
+                     implementation=implementation, interpret=interpret,
+                     value_means=store.value_means if tail else None, block_size=store.block_size if tail else None)
 
 
 def dipr_store_attention(
@@ -141,6 +149,7 @@ def dipr_store_attention(
     refine_programs: Optional[int] = None,
     rounding_slack: Optional[float] = None,
     key_mask: Optional[jax.Array] = None,
+    tail: str = "none",
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store by filter–refine.
 
@@ -160,6 +169,8 @@ def dipr_store_attention(
         another computation of the same score rounds just below it.
       key_mask: bool [B, S=capacity] or None: a filter (see the module docstring); the result is
         ``brute_force.dipr_attention(..., key_mask=key_mask)``.
+      tail: "none" (exact sparse attention) or "estimate": the estimated tail over every searched key not
+        attended (module docstring; not with a key_mask).
 
     Returns:
       ``(out [B, Hq, D] in q's dtype, stats: DiprStats, mask or None)``.
@@ -174,6 +185,11 @@ def dipr_store_attention(
     check_beta(beta)
     beta = _beta_heads(beta, b, hq)
     slack = default_rounding_slack(d) if rounding_slack is None else float(rounding_slack)
+    if tail not in ("none", "estimate"):
+        raise ValueError(f"filter-refine DIPR takes tail 'none' or 'estimate', got {tail!r}")
+    if tail != "none" and key_mask is not None:
+        raise ValueError("filter-refine DIPR with the estimated tail does not take a key_mask (a filter) yet: "
+                         "use tail 'none' for a filtered query")
     kw = dict(implementation=implementation, interpret=interpret)
     # Placement (docs/design.md §3): a GPU Pallas kernel reads host-memory K / V rows where they lie,
     # only those it loads; every other backend gets device copies (whole-array transfers).
@@ -181,15 +197,19 @@ def dipr_store_attention(
         keys, values = store.dense_keys_in_place(), store.dense_values_in_place()
     else:
         keys, values = store.dense_keys(), store.dense_values()
-    cand_idx, cand_count, m_sw = scan_codes(q, store, beta, sink=sink, window=window, num_splits=num_splits,
-                                            rounding_slack=slack, keys=keys, **kw)
+    cand_idx, cand_count, m_sw, *scan_tail = scan_codes(q, store, beta, sink=sink, window=window,
+                                                        num_splits=num_splits, rounding_slack=slack, keys=keys,
+                                                        tail=tail != "none", **kw)
+    tail_kw = {} if not scan_tail else dict(tail=scan_tail[0], value_means=store.value_means,
+                                            block_size=store.block_size)
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask, bool)
         if key_mask.shape != (b, s):
             raise ValueError(f"key_mask must be bool [B, S]={(b, s)}, got {tuple(key_mask.shape)}")
         cand_idx = _drop_outside(cand_idx, key_mask)
     out, m, _ = refine_attention(q, keys, values, cand_idx, cand_count, m_sw, store.lengths, beta,
-                                 sink=sink, window=window, rounding_slack=slack, programs=refine_programs, **kw)
+                                 sink=sink, window=window, rounding_slack=slack, programs=refine_programs, **kw,
+                                 **tail_kw)
     mask = None
     keys_in_range = jnp.full((b, hq), -1, jnp.int32)
     if with_mask:
