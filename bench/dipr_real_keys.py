@@ -49,7 +49,7 @@ from alaya_jax.attention.dipr.filter_refine import dipr_store_attention, rotate_
 from alaya_jax.store import kv_store
 from bench import harness
 from bench.diag import scan_stages
-from pallas_kernels.code_scan.api import EPILOGUE_CHUNK, default_num_splits, list_size, scan_tile
+from pallas_kernels.code_scan.api import EPILOGUE_CHUNK, default_num_splits, list_size, row_forced, scan_tile
 from pallas_kernels.code_scan.kernel_triton import scan_pallas
 from pallas_kernels.common import default_rounding_slack, group_rows, score_operand_dtype
 from pallas_kernels.refine_attention import refine_attention
@@ -124,6 +124,14 @@ def scan_operands(q, st, beta):
             group_rows(bt, hkv), st.dense_keys(), codes, scales, errs)
 
 
+def unsharded_scan(lengths, q, q_rot, beta, *rest, sink, window, **kw):
+    """``scan_pallas`` on :func:`scan_operands` with every row's forced counts = sink, window and no outside
+    lower bound (what ``code_scan`` passes for an unsharded store)."""
+    sinks, windows = row_forced(None, lengths.shape[0], sink=sink, window=window, op="code_scan")
+    return scan_pallas(lengths, sinks, windows, q, q_rot, beta, jnp.full(beta.shape, -jnp.inf, jnp.float32), *rest,
+                       sink=sink, window=window, **kw)
+
+
 def bench_case(kind, b, s, args, bw, log, meta):
     hq, hkv, d = args.hq, args.hkv, args.head_dim
     g = hq // hkv
@@ -194,7 +202,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
         for stage in scan_stages.STAGES + ("full",):
             def run_stage(stage=stage):
                 if stage == "full":
-                    fn = functools.partial(scan_pallas, list_size=list_size(s, ns), chunk=EPILOGUE_CHUNK, **kw)
+                    fn = functools.partial(unsharded_scan, list_size=list_size(s, ns), chunk=EPILOGUE_CHUNK, **kw)
                 else:
                     fn = functools.partial(scan_stages.stage_call, stage, **kw)
                 tm, _ = per_layer(fn, ops, args.iters)

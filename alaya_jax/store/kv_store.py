@@ -242,6 +242,8 @@ def append(
     k_new: jax.Array,
     v_new: jax.Array,
     num_new: Optional[jax.Array] = None,
+    *,
+    first_position=None,
 ) -> KVStore:
     """Append up to T new positions per sequence; returns a new store.
 
@@ -254,6 +256,12 @@ def append(
     ``jit`` the caller must check capacity up front (the generation loop does);
     rows beyond capacity are then not written but ``lengths`` still grows past
     ``capacity``, so :func:`check_capacity` reports the overflow afterwards.
+
+    ``first_position`` (int or traced scalar; None: 0): the store is one shard of a store sharded
+    along the sequence (:mod:`alaya_jax.store.sharding`) that holds positions ``[first_position,
+    first_position + capacity)`` of its sequences, whose ``lengths`` are the whole sequences'; a new
+    row is written only where its position falls in that range (no capacity check: the caller checks
+    the whole store's).
     """
     _check_kv("k_new", k_new, "v_new", v_new)
     b, t, hkv, d = k_new.shape
@@ -266,7 +274,7 @@ def append(
         num_new = jnp.full((b,), t, jnp.int32)
     num_new = jnp.asarray(num_new, jnp.int32)
     new_lengths = store.lengths + num_new
-    if not isinstance(new_lengths, jax.core.Tracer):
+    if first_position is None and not isinstance(new_lengths, jax.core.Tracer):
         over = np.asarray(new_lengths) > store.capacity
         if over.any():
             raise ValueError(
@@ -276,6 +284,9 @@ def append(
     bk = store.block_size
     pos = store.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     ok = jnp.arange(t)[None, :] < num_new[:, None]
+    if first_position is not None:  # a shard: its own slots, the others' rows are not written here
+        pos = pos - jnp.asarray(first_position, jnp.int32)
+        ok = ok & (pos >= 0) & (pos < store.capacity)
     # Rows not to be written go out of bounds and are dropped by the scatter.
     pos = jnp.where(ok, pos, store.capacity)
     blk, off = pos // bk, pos % bk

@@ -28,32 +28,40 @@ def exact_scores(q, k):
     return jnp.einsum("...gd,...nd->...gn", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
 
 
-def forced_scores(q, keys, lengths, *, sink, window):
+def forced_scores(q, keys, lengths, *, sink, window, forced=None):
     """Exact scores of the forced positions.
 
     q [B, Hq, D]; keys [B, Hkv, S, D] -> (pos [B, F], ok [B, F], s f32 [B, Hkv, G, F] (-inf where not ok)).
+    ``forced``: None, or each row's own (sinks [B], windows [B]) int32, at most ``sink`` / ``window``
+    (which size F).
     """
     b, hq, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
     f = max(1, sink + window)
-    pos, ok = forced_positions(lengths, sink=sink, window=window, size=f)
+    rs, rw = (sink, window) if forced is None else forced
+    pos, ok = forced_positions(lengths, sink=rs, window=rw, size=f)
+    pos = jnp.minimum(pos, keys.shape[2] - 1)
     kf = jnp.take_along_axis(keys, pos[:, None, :, None], axis=2)  # [B, Hkv, F, D]
     kf = jnp.where(ok[:, None, :, None], kf, jnp.zeros_like(kf))  # NaN padding -> 0
     s = exact_scores(q.reshape(b, hkv, g, d), kf)
     return pos, ok, jnp.where(ok[:, None, None, :], s, -jnp.inf)
 
 
-def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack):
+def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack,
+                         forced=None, m_lb=None):
     """(candidates bool [B, Hkv, S], m_sw f32 [B, Hkv, G], est f32 [B, Hkv, S, G], δ f32 [B, Hkv, S, G],
-    thr f32 [B, Hkv, G]): the scan's test for every searched key, and its terms (for tests)."""
+    thr f32 [B, Hkv, G]): the scan's test for every searched key, and its terms (for tests). ``forced``:
+    see :func:`forced_scores`; ``m_lb`` f32 [B, Hq] or None: a lower bound of M known from elsewhere
+    (thr = max(M_sw, m_lb) − β)."""
     b, hq, d = q.shape
     _, hkv, s_cap, _ = keys.shape
     g = hq // hkv
     dh = d // 2
-    _, _, s_f = forced_scores(q, keys, lengths, sink=sink, window=window)
+    _, _, s_f = forced_scores(q, keys, lengths, sink=sink, window=window, forced=forced)
     m_sw = jnp.max(s_f, axis=-1)  # [B, Hkv, G]
-    thr = m_sw - beta.astype(jnp.float32).reshape(b, hkv, g)
+    m_thr = m_sw if m_lb is None else jnp.maximum(m_sw, m_lb.astype(jnp.float32).reshape(b, hkv, g))
+    thr = m_thr - beta.astype(jnp.float32).reshape(b, hkv, g)
     q_l1 = jnp.sum(jnp.abs(q.astype(score_operand_dtype(q.dtype, keys.dtype, "auto")).astype(jnp.float32)),
                    axis=-1).reshape(b, hkv, g)
     qr = q_rot.astype(jnp.float32).reshape(b, hkv, g, d)
@@ -75,20 +83,30 @@ def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, 
     delta = ar.key_bound(ca[:, :, None, :], cb[:, :, None, :], ce[:, :, None, :], sc, errs[..., None])
     hit = ar.is_candidate(est, delta, thr[:, :, None, :])  # [B, Hkv, S, G]
     pos = jnp.arange(s_cap, dtype=jnp.int32)
-    searched = (pos[None] >= sink) & (pos[None] < searched_end(lengths[:, None], sink=sink, window=window))
+    rs, rw = _row_forced(forced, sink, window)
+    searched = (pos[None] >= rs) & (pos[None] < searched_end(lengths[:, None], sink=rs, window=rw))
     return searched[:, None] & jnp.any(hit, axis=-1), m_sw, est, delta, thr
 
 
+def _row_forced(forced, sink, window):
+    """(sinks, windows) broadcastable against [B, S] positions."""
+    if forced is None:
+        return sink, window
+    return forced[0][:, None], forced[1][:, None]
+
+
 def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, tile,
-                        list_size, rounding_slack):
+                        list_size, rounding_slack, forced=None, m_lb=None):
     """(cand_idx i32 [B, Hkv, NS, list_size] (-1 past the count), cand_count i32 [B, Hkv, NS], m_sw f32
     [B, Hq])."""
     b, hq, _ = q.shape
     _, hkv, s_cap, _ = keys.shape
     cand, m_sw, _, _, _ = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink,
-                                               window=window, rounding_slack=rounding_slack)
+                                               window=window, rounding_slack=rounding_slack, forced=forced,
+                                               m_lb=m_lb)
     pos = jnp.arange(s_cap, dtype=jnp.int32)
-    split = split_of_position(pos[None], lengths[:, None], sink=sink, window=window, tile=tile,
+    rs, rw = _row_forced(forced, sink, window)
+    split = split_of_position(pos[None], lengths[:, None], sink=rs, window=rw, tile=tile,
                               num_splits=num_splits)  # [B, S]
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(hkv)[None, :, None]

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.code_scan.api import check_scan_args
+from pallas_kernels.code_scan.api import check_scan_args, row_forced
 from pallas_kernels.common import (
     check_implementation, group_rows, next_pow2, resolve_interpret, resolve_rounding_slack, score_operand_dtype,
     ungroup_rows,
@@ -49,6 +49,9 @@ def refine_attention(
     chunk: int = DEFAULT_CHUNK,
     num_warps: int = 4,
     num_stages: int = 2,
+    forced: Optional[tuple[jax.Array, jax.Array]] = None,
+    max_reduce: Optional[Callable[[jax.Array], jax.Array]] = None,
+    partials: bool = False,
 ):
     """Refine and attend: exact DIPR ∪ sink ∪ window attention from the code scan's candidate lists.
 
@@ -62,9 +65,17 @@ def refine_attention(
       M = max(m_sw, the candidates' exact scores); the forced positions are always attended.
       programs: refine programs per (b, KV head) (Pallas; a power of two; None: ``default_programs``);
       chunk: candidate slots per step (a power of two >= 16).
+      forced: each row's own ``(sinks [B], windows [B])`` forced counts (``code_scan``'s; None: sink and
+        window for every row).
+      max_reduce: applied to M f32 [B, Hq] between the score pass and the attend pass (a shard of a
+        sequence-sharded store: ``lax.pmax`` over the devices, so that every shard attends with the one
+        global M; None: the identity).
+      partials: return the attend pass's sums instead of the normalised output (see below).
     Returns:
       out [B, Hq, D] (q dtype), M f32 [B, Hq] (the exact max when the lists hold every candidate of the
-      scan: -inf if nothing is forced or listed), n_attended i32 [B, Hq] (forced included).
+      scan: -inf if nothing is forced or listed), n_attended i32 [B, Hq] (forced included). With
+      ``partials``: ``(o f32 [B, Hq, D] = Σ p·v, l f32 [B, Hq] = Σ p, n_attended, M)``, p = exp((s − M)·sm_scale),
+      which add up over shards that share M (:func:`normalize` makes ``out``).
     """
     op = "refine_attention"
     check_implementation(implementation, op, IMPLEMENTATIONS)
@@ -90,11 +101,19 @@ def refine_attention(
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
     slack = resolve_rounding_slack(rounding_slack, d, op)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
-    return IMPLEMENTATIONS[implementation](
+    o, l, n, m = IMPLEMENTATIONS[implementation](
         q, keys, values, jnp.asarray(cand_idx, jnp.int32), jnp.asarray(cand_count, jnp.int32),
         jnp.asarray(m_sw, jnp.float32), jnp.asarray(lengths, jnp.int32), beta, sink=int(sink), window=int(window),
         sm_scale=sm_scale, rounding_slack=slack, interpret=interpret, programs=p, chunk=r, num_warps=num_warps,
-        num_stages=num_stages)
+        num_stages=num_stages, forced=row_forced(forced, b, sink=sink, window=window, op=op), max_reduce=max_reduce)
+    if partials:
+        return o, l, n, m
+    return normalize(o, l, dtype=q.dtype), m, n
+
+
+def normalize(o: jax.Array, l: jax.Array, *, dtype) -> jax.Array:
+    """out = o / l (0 where nothing was attended): o [..., D], l [...] → [..., D] in ``dtype``."""
+    return jnp.where(l[..., None] > 0, o / jnp.where(l > 0, l, 1.0)[..., None], 0.0).astype(dtype)
 
 
 def _refine_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, interpret, programs, chunk,
@@ -104,7 +123,7 @@ def _refine_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta
 
 
 def _refine_pallas(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, sink, window, sm_scale,
-                   rounding_slack, interpret, programs, chunk, num_warps, num_stages):
+                   rounding_slack, interpret, programs, chunk, num_warps, num_stages, forced, max_reduce):
     interpret = resolve_interpret(interpret, "refine_attention")
     from pallas_kernels.refine_attention.attend_triton import attend_pallas
     from pallas_kernels.refine_attention.score_triton import score_pallas
@@ -114,19 +133,20 @@ def _refine_pallas(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *
     qg = group_rows(q.astype(score_operand_dtype(q.dtype, keys.dtype, "auto")), hkv)
     knobs = dict(chunk=chunk, interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages))
     idx, s, kinf, mx = score_pallas(cand_count, cand_idx, qg, keys, g=g, programs=programs, **knobs)
-    o, l, n, m = attend_pallas(lengths, cand_count, idx, s, kinf, mx, group_rows(m_sw, hkv, value=-jnp.inf),
+    if max_reduce is not None:  # the attend kernel takes max(m_sw, the P maxima): give it the reduced M as m_sw
+        m_local = jnp.maximum(m_sw, ungroup_rows(jnp.max(mx, axis=2), g))
+        m_sw = max_reduce(m_local)
+    o, l, n, m = attend_pallas(lengths, *forced, cand_count, idx, s, kinf, mx, group_rows(m_sw, hkv, value=-jnp.inf),
                                group_rows(beta, hkv), qg, keys, values, g=g, sink=sink, window=window,
                                sm_scale=sm_scale, rounding_slack=rounding_slack, **knobs)
-    return merge_partials(o, l, n, m, g=g, dtype=q.dtype)
+    return sum_partials(o, l, n, m, g=g)
 
 
-def merge_partials(o, l, n, m, *, g: int, dtype):
-    """The attend pass's P + 1 partials (one exact max M for all of them: plain sums) -> (out [B, Hq, D]
-    dtype, M f32 [B, Hq], n_attended i32 [B, Hq])."""
-    num = jnp.sum(o, axis=2)
-    den = jnp.sum(l, axis=2)
-    out = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
-    return ungroup_rows(out, g).astype(dtype), ungroup_rows(m, g), ungroup_rows(jnp.sum(n, axis=2), g)
+def sum_partials(o, l, n, m, *, g: int):
+    """The attend pass's P + 1 partials (one exact max M for all of them: plain sums) -> (o f32 [B, Hq, D],
+    l f32 [B, Hq], n_attended i32 [B, Hq], M f32 [B, Hq])."""
+    return (ungroup_rows(jnp.sum(o, axis=2), g), ungroup_rows(jnp.sum(l, axis=2), g),
+            ungroup_rows(jnp.sum(n, axis=2), g), ungroup_rows(m, g))
 
 
 #: The backends of ``refine_attention`` by name: "reference" (plain jnp), "pallas" (the two Triton-lowered

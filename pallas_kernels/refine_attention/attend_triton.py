@@ -27,12 +27,12 @@ from pallas_kernels.common import compiler_params
 from pallas_kernels.refine_attention.score_triton import chunk_slots
 
 
-def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, beta_ref, q_ref, k_ref, v_ref,
-                   o_ref, l_ref, n_ref, m_ref, *, g: int, rows: int, sink: int, window: int, chunk: int,
+def _attend_kernel(len_ref, sink_ref, win_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, beta_ref, q_ref,
+                   k_ref, v_ref, o_ref, l_ref, n_ref, m_ref, *, g: int, rows: int, forced_rows: int, chunk: int,
                    programs: int, sm_scale: float, rounding_slack: float):
     gi, d = q_ref.shape
     sl = idx_ref.shape[0]
-    length = len_ref[0]
+    length, sink, window = len_ref[0], sink_ref[0], win_ref[0]  # the row's own forced counts
     live = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) < g
     m = jnp.maximum(row_vector(msw_ref, rows, g, -jnp.inf), jnp.max(mx_ref[...], axis=0))  # [Gr] exact M
     m = jnp.where(live, m, -jnp.inf)
@@ -45,7 +45,7 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
     cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
 
     def forced():
-        pos, ok, s = forced_scores_tile(q, k_ref, length, sink=sink, window=window, size=forced_size(sink, window))
+        pos, ok, s = forced_scores_tile(q, k_ref, length, sink=sink, window=window, size=forced_rows)
         att = ok[:, None] & live[None, :]
         w = jnp.where(att, jnp.exp((s - m_safe[None, :]) * sm_scale), 0.0)
         v = gather_rows(v_ref, pos, mask=ok)  # [F, D]
@@ -82,10 +82,11 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
     store_rows(m_ref, m, g)
 
 
-def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values, *, g: int, sink: int,
-                  window: int, chunk: int, sm_scale: float, rounding_slack: float, interpret: bool,
+def attend_pallas(lengths, sinks, windows, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values, *, g: int,
+                  sink: int, window: int, chunk: int, sm_scale: float, rounding_slack: float, interpret: bool,
                   num_warps: int = 4, num_stages: int = 2):
-    """lengths [B]; counts [B, Hkv, NS]; idx, s, kinf, mx: the score pass's outputs (P = mx.shape[2]);
+    """lengths, sinks, windows [B] (each row's forced counts, <= the static sink / window); counts [B, Hkv, NS];
+    idx, s, kinf, mx: the score pass's outputs (P = mx.shape[2]);
     m_sw, beta f32 [B, Hkv, Gi]; q [B, Hkv, Gi, D] (score dtype); keys, values [B, Hkv, S, D] ->
     (o f32 [B, Hkv, P + 1, Gi, D] = Σ p·v, l f32 [B, Hkv, P + 1, Gi] = Σ p, n i32 [B, Hkv, P + 1, Gi]
     keys attended, M f32 [B, Hkv, Gi]), p = exp((s − M)·sm_scale); rows >= G unwritten."""
@@ -93,7 +94,7 @@ def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values
     programs, rows = mx.shape[2], mx.shape[3]
     gi, d = q.shape[2], q.shape[3]
     s_cap, sl = keys.shape[2], idx.shape[2]
-    kernel = functools.partial(_attend_kernel, g=g, rows=rows, sink=sink, window=window, chunk=chunk,
+    kernel = functools.partial(_attend_kernel, g=g, rows=rows, forced_rows=forced_size(sink, window), chunk=chunk,
                                programs=programs, sm_scale=float(sm_scale), rounding_slack=float(rounding_slack))
     whole = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
@@ -101,7 +102,8 @@ def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values
     return pl.pallas_call(
         kernel,
         grid=(b, hkv, programs + 1),
-        in_specs=[pl.BlockSpec((1,), lambda i, h, j: (i,)),
+        in_specs=[pl.BlockSpec((1,), lambda i, h, j: (i,)), pl.BlockSpec((1,), lambda i, h, j: (i,)),
+                  pl.BlockSpec((1,), lambda i, h, j: (i,)),
                   pl.BlockSpec((None, None, ns), whole),
                   pl.BlockSpec((None, None, sl), whole),
                   pl.BlockSpec((None, None, sl, gi), mat),
@@ -123,4 +125,4 @@ def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values
         interpret=interpret,
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
         name="refine_attend",
-    )(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values)
+    )(lengths, sinks, windows, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values)

@@ -35,14 +35,18 @@ def candidate_scores(q, keys, cand_idx, cand_count):
 
 
 def refine_attention_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, sink, window,
-                               sm_scale, rounding_slack):
-    """(out [B, Hq, D] q dtype, M f32 [B, Hq], n_attended i32 [B, Hq])."""
+                               sm_scale, rounding_slack, forced=None, max_reduce=None):
+    """The partial sums ``(o f32 [B, Hq, D] = Σ p·v, l f32 [B, Hq] = Σ p, n_attended i32 [B, Hq], M f32 [B, Hq])``,
+    p = exp((s − M)·sm_scale). ``forced``: each row's own (sinks, windows) (``code_scan``'s); ``max_reduce``:
+    applied to the candidates' M before the attend (a shard's pmax; None: the identity)."""
     b, hq, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
-    fpos, fok, s_f = forced_scores(q, keys, lengths, sink=sink, window=window)
+    fpos, fok, s_f = forced_scores(q, keys, lengths, sink=sink, window=window, forced=forced)
     idx, listed, s_c, kinf = candidate_scores(q, keys, cand_idx, cand_count)
     m = jnp.maximum(m_sw.astype(jnp.float32).reshape(b, hkv, g), jnp.max(s_c, axis=-1))  # [B, Hkv, G]
+    if max_reduce is not None:
+        m = max_reduce(m.reshape(b, hq)).reshape(b, hkv, g)
     m_safe = jnp.where(m > -jnp.inf, m, 0.0)
     tol = query_slack(q, rounding_slack).reshape(b, hkv, g)[..., None] * kinf[:, :, None, :]
     thr = (m - beta.astype(jnp.float32).reshape(b, hkv, g))[..., None]
@@ -56,7 +60,5 @@ def refine_attention_reference(q, keys, values, cand_idx, cand_count, m_sw, leng
     p = jnp.where(att, jnp.exp((s - m_safe[..., None]) * jnp.float32(sm_scale)), 0.0)
     l = jnp.sum(p, axis=-1)
     o = jnp.einsum("bhgn,bhnd->bhgd", p, v, precision="highest")
-    has = l > 0
-    out = jnp.where(has[..., None], o / jnp.where(has, l, 1.0)[..., None], 0.0)
     n_att = jnp.sum(att, axis=-1, dtype=jnp.int32)
-    return out.reshape(b, hq, d).astype(q.dtype), m.reshape(b, hq), n_att.reshape(b, hq)
+    return o.reshape(b, hq, d), l.reshape(b, hq), n_att.reshape(b, hq), m.reshape(b, hq)

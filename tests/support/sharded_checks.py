@@ -1,0 +1,153 @@
+"""Checks of the sequence-sharded store and attention, run in a process of its own with emulated CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=4``, set before jax is imported), by
+``tests/attention/test_sharded.py``: ``python -m tests.support.sharded_checks NAME...``.
+
+Each check raises AssertionError on a mismatch and prints one line when it passes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DEVICES = 4
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from alaya_jax.attention import dense  # noqa: E402
+from alaya_jax.attention.dipr import brute_force  # noqa: E402
+from alaya_jax.attention.dipr.filter_refine import dipr_store_attention  # noqa: E402
+from alaya_jax.store import kv_store, sharding  # noqa: E402
+from tests.support.dipr_cases import store_case  # noqa: E402
+
+BK = 16
+SINK, WINDOW = 2, 8
+
+
+def _sharded(st, n):
+    mesh = sharding.seq_mesh(n)
+    return sharding.shard_store(st, mesh), mesh
+
+
+def check_devices():
+    assert len(jax.devices()) == DEVICES, jax.devices()
+    try:
+        sharding.seq_mesh(DEVICES + 1)
+    except ValueError as e:
+        assert f"{DEVICES + 1} devices were asked for" in str(e), e
+    else:
+        raise AssertionError("a mesh larger than the devices was accepted")
+
+
+def check_layout():
+    """Blocks split in equal contiguous ranges; codes, keys and values of a block on one device."""
+    st = kv_store.empty(batch=2, num_kv_heads=2, head_dim=16, capacity=8 * BK, block_size=BK)
+    sh, mesh = _sharded(st, 4)
+    for f in ("keys", "values", "codes", "code_scale", "code_err"):
+        shards = getattr(sh, f).addressable_shards
+        assert len(shards) == 4
+        for s in shards:
+            i = list(mesh.devices.flat).index(s.device)
+            assert s.index[2] == slice(2 * i, 2 * i + 2), (f, s.index)
+    assert sh.lengths.sharding.is_fully_replicated
+    try:
+        sharding.shard_store(kv_store.empty(batch=1, num_kv_heads=2, head_dim=16, capacity=6 * BK, block_size=BK),
+                             mesh)
+    except ValueError as e:
+        assert "equal shards" in str(e)
+    else:
+        raise AssertionError("6 blocks were split over 4 devices")
+    assert sharding.sharded_capacity(100, block_size=BK, devices=4) == 128
+
+
+def check_append():
+    """Appends (a prefill chunk straddling shards, then single steps) land where the unsharded ones do."""
+    rng = np.random.default_rng(1)
+    b, hkv, d, cap = 3, 2, 16, 8 * BK
+    st = kv_store.empty(batch=b, num_kv_heads=hkv, head_dim=d, capacity=cap, block_size=BK)
+    sh, mesh = _sharded(st, 4)
+    app = jax.jit(lambda s, k, v, n: sharding.append(s, k, v, n, mesh=mesh))
+    for t, num in ((40, [40, 3, 0]), (1, [1, 1, 1]), (37, [37, 30, 5]), (1, [1, 0, 1])):
+        k = jnp.asarray(rng.normal(size=(b, t, hkv, d)), jnp.float32)
+        v = jnp.asarray(rng.normal(size=(b, t, hkv, d)), jnp.float32)
+        st = kv_store.append(st, k, v, jnp.asarray(num))
+        sh = app(sh, k, v, jnp.asarray(num))
+    for f in ("keys", "values", "codes", "code_scale", "code_err", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(sh, f)), np.asarray(getattr(st, f)), err_msg=f)
+    assert sh.keys.sharding.spec == sharding.store_specs(sh).keys, sh.keys.sharding
+    try:
+        sharding.append(sh, k[:, :1].repeat(cap, 1), v[:, :1].repeat(cap, 1), mesh=mesh)
+    except ValueError as e:
+        assert "capacity" in str(e)
+    else:
+        raise AssertionError("an append past the capacity was accepted")
+
+
+def _dipr_cases():
+    # capacity 8 blocks of 16 = 128 positions; 4 shards of 32: lengths leave shards of unequal fill,
+    # one sequence within shard 0 only (shards 1-3 empty), one ending on a shard boundary, one with its window
+    # straddling two shards.
+    return [((128, 37, 64, 69), 4, 2), ((20, 100), 2, 2), ((5, 128), 6, 3)]
+
+
+_JITTED = {}
+
+
+def _jitted(mesh, implementation):
+    """One compiled sharded DIPR per (mesh size, backend, store shape): β is traced."""
+    key = (len(mesh.devices.flat), implementation)
+    if key not in _JITTED:
+        _JITTED[key] = jax.jit(lambda q_, s_, b_: dipr_store_attention(
+            q_, s_, beta=b_, sink=SINK, window=WINDOW, with_mask=True, implementation=implementation, mesh=mesh))
+    return _JITTED[key]
+
+
+def check_dipr(implementation="reference"):
+    """Sharded DIPR == unsharded (outputs to tolerance, masks identical) and zero false negatives against
+    brute force; on 1, 2 and 4 devices; ragged lengths, unequal shards, GQA, NaN padding, a filter."""
+    for lengths, hq, hkv in _dipr_cases():
+        q, k, v, ln, st = store_case(lengths, hq, hkv, 16, BK, seed=sum(lengths))
+        st = kv_store.resize(st, 8 * BK)
+        qj = jnp.asarray(q)
+        for beta in (0.0, 3.0, np.inf):
+            ref_out, ref_st, ref_mask = dipr_store_attention(qj, st, beta=beta, sink=SINK, window=WINDOW,
+                                                             with_mask=True, implementation=implementation)
+            truth = np.asarray(brute_force.dipr_mask(qj, jnp.asarray(np.nan_to_num(k)), beta=beta,
+                                                     lengths=jnp.asarray(ln)))
+            rm = np.asarray(ref_mask)[:, :, :truth.shape[-1]]
+            assert not (truth & ~rm).any(), "unsharded false negative"
+            for n in (1, 2, 4):
+                sh, mesh = _sharded(st, n)
+                out, stt, mask = _jitted(mesh, implementation)(qj, sh, jnp.float32(beta))
+                np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-5, atol=2e-5,
+                                           err_msg=f"{lengths} beta={beta} n={n}")
+                np.testing.assert_array_equal(np.asarray(mask), np.asarray(ref_mask), err_msg=f"{lengths} n={n}")
+                np.testing.assert_array_equal(np.asarray(stt.keys_in_range), np.asarray(ref_st.keys_in_range))
+                np.testing.assert_allclose(np.asarray(stt.max_score), np.asarray(ref_st.max_score), rtol=1e-6)
+                assert not np.isnan(np.asarray(out)).any()
+    # a filter: the sharded key mask is cut like the store
+    lengths, hq, hkv = _dipr_cases()[0]
+    q, k, v, ln, st = store_case(lengths, hq, hkv, 16, BK, seed=3)
+    st = kv_store.resize(st, 8 * BK)
+    key_mask = jnp.asarray(np.random.default_rng(0).random((len(lengths), 8 * BK)) < 0.5)
+    ref_out, _, _ = dipr_store_attention(jnp.asarray(q), st, beta=2.0, sink=SINK, window=WINDOW, key_mask=key_mask,
+                                         implementation=implementation)
+    sh, mesh = _sharded(st, 4)
+    out, _, _ = dipr_store_attention(jnp.asarray(q), sh, beta=2.0, sink=SINK, window=WINDOW, key_mask=key_mask,
+                                     implementation=implementation, mesh=mesh)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-5, atol=2e-5)
+
+
+def check_dipr_pallas():
+    check_dipr("pallas")
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(CHECKS):
+        CHECKS[name]()
+        print(f"ok {name}", flush=True)
