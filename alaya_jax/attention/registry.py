@@ -80,7 +80,8 @@ def visible_keys(store, cfg, key_mask):
 def _masked(select):
     """A method that builds a token mask from the exact scores, then attends densely-masked."""
 
-    def attend(q, store, cfg, *, beta, top_p, with_mask, key_mask):
+    def attend(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
+        del mesh  # plain jnp over the global arrays: on a sharded store XLA partitions it (not by hand)
         k, v = store.dense_keys(), store.dense_values()
         scores = raw_scores(q, k)
         valid = visible_keys(store, cfg, key_mask)  # [B,S]
@@ -91,26 +92,26 @@ def _masked(select):
     return attend
 
 
-def _dipr(q, store, cfg, *, beta, with_mask, key_mask):
+def _dipr(q, store, cfg, *, beta, with_mask, key_mask, mesh):
     out, st, dmask = dipr_store_attention(
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
-        key_mask=key_mask,
+        key_mask=key_mask, mesh=mesh,
     )
     stats = {"candidates": st.candidates}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
 
 
-def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask, key_mask):
-    return _dipr(q, store, cfg, beta=beta, with_mask=with_mask, key_mask=key_mask)
+def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
+    return _dipr(q, store, cfg, beta=beta, with_mask=with_mask, key_mask=key_mask, mesh=mesh)
 
 
-def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask, key_mask):
+def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
     if store.dipr_beta is None:
         raise ValueError("calibrated DIPR (dipr_mass / dipr_keys) needs the βs chosen at the end of prefill: "
                          "run alaya_jax.attention.dipr.calibration.calibrate_caches (Engine.calibrate) on the "
                          "caches first")
-    return _dipr(q, store, cfg, beta=store.dipr_beta, with_mask=with_mask, key_mask=key_mask)
+    return _dipr(q, store, cfg, beta=store.dipr_beta, with_mask=with_mask, key_mask=key_mask, mesh=mesh)
 
 
 register(AttentionMethod("full", _masked(lambda q, s, c, *, scores, valid, top_p:

@@ -30,7 +30,7 @@ from alaya_jax.errors import InputError
 from alaya_jax.runtime import decode_loop
 from alaya_jax.runtime.decode_loop import DecodeState
 from alaya_jax.runtime.sampling import SamplingConfig, sample
-from alaya_jax.store import kv_store
+from alaya_jax.store import kv_store, sharding
 
 FULL = AttentionConfig(method="full")
 
@@ -150,13 +150,19 @@ class Engine:
     ``prefill_attention``: "reference" (default), "xla" or "cudnn" (see
     ``KernelConfig.prefill_attention``). ``max_chunk``: the most tokens one device
     dispatch decodes (``decode_chunk``); ``first_chunk``: the first chunk's length in
-    ``generate`` (chunks then double up to ``max_chunk``).
+    ``generate`` (chunks then double up to ``max_chunk``). ``devices``: the caches' blocks are
+    sharded along the sequence over this many devices of the default backend (docs/design.md §10;
+    1: unsharded, the single-device code; more than there are: ``ValueError``).
     """
 
     def __init__(self, model, *, block_size: int = 64, prefill_chunk: int = 512,
-                 prefill_attention: str = "reference", max_chunk: int = 32, first_chunk: int = 4):
+                 prefill_attention: str = "reference", max_chunk: int = 32, first_chunk: int = 4,
+                 devices: int = 1):
         if max_chunk < 1 or first_chunk < 1:
             raise ValueError(f"max_chunk and first_chunk must be >= 1, got {max_chunk}, {first_chunk}")
+        self.devices = int(devices)
+        mesh = sharding.seq_mesh(self.devices) if self.devices > 1 else None
+        self.mesh = mesh
         self.config = model.config
         self.recalibrations = 0  # times generate() chose calibrated βs again as the context grew
         self.block_size = block_size
@@ -173,7 +179,8 @@ class Engine:
         def forward(state, tokens, positions, caches, num_new, cfg, last_only):
             self.trace_counts["forward"] += 1
             m = nnx.merge(graphdef, state)
-            x, caches, aux = m.hidden(tokens, positions, caches, attention=make_attention_fn(cfg, num_new))
+            x, caches, aux = m.hidden(tokens, positions, caches, attention=make_attention_fn(cfg, num_new,
+                                                                                                  mesh=mesh))
             if last_only:  # only each sequence's last real row reaches the head: [B, V], not [B, T, V]
                 x = jnp.take_along_axis(x, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
             return m.logits_from_hidden(x), caches, aux
@@ -183,7 +190,7 @@ class Engine:
 
             def step(caches, token, feed):
                 positions = caches[0].lengths[:, None]
-                attn = make_attention_fn(cfg, feed.astype(jnp.int32), beta=beta, top_p=attn_top_p)
+                attn = make_attention_fn(cfg, feed.astype(jnp.int32), beta=beta, top_p=attn_top_p, mesh=mesh)
                 logits, caches, aux = m(token[:, None], positions, caches, attention=attn)
                 return logits[:, 0].astype(jnp.float32), caches, aux
 
@@ -217,9 +224,13 @@ class Engine:
 
         def new_caches(batch, capacity):
             c = self.config
-            return tuple(kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                        capacity=capacity, block_size=self.block_size, dtype=self.dtype)
-                         for _ in range(c.num_layers))
+            capacity = sharding.sharded_capacity(capacity, block_size=self.block_size, devices=self.devices)
+            caches = tuple(kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                          capacity=capacity, block_size=self.block_size, dtype=self.dtype)
+                           for _ in range(c.num_layers))
+            if mesh is None:
+                return caches
+            return jax.lax.with_sharding_constraint(caches, tuple(sharding.store_shardings(st, mesh) for st in caches))
 
         dc = ("caches",) if donate else ()
         self._curves = jax.jit(curves, static_argnames=("sink", "window"))
@@ -241,7 +252,8 @@ class Engine:
 
     def new_caches(self, *, batch: int, capacity: int) -> tuple[kv_store.KVStore, ...]:
         """Empty stores for every layer, made in one compiled program (each array a buffer of its
-        own: donation and in-place updates need distinct arrays)."""
+        own: donation and in-place updates need distinct arrays); sharded over the engine's devices
+        (the capacity rounded up to a multiple of ``devices`` blocks)."""
         return self._new_caches(int(batch), int(capacity))
 
     def check_fits(self, total_tokens: int) -> None:

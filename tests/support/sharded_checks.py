@@ -11,7 +11,8 @@ import os
 import sys
 
 DEVICES = 4
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
+_FLAG = f"--xla_force_host_platform_device_count={DEVICES}"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -105,21 +106,22 @@ def _jitted(mesh, implementation):
     return _JITTED[key]
 
 
-def check_dipr(implementation="reference"):
+def check_dipr(implementation="reference", cases=None, devices=(1, 2, 4), betas=(0.0, 3.0, np.inf)):
     """Sharded DIPR == unsharded (outputs to tolerance, masks identical) and zero false negatives against
     brute force; on 1, 2 and 4 devices; ragged lengths, unequal shards, GQA, NaN padding, a filter."""
-    for lengths, hq, hkv in _dipr_cases():
+    unsharded = jax.jit(lambda q_, s_, b_: dipr_store_attention(q_, s_, beta=b_, sink=SINK, window=WINDOW,
+                                                                with_mask=True, implementation=implementation))
+    for lengths, hq, hkv in cases or _dipr_cases():
         q, k, v, ln, st = store_case(lengths, hq, hkv, 16, BK, seed=sum(lengths))
         st = kv_store.resize(st, 8 * BK)
         qj = jnp.asarray(q)
-        for beta in (0.0, 3.0, np.inf):
-            ref_out, ref_st, ref_mask = dipr_store_attention(qj, st, beta=beta, sink=SINK, window=WINDOW,
-                                                             with_mask=True, implementation=implementation)
+        for beta in betas:
+            ref_out, ref_st, ref_mask = unsharded(qj, st, jnp.float32(beta))
             truth = np.asarray(brute_force.dipr_mask(qj, jnp.asarray(np.nan_to_num(k)), beta=beta,
                                                      lengths=jnp.asarray(ln)))
             rm = np.asarray(ref_mask)[:, :, :truth.shape[-1]]
             assert not (truth & ~rm).any(), "unsharded false negative"
-            for n in (1, 2, 4):
+            for n in devices:
                 sh, mesh = _sharded(st, n)
                 out, stt, mask = _jitted(mesh, implementation)(qj, sh, jnp.float32(beta))
                 np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-5, atol=2e-5,
@@ -142,7 +144,63 @@ def check_dipr(implementation="reference"):
 
 
 def check_dipr_pallas():
-    check_dipr("pallas")
+    """The Pallas kernels (interpret mode) on the case with every kind of shard, 4 devices."""
+    check_dipr("pallas", cases=_dipr_cases()[:1], devices=(4,), betas=(3.0,))
+
+
+def check_dense():
+    """Sharded dense attention (prefill chunk straddling shards, and a decode row) == unsharded."""
+    from alaya_jax.attention.dense_sharded import sharded_attention
+    lengths = (128, 37, 64, 69)
+    rng = np.random.default_rng(5)
+    q, k, v, ln, st = store_case(lengths, 4, 2, 16, BK, seed=11)
+    st = kv_store.resize(st, 8 * BK)
+    t = 24
+    qc = jnp.asarray(rng.normal(size=(len(lengths), t, 4, 16)), jnp.float32)
+    pos = jnp.asarray(np.maximum(ln - t, 0))[:, None] + jnp.arange(t)[None, :]
+    ref = dense.causal_attention(qc, st, pos)
+    sh, mesh = _sharded(st, 4)
+    out = jax.jit(lambda a, s_, p_: sharded_attention(a, s_, p_, implementation="reference", mesh=mesh))(qc, sh, pos)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    try:
+        sharded_attention(qc, sh, pos, implementation="xla", mesh=mesh)
+    except Exception as e:  # BackendUnavailableError
+        assert "does not run on a sharded store" in str(e), e
+    else:
+        raise AssertionError("xla was accepted on a sharded store")
+
+
+def check_generate():
+    """An engine over 2 devices generates token for token what the 1-device engine does (DIPR and dense),
+    and an engine over more devices than there are is refused."""
+    import dataclasses
+
+    from flax import nnx
+
+    from alaya_jax.attention.config import AttentionConfig
+    from alaya_jax.runtime.engine import Engine
+    from alaya_jax.runtime.sampling import SamplingConfig
+    from models import Llama, tiny
+
+    cfg = dataclasses.replace(tiny(), max_position_embeddings=512)
+    model = Llama(cfg, rngs=nnx.Rngs(0))
+    prompts = [np.random.default_rng(i).integers(0, 97, size=n).tolist() for i, n in enumerate((70, 23))]
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
+    for attention in (AttentionConfig(method="dipr", beta=2.0, sink=2, window=8), AttentionConfig(method="full")):
+        runs = []
+        for n in (1, 2):
+            eng = Engine(model, block_size=8, prefill_chunk=32, devices=n)
+            res, caches = eng.generate(prompts, sampling=sampling, attention=attention)
+            runs.append([r.tokens for r in res])
+            if n == 2:
+                assert caches[0].keys.sharding.spec == sharding.store_specs(caches[0]).keys, caches[0].keys.sharding
+        assert runs[0] == runs[1], (attention.method, runs)
+    try:
+        Engine(model, devices=DEVICES + 1)
+    except ValueError as e:
+        assert "devices were asked for" in str(e)
+    else:
+        raise AssertionError("an engine over too many devices was accepted")
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
