@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from flax import nnx
 
@@ -171,6 +172,8 @@ class Engine:
         self.first_chunk = first_chunk
         self._prefill_cfg = AttentionConfig(method="full", kernel=KernelConfig(prefill_attention=prefill_attention))
         graphdef, state = nnx.split(model)
+        if mesh is not None:  # the weights replicated on every device the caches are sharded over
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         self._state = state
         self.trace_counts = {"forward": 0, "decode": 0, "decode_chunk": 0}
         donate = jax.default_backend() != "cpu"

@@ -206,6 +206,8 @@ def check_generate():
 CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
 
 if __name__ == "__main__":
+    import time
     for name in sys.argv[1:] or list(CHECKS):
+        t0 = time.perf_counter()
         CHECKS[name]()
-        print(f"ok {name}", flush=True)
+        print(f"ok {name} {time.perf_counter() - t0:.1f}s", flush=True)
