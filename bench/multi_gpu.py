@@ -33,6 +33,8 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 
 import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from alaya_jax.attention.config import AttentionConfig, KernelConfig  # noqa: E402
 from alaya_jax.attention.dense_sharded import sharded_attention  # noqa: E402
@@ -69,6 +71,18 @@ def attention_alone(stores, qs, *, mesh, impl, beta, layers: int, iters: int) ->
     return out
 
 
+def with_attention_alone(row, stores, qs, *, mesh, impl, beta, args) -> dict:
+    """``row`` with :func:`attention_alone`'s times (or the error), printed."""
+    try:
+        row.update(attention_alone(stores, qs, mesh=mesh, impl=impl, beta=beta, layers=args.attn_layers,
+                                   iters=args.iters))
+    except Exception as e:
+        row["attn_error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        traceback.print_exc()
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(argv=None):
     ap = harness.parser(__doc__.split("\n")[0], "multi_gpu", smoke="CPU: 2 emulated devices, a 2-layer SmolLM2 at 1K")
     ap.add_argument("--gpus", type=int, default=2)
@@ -98,6 +112,8 @@ def main(argv=None):
     meta = harness.run_meta(model=args.model, batch=1, gpus=args.gpus)
     mesh = sharding.seq_mesh(args.gpus)
     cfg, model = decode_step_real.build_model(args.model, max(args.contexts))
+    # the weights replicated over the GPUs once (the step's own device_put is then a no-op)
+    nnx.update(model, jax.device_put(nnx.state(model), NamedSharding(mesh, PartitionSpec())))
     beta = float(args.beta64 * (cfg.head_dim / 64) ** 0.5)
     rows = []
     for context in args.contexts:
@@ -130,28 +146,14 @@ def main(argv=None):
                 traceback.print_exc()
         if row.get("tokens_per_s") and row.get("dense_tokens_per_s"):
             row["speedup_vs_dense"] = row["tokens_per_s"] / row["dense_tokens_per_s"]
-        try:
-            row.update(attention_alone(stores, qs, mesh=mesh, impl=impl, beta=beta, layers=args.attn_layers,
-                                       iters=args.iters))
-        except Exception as e:
-            row["attn_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(with_attention_alone(row, stores, qs, mesh=mesh, impl=impl, beta=beta, args=args))
         del stores
     if args.single_context:
         few = decode_step_real.proxy_stores(dataclasses.replace(cfg, num_layers=args.attn_layers), 1,
                                             args.single_context, args.single_context + 64)
         row = {**meta, "gpu": meta.get("device"), "gpus": 1, "context": args.single_context, "layers": args.attn_layers,
                "placement": "gpu", "row": "attention alone, one device", "beta": beta}
-        try:
-            row.update(attention_alone(few[0], few[1], mesh=None, impl=impl, beta=beta, layers=args.attn_layers,
-                                       iters=args.iters))
-        except Exception as e:
-            row["attn_error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            traceback.print_exc()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.append(with_attention_alone(row, *few, mesh=None, impl=impl, beta=beta, args=args))
     harness.write_results(args.out, "multi_gpu", rows, markdown(rows))
     print(markdown(rows))
     return 0
