@@ -47,6 +47,7 @@ def cmd_generate(args) -> int:
     from alaya_jax.runtime.engine import Engine, capacity_bucket
     from alaya_jax.runtime.sampling import SamplingConfig
 
+    devices = devices_arg(args)  # before the model is loaded
     if args.prompt is None:
         if not args.demo_context:
             raise UsageError("--prompt is required (or use --demo-context)")
@@ -76,7 +77,7 @@ def cmd_generate(args) -> int:
             f"the prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that is {total}, "
             f"more than {context_limit_text(args, config)}"
         )
-    engine = Engine(model, devices=devices_arg(args))
+    engine = Engine(model, devices=devices)
     # A capacity bucket, not the exact size: other prompts of a similar length reuse the compiled programs.
     capacity = capacity_bucket(total, block_size=engine.block_size, minimum=CLI_MIN_CAPACITY,
                                maximum=context_limit(args, config))

@@ -75,6 +75,7 @@ def build_state(args):
     from alaya_jax.server.protocol import RequestLimits
     from alaya_jax.server.scheduler import BatchLimits, Scheduler
 
+    devices = devices_arg(args)  # before the model is loaded
     if args.random_weights:
         if args.model:
             raise UsageError("give either --model or --random-weights, not both")
@@ -93,7 +94,7 @@ def build_state(args):
             name = find_smollm2_gguf().stem
     context = context_limit(args, config)
     engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk,
-                    max_chunk=max(args.decode_chunk, 1), devices=devices_arg(args))
+                    max_chunk=max(args.decode_chunk, 1), devices=devices)
     db = None
     if args.db:
         from alaya_jax.store.db_for_model import open_db

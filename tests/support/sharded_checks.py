@@ -41,6 +41,8 @@ def check_devices():
         assert f"{DEVICES + 1} devices were asked for" in str(e), e
     else:
         raise AssertionError("a mesh larger than the devices was accepted")
+    from alaya_jax.cli import main  # --devices past the devices: a usage error (status 2), before any model loads
+    assert main(["--cache-dir", "off", "generate", "--prompt", "hi", "--devices", str(DEVICES + 1)]) == 2
 
 
 def check_layout():
