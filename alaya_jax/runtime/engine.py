@@ -259,6 +259,21 @@ class Engine:
         (the capacity rounded up to a multiple of ``devices`` blocks)."""
         return self._new_caches(int(batch), int(capacity))
 
+    def placed(self, caches) -> tuple[kv_store.KVStore, ...]:
+        """The caches as this engine's programs take them: on one device, themselves; over several,
+        padded with empty blocks to a multiple of ``devices`` blocks and sharded along the sequence
+        (a no-op for caches made by :meth:`new_caches`; caches restored from a snapshot or re-laid out
+        by the server are moved once)."""
+        if self.mesh is None:
+            return caches
+        n = self.devices
+        out = []
+        for st in caches:
+            if st.num_blocks % n:
+                st = kv_store.fit_blocks(st, -(-st.num_blocks // n) * n)
+            out.append(jax.device_put(st, sharding.store_shardings(st, self.mesh)))
+        return tuple(out)
+
     def check_fits(self, total_tokens: int) -> None:
         limit = self.config.max_position_embeddings
         if total_tokens > limit:
@@ -285,6 +300,7 @@ class Engine:
         b = len(prompts)
         if b != caches[0].batch:
             raise ValueError(f"{b} prompts for a cache of batch {caches[0].batch}")
+        caches = self.placed(caches)
         lens = np.array([len(p) for p in prompts])
         if (lens < 1).any():
             raise ValueError("every prompt needs at least one token")
@@ -359,7 +375,7 @@ class Engine:
 
         β and the attention top-p are traced: sweeping them reuses one compilation.
         """
-        return self._decode(self._state, caches, token, key, np.float32(sampling.temperature),
+        return self._decode(self._state, self.placed(caches), token, key, np.float32(sampling.temperature),
                             np.float32(sampling.top_p), np.float32(attention.beta), np.float32(attention.top_p),
                             cfg=_static_attention(attention))
 
@@ -387,7 +403,8 @@ class Engine:
         dispatch the next chunk before reading this one's tokens. The caches are donated."""
         if not 1 <= int(steps) <= self.max_chunk:
             raise ValueError(f"steps must be in 1..{self.max_chunk}, got {steps}")
-        return self._chunk(self._state, caches, state, np.int32(steps), self.stop_array(stop_ids), temperature, top_p,
+        return self._chunk(self._state, self.placed(caches), state, np.int32(steps), self.stop_array(stop_ids),
+                           temperature, top_p,
                            np.float32(attention.beta), np.float32(attention.top_p), cfg=_static_attention(attention),
                            sampled=sampled, nucleus=nucleus)
 

@@ -175,37 +175,90 @@ def check_dense():
         raise AssertionError("xla was accepted on a sharded store")
 
 
+_ENGINES = {}
+
+
+def _model():
+    """The tiny random-weight Llama (512 positions), made once."""
+    if "model" not in _ENGINES:
+        import dataclasses
+
+        from flax import nnx
+
+        from models import Llama, tiny
+
+        _ENGINES["model"] = Llama(dataclasses.replace(tiny(), max_position_embeddings=512), rngs=nnx.Rngs(0))
+    return _ENGINES["model"]
+
+
+def _engine(devices: int):
+    """:func:`_model` in an engine over ``devices`` devices (blocks of 8), made once."""
+    if devices not in _ENGINES:
+        from alaya_jax.runtime.engine import Engine
+
+        _ENGINES[devices] = Engine(_model(), block_size=8, prefill_chunk=32, devices=devices)
+    return _ENGINES[devices]
+
+
 def check_generate():
     """An engine over 2 devices (dense prefill and DIPR decode, both sharded) generates token for token what
     the 1-device engine does, and an engine over more devices than there are is refused."""
-    import dataclasses
-
-    from flax import nnx
-
     from alaya_jax.attention.config import AttentionConfig
     from alaya_jax.runtime.engine import Engine
     from alaya_jax.runtime.sampling import SamplingConfig
-    from models import Llama, tiny
 
-    cfg = dataclasses.replace(tiny(), max_position_embeddings=512)
-    model = Llama(cfg, rngs=nnx.Rngs(0))
     prompts = [np.random.default_rng(i).integers(0, 97, size=n).tolist() for i, n in enumerate((70, 23))]
     sampling = SamplingConfig(max_new_tokens=12, temperature=0.0)
     for attention in (AttentionConfig(method="dipr", beta=2.0, sink=2, window=8),):
         runs = []
         for n in (1, 2):
-            eng = Engine(model, block_size=8, prefill_chunk=32, devices=n)
-            res, caches = eng.generate(prompts, sampling=sampling, attention=attention)
+            res, caches = _engine(n).generate(prompts, sampling=sampling, attention=attention)
             runs.append([r.tokens for r in res])
             if n == 2:
                 assert caches[0].keys.sharding.spec == sharding.store_specs(caches[0]).keys, caches[0].keys.sharding
         assert runs[0] == runs[1], (attention.method, runs)
     try:
-        Engine(model, devices=DEVICES + 1)
+        Engine(_model(), devices=DEVICES + 1)
     except ValueError as e:
         assert "devices were asked for" in str(e)
     else:
         raise AssertionError("an engine over too many devices was accepted")
+
+
+def check_scheduler():
+    """The server's scheduler (continuous batching: joins re-lay the batch out to other capacities) over an
+    engine of 2 devices emits what it emits over 1 device."""
+    import queue
+
+    from alaya_jax.attention.config import AttentionConfig
+    from alaya_jax.runtime.sampling import SamplingConfig
+    from alaya_jax.server.scheduler import BatchLimits, GenerationJob, Scheduler
+    from tests.support.fake_engine import FakeTokenizer
+
+    att = AttentionConfig(method="dipr", beta=2.0, sink=2, window=8)
+    texts = []
+    for n in (1, 2):
+        s = Scheduler(_engine(n), FakeTokenizer(),
+                      limits=BatchLimits(max_batch=4, max_context=512, min_capacity=16))
+        s.start()
+        jobs = []
+        for i, (plen, new) in enumerate(((9, 10), (60, 5))):
+            q = queue.Queue()
+            jobs.append(q)
+            s.submit(GenerationJob(ids=np.random.default_rng(i).integers(0, 26, size=plen).tolist(),
+                                   sampling=SamplingConfig(max_new_tokens=new, temperature=0.0), attention=att,
+                                   emit=q.put, stop=()))
+        out = []
+        for q in jobs:
+            text = ""
+            while (ev := q.get(timeout=300)).kind == "token":
+                text += ev.text
+            assert ev.kind == "done", ev
+            out.append(text)
+        s.stop(timeout=30)
+        assert s.error is None, s.error
+        texts.append(out)
+    assert texts[0] == texts[1] and all(texts[0]), texts
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in dict(globals()).items() if name.startswith("check_")}
