@@ -23,6 +23,7 @@ XLA may use 94% of the device's memory (``XLA_PYTHON_CLIENT_MEM_FRACTION``, set 
 given; the default 75% is less than the 512K caches and weights need).
 
     python -m bench.decode_step_real --contexts 131072 524288 --out $OUT
+    python -m bench.decode_step_real --tokens-per-call 16 --out $OUT   # as alaya serve decodes: 16 tokens a dispatch
     python -m bench.decode_step_real --smoke --out /tmp/x        # CPU: tiny model, interpret mode
 """
 
@@ -93,13 +94,16 @@ def proxy_stores(cfg, batch: int, context: int, capacity: int, *, sources: int =
     return tuple(stores), jnp.stack(qs)
 
 
-def make_step(model, attention: AttentionConfig, mesh=None):
+def make_step(model, attention: AttentionConfig, *, tokens: int = 1, mesh=None):
+    """A jitted call that decodes ``tokens`` tokens on the device (a ``lax.scan`` over the model's
+    step: one host round trip per call, as the engine's chunked decode); aux is the last token's.
+    ``mesh``: the caches are sharded along the sequence over it (bench/multi_gpu.py)."""
     graphdef, state = nnx.split(model)
     if mesh is not None:  # the weights replicated over the devices the caches are sharded over
         state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     donate = jax.default_backend() != "cpu"
 
-    def step(state, caches, token, qs, beta):
+    def one(state, caches, token, qs, beta):
         m = nnx.merge(graphdef, state)
         positions = caches[0].lengths[:, None]
         base = make_attention_fn(attention, beta=beta, mesh=mesh)
@@ -111,6 +115,18 @@ def make_step(model, attention: AttentionConfig, mesh=None):
         logits, caches, aux = m(token[:, None], positions, caches, attention=attn)
         return jnp.argmax(logits[:, 0], -1).astype(jnp.int32), caches, aux
 
+    def step(state, caches, token, qs, beta):
+        if tokens == 1:
+            return one(state, caches, token, qs, beta)
+
+        def body(carry, _):
+            token, caches = carry
+            token, caches, aux = one(state, caches, token, qs, beta)
+            return (token, caches), aux
+
+        (token, caches), aux = jax.lax.scan(body, (token, caches), None, length=tokens)
+        return token, caches, jax.tree.map(lambda x: x[-1], aux)
+
     f = jax.jit(step, donate_argnums=(1,) if donate else ())
     return f, state
 
@@ -119,7 +135,7 @@ def run_variant(model, caches, qs, name, attention, betas, args, mesh=None):
     """Times one variant on ``caches`` (donated: no second copy of the KV, which at 512K does not fit
     beside the first). Returns (rows, caches with their original lengths: the appended steps are
     past the lengths, so the next variant starts from the same context)."""
-    f, state = make_step(model, attention, mesh)
+    f, state = make_step(model, attention, tokens=args.tokens_per_call, mesh=mesh)
     lengths0 = np.asarray(caches[0].lengths)  # a host copy: the caches' own arrays are donated to the first step
     token = jnp.zeros((qs.shape[1],), jnp.int32)
     rows = []
@@ -132,6 +148,7 @@ def run_variant(model, caches, qs, name, attention, betas, args, mesh=None):
             token.block_until_ready()
             times.append(time.perf_counter() - t)
         steady = np.array(times[2:])
+        steady = steady / args.tokens_per_call  # per token
         row = {"variant": name, "beta": beta, "step_ms": 1e3 * float(np.median(steady)),
                "step_p90_ms": 1e3 * float(np.percentile(steady, 90)), "first_step_s": times[0],
                "tokens_per_s": qs.shape[1] / float(np.median(steady))}
@@ -149,6 +166,8 @@ def main(argv=None):
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tokens-per-call", type=int, default=1,
+                    help="tokens decoded on the device per jitted call (alaya serve decodes 16); times are per token")
     ap.add_argument("--betas64", type=float, nargs="+", default=[24.0], help="β at d=64, mapped to the model's D")
     ap.add_argument("--variants", nargs="+", default=["full", "full-xla", "full-cudnn", "dipr"])
     ap.add_argument("--proxy-sources", type=int, default=0,
@@ -158,13 +177,14 @@ def main(argv=None):
         args.model, args.contexts, args.steps, args.variants = "smollm2-2l", [1024], 2, ["full", "dipr"]
     os.makedirs(args.out, exist_ok=True)
     impl = "pallas"
-    meta = harness.run_meta(model=args.model, batch=args.batch)
+    meta = harness.run_meta(model=args.model, batch=args.batch, tokens_per_call=args.tokens_per_call)
     # the byte roofline of a step: weights + K/V at the context read once, at the bandwidth of this run
     meta["copy_GBps"] = harness.measure_copy_bandwidth(nbytes=(64 << 20) if args.smoke else (4 << 30)) / 1e9
     rows = []
     cfg, model = build_model(args.model, max(args.contexts))  # one model (and its weights) for every context
     for context in args.contexts:
-        capacity = context + (args.steps + 2) * max(len(args.betas64), 1) + 16  # every timed step appends
+        # every timed token appends
+        capacity = context + (args.steps + 2) * args.tokens_per_call * max(len(args.betas64), 1) + 16
         t0 = time.perf_counter()
         stores, qs = proxy_stores(cfg, args.batch, context, capacity, sources=args.proxy_sources)
         setup = time.perf_counter() - t0
@@ -200,8 +220,9 @@ def markdown(rows) -> str:
     m = rows[0]
     out = [f"# Whole decode step, random-weight {m['model']}, attention on real-key-proxy stores", "",
            f"{m['device']}, jax {m['jax']}, jaxlib {m.get('jaxlib')}, triton {m.get('triton')}, {m['date']}, "
-           f"commit {m['commit']}, batch {m['batch']}. Step = one jitted decode call incl. the host sync "
-           "on the sampled token (median of the timed steps).", "",
+           f"commit {m['commit']}, batch {m['batch']}. Step = one jitted decode call of "
+           f"{m.get('tokens_per_call', 1)} token(s) incl. the host sync on the sampled token, per token "
+           "(median of the timed calls).", "",
            f"Roofline = weights + K/V at the context read once at the copy bandwidth measured in this run "
            f"({m.get('copy_GBps', float('nan')):.0f} GB/s).", "",
            "| context | variant | β (D) | step ms | roofline ms | × roofline | tok/s | × best full | candidates |",

@@ -91,6 +91,8 @@ def main(argv=None):
     ap.add_argument("--single-context", type=int, default=524288, help="attention alone on one GPU (0: skip)")
     ap.add_argument("--attn-layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tokens-per-call", type=int, default=1,
+                    help="tokens decoded on the device per jitted call (alaya serve decodes 16); times are per token")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--beta64", type=float, default=24.0, help="β at d=64, mapped to the model's D")
     ap.add_argument("--proxy-sources", type=int, default=4)
@@ -109,7 +111,7 @@ def main(argv=None):
         return 2
     os.makedirs(args.out, exist_ok=True)
     impl = "pallas"
-    meta = harness.run_meta(model=args.model, batch=1, gpus=args.gpus)
+    meta = harness.run_meta(model=args.model, batch=1, gpus=args.gpus, tokens_per_call=args.tokens_per_call)
     mesh = sharding.seq_mesh(args.gpus)
     cfg, model = decode_step_real.build_model(args.model, max(args.contexts))
     # the weights replicated over the GPUs once (the step's own device_put is then a no-op)
@@ -117,14 +119,15 @@ def main(argv=None):
     beta = float(args.beta64 * (cfg.head_dim / 64) ** 0.5)
     rows = []
     for context in args.contexts:
-        capacity = sharding.sharded_capacity(context + 2 * (args.steps + 2) + 16, block_size=64, devices=args.gpus)
+        capacity = sharding.sharded_capacity(context + 2 * (args.steps + 2) * args.tokens_per_call + 16,
+                                             block_size=64, devices=args.gpus)  # every timed token appends
         t0 = time.perf_counter()
         stores, qs = decode_step_real.proxy_stores(cfg, 1, context, capacity, sources=args.proxy_sources,
                                                    place=lambda st: sharding.shard_store(st, mesh))
         setup = time.perf_counter() - t0
         gpu_bytes, kv_bytes = store_bytes(stores)
         row = {**meta, "gpu": meta.get("device"), "gpus": args.gpus, "context": context, "layers": cfg.num_layers,
-               "placement": "gpu", "gpu_context_bytes": gpu_bytes, "gpu_context_bytes_per_gpu": gpu_bytes // args.gpus,
+               "placement": "device", "gpu_context_bytes": gpu_bytes, "gpu_context_bytes_per_gpu": gpu_bytes // args.gpus,
                "kv_bytes": kv_bytes, "beta": beta, "setup_s": setup}
         variants = {"dipr": AttentionConfig(method="dipr", kernel=KernelConfig(implementation=impl)),
                     "full-cudnn": AttentionConfig(method="full", kernel=KernelConfig(prefill_attention="cudnn"))}
@@ -152,7 +155,7 @@ def main(argv=None):
         few = decode_step_real.proxy_stores(dataclasses.replace(cfg, num_layers=args.attn_layers), 1,
                                             args.single_context, args.single_context + 64)
         row = {**meta, "gpu": meta.get("device"), "gpus": 1, "context": args.single_context, "layers": args.attn_layers,
-               "placement": "gpu", "row": "attention alone, one device", "beta": beta}
+               "placement": "device", "row": "attention alone, one device", "beta": beta}
         rows.append(with_attention_alone(row, *few, mesh=None, impl=impl, beta=beta, args=args))
     harness.write_results(args.out, "multi_gpu", rows, markdown(rows))
     print(markdown(rows))

@@ -734,7 +734,6 @@ def decode_dipr(model, cfg, context, args, log, tmp, files) -> dict:
     a = jax.device_get(st["aux"])
     ln = float(np.asarray(st["caches"][0].lengths).mean())
     rec["candidate_fraction"] = float(np.mean([np.asarray(x["candidates"]).mean() for x in a])) / ln
-    rec["overflow_layers"] = int(sum(int(np.asarray(x["overflow"])) for x in a))
     log(f"{rec['scenario']}: {rec['token_ms_median']:.2f} ms/token, candidates {rec['candidate_fraction']:.2%}")
     evs, _ = traced(step, args.trace_steps, "alaya_step", tmp)
     rec["trace"] = analyse_trace(evs, hlo, "jit_step", "alaya_step", args.trace_steps)
@@ -869,8 +868,8 @@ def markdown(res) -> str:
             out.append(f"- {r['scenario']}: capacity {r['capacity']}, first call {r['first_call_s']:.1f} s, "
                        f"p90 {r['token_ms_p90']:.2f} ms/token, caches built in {r['caches_build_s']:.1f} s"
                        + (f", XLA_FLAGS `{r['xla_flags']}`" if r.get("xla_flags") else "")
-                       + (f", DIPR β {r['beta']:.1f}, candidates {r['candidate_fraction']:.2%}, "
-                          f"{r['overflow_layers']} overflowing layers" if "beta" in r else ""))
+                       + (f", DIPR β {r['beta']:.1f}, candidates {r['candidate_fraction']:.2%}"
+                          if "beta" in r else ""))
     for r in res["runs"]:
         if "error" in r or "skipped" in r:
             out.append(f"\n- {r.get('scenario')}: {r.get('error') or r.get('skipped')}")

@@ -13,7 +13,11 @@ On disk a snapshot is one directory::
 ``save_snapshot`` writes everything into a temporary sibling directory, fsyncs
 it, then renames it to ``<path>``: a snapshot is visible only when whole, and a
 process killed at any point leaves either nothing or a complete snapshot
-(plus, at worst, a ``.tmp-*`` sibling that readers ignore).
+(plus, at worst, a ``.tmp-*`` sibling that readers ignore, marked by its writer's lock so
+that ``checkpoints.storage.leftovers`` removes it once that process is gone). A save
+the storage refuses (disk full, file-size limit, permission denied, read-only) raises
+one ``alaya_jax.errors.StorageError`` naming the cause; Orbax's background threads'
+repeats of that failure go to the ``alaya.storage`` debug log.
 
 ``load_snapshot`` checks the format version, the fingerprints, the dtype and the
 block size before reading any array, then the checksums, then restores through
@@ -28,8 +32,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from typing import Any, Optional, Sequence
 
 import jax
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alaya_jax.errors import UserError
+from checkpoints.storage import TempDir, route_background_noise, storage_error
 from alaya_jax.store import kv_store
 from alaya_jax.store.kv_store import KVStore
 
@@ -92,6 +95,7 @@ class SnapshotMeta:
     name: Optional[str] = None
     checksums: dict = dataclasses.field(default_factory=dict)  # relative path -> sha256 hex
     snapshot_id: Optional[str] = None  # set by ContextDB (the directory name)
+    aliases: tuple = ()  # more names of the same snapshot (a later save of it under another name)
 
     @property
     def num_blocks(self) -> int:
@@ -109,7 +113,12 @@ class SnapshotMeta:
                    and f.name not in d]
         if missing:
             raise CorruptSnapshotError(f"meta.json lacks field(s) {missing}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kw = {k: v for k, v in d.items() if k in names}
+        if "aliases" in kw:
+            if not isinstance(kw["aliases"], list) or not all(isinstance(a, str) for a in kw["aliases"]):
+                raise CorruptSnapshotError(f"meta.json: aliases must be a list of strings, got {kw['aliases']!r}")
+            kw["aliases"] = tuple(kw["aliases"])
+        return cls(**kw)
 
 
 def read_meta(path: str | os.PathLike) -> SnapshotMeta:
@@ -322,6 +331,7 @@ def _write_file(path: str, data: bytes) -> None:
 def _orbax():
     import orbax.checkpoint as ocp  # imported lazily: slow to import
 
+    route_background_noise()
     return ocp
 
 
@@ -363,10 +373,11 @@ def save_snapshot(
     nb = kv_store.num_blocks_for(n, bk)
     tree = {"layers": [kv_store.to_arrays(c, num_blocks=nb) for c in caches]}
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(path)}-{uuid.uuid4().hex[:12]}")
-    os.makedirs(tmp)
+    tmp_dir = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp_dir = TempDir(parent, os.path.basename(path))
+        tmp = tmp_dir.path
         ocp = _orbax()
         ckptr = ocp.StandardCheckpointer()
         try:
@@ -400,24 +411,36 @@ def save_snapshot(
             snapshot_id=snapshot_id,
         )
         _stage("before_meta")
-        _write_file(os.path.join(tmp, META_FILE),
-                    json.dumps(meta.to_json(), indent=1, sort_keys=True).encode())
-        _fsync_dir(tmp)
+        write_meta(tmp, meta)
         _stage("before_rename")
         try:
             os.rename(tmp, path)
         except OSError:
-            # A directory appeared at `path` meanwhile (another writer): keep theirs.
-            if os.path.isdir(path) and exist_ok:
-                shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isdir(path):
+                raise
+            # A snapshot appeared at `path` meanwhile (another writer): keep theirs.
+            if exist_ok:
                 return read_meta(path)
-            raise
+            raise SnapshotExistsError(f"snapshot {path} already exists (written meanwhile)") from None
         _fsync_dir(parent)
         _stage("after_rename")
         return meta
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except Exception as e:
+        err = storage_error(e, "cannot write the snapshot", path)
+        if err is None:
+            raise
+        raise err from None
+    finally:
+        if tmp_dir is not None:
+            tmp_dir.release()
+
+
+def write_meta(path: str, meta: SnapshotMeta) -> None:
+    """Write ``<path>/meta.json`` (a new file: fsynced, then renamed over any old one)."""
+    tmp = os.path.join(path, f".{META_FILE}.tmp")
+    _write_file(tmp, json.dumps(meta.to_json(), indent=1, sort_keys=True).encode())
+    os.rename(tmp, os.path.join(path, META_FILE))
+    _fsync_dir(path)
 
 
 def _npy_bytes(a: np.ndarray) -> bytes:

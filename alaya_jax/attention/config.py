@@ -24,6 +24,7 @@ from typing import Optional
 from alaya_jax.attention import registry
 from alaya_jax.attention.dense import DENSE_IMPLEMENTATIONS
 from alaya_jax.errors import ConfigError
+from alaya_jax.store.placement import DEFAULT_PLACEMENT, PLACEMENTS, check_placement
 from pallas_kernels.code_scan.api import IMPLEMENTATIONS as SCAN_IMPLEMENTATIONS
 from pallas_kernels.refine_attention.api import IMPLEMENTATIONS as REFINE_IMPLEMENTATIONS
 
@@ -33,6 +34,8 @@ METHODS = registry.names() + ("auto",)
 DIPR_IMPLEMENTATIONS = tuple(n for n in SCAN_IMPLEMENTATIONS if n in REFINE_IMPLEMENTATIONS)
 #: Backends of dense attention (prefill chunks and method ``full``).
 PREFILL_ATTENTIONS = tuple(DENSE_IMPLEMENTATIONS)
+#: Where a KV store's exact values and keys may live (``KernelConfig.kv_placement``).
+KV_PLACEMENTS = PLACEMENTS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,11 +50,17 @@ class KernelConfig:
     f32 scores over the whole capacity); "xla" / "cudnn": ``jax.nn.dot_product_attention``
     with that implementation (cudnn: fused flash attention on NVIDIA GPUs; it still visits
     every key up to the capacity, masked).
+    ``kv_placement``: where new KV stores keep their exact values and keys (:data:`KV_PLACEMENTS`,
+    :mod:`alaya_jax.store.placement`): "device", "values-on-host" or "keys-and-values-on-host"
+    (pinned host memory; codes, scales, sink and window bookkeeping stay on the device). Outputs
+    are identical in every placement; a DIPR step with the Pallas kernels on a GPU reads only the
+    host rows it needs, dense attention moves the host fields to the device whole.
     """
 
     implementation: str = "reference"
     num_splits: Optional[int] = None
     prefill_attention: str = "reference"
+    kv_placement: str = DEFAULT_PLACEMENT
 
     def __post_init__(self):
         if self.implementation not in DIPR_IMPLEMENTATIONS:
@@ -61,6 +70,7 @@ class KernelConfig:
         if self.prefill_attention not in PREFILL_ATTENTIONS:
             raise ConfigError(f"unknown prefill_attention {self.prefill_attention!r}; choose one of "
                               f"{PREFILL_ATTENTIONS}")
+        check_placement(self.kv_placement)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,8 +135,8 @@ class AttentionConfig:
     sink: int = 4
     window: int = 64
     dense_layers: tuple[int, ...] = ()
-    # TODO(issue 18): re-fit from the rebuilt kernels' rows (bench/results/dipr_real_keys, decode_step_real)
-    # once they have run on the H200; 131072 is the crossover of the previous kernels.
+    # the shortest measured context where DIPR's whole step beats cuDNN's on the H200 (1.13x at 128K,
+    # 0.94x at 32K: bench/results/decode_step_real/decode_step_real_16tok.md)
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
     collect_stats: bool = False
@@ -172,5 +182,5 @@ class AttentionConfig:
         return dataclasses.replace(self, method="dipr", dense_layers=tuple(self.auto_dense_layers))
 
 
-__all__ = ["AttentionConfig", "CalibrationConfig", "KernelConfig", "DIPR_IMPLEMENTATIONS", "METHODS",
+__all__ = ["AttentionConfig", "CalibrationConfig", "KernelConfig", "DIPR_IMPLEMENTATIONS", "KV_PLACEMENTS", "METHODS",
            "PREFILL_ATTENTIONS"]

@@ -131,12 +131,13 @@ register(AttentionMethod("topp", _masked(lambda q, s, c, *, scores, valid, top_p
                                          | _sw(s, c)),
                          "the fewest keys holding top_p of the softmax mass per head ∪ sink ∪ window"))
 register(AttentionMethod("quest", _masked(lambda q, s, c, *, scores, valid, top_p:
-                                          baselines.quest_mask(q, *kv_store.block_summaries(s.keys, s.lengths), valid,
-                                                               num_blocks=-(-c.budget // s.block_size))
+                                          baselines.quest_mask(q, *kv_store.block_summaries(s.blocked_keys(),
+                                                                                            s.lengths),
+                                                               valid, num_blocks=-(-c.budget // s.block_size))
                                           | _sw(s, c)),
                          "Quest: blocks ranked by the min/max bound, ceil(budget / block) blocks"))
 register(AttentionMethod("infllm", _masked(lambda q, s, c, *, scores, valid, top_p:
-                                           baselines.infllm_mask(q, s.keys, valid,
+                                           baselines.infllm_mask(q, s.blocked_keys(), valid,
                                                                  num_blocks=-(-c.budget // s.block_size))
                                            | _sw(s, c)),
                          "InfLLM-style: blocks ranked by representative keys, ceil(budget / block) blocks"))

@@ -82,12 +82,15 @@ def _from_tokens_major(x: jax.Array, layout: str) -> jax.Array:
 
 
 def new_store(*, batch: int, num_kv_heads: int, head_dim: int, capacity: int, block_size: int = 64,
-              dtype=jnp.float32, code_seed: int = kv_store.DEFAULT_CODE_SEED) -> KVStore:
+              dtype=jnp.float32, code_seed: int = kv_store.DEFAULT_CODE_SEED,
+              placement: str = "device") -> KVStore:
     """An empty store of one layer: ``batch`` sequences of up to ``capacity`` positions (rounded up
     to blocks of ``block_size``), ``num_kv_heads`` KV heads of ``head_dim``; keys and values kept in
-    ``dtype``. Capacity is static: make it as large as the longest context plus generation."""
+    ``dtype``. Capacity is static: make it as large as the longest context plus generation.
+    ``placement``: "device", "values-on-host" or "keys-and-values-on-host" (pinned host memory for a
+    context larger than the GPU holds; :mod:`alaya_jax.store.placement`)."""
     return kv_store.empty(batch=batch, num_kv_heads=num_kv_heads, head_dim=head_dim, capacity=capacity,
-                          block_size=block_size, dtype=dtype, code_seed=code_seed)
+                          block_size=block_size, dtype=dtype, code_seed=code_seed, placement=placement)
 
 
 def append(store: KVStore, k: jax.Array, v: jax.Array, *, layout: str = "bthd",

@@ -4,8 +4,11 @@
 Errors in what the user gave (an empty prompt, a missing file, a bad value, a
 prompt longer than the context, a refused snapshot, a model that cannot be loaded)
 are :class:`alaya_jax.errors.UserError` instances: they print one ``alaya: error:`` line and
-exit with status 2 — no traceback. Any other exception is a bug and surfaces with
-its traceback (docs/design.md §7).
+exit with status 2 — no traceback. A write or read the storage refused (disk full,
+file-size limit, permission denied, read-only DB) is an
+:class:`alaya_jax.errors.StorageError`: one ``alaya: error:`` line naming the cause and the
+path, exit status 74. Any other exception is a bug and surfaces with its traceback
+(docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Optional
 from alaya_jax.cli import eval as eval_cmd
 from alaya_jax.cli import generate, models, serve, snapshot, startup
 from alaya_jax.cli.common import UsageError, add_model_args
-from alaya_jax.errors import UserError
+from alaya_jax.errors import EXIT_STORAGE, EXIT_USER_ERROR, StorageError, UserError
 
 SUBCOMMANDS = (generate, eval_cmd, snapshot, models, serve)
 
@@ -52,7 +55,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"alaya: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except StorageError as e:
+        print(f"alaya: error: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     except KeyboardInterrupt:
         print("alaya: interrupted", file=sys.stderr)
         return 130

@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, METHODS
+from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, KV_PLACEMENTS, METHODS
 from alaya_jax.errors import InputError
 
 
@@ -66,6 +66,12 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=nonneg_int, default=64, help="recent tokens always attended")
     g.add_argument("--implementation", choices=DIPR_IMPLEMENTATIONS, default="reference",
                    help="kernel implementation for DIPR (pallas: interpret mode on CPU)")
+    g.add_argument("--kv-placement", choices=KV_PLACEMENTS, default="device",
+                   help="where the exact values (and keys) of the context live: device memory, or pinned host "
+                        "memory for contexts larger than the GPU holds (the codes stay on the GPU; outputs are "
+                        "the same; with --attention dipr --implementation pallas on a GPU a decode step reads "
+                        "only the host rows it needs). The memory estimate printed at start-up splits device and "
+                        "host bytes")
     g.add_argument("--dipr-mass", type=unit_float, default=None, metavar="M",
                    help="calibrated DIPR: per (layer, head) the smallest β whose attended keys (DIPR ∪ sink ∪ window) "
                         "hold mass M of the softmax, averaged over the prompt's last --n-cal queries")
@@ -105,7 +111,8 @@ def attention_config(args, *, prefill_attention: str = "reference"):
                          f"(got --attention {args.attention})")
     return AttentionConfig(method=args.attention, beta=args.beta, budget=args.budget, top_p=args.attn_top_p,
                            sink=args.sink, window=args.window,
-                           kernel=KernelConfig(implementation=args.implementation, prefill_attention=prefill_attention),
+                           kernel=KernelConfig(implementation=args.implementation, prefill_attention=prefill_attention,
+                                               kv_placement=args.kv_placement),
                            calibration=CalibrationConfig(dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys,
                                                          n_cal=args.n_cal,
                                                          recalibrate_growth=args.recalibrate_growth or None))
@@ -155,10 +162,25 @@ def context_limit_text(args, config) -> str:
     return f"the model's context of {n} tokens" if n == config.max_position_embeddings else f"--max-context {n}"
 
 
+def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--random-weights", default=None, metavar="PRESET",
+                   help="a random-weight model of a preset (tiny, smollm2, llama3-8b) with a byte tokenizer "
+                        "instead of --model: for tests and benchmarks")
+
+
 def load_model(args):
     """``(config, model, tokenizer)`` of ``--model`` (default SmolLM2), after printing the memory estimate
-    (weights + KV for ``--max-context`` or the model's context) and refusing a model that will not fit."""
+    (weights + KV for ``--max-context`` or the model's context) and refusing a model that will not fit;
+    of ``--random-weights PRESET`` where the subcommand has that option and it is given."""
     import jax.numpy as jnp  # noqa: F401  (import jax before models for a clear backend message)
+
+    if getattr(args, "random_weights", None):
+        if args.model:
+            raise UsageError("give either --model or --random-weights, not both")
+        from models.random_model import random_model
+
+        return random_model(args.random_weights, dtype=resolve_dtype(args.dtype),
+                            max_context=getattr(args, "max_context", None))
 
     from alaya_jax.cli.startup import weights_dir
     from alaya_jax.runtime.memory_estimate import check_fits, estimate_memory
@@ -177,7 +199,9 @@ def load_model(args):
 
         config = cached_config(src, dtype=dtype, cache_dir=gguf_cache)  # no GGUF parse when cached
     config = config or read_config(src, dtype=dtype)
-    print(f"alaya: {check_fits(estimate_memory(config, context=context_limit(args, config)))}", file=sys.stderr)
+    estimate = estimate_memory(config, context=context_limit(args, config),
+                               placement=getattr(args, "kv_placement", "device"))
+    print(f"alaya: {check_fits(estimate)}", file=sys.stderr)
     if path is None:
         return load_smollm2(dtype=dtype, cache_dir=cache)
     if gguf_cache is not None:

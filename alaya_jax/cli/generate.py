@@ -84,7 +84,8 @@ def cmd_generate(args) -> int:
     caches, todo, db, session = None, ids, None, None
     t0 = time.perf_counter()
     if args.db:
-        db = open_db(args.db, config, tok, engine)  # hashes the weights once: set-up, not part of TTFT
+        # hashes the weights once: set-up, not part of TTFT
+        db = open_db(args.db, config, tok, engine, kv_placement=attention.kernel.kv_placement)
         t0 = time.perf_counter()  # TTFT counts from here: snapshot restore + tail prefill + first token
         session, todo = db.create_session(ids, capacity=capacity)
         caches = session.caches

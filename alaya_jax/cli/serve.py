@@ -16,8 +16,8 @@ import signal
 import sys
 
 from alaya_jax.attention.config import PREFILL_ATTENTIONS
-from alaya_jax.cli.common import (UsageError, add_attention_args, add_devices_arg, attention_config, context_limit,
-                                  devices_arg, load_model, positive_int, resolve_dtype)
+from alaya_jax.cli.common import (UsageError, add_attention_args, add_devices_arg, add_random_weights_arg,
+                                  attention_config, context_limit, devices_arg, load_model, positive_int)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -35,9 +35,7 @@ def add_parser(sub) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, contexts)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--random-weights", default=None, metavar="PRESET",
-                   help="serve a random-weight model of a preset (tiny, smollm2, llama3-8b) with a byte "
-                        "tokenizer: for tests and benchmarks")
+    add_random_weights_arg(s)
     s.add_argument("--db", default=None, help="context DB directory: stored contexts are reused by every request "
                                               "whose prompt starts with one, and kept on disk (default: kept in "
                                               "memory only, lost at exit)")
@@ -48,7 +46,10 @@ def add_parser(sub) -> None:
                    help="decode steps per device dispatch (a request arriving meanwhile waits for the chunk)")
     s.add_argument("--memory-kind", choices=("device", "pinned_host"), default="device")
     s.add_argument("--api-key", default=os.environ.get("ALAYA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: env ALAYA_API_KEY; none: open)")
+                   help="require 'Authorization: Bearer KEY' on every path but /health (default: env "
+                        "ALAYA_API_KEY; none: open, which only a loopback --host allows)")
+    s.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback --host without an API key (refused otherwise)")
     s.add_argument("--max-batch", type=positive_int, default=8, help="sequences decoded together")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, help="default: the context")
     s.add_argument("--max-tokens-limit", type=positive_int, default=4096, help="largest max_tokens accepted")
@@ -76,22 +77,18 @@ def build_state(args):
     from alaya_jax.server.scheduler import BatchLimits, Scheduler
 
     devices = devices_arg(args)  # before the model is loaded
+    if args.kv_placement != "device":
+        raise UsageError(f"alaya serve keeps the KV on the device for now (--kv-placement {args.kv_placement} is "
+                         "supported by alaya generate and the Python API)")
+    config, model, tok = load_model(args)
     if args.random_weights:
-        if args.model:
-            raise UsageError("give either --model or --random-weights, not both")
-        from models.random_model import random_model
-
-        config, model, tok = random_model(args.random_weights, dtype=resolve_dtype(args.dtype),
-                                          max_context=args.max_context)
         name = f"random-{args.random_weights}"
+    elif args.model:
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
     else:
-        config, model, tok = load_model(args)
-        if args.model:
-            name = os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
-        else:
-            from models import find_smollm2_gguf
+        from models import find_smollm2_gguf
 
-            name = find_smollm2_gguf().stem
+        name = find_smollm2_gguf().stem
     context = context_limit(args, config)
     engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk,
                     max_chunk=max(args.decode_chunk, 1), devices=devices)
@@ -126,10 +123,12 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.shutdown_timeout < 0:
         raise UsageError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    check_bind(args.host, api_key=args.api_key, allow_unauthenticated=args.allow_unauthenticated)
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
-    log = logging.getLogger("alaya.serve")
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
-        log.warning("alaya serve: listening on %s without an API key (--api-key / ALAYA_API_KEY)", args.host)
+    if not args.api_key and not is_loopback(args.host):
+        logging.getLogger("alaya.serve").warning(
+            "alaya serve: listening on %s without an API key (--allow-unauthenticated): anyone who can reach it "
+            "can use it", args.host)
     state = build_state(args)
     config = uvicorn.Config(create_app(state), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False, lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout)
@@ -141,6 +140,39 @@ def cmd_serve(args) -> int:
         print(f"alaya: error: the engine loop failed: {state.scheduler.error!r}", file=sys.stderr)
         return 1
     return 0
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address or a name) reaches this machine only: 127.0.0.0/8 or ::1 (also
+    IPv4-mapped), or a name all of whose addresses are. ``0.0.0.0``, ``::`` and anything
+    that does not resolve are not."""
+    import ipaddress
+    import socket
+
+    h = host.strip().strip("[]")
+    try:
+        addrs = [ipaddress.ip_address(h.split("%")[0])]
+    except ValueError:
+        try:
+            addrs = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(h, None)]
+        except (OSError, UnicodeError, ValueError):
+            return False
+
+    def loop(a):
+        mapped = getattr(a, "ipv4_mapped", None)
+        return (mapped or a).is_loopback
+
+    return bool(addrs) and all(loop(a) for a in addrs)
+
+
+def check_bind(host: str, *, api_key, allow_unauthenticated: bool) -> None:
+    """Refuse (``UsageError``) to serve a non-loopback ``host`` without an API key, unless
+    ``allow_unauthenticated`` says that is meant."""
+    if api_key or allow_unauthenticated or is_loopback(host):
+        return
+    raise UsageError(f"refusing to serve {host!r} without an API key: anyone who can reach it could use the "
+                     f"server. Give --api-key KEY (or set ALAYA_API_KEY), bind a loopback address (127.0.0.1, "
+                     f"::1), or pass --allow-unauthenticated to serve it open on purpose")
 
 
 def _make_server(config, state):

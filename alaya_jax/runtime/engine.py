@@ -32,6 +32,7 @@ from alaya_jax.runtime import decode_loop
 from alaya_jax.runtime.decode_loop import DecodeState
 from alaya_jax.runtime.sampling import SamplingConfig, sample
 from alaya_jax.store import kv_store, sharding
+from alaya_jax.store.placement import host_fields
 
 FULL = AttentionConfig(method="full")
 
@@ -225,12 +226,13 @@ class Engine:
             _, _, aux = m.hidden(tokens, positions, caches, attention=attn)
             return aux
 
-        def new_caches(batch, capacity):
+        def new_caches(batch, capacity, placement, layers):
             c = self.config
             capacity = sharding.sharded_capacity(capacity, block_size=self.block_size, devices=self.devices)
             caches = tuple(kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                          capacity=capacity, block_size=self.block_size, dtype=self.dtype)
-                           for _ in range(c.num_layers))
+                                          capacity=capacity, block_size=self.block_size, dtype=self.dtype,
+                                          placement=placement)
+                           for _ in range(layers))
             if mesh is None:
                 return caches
             return jax.lax.with_sharding_constraint(caches, tuple(sharding.store_shardings(st, mesh) for st in caches))
@@ -241,7 +243,7 @@ class Engine:
         self._decode = jax.jit(decode, static_argnames=("cfg",), donate_argnames=dc)
         self._chunk = jax.jit(chunk, static_argnames=("cfg", "sampled", "nucleus"), donate_argnames=dc)
         self._begin = jax.jit(decode_loop.begin, static_argnames=("sampled", "nucleus"))
-        self._new_caches = jax.jit(new_caches, static_argnums=(0, 1))
+        self._new_caches = jax.jit(new_caches, static_argnums=(0, 1, 2, 3))
 
     # ------------------------------------------------------------------ caches
     @property
@@ -253,11 +255,21 @@ class Engine:
     def dtype(self):
         return jnp.dtype(self.config.dtype)
 
-    def new_caches(self, *, batch: int, capacity: int) -> tuple[kv_store.KVStore, ...]:
+    def new_caches(self, *, batch: int, capacity: int, placement: str = "device") -> tuple[kv_store.KVStore, ...]:
         """Empty stores for every layer, made in one compiled program (each array a buffer of its
         own: donation and in-place updates need distinct arrays); sharded over the engine's devices
-        (the capacity rounded up to a multiple of ``devices`` blocks)."""
-        return self._new_caches(int(batch), int(capacity))
+        (the capacity rounded up to a multiple of ``devices`` blocks). ``placement``: where their values
+        (and keys) live (``KernelConfig.kv_placement``; only "device" over several devices); host
+        placements are made a layer at a time."""
+        if host_fields(placement):
+            if self.mesh is not None:
+                raise ValueError(f"KV placement {placement!r} keeps K/V on the host of one device; over "
+                                 f"{self.devices} devices the caches stay on the devices (placement 'device')")
+            # One layer at a time: in a single program XLA could keep every layer's device zeros alive
+            # before their transfers to the host (64 GiB for the values of a 1M-token Llama-3-8B).
+            return tuple(self._new_caches(int(batch), int(capacity), placement, 1)[0]
+                         for _ in range(self.config.num_layers))
+        return self._new_caches(int(batch), int(capacity), placement, self.config.num_layers)
 
     def placed(self, caches) -> tuple[kv_store.KVStore, ...]:
         """The caches as this engine's programs take them: on one device, themselves; over several,
@@ -424,7 +436,8 @@ class Engine:
         """Generate for a batch of prompts of different lengths.
 
         ``caches``: already-prefilled caches whose tokens precede each prompt
-        (e.g. from a context snapshot); ``prompts`` are then the tokens still to
+        (e.g. from a context snapshot), moved to ``attention.kernel.kv_placement`` if they are
+        elsewhere (new caches are made there); ``prompts`` are then the tokens still to
         prefill; ``context_tokens[b]`` are then the tokens already in them (calibrated DIPR
         reads the last ``calibration.n_cal`` tokens of context + prompt). ``on_token(batch_index, token)``
         streams tokens, in order, a chunk at a time (chunks of ``first_chunk`` tokens, doubling up
@@ -436,11 +449,14 @@ class Engine:
         lens = np.array([len(p) for p in prompts]) + start
         total = int(lens.max()) + sampling.max_new_tokens
         self.check_fits(total)
+        placement = attention.kernel.kv_placement
         if caches is None:
             cap = capacity or total
-            caches = self.new_caches(batch=b, capacity=cap)
+            caches = self.new_caches(batch=b, capacity=cap, placement=placement)
         elif caches[0].capacity < total:
             raise ValueError(f"the given caches hold {caches[0].capacity} positions; {total} are needed")
+        elif caches[0].placement != placement:
+            caches = tuple(kv_store.place(c, placement) for c in caches)
         attention = attention.resolve(int(lens.min()))
         calibrated = attention.method == "dipr" and attention.calibrated
         t0 = time.perf_counter()

@@ -25,7 +25,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from alaya_jax.attention.config import AttentionConfig
+from alaya_jax.errors import StorageError
 from alaya_jax.server import protocol
+from alaya_jax.server.errors import job_failure, without_paths
 from alaya_jax.server.metrics import Metrics
 from alaya_jax.server.protocol import APIError, RequestLimits
 from alaya_jax.server.scheduler import Event, GenerationJob, Scheduler, StoreContextJob
@@ -72,6 +74,8 @@ async def _read_json(request: Request, limit: int):
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"malformed JSON body: {e}"[:300]) from None
+    except RecursionError:
+        raise APIError(400, "malformed JSON body: nested too deeply") from None
 
 
 class _Events:
@@ -102,7 +106,7 @@ async def _generate(request: Request, kind: str) -> Response:
     t0 = time.perf_counter()
     body = await _read_json(request, state.limits.max_body_bytes)
     fields = protocol.CHAT_FIELDS if kind == "chat" else protocol.COMPLETION_FIELDS
-    protocol.check_fields(body, fields)
+    body = protocol.check_fields(body, fields)
     model = body.get("model")
     if model is not None and model != state.model_name:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
@@ -130,7 +134,7 @@ async def _generate(request: Request, kind: str) -> Response:
             if ev.kind == "token":
                 parts.append(ev.text)
             elif ev.kind == "error":
-                raise APIError(500, f"generation failed: {ev.message}", type="server_error")
+                raise job_failure(ev.error, ev.message, "generation")
             else:
                 break
     finally:
@@ -182,9 +186,8 @@ async def _sse(state, job, events: _Events, kind, rid, created, name, include_us
                 continue
             done = True
             if ev.kind == "error" or ev.finish_reason == "abort":
-                msg = f"generation failed: {ev.message}" if ev.kind == "error" else \
-                    "the server is shutting down; the response was cut short"
-                err = APIError(500 if ev.kind == "error" else 503, msg, type="server_error")
+                err = job_failure(ev.error, ev.message, "generation") if ev.kind == "error" else APIError(
+                    503, "the server is shutting down; the response was cut short", type="server_error")
                 yield f"data: {json.dumps(err.body())}\n\n"
                 return
             yield chunk(finish=ev.finish_reason, first=first)
@@ -221,7 +224,7 @@ def _need_db(state: ServerState):
 
 def _context_json(meta) -> dict:
     return {"id": meta.snapshot_id, "object": "context", "tokens": meta.num_tokens, "name": meta.name,
-            "created": meta.created}
+            "aliases": list(meta.aliases), "created": meta.created}
 
 
 async def contexts_create(request: Request) -> Response:
@@ -230,8 +233,8 @@ async def contexts_create(request: Request) -> Response:
     state: ServerState = request.app.state.alaya
     db = _need_db(state)
     body = protocol.check_fields(await _read_json(request, state.limits.max_body_bytes), protocol.CONTEXT_FIELDS)
-    text = body.get("prompt")
-    if not isinstance(text, str) or not text.strip():
+    text = body["prompt"]
+    if not text.strip():
         raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
     if body.get("chat"):
         ids = context_prefix_ids(state.tok, text, raw=False)  # what chat prompts about this text start with
@@ -249,7 +252,7 @@ async def contexts_create(request: Request) -> Response:
     _submit(state, job)
     ev = await events.queue.get()
     if ev.kind == "error":
-        raise APIError(500, f"storing the context failed: {ev.message}", type="server_error")
+        raise job_failure(ev.error, ev.message, "storing the context")
     if ev.result is None:
         raise APIError(503, "the server is shutting down", type="server_error", code="unavailable")
     return JSONResponse({"object": "context", **ev.result})
@@ -268,7 +271,7 @@ async def _resolve(db, ref: str) -> str:
     try:
         return await anyio.to_thread.run_sync(db.resolve, ref)
     except SnapshotError as e:
-        raise APIError(404, str(e), param="id", code="context_not_found") from None
+        raise APIError(404, without_paths(str(e)), param="id", code="context_not_found") from None
 
 
 async def contexts_get(request: Request) -> Response:
@@ -280,7 +283,8 @@ async def contexts_get(request: Request) -> Response:
     try:
         meta = await anyio.to_thread.run_sync(db.show, sid)
     except SnapshotError as e:
-        raise APIError(409, f"context {sid} is unusable: {e}", param="id", code="context_unusable") from None
+        raise APIError(409, without_paths(f"context {sid} is unusable: {e}"), param="id",
+                       code="context_unusable") from None
     return JSONResponse(_context_json(meta))
 
 
@@ -293,7 +297,10 @@ async def contexts_delete(request: Request) -> Response:
     try:
         await anyio.to_thread.run_sync(db.delete, sid)
     except SnapshotError as e:
-        raise APIError(404, str(e), param="id", code="context_not_found") from None
+        raise APIError(404, without_paths(str(e)), param="id", code="context_not_found") from None
+    except StorageError as e:
+        log.warning("deleting context %s failed: %s", sid, e)
+        raise job_failure(e, str(e), "deleting the context") from None
     return JSONResponse({"id": sid, "object": "context", "deleted": True})
 
 

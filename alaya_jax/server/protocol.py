@@ -1,31 +1,22 @@
-"""Request bodies of ``alaya serve``: OpenAI-style validation into engine requests.
+"""Request bodies of ``alaya serve``: validated bodies into engine requests.
 
-Every problem is an :class:`APIError` (status 400/401/404/413) with an OpenAI-style
-error object; fields the server does not know are refused by name (a misspelt
-``atention`` must not silently run full attention).
+Every field is first checked against the endpoint's schema (``server/validation.py``:
+type, range, finiteness, lengths; fields the server does not know are refused by name —
+a misspelt ``atention`` must not silently run full attention), then against what depends
+on this server (limits, vocabulary, the attention config's rules). Every problem is an
+:class:`APIError` (status 400/401/404/413) with an OpenAI-style error object.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Optional
+from typing import Any
 
-from alaya_jax.attention.config import METHODS, AttentionConfig
+from alaya_jax.attention.config import AttentionConfig
 from alaya_jax.errors import ConfigError
 from alaya_jax.runtime.sampling import SamplingConfig
-
-
-class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from alaya_jax.server import validation
+from alaya_jax.server.errors import APIError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,12 +33,7 @@ class RequestLimits:
     max_body_bytes: int = 4 << 20
 
 
-# Body fields that choose the attention → AttentionConfig fields ("part.field": a field of its
-# ``calibration`` / ``kernel`` part), with a type check each. Add a field here (and nowhere else)
-# to let requests set it.
-ATTENTION_FIELDS = {"attention": ("method", str), "beta": ("beta", float),
-                    # calibrated DIPR: a β per (layer, head) chosen from the prompt's last queries
-                    "dipr_mass": ("calibration.dipr_mass", float), "dipr_keys": ("calibration.dipr_keys", float)}
+ATTENTION_FIELDS = validation.ATTENTION_FIELDS  # body field → (AttentionConfig field, spec)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,50 +46,25 @@ class GenerationRequest:
     include_usage: bool
 
 
-_NUM = (int, float)
-_COMMON = {
-    "model": str, "max_tokens": int, "temperature": _NUM, "top_p": _NUM, "seed": int, "stop": (str, list),
-    "stream": bool, "stream_options": dict, "n": int, "user": str, "presence_penalty": _NUM,
-    "frequency_penalty": _NUM,
-}
-_COMMON.update({k: (_NUM if t is float else t) for k, (_, t) in ATTENTION_FIELDS.items()})
-COMPLETION_FIELDS = dict(_COMMON, prompt=(str, list), echo=bool, logprobs=int, suffix=str, best_of=int)
-CHAT_FIELDS = dict(_COMMON, messages=list, max_completion_tokens=int, logprobs=bool, top_logprobs=int)
-CONTEXT_FIELDS = {"prompt": str, "name": str, "chat": bool}
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "a boolean", list: "an array", dict: "an object",
-               _NUM: "a number", (str, list): "a string or an array"}
+#: the schemas of the request bodies (server/validation.py)
+COMPLETION_FIELDS = validation.COMPLETION
+CHAT_FIELDS = validation.CHAT
+CONTEXT_FIELDS = validation.CONTEXT
 
 
-def check_fields(body: Any, fields: dict) -> dict:
-    """``body`` must be a JSON object whose keys are in ``fields`` with values of the
-    given types (or null); booleans are not numbers."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    for k, v in body.items():
-        if k not in fields:
-            raise APIError(400, f"unrecognized request argument supplied: {k}", param=k)
-        if v is None:
-            continue
-        t = fields[k]
-        ok = isinstance(v, t) and not (isinstance(v, bool) and t is not bool)
-        if ok and isinstance(v, float) and not math.isfinite(v):
-            ok = False
-        if not ok:
-            raise APIError(400, f"{k!r} must be {_TYPE_NAMES.get(t, t)}, got {type(v).__name__} {v!r}"[:300],
-                           param=k)
-    return body
+def check_fields(body: Any, schema: validation.Object) -> dict:
+    """``body`` checked against an endpoint's ``schema``: the given fields (nulls dropped),
+    ints as int and numbers as float; ``APIError`` 400 naming the first bad field."""
+    return schema.check(body)
 
 
 def attention_from_body(body: dict, base: AttentionConfig) -> AttentionConfig:
-    """``base`` (the server's ``--attention`` settings) with the request's attention fields."""
+    """``base`` (the server's ``--attention`` settings) with a checked body's attention fields."""
     changes, parts = {}, {}
-    for k, (field, t) in ATTENTION_FIELDS.items():
+    for k, (field, _) in ATTENTION_FIELDS.items():
         if body.get(k) is not None:
             part, _, name = field.rpartition(".")
-            (parts.setdefault(part, {}) if part else changes)[name] = float(body[k]) if t is float else body[k]
-    if "method" in changes and changes["method"] not in METHODS:
-        raise APIError(400, f"unknown attention {changes['method']!r}; choose one of {', '.join(METHODS)}",
-                       param="attention")
+            (parts.setdefault(part, {}) if part else changes)[name] = body[k]
     try:
         for part, fields in parts.items():
             changes[part] = dataclasses.replace(getattr(base, part), **fields)
@@ -111,16 +72,6 @@ def attention_from_body(body: dict, base: AttentionConfig) -> AttentionConfig:
     except ConfigError as e:
         given = [field.rpartition(".")[2] for k, (field, _) in ATTENTION_FIELDS.items() if body.get(k) is not None]
         raise APIError(400, f"bad attention settings: {e}", param=next(iter(given), None)) from None
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "'stop' must be a non-empty string or up to 4 non-empty strings", param="stop")
-    return tuple(stop)
 
 
 def _unsupported(body: dict) -> None:
@@ -141,7 +92,9 @@ def _unsupported(body: dict) -> None:
 
 def generation_request(body: dict, ids: list[int], *, limits: RequestLimits, attention: AttentionConfig,
                        default_max_tokens: int) -> GenerationRequest:
-    """The engine request of a checked body whose prompt is ``ids``."""
+    """The engine request of a checked body (``check_fields``) whose prompt is ``ids``.
+    Without ``max_tokens``: ``default_max_tokens``, at most the server's limit and what the
+    context leaves."""
     _unsupported(body)
     if not ids:
         raise APIError(400, "the prompt is empty", param="prompt")
@@ -152,76 +105,46 @@ def generation_request(body: dict, ids: list[int], *, limits: RequestLimits, att
     if mt is None:
         mt = body.get("max_completion_tokens")
     if mt is None:
-        mt = min(default_max_tokens, limits.max_context - len(ids))
+        mt = max(1, min(default_max_tokens, limits.max_tokens, limits.max_context - len(ids)))
     if not 1 <= mt <= limits.max_tokens:
         raise APIError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {mt}", param="max_tokens")
     if len(ids) + mt > limits.max_context:
         raise APIError(400, f"the prompt has {len(ids)} tokens; with max_tokens {mt} that is {len(ids) + mt}, "
                             f"more than the context of {limits.max_context} tokens", param="max_tokens",
                        code="context_length_exceeded")
-    temperature = body.get("temperature")
-    temperature = 1.0 if temperature is None else float(temperature)
-    if not 0.0 <= temperature <= 2.0:
-        raise APIError(400, f"temperature must be between 0 and 2, got {temperature}", param="temperature")
-    top_p = body.get("top_p")
-    top_p = 1.0 if top_p is None else float(top_p)
-    if not 0.0 < top_p <= 1.0:
-        raise APIError(400, f"top_p must be in (0, 1], got {top_p}", param="top_p")
-    seed = body.get("seed")
-    if seed is not None and not 0 <= seed < 2**63:
-        raise APIError(400, f"seed must be between 0 and 2**63-1, got {seed}", param="seed")
     opts = body.get("stream_options") or {}
-    if set(opts) - {"include_usage"} or not isinstance(opts.get("include_usage", False), bool):
-        raise APIError(400, "stream_options may only hold include_usage (a boolean)", param="stream_options")
-    sampling = SamplingConfig(max_new_tokens=int(mt), temperature=temperature, top_p=top_p,
-                              seed=0 if seed is None else int(seed))
+    sampling = SamplingConfig(max_new_tokens=mt, temperature=body.get("temperature", 1.0),
+                              top_p=body.get("top_p", 1.0), seed=body.get("seed", 0))
     att = attention_from_body(body, attention).resolve(len(ids))
-    return GenerationRequest(ids=list(ids), sampling=sampling, attention=att, stop=_stop(body),
-                             stream=bool(body.get("stream")), include_usage=bool(opts.get("include_usage")))
+    stop = body.get("stop") or ()
+    return GenerationRequest(ids=list(ids), sampling=sampling, attention=att,
+                             stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                             stream=body.get("stream", False), include_usage=opts.get("include_usage", False))
 
 
 def completion_prompt_ids(body: dict, tok) -> list[int]:
-    """``prompt``: a string (raw completion, as ``alaya generate --raw``) or one array of token ids."""
-    p = body.get("prompt")
-    if p is None:
-        raise APIError(400, "'prompt' is required", param="prompt")
-    if isinstance(p, list):
-        if len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        elif not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-            raise APIError(400, "'prompt' must be a string, an array of token ids, or an array of one of them",
-                           param="prompt")
+    """A checked body's ``prompt``: a string (raw completion, as ``alaya generate --raw``) or
+    one array of token ids (each below the vocabulary size)."""
+    p = body["prompt"]
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
     if isinstance(p, str):
-        if not p:
-            raise APIError(400, "the prompt is empty", param="prompt")
         return tok.encode(p)
     vocab = getattr(tok, "vocab_size", None)
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t and (vocab is None or t < vocab)
-               for t in p):
+    if vocab is not None and any(t >= vocab for t in p):
         raise APIError(400, f"token ids must be integers in [0, {vocab})", param="prompt")
     return list(p)
 
 
 def chat_prompt_ids(body: dict, tok) -> list[int]:
-    """``messages`` in the model's chat template (``Tokenizer.render_chat``: the file's own
-    template, ChatML when it has none); one user message is exactly ``alaya generate
-    --prompt``'s prompt."""
-    msgs = body.get("messages")
-    if not msgs:
-        raise APIError(400, "'messages' must be a non-empty array", param="messages")
+    """A checked body's ``messages`` in the model's chat template (``Tokenizer.render_chat``:
+    the file's own template, ChatML when it has none); one user message is exactly ``alaya
+    generate --prompt``'s prompt."""
     turns = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise APIError(400, f"messages[{i}] must be an object with a 'role'", param="messages")
-        if m["role"] not in ("system", "user", "assistant", "developer"):
-            raise APIError(400, f"messages[{i}] has an unsupported role {m['role']!r}", param="messages")
-        c = m.get("content")
+    for m in body["messages"]:
+        c = m["content"]
         if isinstance(c, list):
-            if not all(isinstance(x, dict) and x.get("type") == "text" and isinstance(x.get("text"), str) for x in c):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", param="messages")
             c = "".join(x["text"] for x in c)
-        if not isinstance(c, str):
-            raise APIError(400, f"messages[{i}].content must be a string or text parts", param="messages")
         turns.append(("system" if m["role"] == "developer" else m["role"], c))
     if turns[-1][0] != "user":
         raise APIError(400, "the last message must be the user's", param="messages")

@@ -89,6 +89,7 @@ class Event:
     usage: Optional[dict] = None
     message: Optional[str] = None
     result: Optional[dict] = None
+    error: Optional[BaseException] = None  # what failed, for the HTTP side's answer (server/errors.py)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -365,9 +366,9 @@ class Scheduler:
                 self._store_context(job)
             else:
                 self._start_generation(job)
-        except (ValueError, RuntimeError, OSError) as e:  # this job's problem (e.g. a refused snapshot)
+        except (ValueError, RuntimeError, OSError) as e:  # this job's problem (e.g. a refused snapshot, a full disk)
             log.warning("job failed: %s", e)
-            self._end(job, Event("error", message=str(e)))
+            self._end(job, Event("error", message=str(e), error=e))
 
     def _row_caches(self, ids: list[int], capacity: int):
         """(B=1 caches holding the prefix, tokens still to prefill, reused, source)."""
@@ -382,16 +383,16 @@ class Scheduler:
             raise ValueError("this server keeps no contexts (--memory-budget 0 and no --db DIR)")
         t0 = time.perf_counter()
         n = len(job.ids)
-        sid = self.db.snapshot_id(job.ids)
-        existing = {m.snapshot_id for m in self.db.list()}
         reused = n
-        if sid not in existing:
+        res = self.db.stored(job.ids, name=job.name)
+        if res is None:
             cap = capacity_bucket(n, block_size=self.engine.block_size, minimum=self.limits.min_capacity,
                                   maximum=self.limits.max_context)
             caches, todo, reused, _ = self._row_caches(job.ids, cap)
             caches, _, _ = self.engine.prefill(caches, [todo])
-            sid = self.db.import_(job.ids, caches, name=job.name)
-        self._end(job, Event("done", result={"id": sid, "tokens": n, "already_stored": sid in existing,
+            res = self.db.save(job.ids, caches, name=job.name)
+        self._end(job, Event("done", result={"id": res.snapshot_id, "tokens": n, "already_stored": res.already_stored,
+                                            "name": res.name, "aliases": list(res.aliases),
                                             "reused_tokens": reused, "seconds": time.perf_counter() - t0}))
 
     def _start_generation(self, job: GenerationJob) -> None:

@@ -11,9 +11,11 @@
   block hashes that find the longest stored prefix of a prompt; ``memory_tier``: the
   resident copies of snapshots in device or pinned host memory.
 - ``db_for_model``: the context DB of a loaded model (model and tokenizer fingerprints).
+- ``placement``: where a store's exact values (and keys) live: device memory or pinned host
+  memory, and the explicit transfers between the two.
 
 May import: ``pallas_kernels.key_codes``, ``checkpoints`` (snapshots), ``alaya_jax.errors``;
 never ``attention``, ``runtime``, ``server`` or ``cli``. The public functional store API
 (``new_store`` / ``append`` / ``attend``) is ``alaya_jax.attention.store_api``, since attending
-needs the methods. Future home: value placement in pinned host memory belongs beside ``kv_store``.
+needs the methods.
 """

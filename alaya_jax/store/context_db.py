@@ -3,8 +3,9 @@
 Layout::
 
     <root>/snapshots/<id>/        one snapshot (see ``checkpoints.snapshot``)
-    <root>/snapshots/.tmp-*       a save in progress (or killed): ignored
-    <root>/snapshots/.trash-*     a delete in progress (or killed): ignored
+    <root>/snapshots/.tmp-*       a save in progress (or killed): ignored; its writer holds
+                                  the lock .tmp-*.lock, so a killed save's is removed on open
+    <root>/snapshots/.trash-*     a delete in progress (or killed): ignored, removed on open
 
 There is no separate catalogue file to get out of step: the catalogue is the set
 of ``snapshots/<id>/meta.json`` files, scanned on open and re-scanned (a
@@ -15,7 +16,9 @@ readers (threads or processes) can use one DB without locks.
 
 Ids are content addresses: ``sha256(model, tokenizer, dtype, block size, token
 ids)[:16]``, so saving a token sequence that is already stored returns the
-existing id and two writers racing on the same context end with one copy.
+existing id and two writers racing on the same context end with one copy; either way
+the save says ``already_stored`` and keeps the name it was given (the snapshot's name,
+or one of its ``aliases``).
 
 This module holds the catalogue and the ``ContextDB`` API; the prefix lookup is
 :mod:`alaya_jax.store.prefix_index` (chained block hashes, the deepest hit wins) and
@@ -39,13 +42,15 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from alaya_jax.errors import ConfigError
+from alaya_jax.errors import ConfigError, StorageError
+from alaya_jax.store import placement as placements
 from alaya_jax.store.kv_store import KVStore
 from alaya_jax.store.memory_tier import MEMORY_KINDS, MemoryTier, MemoryTierStats, materialize
 from alaya_jax.store.prefix_index import PrefixIndex, block_hashes, prefix_seed
 from checkpoints.snapshot import (
     CorruptSnapshotError,
     SnapshotError,
+    SnapshotExistsError,
     SnapshotMeta,
     SnapshotNotFoundError,
     check_caches,
@@ -55,13 +60,30 @@ from checkpoints.snapshot import (
     load_tokens,
     read_meta,
     save_snapshot,
+    write_meta,
 )
+from checkpoints.storage import Leftover, leftovers, storage_error, tree_bytes
 
 log = logging.getLogger(__name__)
 
 SNAPSHOTS = "snapshots"
-_TMP, _TRASH = ".tmp-", ".trash-"
-__all__ = ["ContextDB", "MEMORY_KINDS", "MemoryTierStats", "Session"]
+_TRASH = ".trash-"
+__all__ = ["ContextDB", "MEMORY_KINDS", "MemoryTierStats", "Session", "StoreResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreResult:
+    """What a save did. ``already_stored``: the context was in the DB before this call (or
+    was written by a concurrent save meanwhile) and nothing was written. ``name`` /
+    ``aliases``: the entry's names after the call; ``name_applied``: what became of the
+    name given — None (none given), "name" (it is the entry's name now), "alias" (the
+    entry had another name: added as an alias) or "present" (the entry had it already)."""
+
+    snapshot_id: str
+    already_stored: bool
+    name: Optional[str] = None
+    aliases: tuple = ()
+    name_applied: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -99,6 +121,16 @@ class _Entry:
         return None if self.error is None else str(self.error)
 
 
+def with_name(meta: SnapshotMeta, name: str) -> tuple[SnapshotMeta, str]:
+    """``meta`` with ``name`` added: ``(meta, "name")`` when it had no name, ``(meta with the
+    alias, "alias")`` when it had another one, ``(meta, "present")`` when it has it already."""
+    if name == meta.name or name in meta.aliases:
+        return meta, "present"
+    if meta.name is None:
+        return dataclasses.replace(meta, name=name), "name"
+    return dataclasses.replace(meta, aliases=tuple(meta.aliases) + (name,)), "alias"
+
+
 class ContextDB:
     """Snapshots of prefilled contexts for one model / tokenizer / dtype / block size.
 
@@ -124,7 +156,19 @@ class ContextDB:
     disk; ``delete``, a snapshot found unusable, or one removed / rewritten by another
     process evicts it. The tier is per instance (per process): a CLI call, one process
     each, gains nothing from it. A ``memory_kind`` the devices do not offer raises
-    ``ValueError`` here (no fallback to another kind)."""
+    ``ValueError`` here (no fallback to another kind).
+
+    Opening a DB removes what killed saves and deletes left (``cleaned``); ``stale_tmp_s``:
+    the age after which a temporary directory without its writer's lock file (left by an
+    older alaya-jax) is removed too. A write the storage refuses raises
+    ``alaya_jax.errors.StorageError`` naming the cause and this DB's path.
+
+    ``kv_placement``: where sessions' and loads' values (and keys) live
+    (:mod:`alaya_jax.store.placement`: "device", "values-on-host", "keys-and-values-on-host").
+    Served from a pinned-host tier with values on the host, a session moves only the codes, scales,
+    error norms and lengths (and the keys when they stay on the GPU) to the device: lazy restore."""
+
+    persistent = True  # its snapshots are files (see memory_db.MemoryContextDB for one that is not)
 
     def __init__(
         self,
@@ -139,6 +183,7 @@ class ContextDB:
         stale_tmp_s: float = 6 * 3600,
         memory_budget_bytes: int = 0,
         memory_kind: str = "device",
+        kv_placement: str = placements.DEFAULT_PLACEMENT,
     ):
         self.path = os.path.abspath(os.fspath(path))
         given = [x is not None for x in (model_fingerprint, tokenizer_fingerprint, dtype, block_size)]
@@ -159,6 +204,7 @@ class ContextDB:
         if int(memory_budget_bytes) < 0:
             raise ConfigError(f"memory_budget_bytes must be >= 0 (0: no memory tier), got {memory_budget_bytes}")
         self.memory_kind = memory_kind
+        self.kv_placement = placements.check_placement(kv_placement)
         self.memory_budget_bytes = int(memory_budget_bytes)
         self._lock = threading.RLock()
         self._tier: Optional[MemoryTier] = None
@@ -169,11 +215,15 @@ class ContextDB:
             self._tier = MemoryTier(budget_bytes=self.memory_budget_bytes, memory_kind=memory_kind,
                                     device_sharding=self._device_sharding(), lock=self._lock)
         self._dir = os.path.join(self.path, SNAPSHOTS)
-        os.makedirs(self._dir, exist_ok=True)
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+        except OSError as e:
+            raise (storage_error(e, "cannot open the context DB", self.path) or e) from None
         self._seed = prefix_seed(self.model_fingerprint, self.tokenizer_fingerprint, self.dtype, self.block_size)
         self._entries: dict[str, _Entry] = {}
         self._index = PrefixIndex()
-        self.cleanup(older_than_s=stale_tmp_s)
+        #: the leftovers of killed saves and deletes that opening this DB removed
+        self.cleaned: list[Leftover] = self.cleanup(older_than_s=stale_tmp_s)
         self.refresh()
 
     # ------------------------------------------------------------------ catalogue
@@ -274,14 +324,15 @@ class ContextDB:
             return {sid: e.problem for sid, e in sorted(self._entries.items()) if e.problem is not None}
 
     def resolve(self, ref: str) -> str:
-        """An id from a full id, a unique id prefix or a unique name."""
+        """An id from a full id, a unique id prefix or a unique name (or alias)."""
         self.refresh()
         with self._lock:
             if ref in self._entries:
                 return ref
             hits = [sid for sid in self._entries if sid.startswith(ref)] if ref else []
             if not hits:
-                hits = [sid for sid, e in self._entries.items() if e.meta is not None and e.meta.name == ref]
+                hits = [sid for sid, e in self._entries.items()
+                        if e.meta is not None and (e.meta.name == ref or ref in e.meta.aliases)]
         if len(hits) == 1:
             return hits[0]
         if not hits:
@@ -349,7 +400,8 @@ class ContextDB:
     def describe(self) -> dict:
         """What ``alaya serve``'s ``/health`` says about this DB."""
         st = self.memory_stats()
-        return {"kind": "disk", "persistent": True, "path": self.path, "memory_kind": st.memory_kind,
+        # no path: /health answers without an API key
+        return {"kind": "disk", "persistent": True, "memory_kind": st.memory_kind,
                 "used_bytes": st.used_bytes, "budget_bytes": st.budget_bytes}
 
     @property
@@ -379,7 +431,8 @@ class ContextDB:
 
     def _materialize(self, caches, length: int, n: int, capacity: int, *, shared: bool) -> tuple[KVStore, ...]:
         """Session caches on this DB's devices (see ``memory_tier.materialize``)."""
-        return materialize(caches, length, n, capacity, device_sharding=self._device_sharding(), shared=shared)
+        return materialize(caches, length, n, capacity, device_sharding=self._device_sharding(), shared=shared,
+                           placement=self.kv_placement)
 
     def _keep(self, sid: str, caches, tokens: list[int], meta: SnapshotMeta, *, owned: bool):
         """Keep snapshot ``sid`` resident (tier on, its catalogue entry usable, and it fits the
@@ -463,30 +516,91 @@ class ContextDB:
     # ------------------------------------------------------------------ writes
 
     def import_(self, tokens: Sequence[int], kv: Sequence[KVStore], *, name: Optional[str] = None) -> str:
+        """``save(...).snapshot_id``."""
+        return self.save(tokens, kv, name=name).snapshot_id
+
+    def save(self, tokens: Sequence[int], kv: Sequence[KVStore], *, name: Optional[str] = None) -> StoreResult:
         """Store a prefilled context (``kv``: one B=1 store per layer holding exactly
-        ``tokens``, any capacity). Returns its id; a token sequence already stored
-        returns the existing id without writing. With the memory tier on, a copy of
-        ``kv`` (trimmed to the valid blocks; ``kv`` itself stays the caller's) is kept
-        resident either way."""
+        ``tokens``, any capacity). A token sequence already stored (found now, or written
+        by a concurrent save while this one wrote) is not written again: the result says
+        ``already_stored`` and ``name`` is added to the entry (see ``StoreResult``). With
+        the memory tier on, a copy of ``kv`` (trimmed to the valid blocks; ``kv`` itself
+        stays the caller's) is kept resident either way. A write the storage refuses raises
+        ``StorageError`` (nothing half-written is left)."""
         tokens, kv = self._check_import(tokens, kv)
+        done = self.stored(tokens, name=name, kv=kv)
+        if done is not None:
+            return done
         sid = self.snapshot_id(tokens)
         path = self._snap_path(sid)
         if os.path.isdir(path):
             self.refresh()
             with self._lock:
                 e = self._entries.get(sid)
-            if e is not None and e.problem is None:
-                self._keep(sid, kv, tokens, e.meta, owned=False)
-                return sid
-            # A broken copy under this id: move it aside and write a good one.
-            log.warning("context DB: replacing unusable snapshot %s (%s)", sid, e.problem if e else "?")
-            self._remove(sid)
-        meta = save_snapshot(path, kv, tokens, model_fingerprint=self.model_fingerprint,
-                             tokenizer_fingerprint=self.tokenizer_fingerprint, name=name,
-                             snapshot_id=sid, exist_ok=True)
+            if e is None or e.problem is None:  # a good one appeared meanwhile (a concurrent save)
+                done = self.stored(tokens, name=name, kv=kv)
+                if done is not None:
+                    return done
+            else:  # a broken copy under this id: move it aside and write a good one
+                log.warning("context DB: replacing unusable snapshot %s (%s)", sid, e.problem)
+                self._remove(sid)
+        try:
+            meta = save_snapshot(path, kv, tokens, model_fingerprint=self.model_fingerprint,
+                                 tokenizer_fingerprint=self.tokenizer_fingerprint, name=name, snapshot_id=sid)
+        except SnapshotExistsError:  # a concurrent save wrote it meanwhile
+            done = self.stored(tokens, name=name, kv=kv)
+            if done is None:
+                raise
+            return done
+        except StorageError as e:
+            raise StorageError("cannot store the context in the context DB", self.path, e.cause, errno=e.errno,
+                               no_space=e.no_space) from None
         self.refresh()
         self._keep(sid, kv, tokens, dataclasses.replace(meta, snapshot_id=sid), owned=False)
-        return sid
+        return StoreResult(sid, False, name, (), None if name is None else "name")
+
+    def stored(self, tokens: Sequence[int], *, name: Optional[str] = None, kv=None) -> Optional[StoreResult]:
+        """The entry of ``tokens`` when it is stored and usable, with ``name`` added to it
+        (see ``StoreResult``); None when it is not stored. ``kv``: the caller's caches of
+        ``tokens``, kept resident when the memory tier is on."""
+        sid = self.snapshot_id(tokens)
+        if self.persistent and not os.path.isdir(self._snap_path(sid)):
+            return None
+        self.refresh()
+        with self._lock:
+            e = self._entries.get(sid)
+        if e is None or e.problem is not None:
+            return None
+        meta, applied = e.meta, None
+        if name is not None:
+            meta, applied = self._add_name(sid, name)
+        if kv is not None:
+            with self._lock:
+                e = self._entries.get(sid)
+            if e is not None and e.problem is None:
+                self._keep(sid, kv, [int(t) for t in tokens], e.meta, owned=False)
+        return StoreResult(sid, True, meta.name, tuple(meta.aliases), applied)
+
+    def _add_name(self, sid: str, name: str) -> tuple[SnapshotMeta, str]:
+        """Give snapshot ``sid`` the name ``name`` (its name when it has none, else an alias):
+        ``(its meta now, "name" | "alias" | "present")``. Serialised across processes by a
+        ``flock`` on the snapshot's directory; meta.json is rewritten atomically."""
+        import fcntl
+
+        p = self._snap_path(sid)
+        try:
+            fd = os.open(p, os.O_RDONLY)  # flock on the snapshot's directory itself
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                meta, applied = with_name(read_meta(p), name)
+                if applied != "present":
+                    write_meta(p, meta)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise (storage_error(e, "cannot name the context in the context DB", self.path) or e) from None
+        self.refresh()
+        return dataclasses.replace(meta, snapshot_id=sid), applied
 
     def _check_import(self, tokens: Sequence[int], kv: Sequence[KVStore]) -> tuple[list[int], tuple[KVStore, ...]]:
         """``(tokens as ints, kv as a tuple)`` after checking that ``kv`` holds exactly ``tokens`` in
@@ -526,29 +640,31 @@ class ContextDB:
             os.rename(self._snap_path(sid), trash)
         except FileNotFoundError:
             raise SnapshotNotFoundError(f"no snapshot {sid!r} in {self.path}") from None
+        except OSError as e:
+            raise (storage_error(e, f"cannot delete snapshot {sid} of the context DB", self.path) or e) from None
         shutil.rmtree(trash, ignore_errors=True)
 
-    def cleanup(self, *, older_than_s: float = 6 * 3600) -> list[str]:
-        """Remove leftovers of killed deletes (any age) and of killed saves older than
-        ``older_than_s`` (younger ones may be saves in progress). Returns their names."""
-        removed = []
-        now = time.time()
+    def cleanup(self, *, older_than_s: float = 6 * 3600) -> list[Leftover]:
+        """Remove what killed saves and deletes left: every ``.trash-*`` directory, every
+        ``.tmp-*`` directory whose writer is gone (its lock is free), and unmarked ones (no
+        lock file: an older alaya-jax's) older than ``older_than_s``. A save in progress is
+        never touched. Returns what was removed (names and bytes); see ``leftovers`` for
+        what is left."""
+        removed, _ = leftovers(self._dir, remove_unmarked_after_s=older_than_s)
         try:
             names = os.listdir(self._dir)
-        except FileNotFoundError:
+        except OSError:
             return removed
         for n in names:
-            p = os.path.join(self._dir, n)
             if n.startswith(_TRASH):
+                p = os.path.join(self._dir, n)
+                size = tree_bytes(p)
                 shutil.rmtree(p, ignore_errors=True)
-                removed.append(n)
-            elif n.startswith(_TMP):
-                try:
-                    age = now - os.stat(p).st_mtime
-                except OSError:
-                    continue
-                if age >= older_than_s:
-                    shutil.rmtree(p, ignore_errors=True)
-                    removed.append(n)
+                if not os.path.exists(p):
+                    removed.append(Leftover(n, size, "trash", 0.0))
         return removed
 
+    def leftovers(self) -> list[Leftover]:
+        """Temporary directories still here: saves in progress (``state`` "in_progress") and
+        unmarked ones not old enough to remove ("unmarked"); nothing is removed."""
+        return leftovers(self._dir, remove=False)[1]

@@ -15,6 +15,8 @@ scans instead of the key (docs/design.md §3; filter–refine: §4)::
     dipr_beta    : [B, Hq] f32 or None   this layer's DIPR β per query head, chosen by
                                           calibration at the end of prefill
                                           (:mod:`alaya_jax.attention.dipr.calibration`); None = not calibrated
+    placement    : static str            where the arrays live (:mod:`alaya_jax.store.placement`):
+                                          "device", or values (and keys) in pinned host memory
 
 ``capacity = NB * Bk`` is static. Codes are built from the stored (dtype-cast)
 keys at prefill and appended with every new key, so they always describe the
@@ -23,9 +25,19 @@ mutated in place. Block structure (``Bk``) is what prefix reuse hashes and what
 the block baselines (Quest, InfLLM) select; the DIPR search is per key.
 
 This module owns every change to a store's shape — :func:`resize`, :func:`fit_blocks`,
-:func:`truncate`, :func:`with_lengths`, :func:`take_rows`, :func:`place_row` — and its
+:func:`truncate`, :func:`with_lengths`, :func:`take_rows`, :func:`place_row`,
+:func:`gather_positions`, :func:`place` (where its arrays live) — and its
 array layout (:func:`to_arrays`, :func:`from_arrays`, :func:`abstract_arrays`, for
 snapshots): callers never pad axes or list fields themselves.
+
+Placement. A store whose placement keeps a field on the host holds it as a ``pinned_host`` array.
+:meth:`KVStore.dense_keys` / :meth:`KVStore.dense_values` always give device arrays (a whole-array
+transfer for a host field: what jnp readers such as the dense prefill attention pay);
+:meth:`KVStore.dense_keys_in_place` / :meth:`KVStore.dense_values_in_place` give the arrays where
+they lie, for the kernels that read host memory in place (the DIPR refine on a GPU). :func:`append`
+writes a host field with read-modify-write ``dynamic_update_slice`` s of the rows it touches (in
+place when the caller donates the store), and the shape operations move a host field to the device,
+reshape it there and move the result back (whole-array transfers; re-layouts are rare).
 """
 
 from __future__ import annotations
@@ -37,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from alaya_jax.store import placement as placements
 from pallas_kernels.key_codes import CODE_MAX, rotate, rotation_signs
 from pallas_kernels.key_codes import encode as encode_codes
 
@@ -65,6 +78,8 @@ class KVStore:
     rot_signs: jax.Array  # [Hkv, D] f32
     lengths: jax.Array  # [B] int32
     dipr_beta: Optional[jax.Array] = None  # [B, Hq] f32: calibrated β per query head (None: not calibrated)
+    # Where the arrays live (static: a decode step compiles per placement); see alaya_jax.store.placement.
+    placement: str = struct.field(pytree_node=False, default=placements.DEFAULT_PLACEMENT)
 
     @property
     def batch(self) -> int:
@@ -94,13 +109,37 @@ class KVStore:
     def dtype(self):
         return self.keys.dtype
 
+    @property
+    def host_fields(self) -> tuple[str, ...]:
+        """The fields this store's placement keeps in pinned host memory."""
+        return placements.host_fields(self.placement)
+
+    def _device_field(self, name: str) -> jax.Array:
+        x = getattr(self, name)
+        return placements.to_device(x) if name in self.host_fields else x
+
     def dense_keys(self) -> jax.Array:
-        """Keys as ``[B, Hkv, S=capacity, D]`` (a free reshape)."""
-        return _flat(self.keys)
+        """Keys as ``[B, Hkv, S=capacity, D]`` in device memory (a free reshape; with the keys on the host,
+        a whole-array host-to-device transfer)."""
+        return _flat(self._device_field("keys"))
 
     def dense_values(self) -> jax.Array:
-        """Values as ``[B, Hkv, S=capacity, D]`` (a free reshape)."""
+        """Values as ``[B, Hkv, S=capacity, D]`` in device memory (a free reshape; with the values on the
+        host, a whole-array host-to-device transfer)."""
+        return _flat(self._device_field("values"))
+
+    def dense_keys_in_place(self) -> jax.Array:
+        """Keys as ``[B, Hkv, S, D]`` where the placement keeps them (pinned host memory or device): only
+        for kernels that read host memory in place (:func:`alaya_jax.store.placement.reads_in_place`)."""
+        return _flat(self.keys)
+
+    def dense_values_in_place(self) -> jax.Array:
+        """Values as ``[B, Hkv, S, D]`` where the placement keeps them (see :meth:`dense_keys_in_place`)."""
         return _flat(self.values)
+
+    def blocked_keys(self) -> jax.Array:
+        """Keys ``[B, Hkv, NB, Bk, D]`` in device memory (a transfer when they are on the host)."""
+        return self._device_field("keys")
 
     def dense_codes(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(codes [B,Hkv,S,D/2] uint8, scale [B,Hkv,S] f16, err [B,Hkv,S] f16)`` (free reshapes)."""
@@ -108,8 +147,15 @@ class KVStore:
 
     def _map_blocked(self, fn: Callable[[jax.Array, int], jax.Array]) -> "KVStore":
         """The store with ``fn(array, blank)`` applied to every field that has the block axis
-        (axis 2); ``blank`` is the field's fill value for empty positions."""
-        return self.replace(**{f: fn(getattr(self, f), _BLANK[f]) for f in _BLOCKED_FIELDS})
+        (axis 2); ``blank`` is the field's fill value for empty positions. A host field is moved to the
+        device for ``fn`` and the result back to the host (``fn`` need not know about placement)."""
+        return self.replace(**{f: self._apply(f, lambda x, f=f: fn(x, _BLANK[f])) for f in _BLOCKED_FIELDS})
+
+    def _apply(self, name: str, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        """``fn`` of field ``name`` computed in device memory, the result where the placement keeps the field."""
+        if name not in self.host_fields:
+            return fn(getattr(self, name))
+        return placements.to_host(fn(placements.to_device(getattr(self, name))))
 
 
 def _flat(x: jax.Array) -> jax.Array:
@@ -135,22 +181,59 @@ def empty(
     block_size: int = 64,
     dtype=jnp.float32,
     code_seed: int = DEFAULT_CODE_SEED,
+    placement: str = placements.DEFAULT_PLACEMENT,
 ) -> KVStore:
-    """An empty store able to hold ``capacity`` positions (rounded up to whole blocks)."""
+    """An empty store able to hold ``capacity`` positions (rounded up to whole blocks). ``placement``
+    (:data:`alaya_jax.store.placement.PLACEMENTS`): a host field is allocated in pinned host memory
+    directly (never as a device array first)."""
     if block_size <= 0 or capacity <= 0:
         raise ValueError(f"block_size and capacity must be positive, got {block_size=}, {capacity=}")
     _check_head_dim(head_dim)
+    host = placements.host_fields(placement)
+    if host:
+        placements.check_host_memory()
     nb = _num_blocks_for(capacity, block_size)
     shape = (batch, num_kv_heads, nb, block_size)
     return KVStore(
-        keys=jnp.zeros(shape + (head_dim,), dtype),
-        values=jnp.zeros(shape + (head_dim,), dtype),
+        keys=_zeros(shape + (head_dim,), dtype, host="keys" in host),
+        values=_zeros(shape + (head_dim,), dtype, host="values" in host),
         codes=jnp.full(shape + (head_dim // 2,), ZERO_CODE, jnp.uint8),
         code_scale=jnp.zeros(shape, jnp.float16),
         code_err=jnp.zeros(shape, jnp.float16),
         rot_signs=jnp.asarray(rotation_signs(num_kv_heads, head_dim, seed=code_seed)),
         lengths=jnp.zeros((batch,), jnp.int32),
+        placement=placement,
     )
+
+
+def _zeros(shape, dtype, *, host: bool) -> jax.Array:
+    """Zeros of ``shape`` in device memory or (``host``) pinned host memory of the default device
+    (under ``jit``: an explicit transfer of the zeros to the host)."""
+    if not host:
+        return jnp.zeros(shape, dtype)
+    return _host_zeros(tuple(shape), jnp.dtype(dtype))
+
+
+def _host_zeros(shape, dtype) -> jax.Array:
+    # An explicit transfer inside the jit, not out_shardings=pinned_host: with jax 0.10 the latter gives
+    # an array whose sharding says pinned_host but whose aval says device memory, and jit then traces it
+    # as a device array.
+    return jax.jit(lambda: placements.to_host(jnp.zeros(shape, dtype)))()
+
+
+def place(store: KVStore, placement: str) -> KVStore:
+    """The store with its arrays where ``placement`` keeps them (:mod:`alaya_jax.store.placement`):
+    each field moved between device and pinned host memory as needed (no copy for a field already
+    there); traceable. The same values bit for bit: outputs are identical in every placement."""
+    host = placements.host_fields(placement)
+    if host:
+        placements.check_host_memory()
+    moved = {}
+    for f in ("keys", "values"):
+        want, now = f in host, f in store.host_fields
+        if want != now:
+            moved[f] = (placements.to_host if want else placements.to_device)(getattr(store, f))
+    return store.replace(**moved, placement=placement)
 
 
 def key_codes(keys: jax.Array, rot_signs: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -166,7 +249,7 @@ def with_codes(store: KVStore, *, code_seed: Optional[int] = None) -> KVStore:
     Used to upgrade stores loaded from snapshots that predate the codes."""
     signs = store.rot_signs if code_seed is None else jnp.asarray(
         rotation_signs(store.num_kv_heads, store.head_dim, seed=code_seed))
-    codes, scale, err = key_codes(store.keys, signs)
+    codes, scale, err = key_codes(store.blocked_keys(), signs)
     return store.replace(codes=codes, code_scale=scale, code_err=err, rot_signs=signs)
 
 
@@ -300,9 +383,49 @@ def append(
         # dst [B, Hkv, NB, Bk, ...]; src [B, Hkv, T, ...] -> dst[b, :, blk, off] = src[b, :, t]
         return dst.at[bidx, :, blk, off].set(jnp.swapaxes(src, 1, 2), mode="drop")
 
-    return store.replace(keys=scatter(store.keys, kt), values=scatter(store.values, vt),
+    def write(name, src):
+        dst = getattr(store, name)
+        if name in store.host_fields:
+            return _write_host_rows(dst, src, store.lengths, num_new)
+        return scatter(dst, src)
+
+    return store.replace(keys=write("keys", kt), values=write("values", vt),
                          codes=scatter(store.codes, codes), code_scale=scatter(store.code_scale, scale),
                          code_err=scatter(store.code_err, err), lengths=new_lengths)
+
+
+def _write_host_rows(dst: jax.Array, src: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
+    """``dst`` (a host field [B, Hkv, NB, Bk, D], pinned host memory) with sequence b's rows
+    ``src[b, :, :count[b]]`` ([B, Hkv, T, D], device) written at positions ``start[b] ...``; positions
+    at or past the capacity are not written (as ``append``'s scatter drops them).
+
+    XLA refuses a scatter or gather between memory spaces, so each touched unit — the row itself for
+    T = 1 (a decode step: Hkv·D elements), else each block the T rows overlap — is read back to the
+    device (``dynamic_slice``), merged with its new rows there, moved to the host and written with a
+    ``dynamic_update_slice``: PCIe traffic of the touched units only, in place when the caller
+    donates ``dst``. Units are written one after the other, each read after the previous write, so a
+    unit index clamped into range (past the capacity) writes back what it read."""
+    b, hkv, nb, bk = dst.shape[:4]
+    t = src.shape[2]
+    rows = 1 if t == 1 else bk  # positions per unit
+    units = 1 if t == 1 else (t - 1) // bk + 2  # units T rows starting anywhere can overlap
+    lanes = jnp.arange(rows, dtype=jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    for i in range(b):
+        p0 = start[i]
+        for j in range(units):
+            first = (p0 if t == 1 else (p0 // bk) * bk) + j * rows  # first position of the unit
+            blk = jnp.minimum(first // bk, nb - 1)
+            off = jnp.where(first < nb * bk, first % bk, 0) if t == 1 else zero
+            at = (jnp.int32(i), zero, blk, off) + (zero,) * (dst.ndim - 4)
+            size = (1, hkv, 1, rows) + dst.shape[4:]
+            old = placements.to_device(jax.lax.dynamic_slice(dst, at, size))  # [1, Hkv, 1, rows, D]
+            row = first + lanes - p0  # which new row lands on each position of the unit
+            ok = (first < nb * bk) & (row >= 0) & (row < count[i])
+            new = jnp.take(src[i], jnp.clip(row, 0, t - 1), axis=1)  # [Hkv, rows, D]
+            merged = jnp.where(ok[None, :, None], new.astype(dst.dtype), old[0, :, 0])
+            dst = jax.lax.dynamic_update_slice(dst, placements.to_host(merged[None, :, None]), at)
+    return dst
 
 
 def check_capacity(store: KVStore) -> None:
@@ -389,6 +512,24 @@ def truncate(store: KVStore, num_tokens: int) -> KVStore:
     return store.replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
 
 
+def gather_positions(store: KVStore, positions) -> KVStore:
+    """A store of ``len(positions) / block_size`` blocks whose position p holds position ``positions[p]``
+    of the same sequence in ``store`` (positions int [S'], S' a positive multiple of the block size,
+    every entry a valid position of every sequence; traceable), every position valid (lengths S').
+    Keys, values, codes, scales and error norms move together, so the codes still describe the keys
+    (e.g. a long context tiled from a short one: ``bench/beyond_gpu.py``)."""
+    positions = jnp.asarray(positions, jnp.int32)
+    n, bk = positions.shape[0], store.block_size
+    if n < 1 or n % bk:
+        raise ValueError(f"gather_positions takes a positive multiple of the block size {bk} of positions, got {n}")
+
+    def gather(x, _):
+        flat = jnp.take(_flat(x), positions, axis=2)
+        return flat.reshape(flat.shape[:2] + (n // bk, bk) + flat.shape[3:])
+
+    return store._map_blocked(gather).replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+
+
 def take_rows(store: KVStore, rows: jax.Array) -> KVStore:
     """A store of batch ``len(rows)`` whose sequence ``i`` is sequence ``rows[i]`` of ``store``
     (rows int [B'], traceable): blocked fields, lengths and calibrated βs."""
@@ -406,8 +547,8 @@ def place_row(batch: KVStore, slot, row: KVStore) -> KVStore:
     if row.batch != 1:
         raise ValueError(f"place_row takes a B=1 store, got batch {row.batch}")
     nb = batch.num_blocks
-    put = {f: getattr(batch, f).at[slot].set(_fit_axis(getattr(row, f), nb, _BLANK[f], copy=False)[0])
-           for f in _BLOCKED_FIELDS}
+    put = {f: batch._apply(f, lambda x, f=f: x.at[slot].set(
+        _fit_axis(row._device_field(f), nb, _BLANK[f], copy=False)[0])) for f in _BLOCKED_FIELDS}
     if batch.dipr_beta is not None:
         rb = row.dipr_beta[0] if row.dipr_beta is not None else jnp.zeros(batch.dipr_beta.shape[1:], jnp.float32)
         put["dipr_beta"] = batch.dipr_beta.at[slot].set(rb)

@@ -16,7 +16,8 @@ import threading
 from typing import Any, Optional, Sequence
 
 from alaya_jax.errors import ConfigError
-from alaya_jax.store.context_db import ContextDB, _Entry
+from alaya_jax.store import placement as placements
+from alaya_jax.store.context_db import ContextDB, StoreResult, _Entry, with_name
 from alaya_jax.store.kv_store import KVStore
 from alaya_jax.store.memory_tier import MEMORY_KINDS, MemoryTier
 from alaya_jax.store.prefix_index import PrefixIndex, block_hashes, prefix_seed
@@ -47,6 +48,7 @@ class MemoryContextDB(ContextDB):
         self.model_fingerprint, self.tokenizer_fingerprint = str(model_fingerprint), str(tokenizer_fingerprint)
         self.dtype, self.block_size = dtype_name(dtype), int(block_size)
         self.sharding, self.verify = sharding, False
+        self.kv_placement = placements.DEFAULT_PLACEMENT  # alaya serve keeps the KV on the device
         self.memory_kind, self.memory_budget_bytes = memory_kind, int(budget_bytes)
         self._lock = threading.RLock()
         self._tier = MemoryTier(budget_bytes=self.memory_budget_bytes, memory_kind=memory_kind,
@@ -79,18 +81,19 @@ class MemoryContextDB(ContextDB):
     def show(self, ref: str, *, verify: bool = False) -> SnapshotMeta:
         return super().show(ref, verify=False)  # no files to re-hash
 
-    def import_(self, tokens: Sequence[int], kv: Sequence[KVStore], *, name: Optional[str] = None) -> str:
+    def save(self, tokens: Sequence[int], kv: Sequence[KVStore], *, name: Optional[str] = None) -> StoreResult:
         """Keep a prefilled context resident (a copy of ``kv``, trimmed to its valid blocks; ``kv``
-        stays the caller's). Returns its id; one larger than the whole budget raises
-        ``SnapshotError`` (it could not be kept)."""
+        stays the caller's); one already kept is ``already_stored`` and gets ``name`` (see
+        ``ContextDB.save``). One larger than the whole budget raises ``SnapshotError`` (it could
+        not be kept)."""
         tokens, kv = self._check_import(tokens, kv)
+        done = self.stored(tokens, name=name, kv=kv)
+        if done is not None:
+            return done
         sid = self.snapshot_id(tokens)
-        self.refresh()
         with self._lock:
-            old = self._entries.get(sid)
-            if old is not None:
-                self._keep(sid, kv, tokens, old.meta, owned=False)
-                return sid
+            if sid in self._entries:  # kept by another thread meanwhile
+                return self.stored(tokens, name=name, kv=kv)
             first = kv[0]
             meta = SnapshotMeta(format_version=FORMAT_VERSION, model_fingerprint=self.model_fingerprint,
                                 tokenizer_fingerprint=self.tokenizer_fingerprint, dtype=self.dtype,
@@ -107,7 +110,13 @@ class MemoryContextDB(ContextDB):
         self.refresh()  # keeping it may have evicted others
         with self._lock:
             self._rebuild_index()
-        return sid
+        return StoreResult(sid, False, name, (), None if name is None else "name")
+
+    def _add_name(self, sid: str, name: str) -> tuple[SnapshotMeta, str]:
+        with self._lock:
+            e = self._entries[sid]
+            e.meta, applied = with_name(e.meta, name)
+            return e.meta, applied
 
     def _remove(self, sid: str) -> None:
         with self._lock:
@@ -116,5 +125,10 @@ class MemoryContextDB(ContextDB):
             self._evict(sid)
             self._rebuild_index()
 
-    def cleanup(self, *, older_than_s: float = 0) -> list[str]:
-        return []  # nothing on disk
+    cleaned: list = []  # nothing on disk to clean up
+
+    def cleanup(self, *, older_than_s: float = 0) -> list:
+        return []
+
+    def leftovers(self) -> list:
+        return []

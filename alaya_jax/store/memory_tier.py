@@ -21,6 +21,7 @@ import numpy as np
 
 from alaya_jax.errors import ConfigError
 from alaya_jax.store import kv_store
+from alaya_jax.store import placement as placements
 from alaya_jax.store.kv_store import KVStore
 
 log = logging.getLogger("alaya_jax.store.context_db")
@@ -42,7 +43,9 @@ class MemoryTierStats:
 
 @dataclasses.dataclass
 class Resident:
-    """One resident snapshot: B=1 stores trimmed to the valid blocks, in the tier's memory kind."""
+    """One resident snapshot: B=1 stores trimmed to the valid blocks, every array in the tier's memory
+    kind whatever the stores' ``placement`` says (storage, not for computing with: :func:`materialize`
+    places each field where a session needs it)."""
 
     caches: tuple[KVStore, ...]
     tokens: list[int]
@@ -101,12 +104,19 @@ def _serve_copy_impl(caches, n, *, num_blocks: int):
 _serve_copy = jax.jit(_serve_copy_impl, static_argnames=("num_blocks",))
 
 
-def materialize(caches, length: int, n: int, capacity: int, *, device_sharding, shared: bool) -> tuple[KVStore, ...]:
-    """Device-memory stores (on ``device_sharding``) holding the first ``n`` positions of
-    ``caches`` (B=1 stores of ``length`` valid positions each), padded to ``capacity``
-    positions, ready. ``shared``: ``caches`` are the memory tier's, and the result gets
-    buffers of its own (the engine donates session caches on accelerators, which would
-    delete a shared buffer).
+def materialize(caches, length: int, n: int, capacity: int, *, device_sharding, shared: bool,
+                placement: str = placements.DEFAULT_PLACEMENT) -> tuple[KVStore, ...]:
+    """Stores on ``device_sharding`` holding the first ``n`` positions of ``caches`` (B=1 stores
+    of ``length`` valid positions each, any memory kind), padded to ``capacity`` positions, ready.
+    ``placement``: where their values and keys go (:mod:`alaya_jax.store.placement`); every other
+    field goes to device memory. ``shared``: ``caches`` are the memory tier's, and the result gets
+    buffers of its own (the engine donates session caches on accelerators, which would delete a
+    shared buffer).
+
+    Lazy restore: from a pinned-host tier only the device fields (codes, scales, error norms,
+    lengths, and the keys unless they stay on the host) cross to the GPU; host fields stay host
+    arrays (their copy padded to the capacity is made through the device: ``kv_store.fit_blocks``
+    of a host field, two PCIe crossings of it, measured in ``bench/beyond_gpu.py``).
 
     One compiled dispatch for all layers (``_serve_copy``) instead of a few ops per
     array; the same values, bit for bit, as ``kv_store.truncate`` then ``kv_store.resize``."""
@@ -120,14 +130,34 @@ def materialize(caches, length: int, n: int, capacity: int, *, device_sharding, 
     if nb <= 0 or nb < kv_store.num_blocks_for(n, bk):
         raise ValueError(f"capacity {capacity} ({nb} blocks of {bk}) cannot hold {n} valid positions")
     src = caches
-    moved = [c.keys.sharding.memory_kind not in (None, "device") for c in caches]
-    if any(moved):  # e.g. pinned host: one batched transfer of every store that needs it
-        put = iter(jax.device_put([c for c, m in zip(caches, moved) if m], device_sharding))
-        caches = tuple(next(put) if m else c for c, m in zip(caches, moved))
+    caches = _placed(caches, device_sharding, placement)
     out = _serve_copy(tuple(caches), np.int32(n), num_blocks=nb)
     if shared:
         out = _unaliased(out, src)  # a guard: _serve_copy never passes an input through
     return jax.block_until_ready(out)
+
+
+def _placed(caches, device_sharding, placement: str) -> tuple[KVStore, ...]:
+    """``caches`` with each array moved (one batched ``device_put``) to the memory kind ``placement``
+    gives its field on ``device_sharding``'s devices, and ``placement`` recorded on the stores. Arrays
+    already there are not moved."""
+    host = placements.host_fields(placement)
+    if host:
+        placements.check_host_memory(next(iter(device_sharding.device_set)))
+    target = {kind: device_sharding.with_memory_kind(kind) for kind in ("device", placements.HOST_MEMORY_KIND)}
+    leaves, where = [], []
+    for i, c in enumerate(caches):
+        arrays = dict(kv_store.to_arrays(c), **({} if c.dipr_beta is None else {"dipr_beta": c.dipr_beta}))
+        for f, x in arrays.items():
+            kind = placements.HOST_MEMORY_KIND if f in host else "device"
+            if x.sharding.memory_kind not in ((kind, None) if kind == "device" else (kind,)):
+                leaves.append((x, target[kind]))
+                where.append((i, f))
+    moved = {}
+    if leaves:  # e.g. codes out of a pinned-host tier: one batched transfer of everything that moves
+        for (i, f), y in zip(where, jax.device_put([x for x, _ in leaves], [t for _, t in leaves])):
+            moved.setdefault(i, {})[f] = y
+    return tuple(c.replace(**moved.get(i, {}), placement=placement) for i, c in enumerate(caches))
 
 
 class MemoryTier:

@@ -73,8 +73,11 @@ def store_shardings(store: KVStore, mesh: Mesh) -> KVStore:
 
 
 def check_shardable(store: KVStore, mesh: Mesh) -> None:
-    """ValueError unless the store's blocks split into equal shards over the mesh."""
+    """ValueError unless the store's blocks split into equal shards over the mesh (and it is on the devices)."""
     n = num_shards(mesh)
+    if store.host_fields:
+        raise ValueError(f"a store sharded over devices keeps its arrays on the devices (placement 'device'), got "
+                         f"placement {store.placement!r}")
     if store.num_blocks % n:
         raise ValueError(f"a store of {store.num_blocks} blocks does not split into {n} equal shards; make its "
                          f"capacity a multiple of {n} blocks (sharding.sharded_capacity)")

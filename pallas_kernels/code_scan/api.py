@@ -170,8 +170,10 @@ def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpre
     b, hq, d = q.shape
     hkv, s_cap = keys.shape[1], keys.shape[2]
     g = hq // hkv
-    if s_cap < MIN_CAPACITY:  # tiny stores only: the tile must fit in the store
-        keys, codes, scales, errs = (pad_axis(x, 2, MIN_CAPACITY) for x in (keys, codes, scales, errs))
+    if s_cap < MIN_CAPACITY:  # tiny stores only: the tile must fit in the store (padded on the device: keys
+        # may lie in pinned host memory, which the kernel otherwise reads in place, untouched by jnp)
+        keys, codes, scales, errs = (pad_axis(jax.device_put(x, jax.memory.Space.Device), 2, MIN_CAPACITY)
+                                     for x in (keys, codes, scales, errs))
     qdt = score_operand_dtype(q.dtype, keys.dtype, "auto")
     _, cand_idx, counts, m_sw = scan_pallas(
         lengths, *forced, group_rows(q.astype(qdt), hkv), group_rows(q_rot.astype(jnp.float32), hkv),

@@ -188,3 +188,88 @@ def test_cli_generate_db_stores_the_context_for_the_next_question(tmp_path, caps
     assert rc == 0, err
     again = json.loads(out)
     assert again["already_stored"] and again["id"] == first["stored_snapshot"]
+
+
+# ---------------------------------------------------------------- names, leftovers, a full disk (issue 22)
+
+CONTEXT = "A context for the snapshot commands, a few blocks of the byte tokenizer long. " * 2
+
+
+def _save(capsys, path, ctx, *extra):
+    rc, out, err = run(capsys, "snapshot", "save", "--random-weights", "tiny", "--raw", "--db", path,
+                       "--context-file", str(ctx), "--json", *extra)
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def test_cli_second_save_under_another_name_keeps_both(tmp_path, capsys):
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    path = str(tmp_path / "db")
+    first = _save(capsys, path, ctx, "--name", "one")
+    assert not first["already_stored"] and first["name"] == "one" and first["name_applied"] == "name"
+    second = _save(capsys, path, ctx, "--name", "two")
+    assert second["id"] == first["id"] and second["already_stored"]
+    assert (second["name"], second["aliases"], second["name_applied"]) == ("one", ["two"], "alias")
+    rc, out, _ = run(capsys, "snapshot", "list", "--db", path)
+    assert rc == 0 and "one two" in out
+    for ref in ("one", "two"):
+        rc, out, _ = run(capsys, "snapshot", "show", "--db", path, ref, "--json")
+        assert rc == 0 and json.loads(out)["id"] == first["id"]
+
+
+def test_cli_list_and_gc_report_and_remove_leftovers(tmp_path, capsys):
+    from checkpoints.storage import TempDir
+
+    path = tmp_path / "db"
+    ContextDB(path, **KW)
+    snaps = path / "snapshots"
+    (snaps / ".tmp-killed-1").mkdir()  # a killed save: its lock file is there, nobody holds it
+    (snaps / ".tmp-killed-1" / "data").write_bytes(b"z" * 5000)
+    (snaps / ".tmp-killed-1.lock").write_text("12345\n")
+    live = TempDir(str(snaps), "live")  # a save in progress
+    (snaps / ".tmp-unmarked").mkdir()  # left by an older alaya-jax (no lock file)
+    (snaps / ".tmp-unmarked" / "data").write_bytes(b"u" * 700)
+    try:
+        rc, out, err = run(capsys, "snapshot", "list", "--db", str(path))
+        assert rc == 0 and "removed 1 leftover(s) of killed saves or deletes (5.0 kB): .tmp-killed-1" in out, out
+        assert "a save in progress" in out and "no writer lock" in out
+        assert not (snaps / ".tmp-killed-1").exists() and not (snaps / ".tmp-killed-1.lock").exists()
+        rc, out, err = run(capsys, "snapshot", "list", "--db", str(path), "--json")
+        assert rc == 0 and json.loads(out) == [] and "a save in progress" in err  # rows stay snapshots only
+        rc, out, _ = run(capsys, "snapshot", "gc", "--db", str(path), "--min-age", "0", "--json")
+        report = json.loads(out)
+        assert report["removed"] == [{"name": ".tmp-unmarked", "bytes": 700, "state": "unmarked"}]
+        assert report["removed_bytes"] == 700
+        assert [x["state"] for x in report["kept"]] == ["in_progress"] and os.path.isdir(live.path)
+    finally:
+        live.release()
+    rc, out, _ = run(capsys, "snapshot", "gc", "--db", str(path))
+    assert rc == 0 and "nothing to remove" in out and os.listdir(snaps) == []
+
+
+def test_cli_save_on_a_full_disk_is_one_line_and_exit_74(tmp_path, capsys):
+    import subprocess
+
+    from tests.support.serve_process import ROOT, alaya_command
+
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text(CONTEXT)
+    path = str(tmp_path / "db")
+    earlier = _save(capsys, path, ctx, "--name", "earlier")
+    big = tmp_path / "big.txt"
+    big.write_text("Another context, too large for the file-size limit of this save. " * 6)
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([*alaya_command(64 << 10), "snapshot", "save", "--random-weights", "tiny", "--raw",
+                        "--db", path, "--context-file", str(big)], capture_output=True, text=True, timeout=300,
+                       env=env, cwd=ROOT)
+    assert r.returncode == 74, (r.returncode, r.stderr[-3000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("alaya: error:")]
+    assert errors == [f"alaya: error: cannot store the context in the context DB {os.path.abspath(path)}: "
+                      f"file too large (a file-size limit) (EFBIG)"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Event loop is closed" not in r.stderr, r.stderr[-3000:]
+    db = ContextDB(path)
+    assert [m.snapshot_id for m in db.list()] == [earlier["id"]] and not db.cleaned
+    assert os.listdir(os.path.join(path, "snapshots")) == [earlier["id"]]
+    db.show(earlier["id"], verify=True)

@@ -13,7 +13,7 @@ BASE = AttentionConfig(method="full", sink=2, window=8)
 
 
 def request(body, ids=(1, 2, 3)):
-    body = protocol.check_fields(body, protocol.COMPLETION_FIELDS)
+    body = protocol.check_fields({"prompt": "p", **body}, protocol.COMPLETION_FIELDS)
     return protocol.generation_request(body, list(ids), limits=LIMITS, attention=BASE, default_max_tokens=16)
 
 
@@ -44,9 +44,19 @@ def test_attention_fields_set_the_method_range_and_calibration():
 
 @pytest.mark.parametrize("body,param,text", [
     ({"atention": "dipr"}, "atention", "unrecognized request argument"),
-    ({"beta": "big"}, "beta", "must be a number"),
+    ({"beta": "big"}, "beta", "must be a finite number"),
     ({"max_tokens": True}, "max_tokens", "must be an integer"),
     ({"attention": "nope"}, "attention", "unknown attention 'nope'"),
+    ({"temperature": 10**400}, "temperature", "between 0 and 2"),
+    ({"top_p": float("nan")}, "top_p", "(0, 1]"),
+    ({"beta": float("inf")}, "beta", "finite"),
+    ({"beta": 10**400}, "beta", "finite"),
+    ({"dipr_mass": True}, "dipr_mass", "must be a finite number"),
+    ({"seed": 2**64}, "seed", "between 0 and"),
+    ({"max_tokens": 5.0}, "max_tokens", "must be an integer"),
+    ({"stop": "\ud800"}, "stop", "lone surrogate"),
+    ({"stop": "x" * 257}, "stop", "non-empty string"),
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage", "a boolean"),
     ({"dipr_mass": 1.5}, "dipr_mass", "bad attention settings: dipr_mass must be in"),
     ({"attention": "dipr", "dipr_mass": 1.5}, "method", "dipr_mass must be in"),  # param: the first field given
     ({"attention": "topk", "dipr_keys": 0.1}, "method", "cannot be used with method 'topk'"),
@@ -54,7 +64,7 @@ def test_attention_fields_set_the_method_range_and_calibration():
     ({"temperature": 2.5}, "temperature", "between 0 and 2"),
     ({"top_p": 0}, "top_p", "(0, 1]"),
     ({"n": 2}, "n", "only n=1"),
-    ({"stop": ["a", ""]}, "stop", "non-empty"),
+    ({"stop": ["a", ""]}, "stop[1]", "non-empty"),
     ({"stream_options": {"x": 1}}, "stream_options", "include_usage"),
 ])
 def test_bad_fields_are_named(body, param, text):
@@ -68,20 +78,34 @@ def test_prompt_limits_and_ids():
     assert e.code == "context_length_exceeded" and "70, more than the context of 64" in e.message
     assert refused({}, ids=[]).param == "prompt"
     tok = FakeTokenizer()
-    assert protocol.completion_prompt_ids({"prompt": "abc"}, tok) == [0, 1, 2]
-    assert protocol.completion_prompt_ids({"prompt": [[4, 5]]}, tok) == [4, 5]
+
+    def ids(body):
+        return protocol.completion_prompt_ids(protocol.check_fields(body, protocol.COMPLETION_FIELDS), tok)
+
+    assert ids({"prompt": "abc"}) == [0, 1, 2]
+    assert ids({"prompt": [[4, 5]]}) == [4, 5]
     with pytest.raises(APIError, match=r"token ids must be integers in \[0, 26\)"):
-        protocol.completion_prompt_ids({"prompt": [1, 26]}, tok)
-    with pytest.raises(APIError, match="'prompt' is required"):
-        protocol.completion_prompt_ids({}, tok)
+        ids({"prompt": [1, 26]})
+    for bad, text in [({}, "'prompt' is required"), ({"prompt": [True]}, "prompt"), ({"prompt": [1, -1]}, "prompt"),
+                      ({"prompt": [[1], [2]]}, "prompt"), ({"prompt": {"a": 1}}, "must be a string, an array")]:
+        with pytest.raises(APIError, match=text):
+            ids(bad)
 
 
 def test_chat_messages():
     tok = FakeTokenizer()
+
+    def ids(msgs):
+        return protocol.chat_prompt_ids(protocol.check_fields({"messages": msgs}, protocol.CHAT_FIELDS), tok)
+
     msgs = [{"role": "system", "content": "ab"}, {"role": "user", "content": [{"type": "text", "text": "cd"}]}]
-    assert protocol.chat_prompt_ids({"messages": msgs}, tok) == [0, 1, 2, 3]
+    assert ids(msgs) == [0, 1, 2, 3]
     for bad, text in [([], "non-empty"), ([{"role": "tool", "content": "x"}], "unsupported role"),
                       ([{"role": "assistant", "content": "x"}], "the last message must be the user's"),
-                      ([{"role": "user", "content": 3}], "must be a string or text parts")]:
+                      ([{"role": "user", "content": 3}], "must be a string or text parts"),
+                      ([{"role": "user"}], "'messages\\[0\\].content' is required"),
+                      ([{"role": "user", "content": "x", "extra": 1}], "unrecognized field 'extra'"),
+                      ([{"role": "user", "content": [{"type": "image_url", "text": "x"}]}], "unsupported content"),
+                      (["hi"], "'messages\\[0\\]' must be an object")]:
         with pytest.raises(APIError, match=text):
-            protocol.chat_prompt_ids({"messages": bad}, tok)
+            ids(bad)

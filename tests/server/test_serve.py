@@ -14,87 +14,16 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
+
+from tests.support.serve_process import ROOT, Server
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 KEY = "test-key-123"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, tmp_path, *args, key=None, timeout=240):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.key = key
-        self.log = open(tmp_path / f"serve-{self.port}.log", "w+")
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        cmd = [sys.executable, "-m", "alaya_jax", "serve", "--port", str(self.port), *args]
-        if key:
-            cmd += ["--api-key", key]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        t0 = time.time()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"alaya serve exited {self.proc.returncode}:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            if time.time() - t0 > timeout:
-                self.stop()
-                raise RuntimeError(f"alaya serve did not start in {timeout} s:\n{self.output()}")
-            time.sleep(0.3)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def client(self, **kw):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.key or "none", max_retries=0, timeout=300, **kw)
-
-    def http(self, method, path, body=None, *, raw=None, key=True, headers=None):
-        """(status, parsed JSON or text) without the openai client."""
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if key and self.key:
-            req.add_header("Authorization", f"Bearer {self.key}")
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            with urllib.request.urlopen(req, timeout=300) as r:
-                status, text = r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            status, text = e.code, e.read().decode()
-        try:
-            return status, json.loads(text)
-        except ValueError:
-            return status, text
-
-    def stop(self, sig=signal.SIGTERM, timeout=120) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def _metric(text: str, name: str) -> float:
@@ -285,10 +214,22 @@ def test_bad_input_gets_a_4xx_error_object_never_a_500(tiny):
         assert "Traceback" not in json.dumps(out)
         if needle:
             assert needle in out["error"]["message"], (body, out)
-    got, out = tiny.http("GET", "/v1/models", key=False)
-    assert got == 401 and out["error"]["type"] == "authentication_error"
-    got, out = tiny.http("GET", "/v1/models", key=False, headers={"Authorization": "Bearer wrong"})
-    assert got == 401
+    # every route of the app but /health needs the key: none, a wrong one, another scheme, a prefix of it
+    from alaya_jax.server.app import _ROUTES
+
+    routes = [(m, r.path.replace("{id}", "abc")) for r in _ROUTES for m in r.methods if m != "HEAD"]
+    assert len(routes) >= 9
+    for method, path in routes:
+        body = {} if method == "POST" else None
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY[:-1]}"}):
+            got, out = tiny.http(method, path, body, key=False, headers=headers)
+            if path == "/health":
+                assert got == 200, (method, path, headers, out)
+            else:
+                assert got == 401 and out["error"]["type"] == "authentication_error", (method, path, headers, out)
+        got, _ = tiny.http(method, path, body)
+        assert got != 401, (method, path)
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=tiny.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert tiny.http("GET", "/health", key=False)[0] == 200

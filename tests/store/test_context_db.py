@@ -242,8 +242,10 @@ def test_killed_saves_leave_no_half_snapshot(tmp_path):
     db = ContextDB(path, **helper.DB_KW)
     visible = {m.snapshot_id: m for m in db.list()}
     assert db.problems() == {}, db.problems()
-    names = os.listdir(path / "snapshots")
-    assert all(n_ in visible or n_.startswith(".tmp-") for n_ in names), names
+    # Opening the DB removed every killed save's temporary directory (their writers are gone).
+    assert sorted(os.listdir(path / "snapshots")) == sorted(visible)
+    assert len(db.cleaned) >= 4 and all(x.state == "orphaned" for x in db.cleaned), db.cleaned
+    assert sum(x.bytes for x in db.cleaned) > 0
     # Killed before the rename: invisible. Killed after: whole.
     for i, stage in enumerate(STAGES):
         sid = db.snapshot_id(_tokens(10 + i, n))
@@ -258,9 +260,135 @@ def test_killed_saves_leave_no_half_snapshot(tmp_path):
     assert session.snapshot_id == sid0 and rest == [3]
     for a, b in zip(caches0, session.caches):
         assert np.array_equal(bits(a.keys), bits(b.keys[:, :, : a.num_blocks]))
-    # The leftovers of the killed saves are removed once stale.
-    db.cleanup(older_than_s=0)
-    assert sorted(os.listdir(path / "snapshots")) == sorted(visible)
+
+
+def test_a_save_in_progress_is_never_removed_only_a_dead_writers(tmp_path):
+    from checkpoints.storage import TempDir
+
+    path = tmp_path / "db"
+    ContextDB(path, **KW)
+    snaps = str(path / "snapshots")
+    live = TempDir(snaps, "live")  # a save in progress (this process holds its lock)
+    with open(os.path.join(live.path, "part"), "wb") as f:
+        f.write(b"x" * 1000)
+    dead = os.path.join(snaps, ".tmp-dead-0")  # its writer is gone: the lock file is there, unlocked
+    os.mkdir(dead)
+    with open(os.path.join(dead, "part"), "wb") as f:
+        f.write(b"y" * 3000)
+    open(dead + ".lock", "w").close()
+    old = os.path.join(snaps, ".tmp-older-version")  # no lock file (an older alaya-jax): by age only
+    os.mkdir(old)
+    db = ContextDB(path, **KW)
+    assert [(x.name, x.bytes, x.state) for x in db.cleaned] == [(".tmp-dead-0", 3000, "orphaned")]
+    assert sorted((x.name, x.state) for x in db.leftovers()) == sorted(
+        [(os.path.basename(live.path), "in_progress"), (".tmp-older-version", "unmarked")])
+    assert os.path.isdir(live.path) and not os.path.exists(dead) and not os.path.exists(dead + ".lock")
+    db.cleanup(older_than_s=0)  # unmarked ones go by age; the live one stays
+    assert os.path.isdir(live.path) and not os.path.exists(old)
+    live.release()
+    assert sorted(os.listdir(snaps)) == []
+
+
+def test_a_concurrent_save_of_the_same_context_is_already_stored_and_keeps_both_names(tmp_path, monkeypatch):
+    import checkpoints.snapshot as snap
+
+    kv = dense_kv(48)
+    t = list(range(48))
+    a, b = ContextDB(tmp_path / "db", **KW), ContextDB(tmp_path / "db", **KW)  # two writers (processes)
+    results = {}
+
+    def at(stage):  # a's save, just before its rename, is overtaken by b's whole save
+        if stage == "before_rename" and not results:
+            results["b"] = None
+            results["b"] = b.save(t, stores(kv, 48), name="from-b")
+
+    monkeypatch.setattr(snap, "_stage", at)
+    results["a"] = a.save(t, stores(kv, 48), name="from-a")
+    ra, rb = results["a"], results["b"]
+    assert ra.snapshot_id == rb.snapshot_id
+    assert not rb.already_stored and rb.name_applied == "name"
+    assert ra.already_stored and ra.name_applied == "alias" and (ra.name, ra.aliases) == ("from-b", ("from-a",))
+    sid = ra.snapshot_id
+    for db in (a, b, ContextDB(tmp_path / "db", **KW)):
+        assert db.resolve("from-a") == db.resolve("from-b") == sid
+        assert db.show(sid, verify=True).aliases == ("from-a",)
+    assert sorted(os.listdir(tmp_path / "db" / "snapshots")) == [sid]  # the loser's temporary dir is gone
+    # saving again: nothing written, names kept; a name it has is not added twice; no name: nothing changes
+    again = a.save(t, stores(kv, 48), name="from-a")
+    assert again.already_stored and again.name_applied == "present" and again.aliases == ("from-a",)
+    assert a.stored(t).name_applied is None
+    third = a.stored(t, name="third")
+    assert third.name_applied == "alias" and third.aliases == ("from-a", "third")
+    # a snapshot stored without a name gets the first name given as its name
+    u = list(range(100, 132))
+    assert a.save(u, stores(kv, 32)).name is None
+    named = b.stored(u, name="late")
+    assert named.name == "late" and named.name_applied == "name" and named.aliases == ()
+
+
+def test_memory_db_saves_say_already_stored_and_keep_names():
+    from alaya_jax.store.memory_db import MemoryContextDB
+
+    db = MemoryContextDB(budget_bytes=1 << 20, **KW)
+    kv = dense_kv(48)
+    t = list(range(48))
+    first = db.save(t, stores(kv, 48), name="one")
+    assert not first.already_stored and first.name == "one"
+    again = db.save(t, stores(kv, 48), name="two")
+    assert again.already_stored and again.snapshot_id == first.snapshot_id and again.aliases == ("two",)
+    assert db.resolve("two") == first.snapshot_id and db.show("one").aliases == ("two",)
+    assert db.import_(t, stores(kv, 48)) == first.snapshot_id and db.cleaned == [] and db.leftovers() == []
+
+
+@pytest.mark.parametrize("code,cause", [(28, "no space left on device (ENOSPC)"),
+                                        (27, "file too large (a file-size limit) (EFBIG)"),
+                                        (30, "read-only file system (EROFS)"), (13, "permission denied (EACCES)")])
+def test_a_save_the_storage_refuses_is_one_storage_error_and_leaves_nothing(tmp_path, monkeypatch, code, cause):
+    import checkpoints.snapshot as snap
+    from alaya_jax.errors import StorageError
+
+    db = ContextDB(tmp_path / "db", **KW)
+    kv = dense_kv(32)
+    first = db.import_(list(range(32)), stores(kv, 32), name="earlier")
+
+    def refuse(path, data):
+        raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(snap, "_write_file", refuse)  # after Orbax wrote the arrays
+    with pytest.raises(StorageError) as e:
+        db.save(list(range(1, 33)), stores(kv, 32))
+    assert str(e.value) == f"cannot store the context in the context DB {db.path}: {cause}"
+    assert e.value.errno == code and e.value.no_space == (code in (27, 28)) and e.value.cause == cause
+    assert sorted(os.listdir(tmp_path / "db" / "snapshots")) == [first]
+    monkeypatch.undo()
+    db.show(first, verify=True)
+
+
+def test_storage_causes_from_tensorstore_messages():
+    from checkpoints.storage import storage_error
+
+    ts = ValueError('OUT_OF_RANGE: Error writing "layers.0.codes/0" in OCDBT database at local file "/x/": Failed '
+                    "to write 423583 bytes to file 15: File too large [os_error_code='27']")
+    e = storage_error(ts, "cannot write the snapshot", "/x")
+    assert e.errno == 27 and e.no_space and e.cause == "file too large (a file-size limit) (EFBIG)"
+    e = storage_error(ValueError("RESOURCE_EXHAUSTED: ... No space left on device"), "save", "/x")
+    assert e.errno == 28 and e.no_space
+    assert storage_error(ValueError("shapes differ"), "save", "/x") is None  # not storage: a bug, re-raised
+    assert storage_error(ck.SnapshotError("refused"), "save", "/x") is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_db_is_a_storage_error(tmp_path):
+    from alaya_jax.errors import StorageError
+
+    db = ContextDB(tmp_path / "db", **KW)
+    os.chmod(tmp_path / "db" / "snapshots", 0o555)
+    try:
+        with pytest.raises(StorageError, match="permission denied"):
+            db.import_(list(range(32)), stores(dense_kv(32), 32))
+        assert ContextDB(tmp_path / "db").list() == []  # listing still works
+    finally:
+        os.chmod(tmp_path / "db" / "snapshots", 0o755)
 
 
 def _tokens(seed, n):

@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec as P
 
 from alaya_jax.attention.dipr.brute_force import check_beta
 from alaya_jax.attention.masked import group_size, raw_scores
+from alaya_jax.store import placement as placements
 from alaya_jax.store import sharding
 from alaya_jax.store.kv_store import KVStore
 from pallas_kernels.code_scan import code_scan
@@ -135,15 +136,19 @@ def _drop_outside(cand_idx: jax.Array, key_mask: jax.Array) -> jax.Array:
 
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, rounding_slack: Optional[float] = None,
-               implementation: str = "reference", interpret: Optional[bool] = None, forced=None, m_lb=None):
+               implementation: str = "reference", interpret: Optional[bool] = None, forced=None, m_lb=None,
+               keys: Optional[jax.Array] = None):
     """The filter stage alone: ``(cand_idx [B,Hkv,NS,L], cand_count [B,Hkv,NS], m_sw [B,Hq])`` for
-    q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``; ``forced``, ``m_lb``: a shard's)."""
+    q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``; ``forced``, ``m_lb``: a shard's).
+    ``keys``: the store's keys [B,Hkv,S,D] as the kernel takes them (default ``store.dense_keys()``, a
+    device array)."""
     b, hkv, s = store.batch, store.num_kv_heads, store.capacity
     ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
     if ns < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     codes, scales, errs = store.dense_codes()
-    return code_scan(q, rotate_queries(q, store.rot_signs), store.dense_keys(), codes, scales, errs,
+    keys = store.dense_keys() if keys is None else keys
+    return code_scan(q, rotate_queries(q, store.rot_signs), keys, codes, scales, errs,
                      store.lengths, beta, sink=sink, window=window, num_splits=ns, rounding_slack=rounding_slack,
                      implementation=implementation, interpret=interpret, forced=forced, m_lb=m_lb)
 
@@ -225,18 +230,23 @@ def _dipr_shard(q, store, beta, key_mask, *, axis_name, sink, window, with_mask,
     local = sharding.local_view(store, frame)
     forced = (frame.sinks, frame.windows)
     kw = dict(implementation=implementation, interpret=interpret)
-    keys = local.dense_keys()
+    # Placement (docs/design.md §3): a GPU Pallas kernel reads host-memory K / V rows where they lie,
+    # only those it loads; every other backend gets device copies (whole-array transfers).
+    if placements.reads_in_place(implementation, interpret):
+        keys, values = local.dense_keys_in_place(), local.dense_values_in_place()
+    else:
+        keys, values = local.dense_keys(), local.dense_values()
     m_lb = None
     if axis_name is not None:  # M_lb: the forced maxima of every shard, before any shard scans
         _, _, s_f = forced_scores(q, keys, local.lengths, sink=sink, window=window, forced=forced)
         m_lb = jax.lax.pmax(jnp.max(s_f, axis=-1).reshape(b, hq), axis_name)
     cand_idx, cand_count, m_sw = scan_codes(q, local, beta, sink=sink, window=window, num_splits=num_splits,
-                                            rounding_slack=slack, forced=forced, m_lb=m_lb, **kw)
+                                            rounding_slack=slack, forced=forced, m_lb=m_lb, keys=keys, **kw)
     if key_mask is not None:
         cand_idx = _drop_outside(cand_idx, key_mask)
     m_in = m_sw if m_lb is None else jnp.maximum(m_sw, m_lb)
     reduce = None if axis_name is None else functools.partial(jax.lax.pmax, axis_name=axis_name)
-    o, l, _, m = refine_attention(q, keys, local.dense_values(), cand_idx, cand_count, m_in, local.lengths, beta,
+    o, l, _, m = refine_attention(q, keys, values, cand_idx, cand_count, m_in, local.lengths, beta,
                                   sink=sink, window=window, rounding_slack=slack, programs=refine_programs,
                                   forced=forced, max_reduce=reduce, partials=True, **kw)
     if key_mask is None:
@@ -250,7 +260,7 @@ def _dipr_shard(q, store, beta, key_mask, *, axis_name, sink, window, with_mask,
     mask = None
     keys_in_range = jnp.full((b, hq), -1, jnp.int32)
     if with_mask:
-        mask = _found_mask(q, keys, frame, cand_idx, cand_count, beta, axis_name=axis_name)
+        mask = _found_mask(q, local.dense_keys(), frame, cand_idx, cand_count, beta, axis_name=axis_name)
         keys_in_range = jnp.sum(mask, axis=-1, dtype=jnp.int32)
         if axis_name is not None:
             keys_in_range = jax.lax.psum(keys_in_range, axis_name)
