@@ -196,7 +196,7 @@ def _engine(devices: int):
     if devices not in _ENGINES:
         from alaya_jax.runtime.engine import Engine
 
-        _ENGINES[devices] = Engine(_model(), block_size=8, prefill_chunk=32, devices=devices)
+        _ENGINES[devices] = Engine(_model(), block_size=8, prefill_chunk=128, devices=devices)
     return _ENGINES[devices]
 
 
