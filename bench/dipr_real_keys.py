@@ -23,8 +23,16 @@ For every (keys, context, batch) the same run measures, ``L`` layers with their 
 
 Writes ``dipr_real_keys.json`` ({"meta", "rows"}) and ``dipr_real_keys.md`` into ``--out``.
 
+``--tail`` (issue 21) runs only the estimated tail's rows, into ``dipr_real_keys_tail.{json,md}``: per
+``--pairs`` case and β, the production scan without and with the tail sums (``scan_pallas`` alone, µs per
+layer, TB/s over the code bytes plus, with the tail, the block means read), the whole DIPR step without and
+with ``tail="estimate"``, the tail's share of each, dense cuDNN and the copy bandwidth in the same run, and
+layer 0 of the step with the tail against the jnp reference tail (``registry``'s DIPR + tail).
+
     python -m bench.dipr_real_keys --out $OUT                  # GPU, default cases
     python -m bench.dipr_real_keys --smoke                      # CPU, tiny, interpret mode
+    python -m bench.dipr_real_keys --tail --pairs 1:131072 1:524288 --out $OUT   # GPU, the tail's cost
+    python -m bench.dipr_real_keys --tail --smoke
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 
 import jax
@@ -132,11 +141,25 @@ def unsharded_scan(lengths, q, q_rot, beta, *rest, sink, window, **kw):
                        sink=sink, window=window, **kw)
 
 
-def bench_case(kind, b, s, args, bw, log, meta):
+def row_emitter(base, bw, rows, log):
+    """emit(row): the case's fields + row (+ TB/s and the share of the copy bandwidth ``bw`` B/s where it
+    has µs and bytes), appended to ``rows`` and logged; returns the row."""
+    def emit(row):
+        row = {**base, **row}
+        if "us" in row and row.get("bytes_per_layer"):
+            row["TBps"] = row["bytes_per_layer"] / (row["us"] * 1e-6) / 1e12
+            row["pct_copy"] = row["TBps"] / (bw / 1e12)
+        rows.append(row)
+        log(row)
+        return row
+    return emit
+
+
+def case_layers(kind, b, s, args):
+    """The case's layers, each with its own data, as many as fit ``--layer-budget-gb`` (<= ``--layers``):
+    (queries [B, Hq, D], stores, dense (k, v) in cuDNN's layout)."""
     hq, hkv, d = args.hq, args.hkv, args.head_dim
-    g = hq // hkv
     nl = max(1, min(args.layers, int(args.layer_budget_gb * 2**30 // (4.6 * b * s * hkv * d * 2))))
-    interp = not args.gpu
     qs, stores, dense = [], [], []
     for i in range(nl):
         if kind == "real-proxy":
@@ -146,6 +169,15 @@ def bench_case(kind, b, s, args, bw, log, meta):
         qs.append(q)
         stores.append(jax.block_until_ready(jax.jit(functools.partial(kv_store.from_dense, block_size=BK))(k, v)))
         dense.append((k, v))
+    return qs, stores, dense
+
+
+def bench_case(kind, b, s, args, bw, log, meta):
+    hq, hkv, d = args.hq, args.hkv, args.head_dim
+    g = hq // hkv
+    interp = not args.gpu
+    qs, stores, dense = case_layers(kind, b, s, args)
+    nl = len(qs)
     ns = args.num_splits or default_num_splits(b, hkv, s)
     programs = args.refine_programs or default_programs(b, hkv)
     slack = default_rounding_slack(d)
@@ -153,15 +185,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
             "refine_programs": programs, "tile": scan_tile(s)}
     code_bytes = b * hkv * s * CODE_BYTES
     rows = []
-
-    def emit(row):
-        row = {**base, **row}
-        if "us" in row and row.get("bytes_per_layer"):
-            row["TBps"] = row["bytes_per_layer"] / (row["us"] * 1e-6) / 1e12
-            row["pct_copy"] = row["TBps"] / (bw / 1e12)
-        rows.append(row)
-        log(row)
-        return row
+    emit = row_emitter(base, bw, rows, log)
 
     def attempt(what, fn):
         try:
@@ -283,6 +307,94 @@ def bench_case(kind, b, s, args, bw, log, meta):
         attempt("profile", lambda: emit({"row": "profile", "beta": mid,
                                          **profile_step(step_fn(ns, programs), qs, lays)}))
     return rows
+
+
+def tail_case(b, s, args, bw, log):
+    """The estimated tail's rows for one real-proxy case (module docstring, ``--tail``)."""
+    from alaya_jax.attention.config import AttentionConfig
+    from alaya_jax.attention.store_api import decode_attention
+
+    hq, hkv, d = args.hq, args.hkv, args.head_dim
+    g = hq // hkv
+    interp = not args.gpu
+    qs, stores, dense = case_layers("real-proxy", b, s, args)
+    nl = len(qs)
+    ns = args.num_splits or default_num_splits(b, hkv, s)
+    programs = args.refine_programs or default_programs(b, hkv)
+    base = {"keys": "real-proxy", "context": s, "batch": b, "layers_in_loop": nl, "num_splits": ns,
+            "refine_programs": programs, "tile": scan_tile(s)}
+    code_bytes = b * hkv * s * CODE_BYTES
+    means_bytes = b * hkv * (s // BK) * d * jnp.dtype(DT).itemsize
+    rows = []
+    emit = row_emitter(base, bw, rows, log)
+
+    dense_all = {}
+    for name, fn in harness.dense_fns().items():
+        if name in args.dense:
+            dense_all[name], _ = chained(fn, qs, dense, args.iters)
+            emit({"row": "dense", "impl": name, **dense_all[name], "bytes_per_layer": b * hkv * s * d * 2 * 2})
+    dense_us = dense_all.get("cudnn", next(iter(dense_all.values()), {})).get("us")
+    kw = dict(g=g, sink=SINK, window=WINDOW, tile=scan_tile(s), num_splits=ns,
+              rounding_slack=default_rounding_slack(d), interpret=interp, list_size=list_size(s, ns),
+              chunk=EPILOGUE_CHUNK)
+    for beta in [proxy_beta(x, d) for x in args.betas64]:
+        ops = [scan_operands(q, st, beta) for q, st in zip(qs, stores)]
+        plain, _ = per_layer(functools.partial(unsharded_scan, **kw), ops, args.iters)
+        with_tail, _ = per_layer(lambda *o: unsharded_scan(*o[:-1], value_means=o[-1], block_size=BK,
+                                                           sm_scale=1 / math.sqrt(d), **kw),
+                                 [(*o, st.value_means) for o, st in zip(ops, stores)], args.iters)
+        emit({"row": "scan", "beta": beta, "tail": "none", **plain, "bytes_per_layer": code_bytes})
+        emit({"row": "scan", "beta": beta, "tail": "estimate", **with_tail, "bytes_per_layer": code_bytes + means_bytes,
+              "tail_share": with_tail["us"] / plain["us"] - 1.0})
+        bj = jnp.float32(beta)
+        lays = [(st, bj) for st in stores]
+        step = {}
+        for mode in ("none", "estimate"):
+            def dipr(q, lay, mode=mode):
+                return dipr_store_attention(q, lay[0], beta=lay[1], sink=SINK, window=WINDOW, implementation="pallas",
+                                            interpret=interp, num_splits=ns, refine_programs=programs, tail=mode)[0]
+            step[mode], _ = chained(dipr, qs, lays, args.iters)
+            row = {"row": "dipr step", "beta": beta, "tail": mode, **step[mode], "dense_us": dense_us}
+            if dense_us:
+                row["speedup"] = dense_us / step[mode]["us"]
+            if mode == "estimate":
+                row["tail_share"] = step[mode]["us"] / step["none"]["us"] - 1.0
+                one = jax.jit(dipr)(qs[0], lays[0])
+                cfg = AttentionConfig(method="dipr", beta=beta, sink=SINK, window=WINDOW, tail="estimate")
+                ref = jax.jit(lambda q, st: decode_attention(q, st, cfg)[0])(qs[0], stores[0])
+                o, r = np.asarray(one, np.float32), np.asarray(ref, np.float32)
+                rel = float(np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-30))
+                row["check"] = {"out_rel_err_vs_jnp_tail": rel, "ok": bool(rel <= 1.5e-2 and np.isfinite(o).all())}
+            emit(row)
+    return rows
+
+
+def tail_markdown(meta, rows) -> str:
+    out = [f"# The estimated tail's cost in the DIPR kernels ({meta['device']}, jax {meta['jax']}, "
+           f"triton {meta.get('triton')}, commit {meta['commit']}, {meta['date']})", "",
+           f"Real-key proxy, Llama-3-8B shapes (Hq {meta['hq']}, Hkv {meta['hkv']}, D {meta['head_dim']}), bf16; "
+           f"copy bandwidth {meta['hbm_TBps']:.2f} TB/s measured in this run; µs per layer. Scan: ``scan_pallas`` "
+           "alone (TB/s over the code bytes, + the block means with the tail); step: ``dipr_store_attention``; "
+           f"check: layer 0 against the jnp reference tail. Run took {meta.get('wall_s', 0):.0f} s.", "",
+           "| context | B | β (d=128) | what | tail | µs | TB/s | tail share | × dense (cuDNN when run) | check |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r.get('context')} | {r.get('batch')} | | {r.get('row')} | | error: {r['error'][:80]} |"
+                       " | | | |")
+            continue
+        if r["row"] == "dense":
+            out.append(f"| {r['context']} | {r['batch']} | | dense {r['impl']} | | {r['us']:.1f} | "
+                       f"{r.get('TBps', 0):.2f} | | | |")
+            continue
+        share = f"{r['tail_share']:+.1%}" if "tail_share" in r else ""
+        sp = f"{r['speedup']:.2f}" if r.get("speedup") else ""
+        chk = (f"{r['check']['out_rel_err_vs_jnp_tail']:.1e} {'ok' if r['check']['ok'] else 'FAIL'}"
+               if "check" in r else "")
+        tb = f"{r['TBps']:.2f}" if "TBps" in r else ""
+        out.append(f"| {r['context']} | {r['batch']} | {r['beta']:.1f} | {r['row']} | {r['tail']} | {r['us']:.1f} | "
+                   f"{tb} | {share} | {sp} | {chk} |")
+    return "\n".join(out) + "\n"
 
 
 def _scan_lists(q, st, beta, ns, interp):
@@ -433,8 +545,12 @@ def main(argv=None):
     ap.add_argument("--hq", type=int, default=32)
     ap.add_argument("--hkv", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--tail", action="store_true", help="only the estimated tail's rows (issue 21; --pairs cases)")
     args = ap.parse_args(argv)
-    if args.smoke:
+    if args.tail and args.smoke:
+        args.pairs, args.layers, args.iters, args.dense, args.betas64 = ["1:2048"], 2, 1, ["jnp"], [16.0, 24.0]
+        args.hq, args.hkv, args.num_splits, args.refine_programs = 8, 2, 4, 4
+    elif args.smoke:
         args.pairs, args.synthetic_pairs, args.layers, args.iters, args.dense = ["1:2048"], ["1:1024"], 2, 1, ["jnp"]
         args.betas64, args.betas, args.hq, args.hkv = [16.0, 24.0], [20.0], 8, 2
         args.num_splits, args.refine_programs, args.variant_pairs, args.stage_pairs = 4, 4, ["1:2048"], ["1:2048"]
@@ -449,6 +565,22 @@ def main(argv=None):
 
     def log(r):
         print(json.dumps(r), flush=True)
+
+    if args.tail:
+        t0 = time.perf_counter()
+        for pair in args.pairs:
+            b, s = (int(x) for x in pair.split(":"))
+            try:
+                rows += tail_case(b, s, args, bw, log)
+            except Exception as e:
+                rows.append({"row": "case", "keys": "real-proxy", "context": s, "batch": b,
+                             "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                traceback.print_exc()
+            meta["wall_s"] = time.perf_counter() - t0
+            harness.write_results(args.out, "dipr_real_keys_tail", {"meta": meta, "rows": rows},
+                                  tail_markdown(meta, rows))
+        print(tail_markdown(meta, rows))
+        return 0
 
     cases = [(kind, pair) for pair in args.pairs for kind in args.keys
              if kind != "synthetic" or pair in args.synthetic_pairs]

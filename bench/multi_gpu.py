@@ -127,7 +127,8 @@ def main(argv=None):
         setup = time.perf_counter() - t0
         gpu_bytes, kv_bytes = store_bytes(stores)
         row = {**meta, "gpu": meta.get("device"), "gpus": args.gpus, "context": context, "layers": cfg.num_layers,
-               "placement": "device", "gpu_context_bytes": gpu_bytes, "gpu_context_bytes_per_gpu": gpu_bytes // args.gpus,
+               "placement": "device", "gpu_context_bytes": gpu_bytes,
+               "gpu_context_bytes_per_gpu": gpu_bytes // args.gpus,
                "kv_bytes": kv_bytes, "beta": beta, "setup_s": setup}
         variants = {"dipr": AttentionConfig(method="dipr", kernel=KernelConfig(implementation=impl)),
                     "full-cudnn": AttentionConfig(method="full", kernel=KernelConfig(prefill_attention="cudnn"))}

@@ -394,12 +394,12 @@ def write_markdown(res, path):
         L += [open(notes).read().strip(), ""]
     L += ["## Findings (computed from the rows)", ""] + analyse(rows) + [""]
     L += ["## All configurations", "",
-          "| context | config | keys | KL to full | ppl | ppl full | ppl increase | recall | top1 | overflow |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| context | config | keys | KL to full | ppl | ppl full | ppl increase | recall | top1 |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append(f"| {r['context']} | {r['name']} | {r['keys_fraction']:.2%} | {r['kl_to_full']:.4f} | "
                  f"{r['ppl']:.3f} | {r['ppl_full']:.3f} | {r['ppl_increase']:+.2%} | {r['attention_recall']:.3f} | "
-                 f"{r['top1_agreement']:.2f} | {r['overflow_steps']} |")
+                 f"{r['top1_agreement']:.2f} |")
     # Per-layer keys fraction of DIPR β=32 (the basis of the auto thresholds).
     L += ["", "## Per-layer keys fraction and recall, DIPR β=32", "",
           "| context | " + " | ".join(f"L{i}" for i in range(30)) + " |", "|---|" + "---|" * 30]

@@ -105,7 +105,7 @@ def evaluate(engine, tokens, text, ctx, steps, args, res, save, log):
     def record(family, name, r, t1, extra=None):
         row = {"text": text, "context": ctx, "family": family, "name": name,
                **{k: r[k] for k in ("tokens", "kl_to_full", "kl_to_full_max", "keys_fraction", "ppl", "ppl_full",
-                                    "ppl_increase", "top1_agreement", "attention_recall", "overflow_steps")},
+                                    "ppl_increase", "top1_agreement", "attention_recall")},
                "per_layer_keys": [x["keys_fraction"] for x in r["per_layer"]],
                "per_layer_recall": [x["attention_recall"] for x in r["per_layer"]],
                **({"calibration": r["calibration"], "dipr_beta_per_layer": r["dipr_beta_per_layer"]}
@@ -213,7 +213,9 @@ def targets(rows):
     return lines
 
 
-def plot(rows, out_dir):
+def plot(rows, out_dir, *, name="quality_calibrated_kl.png", styles=None):
+    """KL against keys attended, one panel per (text, context), one curve per family; ``styles``: family →
+    (matplotlib format, colour), the others get one from a cycle."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -223,7 +225,7 @@ def plot(rows, out_dir):
     ctxs = sorted({r["context"] for r in rows})
     fig, axes = plt.subplots(len(texts), len(ctxs), figsize=(5.0 * len(ctxs), 4.0 * len(texts)), squeeze=False)
     cal_colors = itertools.cycle(["C1", "C2", "C4", "C8", "C9", "k", "C7", "C3", "C0"])
-    styles = dict(FAMILY_STYLE)
+    styles = dict(FAMILY_STYLE if styles is None else styles)
     for ti, text in enumerate(texts):
         for ci, ctx in enumerate(ctxs):
             ax = axes[ti][ci]
@@ -251,7 +253,7 @@ def plot(rows, out_dir):
             seen.setdefault(lab, h)
     fig.legend(list(seen.values()), list(seen.keys()), loc="lower center", ncol=4, fontsize=7)
     fig.tight_layout(rect=(0, 0.03 + 0.02 * math.ceil(len(seen) / 4), 1, 1))
-    fig.savefig(os.path.join(out_dir, "quality_calibrated_kl.png"), dpi=100)
+    fig.savefig(os.path.join(out_dir, name), dpi=100)
     plt.close(fig)
 
 
@@ -297,22 +299,40 @@ def write_markdown(res, path):
             L.append(f"| {r['text']} | {r['context']} | {r['name']} | " + " ".join(
                 "∞" if x["median"] is None else f"{x['median']:g}" for x in r["dipr_beta_per_layer"]) + " |")
     if res.get("needle"):
-        L += ["", "## Needle (raw completion; 3% of keys where the context allows)", "",
-              f"\"{q.NEEDLE}\" planted at a line boundary at the given depth of `pydoc_data.topics` filler; greedy, "
-              "8 new tokens; found = output contains 68142.", ""]
-        names = list(dict.fromkeys(r["method"] for r in res["needle"]))
-        L += ["| tokens | depth | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
-        cells = {}
-        for r in res["needle"]:
-            cells.setdefault((r["tokens"], r["depth"]), {})[r["method"]] = r
-        for (n, d), cs in cells.items():
-            L.append(f"| {n} | {d:.0%} | " + " | ".join(
-                ("✓" if cs[k]["found"] else "✗ `" + cs[k]["output"].strip().replace("\n", " ").replace("|", "\\|")
-                 + "`") if k in cs else "" for k in names) + " |")
-        tot = [(sum(cells[c][k]["found"] for c in cells if k in cells[c]), sum(k in cells[c] for c in cells))
-               for k in names]
-        L.append("| **found** | | " + " | ".join(f"**{a}/{b}**" for a, b in tot) + " |")
+        L += needle_table(res["needle"], "## Needle (raw completion; 3% of keys where the context allows)")
     harness.write_text(path, "\n".join(L) + "\n")
+
+
+def resume_into(res: dict, json_path: str):
+    """--resume: the rows, needle rows and text sizes of an earlier run's JSON into ``res`` (its meta
+    returned; None when there is none)."""
+    if not os.path.exists(json_path):
+        return None
+    with open(json_path) as f:
+        old = json.load(f)
+    res["rows"], res["needle"] = old.get("rows", []), old.get("needle", [])
+    res["meta"]["text_tokens"] = {**old["meta"].get("text_tokens", {}), **res["meta"]["text_tokens"]}
+    return old["meta"]
+
+
+def needle_table(needles, heading: str) -> list:
+    """Markdown lines of the needle rows (method × (tokens, depth), ✓ or the output, found per method)."""
+    L = ["", heading, "",
+         f"\"{q.NEEDLE}\" planted at a line boundary at the given depth of `pydoc_data.topics` filler; greedy, "
+         "8 new tokens; found = output contains 68142.", ""]
+    names = list(dict.fromkeys(r["method"] for r in needles))
+    L += ["| tokens | depth | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    cells = {}
+    for r in needles:
+        cells.setdefault((r["tokens"], r["depth"]), {})[r["method"]] = r
+    for (n, d), cs in cells.items():
+        L.append(f"| {n} | {d:.0%} | " + " | ".join(
+            ("✓" if cs[k]["found"] else "✗ `" + cs[k]["output"].strip().replace("\n", " ").replace("|", "\\|")
+             + "`") if k in cs else "" for k in names) + " |")
+    tot = [(sum(cells[c][k]["found"] for c in cells if k in cells[c]), sum(k in cells[c] for c in cells))
+           for k in names]
+    L.append("| **found** | | " + " | ".join(f"**{a}/{b}**" for a, b in tot) + " |")
+    return L
 
 
 def needle_methods(sink, window):
@@ -383,11 +403,8 @@ def main(argv=None):
     meta = harness.run_meta(steps=args.steps, n_cal=args.n_cal, sink=args.sink, window=args.window,
                             text_tokens={t: len(v) for t, v in texts.items()})
     res = {"meta": meta, "rows": [], "needle": []}
-    if args.resume and os.path.exists(json_path):
-        with open(json_path) as f:
-            old = json.load(f)
-        res["rows"], res["needle"] = old.get("rows", []), old.get("needle", [])
-        res["meta"]["text_tokens"] = {**old["meta"].get("text_tokens", {}), **meta["text_tokens"]}
+    if args.resume:
+        resume_into(res, json_path)
 
     def save():
         harness.write_json(json_path, res)

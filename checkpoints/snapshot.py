@@ -43,10 +43,11 @@ from checkpoints.storage import TempDir, route_background_noise, storage_error
 from alaya_jax.store import kv_store
 from alaya_jax.store.kv_store import KVStore
 
-#: Format 2 stores the per-key codes (and rotation signs) beside keys and values; format 1
-#: (block min/max summaries, no codes) is still read: its codes are rebuilt from the keys on load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+#: Format 3 stores the block value means (``KVStore.value_means``) beside keys, values and the
+#: per-key codes. Older formats are still read: format 2 (codes, no value means) gets its means
+#: rebuilt from the values on load; format 1 (block min/max summaries, no codes) its codes and means.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "meta.json"
 TOKENS_FILE = "tokens.npy"
 BETA_FILE = "dipr_beta.npy"
@@ -532,6 +533,8 @@ def abstract_tree(meta: SnapshotMeta, sharding=None) -> dict:
             summ = jax.ShapeDtypeStruct((1, meta.num_kv_heads, meta.num_blocks, meta.head_dim), jnp.float32,
                                         sharding=sharding)
             return {**{f: arrays[f] for f in ("keys", "values", "lengths")}, "kmin": summ, "kmax": summ}
+        if meta.format_version == 2:  # codes, no block value means
+            return {f: a for f, a in arrays.items() if f != "value_means"}
         return dict(arrays)
 
     return {"layers": [layer() for _ in range(meta.num_layers)]}
@@ -539,13 +542,14 @@ def abstract_tree(meta: SnapshotMeta, sharding=None) -> dict:
 
 def _store_from_tree(layer: dict, meta: SnapshotMeta) -> KVStore:
     """A restored layer as a ``KVStore``; format-1 layers get their codes built from the keys
-    (default rotation seed)."""
+    (default rotation seed), format-1 and -2 layers their block value means from the values."""
     if meta.format_version == 1:
         signs = jnp.asarray(kv_store.rotation_signs(meta.num_kv_heads, meta.head_dim,
                                                     seed=kv_store.DEFAULT_CODE_SEED))
         codes, scale, err = kv_store.key_codes(layer["keys"], signs)
-        return KVStore(keys=layer["keys"], values=layer["values"], codes=codes, code_scale=scale,
-                       code_err=err, rot_signs=signs, lengths=layer["lengths"])
+        layer = dict(layer, codes=codes, code_scale=scale, code_err=err, rot_signs=signs)
+    if meta.format_version < 3:
+        layer = dict(layer, value_means=kv_store.block_value_means(layer["values"], layer["lengths"]))
     return kv_store.from_arrays(layer)
 
 

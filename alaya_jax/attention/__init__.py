@@ -11,10 +11,11 @@
   same over a store sharded along the sequence (per-device partials merged by log-sum-exp, §10);
   ``masked``: attention under an explicit key mask, raw scores, sink/window masks;
   ``baselines``: top-k, top-p, Quest and InfLLM-style selections.
+- ``tail``: the estimated tail (``AttentionConfig.tail``): exact attention over a method's keys, the
+  key codes' estimates and the block value means for the keys it leaves out.
 - ``dipr/``: exact DIPR — brute force, filter–refine over the store's codes (unsharded, or shard by shard
-  over a mesh: §10), calibration.
+  over a mesh: §10; the kernels' estimated tail unsharded only), calibration.
 
 May import: ``alaya_jax.store``, ``alaya_jax.errors``, ``pallas_kernels``; never
-``runtime``, ``server`` or ``cli``. Future home: an estimated-tail attention option is a
-new method in ``registry`` (and, if it needs one, a module beside ``dipr/``).
+``runtime``, ``server`` or ``cli``.
 """

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from alaya_jax.attention import registry
+from alaya_jax.attention import registry, tail
 from alaya_jax.attention.dense import DENSE_IMPLEMENTATIONS
 from alaya_jax.errors import ConfigError
 from alaya_jax.store.placement import DEFAULT_PLACEMENT, PLACEMENTS, check_placement
@@ -123,8 +123,12 @@ class AttentionConfig:
     by ``topp``. ``dense_layers``: layers that always run full attention. ``auto``: full
     attention while the context is shorter than ``auto_min_context``, else DIPR with
     ``auto_dense_layers`` dense (see the README's speed table for where the filter–refine
-    DIPR path beats dense attention on real-key-proxy data). ``collect_stats``: decode
-    steps also return per-layer statistics (keys attended, recall; for evaluation).
+    DIPR path beats dense attention on real-key-proxy data). ``tail``: what the keys a sparse
+    method does not select contribute (:mod:`alaya_jax.attention.tail`): "estimate" — the weight of
+    their code estimates, with their block's mean value; "none" — nothing (exact sparse attention
+    over the selected keys, renormalised); the modes of ``tail.STUDY_MODES`` are for measurements
+    only. Method ``full`` has no tail. ``collect_stats``: decode steps also return per-layer
+    statistics (keys attended, recall; for evaluation).
     ``kernel``: how the kernels run; ``calibration``: self-calibrated DIPR.
     """
 
@@ -139,6 +143,7 @@ class AttentionConfig:
     # 0.94x at 32K: bench/results/decode_step_real/decode_step_real_16tok.md)
     auto_min_context: int = 131072
     auto_dense_layers: tuple[int, ...] = ()
+    tail: str = tail.DEFAULT_TAIL
     collect_stats: bool = False
     kernel: KernelConfig = KernelConfig()
     calibration: CalibrationConfig = CalibrationConfig()
@@ -156,6 +161,12 @@ class AttentionConfig:
             raise ConfigError(f"sink and window must be >= 0, got sink={self.sink}, window={self.window}")
         if not isinstance(self.kernel, KernelConfig) or not isinstance(self.calibration, CalibrationConfig):
             raise TypeError("kernel must be a KernelConfig and calibration a CalibrationConfig")
+        if self.tail not in tail.TAIL_MODES + tail.STUDY_MODES:
+            raise ConfigError(f"unknown tail {self.tail!r}; choose one of {', '.join(tail.TAIL_MODES)}")
+        if (self.tail not in tail.TAIL_MODES and self.method in ("dipr", "auto")
+                and self.kernel.implementation != "reference"):
+            raise ConfigError(f"the study tail {self.tail!r} runs with DIPR implementation 'reference' only, not "
+                              f"{self.kernel.implementation!r}: the kernels take tail 'estimate' or 'none'")
         if self.calibrated and self.method not in ("dipr", "auto"):
             raise ConfigError(f"dipr_mass / dipr_keys calibrate DIPR; they cannot be used with method "
                               f"{self.method!r} (use method 'dipr')")
@@ -164,6 +175,13 @@ class AttentionConfig:
     def calibrated(self) -> bool:
         """True when DIPR's β per (layer, head) is chosen by calibration (dipr_mass or dipr_keys)."""
         return self.calibration.active
+
+    @property
+    def effective_tail(self) -> str:
+        """The tail mode decode steps run: ``tail``, or "none" for method ``full`` (no key is left out)."""
+        if self.method == "auto":
+            raise ValueError("resolve 'auto' with AttentionConfig.resolve(context_length) first")
+        return "none" if self.method == "full" else self.tail
 
     @property
     def registry_name(self) -> str:

@@ -24,7 +24,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from alaya_jax.attention import baselines
+from alaya_jax.attention import baselines, tail
+from alaya_jax.attention.dipr.brute_force import range_mask_from_scores
 from alaya_jax.attention.dipr.filter_refine import dipr_store_attention
 from alaya_jax.attention.masked import masked_attention, raw_scores, sink_window_mask
 from alaya_jax.store import kv_store
@@ -77,8 +78,9 @@ def visible_keys(store, cfg, key_mask):
     return valid if key_mask is None else valid & (key_mask | _sw(store, cfg)[:, 0])
 
 
-def _masked(select):
-    """A method that builds a token mask from the exact scores, then attends densely-masked."""
+def _masked(select, *, with_tail: bool = True):
+    """A method that builds a token mask from the exact scores, then attends densely-masked, plus the
+    estimated tail of ``cfg.tail`` over the visible keys outside the mask (``with_tail``: the method has one)."""
 
     def attend(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
         del mesh  # plain jnp over the global arrays: on a sharded store XLA partitions it (not by hand)
@@ -86,20 +88,39 @@ def _masked(select):
         scores = raw_scores(q, k)
         valid = visible_keys(store, cfg, key_mask)  # [B,S]
         mask = select(q, store, cfg, scores=scores, valid=valid, top_p=top_p) & valid[:, None, :]
-        out, _ = masked_attention(q, k, v, mask, scores=scores)
+        if cfg.tail == "none" or not with_tail:
+            out, _ = masked_attention(q, k, v, mask, scores=scores)
+        else:
+            out = tail.attend_with_tail(q, store, mask, mode=cfg.tail, scores=scores, visible=valid)
         return out, mask, {}
 
     return attend
 
 
 def _dipr(q, store, cfg, *, beta, with_mask, key_mask, mesh):
-    out, st, dmask = dipr_store_attention(
+    kernel_tail = cfg.tail == "estimate" and cfg.kernel.implementation == "pallas" and key_mask is None
+    if cfg.tail != "none" and not kernel_tail:  # jnp over the global arrays (a sharded store: XLA partitions it)
+        return _dipr_with_tail(q, store, cfg, beta=beta, key_mask=key_mask)
+    out, st, dmask = dipr_store_attention(  # the kernels' tail with a mesh: refused there
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
-        key_mask=key_mask, mesh=mesh,
+        key_mask=key_mask, mesh=mesh, tail=cfg.tail,
     )
     stats = {"candidates": st.candidates}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
+
+
+def _dipr_with_tail(q, store, cfg, *, beta, key_mask):
+    """The jnp reference of DIPR with the estimated tail (implementation "reference", the study modes, a
+    filter): the DIPR set from the exact scores (brute force: the set filter–refine finds) ∪ sink ∪ window
+    attended exactly, plus the tail over every other visible key, ŝ from ``tail.code_estimates`` (the
+    Pallas path's ŝ is the scan's int8-plane estimate of the same code: they differ by the query split,
+    ≤ 2^-14 relative, and its DIPR set by the refine's rounding slack)."""
+    scores = raw_scores(q, store.dense_keys())
+    beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), q.shape[:2])
+    visible = visible_keys(store, cfg, key_mask)
+    mask = range_mask_from_scores(scores, visible, beta[..., None]) | _sw(store, cfg)
+    return tail.attend_with_tail(q, store, mask, mode=cfg.tail, scores=scores, visible=visible), mask, {}
 
 
 def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
@@ -115,7 +136,7 @@ def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=No
 
 
 register(AttentionMethod("full", _masked(lambda q, s, c, *, scores, valid, top_p:
-                                         jnp.broadcast_to(valid[:, None, :], scores.shape)),
+                                         jnp.broadcast_to(valid[:, None, :], scores.shape), with_tail=False),
                          "dense attention over every key"))
 register(AttentionMethod("dipr", _dipr_uniform,
                          "exact DIPR range query ∪ sink ∪ window: keys with q·k ≥ max − β (one β, or a β per "

@@ -8,6 +8,7 @@ import os
 import sys
 
 from alaya_jax.attention.config import DIPR_IMPLEMENTATIONS, KV_PLACEMENTS, METHODS
+from alaya_jax.attention.tail import DEFAULT_TAIL, TAIL_MODES
 from alaya_jax.errors import InputError
 
 
@@ -64,6 +65,10 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=unit_float, default=0.9, dest="attn_top_p", help="mass kept by topp")
     g.add_argument("--sink", type=nonneg_int, default=4, help="initial tokens always attended")
     g.add_argument("--window", type=nonneg_int, default=64, help="recent tokens always attended")
+    g.add_argument("--tail", choices=TAIL_MODES, default=DEFAULT_TAIL,
+                   help="what the keys a sparse method leaves out contribute: 'estimate' — the weight of their "
+                        "4-bit code estimates, with their block's mean value; 'none' — nothing (exact sparse "
+                        f"attention over the selected keys) (default {DEFAULT_TAIL})")
     g.add_argument("--implementation", choices=DIPR_IMPLEMENTATIONS, default="reference",
                    help="kernel implementation for DIPR (pallas: interpret mode on CPU)")
     g.add_argument("--kv-placement", choices=KV_PLACEMENTS, default="device",
@@ -97,6 +102,11 @@ def devices_arg(args) -> int:
     have = jax.devices()
     if args.devices > len(have):
         raise UsageError(f"--devices {args.devices}: the {jax.default_backend()} backend has {len(have)} device(s)")
+    kernel_tail = (getattr(args, "tail", "none") != "none" and getattr(args, "implementation", None) == "pallas"
+                   and getattr(args, "attention", None) in ("dipr", "auto"))
+    if args.devices > 1 and kernel_tail:
+        raise UsageError(f"--tail {args.tail} with --implementation pallas over --devices {args.devices}: the "
+                         "estimated tail is not supported on a sharded store yet (use --tail none, or one device)")
     return args.devices
 
 
@@ -110,7 +120,7 @@ def attention_config(args, *, prefill_attention: str = "reference"):
         raise UsageError(f"--dipr-mass / --dipr-keys calibrate DIPR; use them with --attention dipr "
                          f"(got --attention {args.attention})")
     return AttentionConfig(method=args.attention, beta=args.beta, budget=args.budget, top_p=args.attn_top_p,
-                           sink=args.sink, window=args.window,
+                           sink=args.sink, window=args.window, tail=args.tail,
                            kernel=KernelConfig(implementation=args.implementation, prefill_attention=prefill_attention,
                                                kv_placement=args.kv_placement),
                            calibration=CalibrationConfig(dipr_mass=args.dipr_mass, dipr_keys=args.dipr_keys,

@@ -42,7 +42,7 @@ def cmd_eval(args) -> int:
         res = engine.score(ids, progress=(bar.update if bar else None))
         if bar is not None:
             bar.close()
-        out = {"tokens": res.tokens, "nll": res.nll, "ppl": res.ppl, "attention": "full"}
+        out = {"tokens": res.tokens, "nll": res.nll, "ppl": res.ppl, "attention": "full", "tail": "none"}
     else:
         from alaya_jax.runtime.evaluation import score_sparse
 
@@ -51,7 +51,8 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"tokens {out['tokens']}  nll {out['nll']:.4f}  ppl {out['ppl']:.3f}  attention {out['attention']}")
+        print(f"tokens {out['tokens']}  nll {out['nll']:.4f}  ppl {out['ppl']:.3f}  attention {out['attention']}"
+              f"  tail {out['tail']}")
         for k in ("kl_to_full", "keys_fraction", "mean_keys_attended", "attention_recall"):
             if k in out:
                 print(f"{k} {out[k]:.4g}")

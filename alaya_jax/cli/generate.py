@@ -130,6 +130,7 @@ def cmd_generate(args) -> int:
         "tpot_s": None if math.isnan(r.tpot_s) else r.tpot_s,
         "decode_tokens_per_s": None if math.isnan(r.tpot_s) else 1.0 / r.tpot_s,
         "attention": attention.method,
+        "tail": attention.resolve(len(ids)).effective_tail,
         "stopped": r.stopped,
     }
     if attention.calibrated:
@@ -150,7 +151,7 @@ def cmd_generate(args) -> int:
         reused = f", {r.reused_tokens} reused" if args.db else ""
         st = f"; stored context snapshot {stored}" if stored else ""
         print(f"[{len(ids)} prompt tokens{reused}, {len(r.tokens)} new; time to first token "
-              f"{ttft:.2f} s{tp}; attention={attention.method}{st}]", file=sys.stderr)
+              f"{ttft:.2f} s{tp}; attention={attention.method} tail={out['tail']}{st}]", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Long texts available without any download: Python's own ``pydoc_data.topics`` and IDLE's help."""
+"""Long texts available without any download: Python's own ``pydoc_data.topics``, IDLE's help, and the
+licence text that numpy ships (legal English prose)."""
 
 from __future__ import annotations
 
@@ -63,4 +64,20 @@ def idle_help() -> str:
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()
 
 
-TEXTS = {"pydoc": pydoc_topics, "idle-help": idle_help}
+def numpy_license() -> str:
+    """The ``LICENSE.txt`` that the installed numpy distribution ships: numpy's BSD licence and the licences
+    of the libraries its wheels bundle, the GPL-3 in full (~9K SmolLM2 tokens of legal English prose, a text
+    that none of the attention tuning saw). Runs of blank lines collapsed as in :func:`idle_help`."""
+    import importlib.metadata
+    import re
+
+    dist = importlib.metadata.distribution("numpy")
+    names = [f for f in (dist.files or ()) if f.name in ("LICENSE.txt", "LICENSE")]
+    if not names:
+        raise FileNotFoundError("the installed numpy distribution lists no LICENSE.txt")
+    text = names[0].read_text(encoding="utf-8")
+    text = re.sub(r"[ \t]+", " ", text)
+    return re.sub(r"\n\s*\n+", "\n\n", text).strip()
+
+
+TEXTS = {"pydoc": pydoc_topics, "idle-help": idle_help, "numpy-license": numpy_license}

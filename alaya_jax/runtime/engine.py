@@ -215,12 +215,15 @@ class Engine:
                                                         sampled=sampled, nucleus=nucleus)
             return out, caches[0].lengths, dstate, caches
 
-        def curves(state, tokens, positions, caches, row_ok, grid, sink, window):
+        def curves(state, tokens, positions, caches, row_ok, grid, sink, window, tail):
             # The calibration rows' keys are already in the caches: attend without appending.
             m = nnx.merge(graphdef, state)
 
             def attn(layer, q, k, v, cache, pos):
                 c = calibration.layer_curves(q, cache, pos, row_ok, sink=sink, window=window, grid=grid)
+                if tail != "none":
+                    c = (*c, *calibration.tail_error_curve(q, cache, pos, row_ok, sink=sink, window=window,
+                                                           grid=grid, mode=tail))
                 return causal_attention(q, cache, pos), cache, c
 
             _, _, aux = m.hidden(tokens, positions, caches, attention=attn)
@@ -238,7 +241,7 @@ class Engine:
             return jax.lax.with_sharding_constraint(caches, tuple(sharding.store_shardings(st, mesh) for st in caches))
 
         dc = ("caches",) if donate else ()
-        self._curves = jax.jit(curves, static_argnames=("sink", "window"))
+        self._curves = jax.jit(curves, static_argnames=("sink", "window", "tail"))
         self._forward = jax.jit(forward, static_argnames=("cfg", "last_only"), donate_argnames=dc)
         self._decode = jax.jit(decode, static_argnames=("cfg",), donate_argnames=dc)
         self._chunk = jax.jit(chunk, static_argnames=("cfg", "sampled", "nucleus"), donate_argnames=dc)
@@ -356,18 +359,21 @@ class Engine:
 
     # ------------------------------------------------------------------ calibration
     def calibration_curves(self, caches, tails: Sequence[Sequence[int]], *, sink: int,
-                           window: int) -> calibration.Curves:
+                           window: int, tail: str = "none") -> calibration.Curves:
         """The calibration curves (:class:`alaya_jax.attention.dipr.calibration.Curves`) of prefilled caches:
-        ``tails[b]`` are the last tokens of sequence b's context (the calibration queries)."""
+        ``tails[b]`` are the last tokens of sequence b's context (the calibration queries); ``tail`` other
+        than "none": also the output error with that tail (``Curves.tail_err``)."""
         lengths = np.asarray(caches[0].lengths)
         if len(tails) != len(lengths):
             raise ValueError(f"{len(tails)} calibration tails for a batch of {len(lengths)}")
         toks, pos, ok = calibration.calibration_inputs(tails, lengths)
         aux = self._curves(self._state, jnp.asarray(toks), jnp.asarray(pos), caches, jnp.asarray(ok),
-                           jnp.asarray(calibration.BETA_GRID), sink=sink, window=window)
+                           jnp.asarray(calibration.BETA_GRID), sink=sink, window=window, tail=tail)
         mass, keys, spread, recall, vmass = (np.stack([np.asarray(a[i], np.float64) for a in aux]) for i in range(5))
+        tail_err, tail_rel = ((None, None) if tail == "none" else
+                              (np.stack([np.asarray(a[i], np.float64) for a in aux]) for i in (5, 6)))
         return calibration.Curves(mass=mass, keys=keys, spread=spread, rows=ok.sum(axis=1), length=lengths,
-                                  recall=recall, vmass=vmass)
+                                  recall=recall, vmass=vmass, tail_err=tail_err, tail_rel=tail_rel, tail=tail)
 
     def calibrate(self, caches, tails: Sequence[Sequence[int]], attention: AttentionConfig):
         """Calibrated DIPR: choose a β per (layer, query head) from the last ``attention.calibration.n_cal``

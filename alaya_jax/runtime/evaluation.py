@@ -200,13 +200,13 @@ def score_against(
     lr = np.stack([_mean_stat(a, "recall") for a in auxes])
     lf = lk / ctx
     lb = np.stack([_mean_stat(a, "candidates") for a in auxes]) / ctx
-    overflow = int(sum(int(np.asarray(l.get("overflow", 0))) for a in auxes for l in a))
     dipr_layers = np.isfinite(lb[0])
     m, mf = float(nll.mean()), float(nll_f.mean())
     return {
         "tokens": ref.steps,
         "prefill_tokens": p,
         "attention": cfg.method,
+        "tail": cfg.effective_tail,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
         "nll": m,
         "ppl": math.exp(m),
@@ -221,7 +221,6 @@ def score_against(
         "keys_fraction": float(lf.mean()),
         "attention_recall": float(lr.mean()),
         "candidates_fraction": float(lb[:, dipr_layers].mean()) if dipr_layers.any() else None,
-        "overflow_steps": overflow,
         **({"calibration": cal, "dipr_beta_per_layer": calibration.beta_summary(caches)} if cal is not None else {}),
         "per_layer": [
             {"layer": i, "mean_keys_attended": float(lk[:, i].mean()), "keys_fraction": float(lf[:, i].mean()),
@@ -246,7 +245,7 @@ def score_sparse(
     distribution of full attention to the method's), ``mean_keys_attended``,
     ``keys_fraction`` (keys attended / context length, mean over steps, heads and
     layers), ``attention_recall`` (share of the full softmax mass on the attended
-    keys), ``candidates_fraction`` (keys refined exactly, DIPR) and ``overflow_steps``, and ``per_layer``.
+    keys), ``candidates_fraction`` (keys refined exactly, DIPR), and ``per_layer``.
     """
     n = len(tokens)
     p = prefill_tokens if prefill_tokens is not None else max(1, n - 256)

@@ -21,6 +21,7 @@ import unicodedata
 from typing import Any, Optional, Sequence
 
 from alaya_jax.attention.config import METHODS
+from alaya_jax.attention.tail import TAIL_MODES
 from alaya_jax.server.errors import APIError
 
 
@@ -260,6 +261,7 @@ MESSAGE = Object({"role": Str(choices=ROLES, unknown="unsupported role"),
 #: Add a field here (and nowhere else) to let requests set it.
 ATTENTION_FIELDS = {"attention": ("method", Str(choices=METHODS, unknown="unknown attention")),
                     "beta": ("beta", Number()),
+                    "tail": ("tail", Str(choices=TAIL_MODES, unknown="unknown tail")),
                     # calibrated DIPR: a β per (layer, head) chosen from the prompt's last queries
                     "dipr_mass": ("calibration.dipr_mass", Number()),
                     "dipr_keys": ("calibration.dipr_keys", Number())}

@@ -10,6 +10,9 @@ scans instead of the key (docs/design.md §3; filter–refine: §4)::
                                           (dim j low nibble, dim j + D/2 high nibble)
     code_scale   : [B, Hkv, NB, Bk] f16  per-key scale of the 4-bit levels −7..7
     code_err     : [B, Hkv, NB, Bk] f16  ‖rotated key − decoded code‖₂, rounded up
+    value_means  : [B, Hkv, NB, D] f32    mean of the values of each block's valid positions
+                                          (0 for a block without one): what the estimated
+                                          tail attends to for the keys it does not read
     rot_signs    : [Hkv, D] f32           ±1: the rotation H·diag(signs)/√D per KV head
     lengths      : [B] int32             valid positions per sequence
     dipr_beta    : [B, Hq] f32 or None   this layer's DIPR β per query head, chosen by
@@ -20,7 +23,9 @@ scans instead of the key (docs/design.md §3; filter–refine: §4)::
 
 ``capacity = NB * Bk`` is static. Codes are built from the stored (dtype-cast)
 keys at prefill and appended with every new key, so they always describe the
-keys that the refine step reads. Every update returns a new store; nothing is
+keys that the refine step reads; the block value means are recomputed, from the
+stored values, for every block an append, a truncation or a change of lengths
+touches, so they always describe the valid values. Every update returns a new store; nothing is
 mutated in place. Block structure (``Bk``) is what prefix reuse hashes and what
 the block baselines (Quest, InfLLM) select; the DIPR search is per key.
 
@@ -60,9 +65,14 @@ DEFAULT_CODE_SEED = 0
 #: that padding a store and building it from zero-padded keys give the same bits.
 ZERO_CODE = (CODE_MAX + 1) * 0x11
 
-# Fields with a block axis (axis 2) and a position inside the block (axis 3), each with its
-# fill value for positions that hold no key. Private: only this module reads the layout.
-_BLANK = {"keys": 0, "values": 0, "codes": ZERO_CODE, "code_scale": 0, "code_err": 0}
+# The block value means (``KVStore.value_means``) are held in the values' dtype (averaged in f32):
+# 1/64 of the values' bytes at Bk = 64, so that the code scan's tail reads 1/34 of a key code's
+# bytes more per key (bf16, D = 128), not twice that.
+
+# Fields with a block axis (axis 2), each with its fill value for blocks / positions that hold no
+# key (all but ``value_means`` also have a position inside the block, axis 3). Private: only this
+# module reads the layout.
+_BLANK = {"keys": 0, "values": 0, "codes": ZERO_CODE, "code_scale": 0, "code_err": 0, "value_means": 0}
 _BLOCKED_FIELDS = tuple(_BLANK)
 # The arrays of a store as snapshots save them (``dipr_beta`` is optional and kept apart).
 _ARRAY_FIELDS = (*_BLOCKED_FIELDS, "rot_signs", "lengths")
@@ -75,6 +85,7 @@ class KVStore:
     codes: jax.Array  # [B, Hkv, NB, Bk, D/2] uint8
     code_scale: jax.Array  # [B, Hkv, NB, Bk] f16
     code_err: jax.Array  # [B, Hkv, NB, Bk] f16
+    value_means: jax.Array  # [B, Hkv, NB, D] values' dtype: mean of each block's valid values
     rot_signs: jax.Array  # [Hkv, D] f32
     lengths: jax.Array  # [B] int32
     dipr_beta: Optional[jax.Array] = None  # [B, Hq] f32: calibrated β per query head (None: not calibrated)
@@ -200,6 +211,7 @@ def empty(
         codes=jnp.full(shape + (head_dim // 2,), ZERO_CODE, jnp.uint8),
         code_scale=jnp.zeros(shape, jnp.float16),
         code_err=jnp.zeros(shape, jnp.float16),
+        value_means=jnp.zeros((batch, num_kv_heads, nb, head_dim), dtype),
         rot_signs=jnp.asarray(rotation_signs(num_kv_heads, head_dim, seed=code_seed)),
         lengths=jnp.zeros((batch,), jnp.int32),
         placement=placement,
@@ -251,6 +263,42 @@ def with_codes(store: KVStore, *, code_seed: Optional[int] = None) -> KVStore:
         rotation_signs(store.num_kv_heads, store.head_dim, seed=code_seed))
     codes, scale, err = key_codes(store.blocked_keys(), signs)
     return store.replace(codes=codes, code_scale=scale, code_err=err, rot_signs=signs)
+
+
+def _block_valid(lengths: jax.Array, first_blocks: jax.Array, num_blocks: int, block_size: int) -> jax.Array:
+    """bool [B, n, Bk]: which positions of blocks ``first_blocks[b] + 0..n-1`` lie below ``lengths[b]``
+    (``first_blocks`` [B] or a number)."""
+    blk = jnp.asarray(first_blocks, jnp.int32).reshape(-1, 1) + jnp.arange(num_blocks, dtype=jnp.int32)
+    pos = blk[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
+    return pos < lengths[:, None, None]
+
+
+def _masked_block_means(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """values [B, Hkv, n, Bk, D], valid bool [B, n, Bk] → [B, Hkv, n, D] in the values' dtype: the mean
+    of each block's valid values, summed in f32 (0 where none is valid; invalid positions may hold NaN)."""
+    ok = valid[:, None, :, :, None]
+    total = jnp.sum(jnp.where(ok, values.astype(jnp.float32), 0.0), axis=3)
+    count = jnp.sum(ok, axis=3, dtype=jnp.float32)
+    return (total / jnp.maximum(count, 1.0)).astype(values.dtype)
+
+
+def block_value_means(values: jax.Array, lengths: jax.Array) -> jax.Array:
+    """The mean value of every block's valid positions: values [B, Hkv, NB, Bk, D], lengths [B] →
+    [B, Hkv, NB, D] in the values' dtype (0 for blocks without a valid position)."""
+    _, _, nb, bk, _ = values.shape
+    return _masked_block_means(values, _block_valid(lengths, 0, nb, bk))
+
+
+def _device_values(store: KVStore) -> jax.Array:
+    """The values in device memory: a copy of all of them when the placement keeps them on the host (a
+    recomputation of the block means then reads every value over PCIe once)."""
+    return placements.to_device(store.values) if "values" in store.host_fields else store.values
+
+
+def with_value_means(store: KVStore) -> KVStore:
+    """The store with every block value mean recomputed from its values and lengths (used by the
+    shape changes that move lengths, and to upgrade stores loaded from snapshots without them)."""
+    return store.replace(value_means=block_value_means(_device_values(store), store.lengths))
 
 
 def block_summaries(keys: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -317,7 +365,7 @@ def from_dense(
     keys, values = blocked(k), blocked(v)
     codes, scale, err = key_codes(keys, signs)
     return KVStore(keys=keys, values=values, codes=codes, code_scale=scale, code_err=err,
-                   rot_signs=signs, lengths=lengths)
+                   value_means=block_value_means(values, lengths), rot_signs=signs, lengths=lengths)
 
 
 def append(
@@ -333,7 +381,8 @@ def append(
     k_new, v_new: [B, T, Hkv, D]; num_new: [B] int (default T) — sequence b takes
     its first ``num_new[b]`` rows at positions ``lengths[b] ...``. The new keys'
     codes are built and written beside them, so the store stays searchable after
-    every append.
+    every append, and the value means of the blocks the new rows land in are
+    recomputed from the stored values (at most ``ceil((T + Bk − 1) / Bk)`` blocks a sequence).
 
     Capacity: with concrete lengths an overflow raises ``ValueError``. Under
     ``jit`` the caller must check capacity up front (the generation loop does);
@@ -389,9 +438,46 @@ def append(
             return _write_host_rows(dst, src, store.lengths, num_new)
         return scatter(dst, src)
 
+    # The block means from the new rows (the stored values are not read: they may be in host memory, and
+    # every placement then holds the same bits).
+    means = _add_to_value_means(store.value_means, vt, store.lengths, new_lengths, bk, offset=first_position)
     return store.replace(keys=write("keys", kt), values=write("values", vt),
                          codes=scatter(store.codes, codes), code_scale=scatter(store.code_scale, scale),
-                         code_err=scatter(store.code_err, err), lengths=new_lengths)
+                         code_err=scatter(store.code_err, err),
+                         value_means=means, lengths=new_lengths)
+
+
+def _add_to_value_means(means: jax.Array, vt: jax.Array, old_lengths: jax.Array, new_lengths: jax.Array,
+                        bk: int, *, offset=None) -> jax.Array:
+    """``means`` [B, Hkv, NB, D] updated for the rows ``vt[b, :, :new − old]`` ([B, Hkv, T, D], device)
+    appended at positions ``old_lengths[b] ...``, without reading the stored values (they may be in host
+    memory): mean' = (mean·n + Σ new rows of the block) / n', in f32 from the stored mean (so in bf16 one
+    rounding of the mean per append: after a block of decode steps the mean is within ~1% of the exact
+    recomputation that :func:`with_value_means` makes). ``offset``: None, or a shard's first global position
+    (``append``'s ``first_position``): the lengths are the sequences' global ones, ``means`` the shard's
+    blocks; only the new rows that fall in the shard are added."""
+    b, _, nb, d = means.shape
+    t = vt.shape[2]
+    pos = old_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    if offset is not None:  # the shard's own coordinates (rows before or past it: not new here)
+        offset = jnp.asarray(offset, jnp.int32)
+        pos = pos - offset
+        old_lengths, new_lengths = (jnp.clip(x - offset, 0, nb * bk) for x in (old_lengths, new_lengths))
+    n = min(nb, (t + 2 * bk - 2) // bk)  # blocks a run of T positions can touch
+    first = jnp.minimum(old_lengths // bk, nb - 1)
+    blk = first[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
+    new = (pos >= old_lengths[:, None]) & (pos < new_lengths[:, None])  # [B, T]
+    new = new[:, :, None] & (pos[:, :, None] // bk == blk[:, None, :])  # [B, T, n]
+    vsum = jnp.einsum("bhtd,btn->bhnd", jnp.where(new.any(-1)[:, None, :, None], vt.astype(jnp.float32), 0.0),
+                      new.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    start = blk * bk
+    n_old = jnp.clip(old_lengths[:, None] - start, 0, bk).astype(jnp.float32)  # [B, n]
+    n_new = jnp.clip(new_lengths[:, None] - start, 0, bk).astype(jnp.float32)
+    old = jnp.take_along_axis(means, jnp.minimum(blk, nb - 1)[:, None, :, None], axis=2).astype(jnp.float32)
+    fresh = (old * n_old[:, None, :, None] + vsum) / jnp.maximum(n_new, 1.0)[:, None, :, None]
+    touched = (n_new > n_old) & (blk < nb)
+    dst = jnp.where(touched, blk, nb)  # untouched blocks go out of bounds and are dropped
+    return means.at[jnp.arange(b)[:, None], :, dst].set(jnp.swapaxes(fresh, 1, 2).astype(means.dtype), mode="drop")
 
 
 def _write_host_rows(dst: jax.Array, src: jax.Array, start: jax.Array, count: jax.Array) -> jax.Array:
@@ -495,21 +581,23 @@ def resize(store: KVStore, capacity: int) -> KVStore:
 
 def with_lengths(store: KVStore, lengths) -> KVStore:
     """The store with ``lengths`` [B] (or one length for every sequence) as its valid positions;
-    keys, values and codes are left as they are (traceable; no check: see :func:`truncate`)."""
-    return store.replace(lengths=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), store.lengths.shape))
+    keys, values and codes are left as they are, the block value means recomputed for the new
+    lengths (traceable; no check: see :func:`truncate`)."""
+    lengths = jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), store.lengths.shape)
+    return store.replace(lengths=lengths, value_means=block_value_means(_device_values(store), lengths))
 
 
 def truncate(store: KVStore, num_tokens: int) -> KVStore:
     """Keep the first ``num_tokens`` positions of every sequence (which must not exceed any
-    length): sets ``lengths``. Keys, values and codes past the new length are left as they are
-    (undefined contents; every reader masks by length)."""
+    length): sets ``lengths`` and recomputes the block value means. Keys, values and codes past
+    the new length are left as they are (undefined contents; every reader masks by length)."""
     n = int(num_tokens)
     lengths = np.asarray(store.lengths)
     if n < 0 or (lengths < n).any():
         raise ValueError(f"cannot truncate to {n} positions: lengths are {lengths.tolist()}")
     if (lengths == n).all():
         return store
-    return store.replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+    return with_lengths(store, n)
 
 
 def gather_positions(store: KVStore, positions) -> KVStore:
@@ -523,11 +611,15 @@ def gather_positions(store: KVStore, positions) -> KVStore:
     if n < 1 or n % bk:
         raise ValueError(f"gather_positions takes a positive multiple of the block size {bk} of positions, got {n}")
 
-    def gather(x, _):
+    def gather(x):
         flat = jnp.take(_flat(x), positions, axis=2)
         return flat.reshape(flat.shape[:2] + (n // bk, bk) + flat.shape[3:])
 
-    return store._map_blocked(gather).replace(lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+    out = store.replace(**{f: store._apply(f, gather) for f in _BLOCKED_FIELDS if f != "value_means"},
+                        value_means=jnp.zeros(store.value_means.shape[:2] + (n // bk,) + store.value_means.shape[3:],
+                                              store.value_means.dtype),
+                        lengths=jnp.full(store.lengths.shape, n, jnp.int32))
+    return with_value_means(out)  # the block means of the gathered values
 
 
 def take_rows(store: KVStore, rows: jax.Array) -> KVStore:
@@ -585,5 +677,7 @@ def abstract_arrays(*, batch: int, num_kv_heads: int, num_blocks: int, block_siz
 
     return {"keys": sds(pos + (head_dim,), dtype), "values": sds(pos + (head_dim,), dtype),
             "codes": sds(pos + (head_dim // 2,), jnp.uint8), "code_scale": sds(pos, jnp.float16),
-            "code_err": sds(pos, jnp.float16), "rot_signs": sds((num_kv_heads, head_dim), jnp.float32),
+            "code_err": sds(pos, jnp.float16),
+            "value_means": sds((batch, num_kv_heads, num_blocks, head_dim), dtype),
+            "rot_signs": sds((num_kv_heads, head_dim), jnp.float32),
             "lengths": sds((batch,), jnp.int32)}

@@ -1,12 +1,13 @@
 """A KV store's blocks sharded along the sequence over the devices of one host (docs/design.md §10).
 
 Layout. A 1-D :class:`~jax.sharding.Mesh` of N devices with the axis ``"seq"`` (:data:`SEQ_AXIS`). The block
-axis NB of every blocked field (keys, values, codes, code scales and errors) is cut into N equal contiguous
-ranges by one ``PartitionSpec(None, None, "seq")``: device i holds blocks ``[i·NB/N, (i+1)·NB/N)``, i.e.
-positions ``[i·C, (i+1)·C)`` with ``C = capacity / N``, and the codes, keys and values of a block always live
-on the same device. ``rot_signs``, ``lengths`` and ``dipr_beta`` are replicated. The global value is an
-ordinary :class:`~alaya_jax.store.kv_store.KVStore` (every store function still applies); only its
-arrays' shardings differ. A capacity is made shardable by :func:`sharded_capacity` (a multiple of N blocks).
+axis NB of every blocked field (keys, values, codes, code scales and errors, block value means) is cut into N
+equal contiguous ranges by one ``PartitionSpec(None, None, "seq")``: device i holds blocks
+``[i·NB/N, (i+1)·NB/N)``, i.e. positions ``[i·C, (i+1)·C)`` with ``C = capacity / N``, and the codes, keys,
+values and value means of a block always live on the same device. ``rot_signs``, ``lengths`` and
+``dipr_beta`` are replicated. The global value is an ordinary :class:`~alaya_jax.store.kv_store.KVStore`
+(every store function still applies); only its arrays' shardings differ. A capacity is made shardable by
+:func:`sharded_capacity` (a multiple of N blocks).
 
 Appends (:func:`append`). Position p lives on shard ``p // C``; each device writes the new rows whose
 positions fall in its range, so a sequence fills shard 0, then shard 1, ... (appends go to the last
@@ -63,7 +64,8 @@ def store_specs(store: KVStore) -> KVStore:
     block axis over :data:`SEQ_AXIS`, everything else replicated."""
     blocked = P(None, None, SEQ_AXIS)
     return store.replace(keys=blocked, values=blocked, codes=blocked, code_scale=blocked, code_err=blocked,
-                         rot_signs=P(), lengths=P(), dipr_beta=None if store.dipr_beta is None else P())
+                         value_means=blocked, rot_signs=P(), lengths=P(),
+                         dipr_beta=None if store.dipr_beta is None else P())
 
 
 def store_shardings(store: KVStore, mesh: Mesh) -> KVStore:
@@ -118,8 +120,11 @@ def shard_frame(lengths: jax.Array, shard_capacity: int, *, sink: int, window: i
 
 
 def local_view(store: KVStore, frame: ShardFrame) -> KVStore:
-    """The shard as a store of its own: its ``lengths`` the shard's valid counts (what the kernels read)."""
-    return kv_store.with_lengths(store, frame.lengths)
+    """The shard as a store of its own: its ``lengths`` the shard's valid counts (what the kernels read).
+    The block value means are kept as they are (not recomputed, as ``kv_store.with_lengths`` would): a
+    shard's valid positions are the sequence's valid positions it holds, in whole blocks, so its blocks'
+    means are the global ones."""
+    return store.replace(lengths=jnp.asarray(frame.lengths, jnp.int32))
 
 
 def append(store: KVStore, k_new: jax.Array, v_new: jax.Array, num_new: Optional[jax.Array] = None, *,

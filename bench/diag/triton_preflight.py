@@ -92,8 +92,9 @@ def kernels(b: int, s: int, *, hq=32, hkv=8, d=128, sink=4, window=64):
     kv = sds((b, hkv, s, d), bf)
     grp = lambda dt: sds((b, hkv, g, d), dt)  # noqa: E731
     vec = sds((b, hkv, g), jnp.float32)
-    scan = (lambda *x: scan_pallas(*x, g=g, sink=sink, window=window, tile=scan_tile(s), num_splits=ns, list_size=ls,
-                                   chunk=EPILOGUE_CHUNK, rounding_slack=slack, interpret=False),
+    scan = (lambda *x, **tail: scan_pallas(*x, g=g, sink=sink, window=window, tile=scan_tile(s), num_splits=ns,
+                                           list_size=ls, chunk=EPILOGUE_CHUNK, rounding_slack=slack, interpret=False,
+                                           **tail),
             (sds((b,), jnp.int32), sds((b,), jnp.int32), sds((b,), jnp.int32), grp(bf), grp(jnp.float32), vec, vec, kv,
              sds((b, hkv, s, d // 2), jnp.uint8),
              sds((b, hkv, s), jnp.float16), sds((b, hkv, s), jnp.float16)),
@@ -107,8 +108,17 @@ def kernels(b: int, s: int, *, hq=32, hkv=8, d=128, sink=4, window=64):
                sds((b, hkv, sl), jnp.int32),
                sds((b, hkv, sl, g), jnp.float32), sds((b, hkv, sl), jnp.float32),
                sds((b, hkv, p, rows), jnp.float32), vec, vec, grp(bf), kv, kv), dict(num_warps=4, num_stages=2))
+    # the estimated tail's variants (issue 21): the block means [B, Hkv, S/64, D] bf16, the scan's estimates
+    vm = sds((b, hkv, s // 64, d), bf)
+    scan_tail = (lambda *x: scan[0](*x[:-1], value_means=x[-1], block_size=64, sm_scale=d ** -0.5),
+                 (*scan[1], vm), scan[2])
+    attend_tail = (lambda *x: attend_pallas(*x[:-2], g=g, sink=sink, window=window, chunk=DEFAULT_CHUNK,
+                                            sm_scale=d ** -0.5, rounding_slack=slack, interpret=False, est=x[-2],
+                                            value_means=x[-1], block_size=64),
+                   (*attend[1], sds((b, hkv, s, g), jnp.float32), vm), attend[2])
     tag = f"B{b}_S{s}"
-    return [(f"{tag}/code_scan", *scan), (f"{tag}/refine_score", *score), (f"{tag}/refine_attend", *attend)]
+    return [(f"{tag}/code_scan", *scan), (f"{tag}/refine_score", *score), (f"{tag}/refine_attend", *attend),
+            (f"{tag}/code_scan_tail", *scan_tail), (f"{tag}/refine_attend_tail", *attend_tail)]
 
 
 def lower_all(cases, out_dir):

@@ -6,6 +6,7 @@ validated arguments; it is the one list of the op's backends.
 
 from __future__ import annotations
 
+import math
 from types import MappingProxyType
 from typing import Optional
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.code_scan.arithmetic import MAX_HEAD_DIM
 from pallas_kernels.code_scan.layout import longest_split
-from pallas_kernels.code_scan.reference import code_scan_reference
+from pallas_kernels.code_scan.reference import ScanTail, code_scan_reference
 from pallas_kernels.common import (
     check_implementation, gqa_groups, group_rows, next_pow2, pad_axis, resolve_interpret, resolve_rounding_slack,
     score_operand_dtype, ungroup_rows,
@@ -86,6 +87,9 @@ def code_scan(
     num_stages: int = 3,
     forced: Optional[tuple[jax.Array, jax.Array]] = None,
     m_lb: Optional[jax.Array] = None,
+    value_means: Optional[jax.Array] = None,
+    block_size: Optional[int] = None,
+    sm_scale: Optional[float] = None,
 ):
     """Filter step of exact filter-refine DIPR: the candidate keys of each split, from the 4-bit codes.
 
@@ -106,6 +110,12 @@ def code_scan(
         where the sequence ends. None: ``sink`` and ``window`` for every row.
       m_lb: None, or f32 [B, Hq], a lower bound of M known from elsewhere (the other shards' forced maxima):
         the threshold is max(M_sw, m_lb) − β (still <= M − β: exact). None: M_sw alone.
+      value_means: [B, Hkv, S / block_size, D] (any float dtype; the store keeps the values'), the store's
+        mean value of each block of block_size keys, or None (a static switch: None runs the scan without
+        the tail, the kernel exactly as before): also
+        the estimated tail's part of the scan, a :class:`ScanTail` appended to the outputs (sm_scale: the
+        softmax scale, None: 1/√D). Not with ``m_lb`` (refused): the tail's weights are relative to the
+        row's own M_sw, which on a shard is the max over that shard's forced keys only.
     Returns:
       cand_idx i32 [B, Hkv, NS, list_size(S, NS)]: the split's candidates, ascending, in the first count
         slots (the other slots are undefined: -1 in the reference, never written by the kernel);
@@ -133,11 +143,22 @@ def code_scan(
     slack = resolve_rounding_slack(rounding_slack, d, op)
     lengths = jnp.asarray(lengths, jnp.int32)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
+    if value_means is not None and m_lb is not None:
+        raise ValueError(f"{op}: the estimated tail (value_means) with m_lb is not supported: the tail's weights are "
+                         "relative to the row's own forced maximum M_sw, and a lower bound of M from other shards "
+                         "is not combined with it (the estimated tail is not supported on a sharded store yet)")
     forced = row_forced(forced, b, sink=sink, window=window, op=op)
     m_lb = jnp.full((b, hq), -jnp.inf, jnp.float32) if m_lb is None else jnp.broadcast_to(
         jnp.asarray(m_lb, jnp.float32), (b, hq))
     kw = dict(sink=int(sink), window=int(window), num_splits=int(num_splits), rounding_slack=slack, forced=forced,
               m_lb=m_lb)
+    if value_means is not None:
+        bk = 0 if block_size is None else int(block_size)
+        if bk < 1 or s_cap % bk or tuple(value_means.shape) != (b, hkv, s_cap // bk, d):
+            raise ValueError(f"{op}: value_means must be [B, Hkv, S / block_size, D] with block_size >= 1 dividing "
+                             f"S={s_cap}; got value_means{tuple(value_means.shape)}, block_size={block_size}")
+        kw.update(value_means=value_means, block_size=bk,
+                  sm_scale=1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale))
     return IMPLEMENTATIONS[implementation](q, q_rot, keys, codes, scales, errs, lengths, beta, interpret=interpret,
                                            num_warps=num_warps, num_stages=num_stages, **kw)
 
@@ -163,7 +184,7 @@ def _scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, inter
 
 
 def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpret, num_warps, num_stages,
-                 num_splits, sink, window, rounding_slack, forced, m_lb):
+                 num_splits, sink, window, rounding_slack, forced, m_lb, **tail_kw):
     interpret = resolve_interpret(interpret, "code_scan")
     from pallas_kernels.code_scan.kernel_triton import scan_pallas
 
@@ -172,16 +193,20 @@ def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpre
     g = hq // hkv
     if s_cap < MIN_CAPACITY:  # tiny stores only: the tile must fit in the store (padded on the device: keys
         # may lie in pinned host memory, which the kernel otherwise reads in place, untouched by jnp)
+        if tail_kw:
+            raise ValueError(f"code_scan: the estimated tail needs a store of >= {MIN_CAPACITY} positions, got {s_cap}")
         keys, codes, scales, errs = (pad_axis(jax.device_put(x, jax.memory.Space.Device), 2, MIN_CAPACITY)
                                      for x in (keys, codes, scales, errs))
     qdt = score_operand_dtype(q.dtype, keys.dtype, "auto")
-    _, cand_idx, counts, m_sw = scan_pallas(
+    _, cand_idx, counts, m_sw, *tail = scan_pallas(
         lengths, *forced, group_rows(q.astype(qdt), hkv), group_rows(q_rot.astype(jnp.float32), hkv),
         group_rows(beta, hkv), group_rows(m_lb, hkv, value=-jnp.inf), keys, codes, scales, errs, g=g, sink=sink,
         window=window, tile=scan_tile(s_cap), num_splits=num_splits,
         list_size=list_size(s_cap, num_splits), chunk=EPILOGUE_CHUNK, rounding_slack=rounding_slack,
-        interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages))
-    return cand_idx, counts, ungroup_rows(m_sw, g)
+        interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages), **tail_kw)
+    if not tail:
+        return cand_idx, counts, ungroup_rows(m_sw, g)
+    return cand_idx, counts, ungroup_rows(m_sw, g), ScanTail(*tail)
 
 
 #: The backends of ``code_scan`` by name: "reference" (plain jnp), "pallas" (the Triton-lowered kernel;

@@ -93,6 +93,14 @@ def store_rows(ref, x, g: int):
     plgpu.store(ref.at[r], x, mask=r < min(g, ref.shape[0]))
 
 
+def store_transposed(ref, xt, g: int):
+    """Store xᵀ [D, Gr] into the first min(G, Gi) rows of a [Gi, D] block."""
+    gi = ref.shape[0]
+    rr = jax.lax.broadcasted_iota(jnp.int32, (1, xt.shape[1]), 1)
+    dd = jax.lax.broadcasted_iota(jnp.int32, (xt.shape[0], 1), 0)
+    plgpu.store(ref.at[rr, dd], xt, mask=rr < min(g, gi))
+
+
 def forced_scores_tile(q, k_ref, length, *, sink: int, window: int, size: int):
     """Exact scores of the forced positions: (pos int32 [F], ok bool [F], s f32 [F, Gr]); q [Gr, D] in the
     score dtype. Keys of entries not ok are read as 0 (never their NaN)."""
@@ -161,9 +169,10 @@ def tile_base(t, *, tile: int, capacity: int):
 
 
 def scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, *, rows: int, sink, window, tile: int,
-               num_splits: int):
+               num_splits: int, tail=None):
     """The tile loop of program (b, h, j): stores the flag byte of every key of its split's tiles; returns the
-    split's (first tile, end tile)."""
+    split's (first tile, end tile), and with ``tail`` (a dict of ``tail_setup``) also the split's tail sums
+    (``tail_tile``): (oᵀ f32 [D, Gr], l f32 [Gr])."""
     s_cap = c_ref.shape[0]
     t_start, t_end = split_tiles(length, pl.program_id(2), sink=sink, window=window, tile=tile,
                                  num_splits=num_splits)
@@ -174,30 +183,88 @@ def scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, *, rows: int, sink
         base = tile_base(t, tile=tile, capacity=s_cap)
         return sc_ref[pl.ds(base, tile)], er_ref[pl.ds(base, tile)]
 
-    def body(t, nxt):
-        sc16, er16 = nxt  # this tile's scales and errs, loaded one iteration ahead
+    def body(t, carry):
+        sc16, er16 = carry[0] if tail is not None else carry  # this tile's scales and errs, loaded one ahead
         base = tile_base(t, tile=tile, capacity=s_cap)
         c = c_ref[pl.ds(base, tile), :]
         ahead = meta(jnp.minimum(t + 1, t_end - 1))
-        hit = tile_hits(inv, tile_estimate(inv, c, sc16, rows=rows), sc16, er16)
+        est = tile_estimate(inv, c, sc16, rows=rows)
+        hit = tile_hits(inv, est, sc16, er16)
         pos = base + lanes
         cand = (pos >= sink) & (pos < hi_end) & (jnp.max(hit.astype(jnp.int32), axis=1) > 0)
         flags_ref[pl.ds(base, tile)] = cand.astype(jnp.uint8)
-        return ahead
+        if tail is None:
+            return ahead
+        # searched non-candidates, each counted once (a tile moved back to end at S skips what the tile
+        # before it covered)
+        rest = (pos >= jnp.maximum(sink, t * tile)) & (pos < hi_end) & ~cand
+        return (ahead, *tail_tile(tail, inv, est, pos, rest, cand, carry[1], carry[2], base=base, tile=tile,
+                                  capacity=s_cap))
 
-    jax.lax.fori_loop(t_start, t_end, body, meta(jnp.maximum(jnp.minimum(t_start, t_end - 1), 0)))
-    return t_start, t_end
+    first = meta(jnp.maximum(jnp.minimum(t_start, t_end - 1), 0))
+    if tail is None:
+        jax.lax.fori_loop(t_start, t_end, body, first)
+        return t_start, t_end
+    d = tail["vm_ref"].shape[1]
+    init = (first, jnp.zeros((d, rows), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    _, ot, lt = jax.lax.fori_loop(t_start, t_end, body, init)
+    return t_start, t_end, ot, lt
 
 
-def _scan_kernel(len_ref, sink_ref, win_ref, q_ref, qr_ref, beta_ref, mlb_ref, k_ref, c_ref, sc_ref, er_ref,
-                 flags_ref, lists_ref, cnt_ref, msw_ref, *, g: int, rows: int, forced: int, tile: int,
-                 num_splits: int, chunk: int, rounding_slack: float, interpret: bool):
+def tail_setup(inv, vm_ref, est_ref, *, block_size: int, sm_scale: float):
+    """The estimated tail's invariants: the reference m_sw (0 where -inf: then every searched key is a
+    candidate and the scan's tail is empty) — a searched non-candidate has est + δ < M_sw − β, so its
+    weight exp((est − M_sw)·scale) is < 1 with no running max."""
+    ref = jnp.where(inv["m_sw"] > -jnp.inf, inv["m_sw"], 0.0)
+    return dict(vm_ref=vm_ref, est_ref=est_ref, ref=ref, bk=int(block_size), sm_scale=float(sm_scale))
+
+
+def tail_tile(tail, inv, est, pos, rest, cand, ot, lt, *, base, tile: int, capacity: int):
+    """One tile's part of the estimated tail: stores the candidates' estimates (the attend pass weighs the
+    candidates it rejects by them) and adds the weights w = exp((est − M_sw)·scale) of the ``rest`` keys
+    [T] to l [Gr] and Σ_b w_b·V̄_b to oᵀ [D, Gr], block by block (V̄ rows of the value means [NB, D])."""
+    est_ref, vm_ref, bk = tail["est_ref"], tail["vm_ref"], tail["bk"]
+    gi = est_ref.shape[1]
+    rows = est.shape[1]
+    nb, d = vm_ref.shape
+    cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    plgpu.store(est_ref.at[pos[:, None], cols], est, mask=cand[:, None] & (cols < gi))
+    live = inv["live"][None, :]
+    w = jnp.where(rest[:, None] & live, jnp.exp((est - tail["ref"][None, :]) * tail["sm_scale"]), 0.0)  # [T, Gr]
+    blk = pos // bk
+    b0 = base // bk
+    aligned = capacity % tile == 0 and tile % bk == 0
+    dd = jax.lax.broadcasted_iota(jnp.int32, (d,), 0)
+    for j in range(tile // bk if aligned else (tile + bk - 1) // bk + 1):  # the blocks the tile touches
+        wj = jnp.sum(jnp.where((blk == b0 + j)[:, None], w, 0.0), axis=0)  # [Gr] = w_b
+        bj = jnp.minimum(b0 + j, nb - 1)
+        vbar = plgpu.load(vm_ref.at[jnp.full((d,), bj, jnp.int32), dd]).astype(jnp.float32)  # [D]
+        vbar = jnp.where(jnp.sum(wj) > 0, vbar, 0.0)  # a block with no weight: never its (maybe NaN) mean
+        ot = ot + vbar[:, None] * wj[None, :]
+        lt = lt + wj
+    return ot, lt
+
+
+def _scan_kernel(len_ref, sink_ref, win_ref, q_ref, qr_ref, beta_ref, mlb_ref, k_ref, c_ref, sc_ref, er_ref, *refs,
+                 g: int, rows: int, forced: int, tile: int, num_splits: int, chunk: int, rounding_slack: float,
+                 interpret: bool, tail_kw=None):
+    if tail_kw is None:
+        flags_ref, lists_ref, cnt_ref, msw_ref = refs
+    else:
+        vm_ref, flags_ref, lists_ref, cnt_ref, msw_ref, est_ref, to_ref, tl_ref = refs
     length, sink, window = len_ref[0], sink_ref[0], win_ref[0]  # the row's own forced counts (<= the static ones)
     s_cap = c_ref.shape[0]
     inv = scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, g=g, rows=rows, sink=sink, window=window, size=forced,
                      rounding_slack=rounding_slack, mlb_ref=mlb_ref)
-    t_start, t_end = scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, rows=rows, sink=sink, window=window,
-                                tile=tile, num_splits=num_splits)
+    if tail_kw is None:
+        t_start, t_end = scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, rows=rows, sink=sink,
+                                    window=window, tile=tile, num_splits=num_splits)
+    else:
+        t_start, t_end, ot, lt = scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, rows=rows, sink=sink,
+                                            window=window, tile=tile, num_splits=num_splits,
+                                            tail=tail_setup(inv, vm_ref, est_ref, **tail_kw))
+        store_transposed(to_ref, ot, g)
+        store_rows(tl_ref, lt, g)
     store_rows(msw_ref, inv["m_sw"], g)
 
     # ------------------------------------------------ epilogue: the split's flags -> its candidate list
@@ -226,7 +293,8 @@ def _scan_kernel(len_ref, sink_ref, win_ref, q_ref, qr_ref, beta_ref, mlb_ref, k
 
 def scan_pallas(lengths, sinks, windows, q, q_rot, beta, m_lb, keys, codes, scales, errs, *, g: int, sink: int,
                 window: int, tile: int, num_splits: int, list_size: int, chunk: int, rounding_slack: float,
-                interpret: bool, num_warps: int = 4, num_stages: int = 3):
+                interpret: bool, num_warps: int = 4, num_stages: int = 3, value_means=None, block_size: int = 0,
+                sm_scale: float = 0.0):
     """The raw kernel call on validated operands.
 
     lengths, sinks, windows [B] i32 (each row's forced counts, <= the static ``sink`` / ``window``); q
@@ -235,43 +303,64 @@ def scan_pallas(lengths, sinks, windows, q, q_rot, beta, m_lb, keys, codes, scal
     scales, errs f16 [B, Hkv, S]; S >= tile. Returns (flags uint8 [B, Hkv, S] (inside the splits' tiles:
     1 for a candidate), lists i32 [B, Hkv, NS, list_size] (the split's candidates ascending in the first
     count slots; the other slots unwritten), counts i32 [B, Hkv, NS], m_sw f32 [B, Hkv, Gi] (rows >= G
-    unwritten))."""
+    unwritten)).
+
+    ``value_means`` [B, Hkv, S / block_size, D] (the store's dtype; static switch: None compiles the kernel without the
+    tail): also the estimated tail, appended to the outputs: est f32 [B, Hkv, S, Gi] (the estimates, written
+    at the candidates only), o_tail f32 [B, Hkv, NS, Gi, D] = Σ_b w_b·V̄_b and l_tail f32 [B, Hkv, NS, Gi] =
+    Σ w over the split's searched non-candidates, w = exp((est − M_sw)·sm_scale) (M_sw 0 where -inf)."""
     b, hkv, gi, d = q.shape
     s_cap = keys.shape[2]
     rows = max(8, gi)
+    tail = value_means is not None
+    tail_kw = dict(block_size=int(block_size), sm_scale=float(sm_scale)) if tail else None
     kernel = functools.partial(_scan_kernel, g=g, rows=rows, forced=forced_size(sink, window), tile=tile,
                                num_splits=num_splits, chunk=chunk, rounding_slack=float(rounding_slack),
-                               interpret=interpret)
+                               interpret=interpret, tail_kw=tail_kw)
     row = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
+    split = lambda i, h, j: (i, h, j, 0)  # noqa: E731
     per_row = pl.BlockSpec((1,), lambda i, h, j: (i,))
+    in_specs = [
+        per_row, per_row, per_row,
+        pl.BlockSpec((None, None, gi, d), mat),
+        pl.BlockSpec((None, None, gi, d), mat),
+        pl.BlockSpec((None, None, gi), row),
+        pl.BlockSpec((None, None, gi), row),
+        pl.BlockSpec((None, None, s_cap, d), mat),
+        pl.BlockSpec((None, None, s_cap, d // 2), mat),
+        pl.BlockSpec((None, None, s_cap), row),
+        pl.BlockSpec((None, None, s_cap), row),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, s_cap), row),
+        pl.BlockSpec((None, None, None, list_size), split),
+        pl.BlockSpec((None, None, 1), lambda i, h, j: (i, h, j)),
+        pl.BlockSpec((None, None, gi), row),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((b, hkv, s_cap), jnp.uint8),
+        jax.ShapeDtypeStruct((b, hkv, num_splits, list_size), jnp.int32),
+        jax.ShapeDtypeStruct((b, hkv, num_splits), jnp.int32),
+        jax.ShapeDtypeStruct((b, hkv, gi), jnp.float32),
+    ]
+    operands = [lengths, sinks, windows, q, q_rot, beta, m_lb, keys, codes, scales, errs]
+    if tail:
+        in_specs.append(pl.BlockSpec((None, None, value_means.shape[2], d), mat))
+        operands.append(value_means)
+        out_specs += [pl.BlockSpec((None, None, s_cap, gi), mat),
+                      pl.BlockSpec((None, None, None, gi, d), lambda i, h, j: (i, h, j, 0, 0)),
+                      pl.BlockSpec((None, None, None, gi), split)]
+        out_shape += [jax.ShapeDtypeStruct((b, hkv, s_cap, gi), jnp.float32),
+                      jax.ShapeDtypeStruct((b, hkv, num_splits, gi, d), jnp.float32),
+                      jax.ShapeDtypeStruct((b, hkv, num_splits, gi), jnp.float32)]
     return pl.pallas_call(
         kernel,
         grid=(b, hkv, num_splits),
-        in_specs=[
-            per_row, per_row, per_row,
-            pl.BlockSpec((None, None, gi, d), mat),
-            pl.BlockSpec((None, None, gi, d), mat),
-            pl.BlockSpec((None, None, gi), row),
-            pl.BlockSpec((None, None, gi), row),
-            pl.BlockSpec((None, None, s_cap, d), mat),
-            pl.BlockSpec((None, None, s_cap, d // 2), mat),
-            pl.BlockSpec((None, None, s_cap), row),
-            pl.BlockSpec((None, None, s_cap), row),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, None, s_cap), row),
-            pl.BlockSpec((None, None, None, list_size), lambda i, h, j: (i, h, j, 0)),
-            pl.BlockSpec((None, None, 1), lambda i, h, j: (i, h, j)),
-            pl.BlockSpec((None, None, gi), row),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, hkv, s_cap), jnp.uint8),
-            jax.ShapeDtypeStruct((b, hkv, num_splits, list_size), jnp.int32),
-            jax.ShapeDtypeStruct((b, hkv, num_splits), jnp.int32),
-            jax.ShapeDtypeStruct((b, hkv, gi), jnp.float32),
-        ],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
         compiler_params=compiler_params(interpret, num_warps=num_warps, num_stages=num_stages),
-        name="code_scan",
-    )(lengths, sinks, windows, q, q_rot, beta, m_lb, keys, codes, scales, errs)
+        name="code_scan_tail" if tail else "code_scan",
+    )(*operands)

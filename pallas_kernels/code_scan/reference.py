@@ -9,6 +9,8 @@ candidates in ascending order and their count.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -48,6 +50,12 @@ def forced_scores(q, keys, lengths, *, sink, window, forced=None):
     return pos, ok, jnp.where(ok[:, None, None, :], s, -jnp.inf)
 
 
+def searched_positions(pos, lengths, *, sink, window):
+    """bool [B, S]: the positions ``pos`` [S] the scan searches, sink <= p < length − window (``sink`` /
+    ``window``: ints, or each row's own counts broadcastable against [B, S]: see :func:`_row_forced`)."""
+    return (pos[None] >= sink) & (pos[None] < searched_end(lengths[:, None], sink=sink, window=window))
+
+
 def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack,
                          forced=None, m_lb=None):
     """(candidates bool [B, Hkv, S], m_sw f32 [B, Hkv, G], est f32 [B, Hkv, S, G], δ f32 [B, Hkv, S, G],
@@ -84,7 +92,7 @@ def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, 
     hit = ar.is_candidate(est, delta, thr[:, :, None, :])  # [B, Hkv, S, G]
     pos = jnp.arange(s_cap, dtype=jnp.int32)
     rs, rw = _row_forced(forced, sink, window)
-    searched = (pos[None] >= rs) & (pos[None] < searched_end(lengths[:, None], sink=rs, window=rw))
+    searched = searched_positions(pos, lengths, sink=rs, window=rw)  # [B, S]
     return searched[:, None] & jnp.any(hit, axis=-1), m_sw, est, delta, thr
 
 
@@ -95,15 +103,51 @@ def _row_forced(forced, sink, window):
     return forced[0][:, None], forced[1][:, None]
 
 
+class ScanTail(NamedTuple):
+    """The code scan's part of the estimated tail, rows grouped by KV head (G' >= G rows, the first G
+    meaningful: G' = G from the reference, the kernel's padded Gi from Pallas).
+
+    est f32 [B, Hkv, S, G']: the scan's estimates ŝ (defined at the candidates at least: the refine weighs
+    the candidates it rejects by them); o f32 [B, Hkv, NS, G', D] = Σ_b w_b·V̄_b and l f32 [B, Hkv, NS, G']
+    = Σ w over each split's searched keys that are not candidates, w = exp((ŝ − M_sw')·sm_scale) with
+    M_sw' = M_sw (0 where M_sw = -inf: then no searched key is a non-candidate)."""
+    est: jax.Array
+    o: jax.Array
+    l: jax.Array
+
+
+def scan_tail_reference(est, cand, lengths, m_sw, value_means, *, sink, window, num_splits, tile, block_size,
+                        sm_scale) -> ScanTail:
+    """The scan's tail sums in jnp: est f32 [B, Hkv, S, G] and cand bool [B, Hkv, S] of
+    :func:`scan_flags_reference`, m_sw f32 [B, Hkv, G], value_means f32 [B, Hkv, S / block_size, D];
+    ``sink`` / ``window``: ints or each row's counts broadcastable against [B, S] (:func:`_row_forced`)."""
+    b, hkv, s_cap, g = est.shape
+    nb = value_means.shape[2]
+    pos = jnp.arange(s_cap, dtype=jnp.int32)
+    searched = searched_positions(pos, lengths, sink=sink, window=window)  # [B, S]
+    rest = searched[:, None] & ~cand  # [B, Hkv, S]
+    ref = jnp.where(m_sw > -jnp.inf, m_sw, 0.0)
+    w = jnp.where(rest[..., None], jnp.exp((est - ref[:, :, None, :]) * jnp.float32(sm_scale)), 0.0)
+    split = split_of_position(pos[None], lengths[:, None], sink=sink, window=window, tile=tile,
+                              num_splits=num_splits)  # [B, S]
+    onehot = (split[:, None, :, None] == jnp.arange(num_splits)).astype(jnp.float32)  # [B, 1, S, NS]
+    wb = jnp.einsum("bhsg,bhsj->bhsgj", w, jnp.broadcast_to(onehot, (b, hkv, s_cap, num_splits)))
+    wb = jnp.sum(wb.reshape(b, hkv, nb, block_size, g, num_splits), axis=3)  # [B, Hkv, NB, G, NS] = w_b
+    vm = jnp.where(jnp.any(wb > 0, axis=(3, 4))[..., None], value_means.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhngj,bhnd->bhjgd", wb, vm, precision=_HI)
+    return ScanTail(est=est, o=o, l=jnp.sum(wb, axis=2).transpose(0, 1, 3, 2))
+
+
 def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, tile,
-                        list_size, rounding_slack, forced=None, m_lb=None):
+                        list_size, rounding_slack, forced=None, m_lb=None, value_means=None, block_size=0,
+                        sm_scale=0.0):
     """(cand_idx i32 [B, Hkv, NS, list_size] (-1 past the count), cand_count i32 [B, Hkv, NS], m_sw f32
-    [B, Hq])."""
+    [B, Hq]), and with ``value_means`` a :class:`ScanTail`."""
     b, hq, _ = q.shape
     _, hkv, s_cap, _ = keys.shape
-    cand, m_sw, _, _, _ = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink,
-                                               window=window, rounding_slack=rounding_slack, forced=forced,
-                                               m_lb=m_lb)
+    cand, m_sw, est, _, _ = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink,
+                                                 window=window, rounding_slack=rounding_slack, forced=forced,
+                                                 m_lb=m_lb)
     pos = jnp.arange(s_cap, dtype=jnp.int32)
     rs, rw = _row_forced(forced, sink, window)
     split = split_of_position(pos[None], lengths[:, None], sink=rs, window=rw, tile=tile,
@@ -117,4 +161,8 @@ def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, s
     slot = jnp.where(cand, rank - jnp.take_along_axis(first, sp, axis=-1), list_size)  # list_size: dropped
     cand_idx = jnp.full((b, hkv, num_splits, list_size), -1, jnp.int32).at[bi, hi, sp, slot].set(
         jnp.broadcast_to(pos, (b, hkv, s_cap)), mode="drop")
-    return cand_idx, counts, m_sw.reshape(b, hq)
+    if value_means is None:
+        return cand_idx, counts, m_sw.reshape(b, hq)
+    tail = scan_tail_reference(est, cand, lengths, m_sw, value_means, sink=rs, window=rw,
+                               num_splits=num_splits, tile=tile, block_size=block_size, sm_scale=sm_scale)
+    return cand_idx, counts, m_sw.reshape(b, hq), tail

@@ -13,6 +13,7 @@ from alaya_jax.attention.config import AttentionConfig, CalibrationConfig
 from alaya_jax.attention.dipr import calibration as cal
 from alaya_jax.attention.dipr.filter_refine import dipr_store_attention
 from alaya_jax.cli import main as cli_main
+from alaya_jax.errors import ConfigError
 from alaya_jax.runtime.sampling import SamplingConfig
 from alaya_jax.store import kv_store
 from tests.support.dipr_cases import np_dipr_mask, store_case
@@ -76,7 +77,7 @@ def tiny_curves(engine):
 
 
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.95])
-@pytest.mark.parametrize("allocation", cal.ALLOCATIONS)
+@pytest.mark.parametrize("allocation", [a for a in cal.ALLOCATIONS if a not in cal.BUDGET_ONLY_ALLOCATIONS])
 def test_mass_mode_reaches_its_target_on_the_calibration_queries(tiny_curves, target, allocation):
     _, _, _, curves = tiny_curves
     betas = cal.choose_betas(curves, mass=target, allocation=allocation)  # [L,1,Hq]
@@ -93,6 +94,12 @@ def test_mass_mode_reaches_its_target_on_the_calibration_queries(tiny_curves, ta
     lower = np.take_along_axis(frac, np.maximum(idx - 1, 0)[..., None], axis=-1)[..., 0]
     assert ((lower < target) | (idx == 0)).all()
     assert (curves.rows == 16).all()
+
+
+@pytest.mark.parametrize("allocation", cal.BUDGET_ONLY_ALLOCATIONS)
+def test_a_tail_allocation_refuses_a_mass_target(tiny_curves, allocation):
+    with pytest.raises(ConfigError, match="key budget"):
+        cal.choose_betas(tiny_curves[3], mass=0.8, allocation=allocation)
 
 
 def test_engine_calibrate_puts_the_default_allocation_on_the_caches(tiny_curves):

@@ -5,7 +5,8 @@
 Layout and appends; exact DIPR sharded == unsharded (outputs, DIPR masks, maxima) with zero false negatives
 against brute force, on 1, 2 and 4 devices, ragged lengths, shards of unequal fill (empty ones too), GQA
 ratio 3, NaN-poisoned padding, a filter, both backends; dense attention sharded; generation and the
-server's scheduler over 2 devices token for token equal to 1 device; --devices past the devices refused.
+server's scheduler over 2 devices token for token equal to 1 device; --devices past the devices refused;
+the kernels' estimated tail on a sharded store refused.
 """
 
 import os
@@ -22,5 +23,6 @@ def test_sharded_checks():
     r = subprocess.run([sys.executable, "-m", "tests.support.sharded_checks"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    for name in ("devices", "layout", "append", "dipr", "dipr_pallas", "dense", "generate", "scheduler"):
+    for name in ("devices", "layout", "append", "dipr", "dipr_pallas", "tail_refused", "dense", "generate",
+                 "scheduler"):
         assert f"ok {name}" in r.stdout, r.stdout

@@ -54,7 +54,7 @@ def test_round_trip_bitwise(tmp_path, dtype):
 
 def test_meta_and_trimmed_block_axis(saved):
     path, caches, tokens, meta = saved
-    assert meta.format_version == ck.FORMAT_VERSION == 2
+    assert meta.format_version == ck.FORMAT_VERSION == 3
     assert (meta.block_size, meta.num_kv_heads, meta.head_dim, meta.num_tokens) == (16, 2, 8, 70)
     assert meta.name == "ctx" and meta.created
     assert "tokens.npy" in meta.checksums and any(k.startswith("state/") for k in meta.checksums)
@@ -212,9 +212,9 @@ def test_fingerprint():
     assert len(ck.fingerprint("x")) == 16
 
 
-def _rewrite_as_format_1(path):
-    """Turn a format-2 snapshot into what format 1 wrote (keys, values, block min/max summaries,
-    lengths; no codes), with its own checksums: the snapshots made before the key codes."""
+def _rewrite_as_format(path, version):
+    """Turn a current snapshot into what an older format wrote, with its own checksums: format 1 (keys,
+    values, block min/max summaries, lengths; no codes), format 2 (codes, no block value means)."""
     import shutil
 
     import orbax.checkpoint as ocp
@@ -223,8 +223,11 @@ def _rewrite_as_format_1(path):
     caches, _, _ = ck.load_snapshot(path)
     layers = []
     for c in caches:
-        kmin, kmax = kv_store.block_summaries(c.keys, c.lengths)
-        layers.append({"keys": c.keys, "values": c.values, "kmin": kmin, "kmax": kmax, "lengths": c.lengths})
+        if version == 1:
+            kmin, kmax = kv_store.block_summaries(c.keys, c.lengths)
+            layers.append({"keys": c.keys, "values": c.values, "kmin": kmin, "kmax": kmax, "lengths": c.lengths})
+        else:
+            layers.append({f: a for f, a in kv_store.to_arrays(c).items() if f != "value_means"})
     state = os.path.join(path, ck_snapshot.STATE_DIR)
     shutil.rmtree(state)
     ckptr = ocp.StandardCheckpointer()
@@ -233,15 +236,25 @@ def _rewrite_as_format_1(path):
     ckptr.close()
     rels = ck_snapshot.walk_files(str(path))
     sums = {r: ck_snapshot.sha256_file(os.path.join(path, r)) for r in rels if r != ck_snapshot.META_FILE}
-    d = dict(meta.to_json(), format_version=1, checksums=sums)
+    d = dict(meta.to_json(), format_version=version, checksums=sums)
     with open(os.path.join(path, ck_snapshot.META_FILE), "w") as f:
         json.dump(d, f)
+
+
+def test_format_2_snapshot_gets_its_value_means_rebuilt_on_load(tmp_path):
+    caches = make_caches(70, capacity=80)
+    ck.save_snapshot(tmp_path / "old", caches, list(range(70)), **FP)
+    _rewrite_as_format(tmp_path / "old", 2)
+    got, _, meta = ck.load_snapshot(tmp_path / "old", capacity=80)  # checksums verified too
+    assert meta.format_version == 2
+    for a, b in zip(caches, got):
+        assert_bitwise_equal(a, b)  # the means rebuilt from the values: what prefill built
 
 
 def test_format_1_snapshot_gets_its_codes_rebuilt_on_load(tmp_path):
     caches = make_caches(70, capacity=80, d=16)
     ck.save_snapshot(tmp_path / "old", caches, list(range(70)), **FP)
-    _rewrite_as_format_1(tmp_path / "old")
+    _rewrite_as_format(tmp_path / "old", 1)
     assert ck.read_meta(tmp_path / "old").format_version == 1
     got, toks, meta = ck.load_snapshot(tmp_path / "old", capacity=80)  # checksums verified too
     assert meta.format_version == 1 and toks == list(range(70))
@@ -251,4 +264,5 @@ def test_format_1_snapshot_gets_its_codes_rebuilt_on_load(tmp_path):
             assert np.array_equal(np.asarray(x[:, :, :70]).view(np.uint8), np.asarray(y[:, :, :70]).view(np.uint8))
         assert np.array_equal(np.asarray(a.dense_keys()[:, :, :70]).view(np.uint8),
                               np.asarray(b.dense_keys()[:, :, :70]).view(np.uint8))
+        assert np.array_equal(np.asarray(a.value_means), np.asarray(b.value_means))
 

@@ -40,6 +40,8 @@ def test_attention_fields_set_the_method_range_and_calibration():
     r = request({"attention": "dipr", "dipr_keys": 0.1})
     assert r.attention.calibration == CalibrationConfig(dipr_keys=0.1) and r.attention.calibrated
     assert request({"attention": "auto"}).attention.method == "full"  # resolved for a 3-token prompt
+    assert request({"attention": "topk", "tail": "none"}).attention.tail == "none"
+    assert request({"attention": "topk", "tail": "estimate"}).attention.tail == "estimate"
 
 
 @pytest.mark.parametrize("body,param,text", [
@@ -47,6 +49,8 @@ def test_attention_fields_set_the_method_range_and_calibration():
     ({"beta": "big"}, "beta", "must be a finite number"),
     ({"max_tokens": True}, "max_tokens", "must be an integer"),
     ({"attention": "nope"}, "attention", "unknown attention 'nope'"),
+    ({"tail": "exact-scores"}, "tail", "unknown tail 'exact-scores'; choose one of none, estimate"),  # study only
+    ({"tail": 1}, "tail", "must be a string"),
     ({"temperature": 10**400}, "temperature", "between 0 and 2"),
     ({"top_p": float("nan")}, "top_p", "(0, 1]"),
     ({"beta": float("inf")}, "beta", "finite"),

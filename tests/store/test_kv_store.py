@@ -109,3 +109,31 @@ def test_array_layout_round_trip():
     assert {n: (a.shape, a.dtype) for n, a in abstract.items()} == {n: (a.shape, a.dtype) for n, a in arrays.items()}
     with pytest.raises(ValueError, match="needs the arrays"):
         kv_store.from_arrays({"keys": arrays["keys"]})
+
+
+def _means_of(k, v, lengths):
+    """The block value means of a store built directly from the first ``lengths`` positions."""
+    return np.asarray(kv_store.from_dense(k, v, jnp.asarray(lengths), block_size=BK, capacity=32).value_means)
+
+
+def test_value_means_follow_appends_truncation_and_lengths():
+    k, v = dense(30, b=2, seed=3)
+    s = kv_store.empty(batch=2, num_kv_heads=2, head_dim=8, capacity=32, block_size=BK, dtype=jnp.bfloat16)
+    step = jax.jit(kv_store.append)
+    done = np.zeros(2, int)
+    for t, n in ((11, [11, 3]), (1, [1, 1]), (9, [9, 0]), (4, [2, 4])):  # ragged rows across block edges
+        rows = np.stack([np.arange(t) + done[i] for i in range(2)])
+        rows = np.minimum(rows, 29)
+        s = step(s, k[jnp.arange(2)[:, None], rows], v[jnp.arange(2)[:, None], rows], jnp.asarray(n))
+        done += n
+        # updated from the new rows (bf16: one rounding of the mean an append): a few bf16 ulps of the exact mean
+        want = _means_of(k, v, done).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(s.value_means, np.float32), want, rtol=0, atol=4 * 2.0 ** -8)
+    assert s.value_means.dtype == s.values.dtype and done.tolist() == [23, 8]
+    cut = kv_store.truncate(s, 5)
+    np.testing.assert_allclose(np.asarray(cut.value_means), _means_of(k, v, [5, 5]), rtol=1e-6, atol=1e-7)
+    w = jax.jit(kv_store.with_lengths)(s, jnp.asarray([17, 2]))
+    np.testing.assert_allclose(np.asarray(w.value_means), _means_of(k, v, [17, 2]), rtol=1e-6, atol=1e-7)
+    # NaN in the values past a length never reaches a mean.
+    poisoned = s.replace(values=s.values.at[1, :, 1:].set(jnp.nan))
+    assert np.isfinite(np.asarray(kv_store.with_value_means(poisoned).value_means)).all()

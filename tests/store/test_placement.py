@@ -155,7 +155,8 @@ def test_memory_estimate_splits_device_and_host_bytes():
     assert {p: e.kv_bytes for p, e in est.items()} == {p: est["device"].kv_bytes for p in PLACEMENTS}
     assert est["values-on-host"].kv_host_bytes == kv // 2
     assert est["keys-and-values-on-host"].kv_host_bytes == kv
-    assert est["values-on-host"].kv_device_bytes / kv == pytest.approx((256 + 68) / 512, rel=1e-4)
+    # on the device: keys 256 B, code 68 B and the block means 128·2/64 B a token (of K + V's 512)
+    assert est["values-on-host"].kv_device_bytes / kv == pytest.approx((256 + 68 + 4) / 512, rel=1e-4)
     assert "host" in est["values-on-host"].describe()
     assert dataclasses.replace(est["device"]).total_bytes == est["device"].weights_bytes + est["device"].kv_bytes
 

@@ -43,6 +43,8 @@ def check_devices():
         raise AssertionError("a mesh larger than the devices was accepted")
     from alaya_jax.cli import main  # --devices past the devices: a usage error (status 2), before any model loads
     assert main(["--cache-dir", "off", "generate", "--prompt", "hi", "--devices", str(DEVICES + 1)]) == 2
+    assert main(["--cache-dir", "off", "generate", "--prompt", "hi", "--devices", "2", "--attention", "dipr",
+                 "--implementation", "pallas", "--tail", "estimate"]) == 2  # the kernels' tail, sharded
 
 
 def check_layout():
@@ -79,8 +81,9 @@ def check_append():
         v = jnp.asarray(rng.normal(size=(b, t, hkv, d)), jnp.float32)
         st = plain(st, k, v, jnp.asarray(num))
         sh = app(sh, k, v, jnp.asarray(num))
-    for f in ("keys", "values", "codes", "code_scale", "code_err", "lengths"):
+    for f in ("keys", "values", "codes", "code_scale", "code_err", "value_means", "lengths"):
         np.testing.assert_array_equal(np.asarray(getattr(sh, f)), np.asarray(getattr(st, f)), err_msg=f)
+    assert sh.value_means.sharding.spec == sharding.store_specs(sh).value_means, sh.value_means.sharding
     assert sh.keys.sharding.spec == sharding.store_specs(sh).keys, sh.keys.sharding
     try:
         sharding.append(sh, k[:, :1].repeat(cap, 1), v[:, :1].repeat(cap, 1), mesh=mesh)
@@ -146,6 +149,19 @@ def check_dipr(implementation="reference", cases=None, devices=(1, 2, 4), betas=
         q_, s_, beta=2.0, sink=SINK, window=WINDOW, key_mask=m_, implementation=implementation, mesh=mesh)[0])(
             jnp.asarray(q), x, key_mask) for x, m in ((st, None), (sh, mesh)))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=2e-5, atol=2e-5)
+
+
+def check_tail_refused():
+    """The kernels' estimated tail on a sharded store: refused loudly (docs/design.md §10)."""
+    q, k, v, ln, st = store_case((40, 20), 4, 2, 16, BK, seed=1)
+    sh, mesh = _sharded(kv_store.resize(st, 4 * BK), 2)
+    try:
+        dipr_store_attention(jnp.asarray(q), sh, beta=1.0, sink=SINK, window=WINDOW, implementation="pallas",
+                             mesh=mesh, tail="estimate")
+    except ValueError as e:
+        assert "the estimated tail is not supported on a sharded store yet" in str(e), e
+    else:
+        raise AssertionError("the kernels' tail ran on a sharded store")
 
 
 def check_dipr_pallas():

@@ -6,5 +6,6 @@
   the max pass and the refine (``pallas_kernels``), zero false negatives.
 - ``calibration``: a β per (layer, query head) chosen from the prompt's own last queries.
 
-May import: ``alaya_jax.store``, ``alaya_jax.attention.masked``, ``pallas_kernels``.
+May import: ``alaya_jax.store``, ``alaya_jax.attention.masked``, ``alaya_jax.attention.tail`` (the
+tail-aware calibration), ``pallas_kernels``.
 """

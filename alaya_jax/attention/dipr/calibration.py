@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alaya_jax.attention.masked import group_size
+from alaya_jax.attention import tail as tail_mod
+from alaya_jax.attention.masked import group_size, masked_attention, raw_scores
 from alaya_jax.errors import ConfigError
 from alaya_jax.store.kv_store import KVStore
 
@@ -60,7 +61,11 @@ class Curves:
     ``recall`` f64 [L, B, Hq, G]: mean softmax mass on DIPR(β) ∪ sink ∪ window (absolute);
     ``vmass`` f64 [L, B, Hq, G]: mean of ``Σ_s p_s ‖v_s − o‖`` over the attended keys (o the full
     output): the value-weighted mass, whose complement bounds the output error ‖o_sparse − o‖·recall;
-    ``rows`` int [B]: calibration queries used; ``length`` int [B]: context length.
+    ``rows`` int [B]: calibration queries used; ``length`` int [B]: context length;
+    ``tail_err`` f64 [L, B, Hq, G] or None: mean over the calibration queries of ‖o_β − o‖₂, o_β the
+    output of DIPR(β) ∪ sink ∪ window attended exactly plus the estimated tail (of mode ``tail``) over
+    the other keys, o the full output: what a β costs once the tail is added (:func:`tail_error_curve`);
+    ``tail_rel``: the same error relative to ‖o‖₂.
     """
 
     mass: np.ndarray
@@ -70,6 +75,9 @@ class Curves:
     length: np.ndarray
     recall: Optional[np.ndarray] = None
     vmass: Optional[np.ndarray] = None
+    tail_err: Optional[np.ndarray] = None
+    tail_rel: Optional[np.ndarray] = None
+    tail: str = "none"
     grid: np.ndarray = dataclasses.field(default_factory=lambda: BETA_GRID.copy())
 
 
@@ -136,6 +144,53 @@ def layer_curves(q: jax.Array, store: KVStore, positions: jax.Array, row_ok: jax
     nw = jnp.maximum(jnp.sum(w, axis=-1), 1.0)  # [B,1]
     avg = lambda x: jnp.sum(x * w[..., None], axis=2) / nw[..., None]
     return avg(mass), avg(keys), jnp.sum(spread * w, axis=-1) / nw, avg(recall), avg(vmass)
+
+
+def tail_error_curve(q: jax.Array, store: KVStore, positions: jax.Array, row_ok: jax.Array, *, sink: int,
+                     window: int, grid: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+    """(err, rel) f32 [B, Hq, G]: per query head and grid β the mean over the real rows of ‖o_β − o‖₂ and of
+    ‖o_β − o‖₂ / ‖o‖₂ — o_β the output
+    of DIPR(β) ∪ sink ∪ window attended exactly plus the estimated tail of ``mode`` over the other keys,
+    o full attention (q [B,T,Hq,D] at ``positions`` [B,T], the store already holding their keys; see
+    :class:`Curves`). The rows are folded into the query heads of each KV head so that the tail is the
+    decode steps' own (:func:`alaya_jax.attention.tail.tail_partial`); a block's value mean may include
+    keys after a row's position (the block's, as the store holds it)."""
+    b, t, hq, d = q.shape
+    hkv, s = store.num_kv_heads, store.capacity
+    g = group_size(hq, hkv)
+    qf = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv * t * g, d)
+
+    def fold(x):  # [B, Hq, T, S] (query head major) → [B, Hkv·T·G, S]
+        return x.reshape(b, hkv, g, t, s).transpose(0, 1, 3, 2, 4).reshape(b, hkv * t * g, s)
+
+    kpos = jnp.arange(s)
+    pos = positions[:, :, None]
+    visible = (kpos <= pos) & (kpos < store.lengths[:, None, None]) & row_ok[:, :, None]  # [B,T,S]
+    sw = visible & ((kpos < sink) | (kpos > pos - window))
+    vis = fold(jnp.broadcast_to(visible[:, None], (b, hq, t, s)))
+    swf = fold(jnp.broadcast_to(sw[:, None], (b, hq, t, s)))
+    k, v = store.dense_keys(), store.dense_values()
+    sc = raw_scores(qf, k)
+    est = tail_mod.code_estimates(qf, store)
+    m = jnp.max(jnp.where(vis, sc, -jnp.inf), axis=-1, keepdims=True)
+    gap = jnp.where(vis, m - sc, jnp.inf)
+    full, _ = masked_attention(qf, k, v, vis, scores=sc)
+
+    norm = jnp.linalg.norm(full, axis=-1)
+
+    def err_at(beta):
+        sel = vis & ((gap <= beta) | swf)
+        o_sel, lse_sel = masked_attention(qf, k, v, sel, scores=sc)
+        o_t, lse_t = tail_mod.tail_partial(qf, store, vis & ~sel, mode=mode, scores=sc, estimates=est)
+        o, _ = tail_mod.merge_by_lse(jnp.stack([o_sel, o_t]), jnp.stack([lse_sel, lse_t]))
+        e = jnp.linalg.norm(o - full, axis=-1)  # [B, Hkv·T·G]
+        return jnp.stack([e, e / jnp.where(norm > 0, norm, 1.0)])
+
+    err = jax.lax.map(err_at, grid)  # [G, 2, B, Hkv·T·G]
+    err = err.reshape(-1, 2, b, hkv, t, g).transpose(1, 2, 3, 5, 4, 0).reshape(2, b, hq, t, -1)  # [2,B,Hq,T,G]
+    w = row_ok.astype(jnp.float32)[:, None, :, None]
+    mean = jnp.sum(err * w, axis=3) / jnp.maximum(jnp.sum(w, axis=2), 1.0)
+    return mean[0], mean[1]
 
 
 def calibration_inputs(tails: Sequence[Sequence[int]], lengths: np.ndarray):
@@ -245,9 +300,14 @@ def held_mass(curves: Curves, betas: np.ndarray) -> np.ndarray:
 # How curves become βs: "<granularity>-<gain>". granularity: "head" (a β per query head) or "layer" (the
 # heads of a layer share one β, chosen on their summed curves); gain: what a key buys — "mass" (share of the
 # mass outside sink and window), "spread" (that mass × the head's value spread), "recall" (absolute softmax
-# mass) or "vdist" (value-weighted mass Σ p‖v − o‖). Mass mode reads the gain as a fraction of its total.
+# mass), "vdist" (value-weighted mass Σ p‖v − o‖), "tail" (the fall of the output error with the estimated
+# tail, ``Curves.tail_err``) or "tailrel" (of that error relative to the output, ``Curves.tail_rel``); the
+# tail gains are for budget mode only. Mass mode reads the gain as a fraction of its total.
 # bench/results/quality_calibrated/quality_calibrated.md reports what each does to the KL.
-ALLOCATIONS = tuple(f"{g}-{k}" for g in ("head", "layer") for k in ("mass", "spread", "recall", "vdist"))
+ALLOCATIONS = tuple(f"{g}-{k}" for g in ("head", "layer") for k in ("mass", "spread", "recall", "vdist", "tail",
+                                                                        "tailrel"))
+#: The allocations that need a key budget (their gain is an output error, which has no "fraction of a total").
+BUDGET_ONLY_ALLOCATIONS = tuple(a for a in ALLOCATIONS if a.split("-")[1] in ("tail", "tailrel"))
 DEFAULT_ALLOCATION = "head-recall"
 
 
@@ -261,6 +321,10 @@ def gain_curves(curves: Curves, kind: str) -> np.ndarray:
         return curves.recall
     if kind == "vdist":
         return curves.vmass
+    if kind in ("tail", "tailrel"):
+        if curves.tail_err is None:
+            raise ValueError("the tail allocations need curves computed with a tail (calibration_curves(tail=...))")
+        return -(curves.tail_err if kind == "tail" else curves.tail_rel)
     raise ValueError(f"unknown gain {kind!r}")
 
 
@@ -274,6 +338,8 @@ def choose_betas(curves: Curves, *, mass: Optional[float] = None, keys: Optional
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; choose one of {ALLOCATIONS}")
     granularity, kind = allocation.split("-")
+    if allocation in BUDGET_ONLY_ALLOCATIONS and mass is not None:
+        raise ConfigError("the tail-aware allocation chooses βs for a key budget (dipr_keys), not a mass target")
     gain = gain_curves(curves, kind)
     if granularity == "layer":
         gain = gain.sum(axis=2, keepdims=True)

@@ -31,6 +31,12 @@ in the filter or among the sink and window positions. The scan still reads every
 candidates outside the filter are then dropped from the lists (slot −1, which both refine backends
 skip), so no such key is ever scored exactly, in range or attended; ``M_sw`` (sink and window,
 inside the filter by definition) stays a lower bound of the filtered max.
+
+With the estimated tail (``tail="estimate"``, :mod:`alaya_jax.attention.tail`) the scan also sums, per
+split and query head, exp(ŝ/√D) and those weights times their block's mean value (``KVStore.value_means``)
+over the keys that are not candidates, and stores the candidates' estimates; the attend pass adds the
+candidates it rejects, weighed by the same estimates: the output is exact over DIPR ∪ sink ∪ window and
+estimated over every other key (no filter yet; not on a sharded store yet: refused, docs/design.md §10).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from pallas_kernels.code_scan.reference import forced_scores
 from pallas_kernels.common import default_rounding_slack
 from pallas_kernels.key_codes import hadamard
 from pallas_kernels.refine_attention import refine_attention
-from pallas_kernels.refine_attention.api import normalize
+from pallas_kernels.refine_attention.reference import normalise
 
 
 @struct.dataclass
@@ -137,11 +143,12 @@ def _drop_outside(cand_idx: jax.Array, key_mask: jax.Array) -> jax.Array:
 def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, window: int,
                num_splits: Optional[int] = None, rounding_slack: Optional[float] = None,
                implementation: str = "reference", interpret: Optional[bool] = None, forced=None, m_lb=None,
-               keys: Optional[jax.Array] = None):
+               keys: Optional[jax.Array] = None, tail: bool = False):
     """The filter stage alone: ``(cand_idx [B,Hkv,NS,L], cand_count [B,Hkv,NS], m_sw [B,Hq])`` for
     q [B, Hq, D] and β f32 [B, Hq] (see ``pallas_kernels.code_scan``; ``forced``, ``m_lb``: a shard's).
     ``keys``: the store's keys [B,Hkv,S,D] as the kernel takes them (default ``store.dense_keys()``, a
-    device array)."""
+    device array); ``tail``: also the scan's part of the estimated tail (a ``ScanTail``), from the store's
+    value means (on the device)."""
     b, hkv, s = store.batch, store.num_kv_heads, store.capacity
     ns = default_num_splits(b, hkv, s) if num_splits is None else int(num_splits)
     if ns < 1:
@@ -150,7 +157,8 @@ def scan_codes(q: jax.Array, store: KVStore, beta: jax.Array, *, sink: int, wind
     keys = store.dense_keys() if keys is None else keys
     return code_scan(q, rotate_queries(q, store.rot_signs), keys, codes, scales, errs,
                      store.lengths, beta, sink=sink, window=window, num_splits=ns, rounding_slack=rounding_slack,
-                     implementation=implementation, interpret=interpret, forced=forced, m_lb=m_lb)
+                     implementation=implementation, interpret=interpret, forced=forced, m_lb=m_lb,
+                     value_means=store.value_means if tail else None, block_size=store.block_size if tail else None)
 
 
 def dipr_store_attention(
@@ -168,6 +176,7 @@ def dipr_store_attention(
     rounding_slack: Optional[float] = None,
     key_mask: Optional[jax.Array] = None,
     mesh: Optional[Mesh] = None,
+    tail: str = "none",
 ):
     """Exact DIPR ∪ sink ∪ window attention over a store by filter–refine.
 
@@ -189,6 +198,8 @@ def dipr_store_attention(
         ``brute_force.dipr_attention(..., key_mask=key_mask)``.
       mesh: None, or the 1-D mesh (axis ``"seq"``) the store's blocks are sharded over
         (:mod:`alaya_jax.store.sharding`): the same result, computed shard by shard (module docstring).
+      tail: "none" (exact sparse attention) or "estimate": the estimated tail over every searched key not
+        attended (module docstring; not with a key_mask, not with a mesh).
 
     Returns:
       ``(out [B, Hq, D] in q's dtype, stats: DiprStats, mask or None)``.
@@ -203,13 +214,23 @@ def dipr_store_attention(
     check_beta(beta)
     beta = _beta_heads(beta, b, hq)
     slack = default_rounding_slack(d) if rounding_slack is None else float(rounding_slack)
+    if tail not in ("none", "estimate"):
+        raise ValueError(f"filter-refine DIPR takes tail 'none' or 'estimate', got {tail!r}")
+    if tail != "none" and key_mask is not None:
+        raise ValueError("filter-refine DIPR with the estimated tail does not take a key_mask (a filter) yet: "
+                         "use tail 'none' for a filtered query")
+    if tail != "none" and mesh is not None:
+        raise ValueError("the estimated tail is not supported on a sharded store yet (filter-refine DIPR with "
+                         "tail 'estimate' and a mesh): each shard's scan sums are relative to its own forced "
+                         "maximum M_sw, which only the shards holding sink or window positions have; use tail "
+                         "'none' with several devices")
     if key_mask is not None:
         key_mask = jnp.asarray(key_mask, bool)
         if key_mask.shape != (b, s):
             raise ValueError(f"key_mask must be bool [B, S]={(b, s)}, got {tuple(key_mask.shape)}")
     shard = functools.partial(_dipr_shard, sink=sink, window=window, with_mask=with_mask, slack=slack,
                               implementation=implementation, interpret=interpret, num_splits=num_splits,
-                              refine_programs=refine_programs)
+                              refine_programs=refine_programs, tail=tail != "none")
     if mesh is None:
         return shard(q, store, beta, key_mask, axis_name=None)
     sharding.check_shardable(store, mesh)
@@ -222,9 +243,9 @@ def dipr_store_attention(
 
 
 def _dipr_shard(q, store, beta, key_mask, *, axis_name, sink, window, with_mask, slack, implementation, interpret,
-                num_splits, refine_programs):
+                num_splits, refine_programs, tail):
     """:func:`dipr_store_attention` over one shard (``axis_name`` None: the whole, unsharded store); the
-    arguments are validated, β is [B, Hq]."""
+    arguments are validated, β is [B, Hq]; ``tail``: the estimated tail (unsharded only)."""
     b, hq, _ = q.shape
     frame = sharding.shard_frame(store.lengths, store.capacity, sink=sink, window=window, axis_name=axis_name)
     local = sharding.local_view(store, frame)
@@ -240,15 +261,18 @@ def _dipr_shard(q, store, beta, key_mask, *, axis_name, sink, window, with_mask,
     if axis_name is not None:  # M_lb: the forced maxima of every shard, before any shard scans
         _, _, s_f = forced_scores(q, keys, local.lengths, sink=sink, window=window, forced=forced)
         m_lb = jax.lax.pmax(jnp.max(s_f, axis=-1).reshape(b, hq), axis_name)
-    cand_idx, cand_count, m_sw = scan_codes(q, local, beta, sink=sink, window=window, num_splits=num_splits,
-                                            rounding_slack=slack, forced=forced, m_lb=m_lb, keys=keys, **kw)
+    cand_idx, cand_count, m_sw, *scan_tail = scan_codes(q, local, beta, sink=sink, window=window,
+                                                        num_splits=num_splits, rounding_slack=slack, forced=forced,
+                                                        m_lb=m_lb, keys=keys, tail=tail, **kw)
     if key_mask is not None:
         cand_idx = _drop_outside(cand_idx, key_mask)
     m_in = m_sw if m_lb is None else jnp.maximum(m_sw, m_lb)
     reduce = None if axis_name is None else functools.partial(jax.lax.pmax, axis_name=axis_name)
+    tail_kw = {} if not scan_tail else dict(tail=scan_tail[0], value_means=local.value_means,
+                                            block_size=local.block_size)
     o, l, _, m = refine_attention(q, keys, values, cand_idx, cand_count, m_in, local.lengths, beta,
                                   sink=sink, window=window, rounding_slack=slack, programs=refine_programs,
-                                  forced=forced, max_reduce=reduce, partials=True, **kw)
+                                  forced=forced, max_reduce=reduce, partials=True, **kw, **tail_kw)
     if key_mask is None:
         listed = jnp.sum(cand_count, axis=-1, dtype=jnp.int32)
     else:  # the candidates kept in the filter
@@ -256,7 +280,7 @@ def _dipr_shard(q, store, beta, key_mask, *, axis_name, sink, window, with_mask,
         listed = jnp.sum((slot < cand_count[..., None]) & (cand_idx >= 0), axis=(-2, -1), dtype=jnp.int32)
     if axis_name is not None:  # every shard attended with the one exact M: the partial sums add up
         o, l, listed = jax.lax.psum((o, l, listed), axis_name)
-    out = normalize(o, l, dtype=q.dtype)
+    out = normalise(o, l).astype(q.dtype)
     mask = None
     keys_in_range = jnp.full((b, hq), -1, jnp.int32)
     if with_mask:
