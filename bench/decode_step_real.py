@@ -70,14 +70,15 @@ def _proxy_store(token_keys, token_index, key, *, capacity: int):
     return kv_store.from_dense(k, v, block_size=64, capacity=capacity)
 
 
-def proxy_stores(cfg, batch: int, context: int, capacity: int, *, sources: int = 0):
+def proxy_stores(cfg, batch: int, context: int, capacity: int, *, sources: int = 0, place=None):
     """Per layer a store of ``context`` real-proxy keys (bench/real_key_proxy.py, sources drawn
     with seed = layer) and Gaussian values; and the per-layer real queries [L, B, Hq, D].
-    ``sources`` > 0: only that many distinct proxies, copied round-robin over the layers (faster to build)."""
+    ``sources`` > 0: only that many distinct proxies, copied round-robin over the layers (faster to build).
+    ``place``: applied to each store as it is built (e.g. sharding it over several devices)."""
     from bench import real_key_proxy
 
     if 0 < sources < cfg.num_layers:
-        few, fq = proxy_stores(dataclasses.replace(cfg, num_layers=sources), batch, context, capacity)
+        few, fq = proxy_stores(dataclasses.replace(cfg, num_layers=sources), batch, context, capacity, place=place)
         stores = tuple(jax.tree.map(jnp.copy, few[i % sources]) for i in range(cfg.num_layers))
         return stores, fq[jnp.arange(cfg.num_layers) % sources]
     stores, qs = [], []
@@ -85,23 +86,27 @@ def proxy_stores(cfg, batch: int, context: int, capacity: int, *, sources: int =
         p = real_key_proxy.build_proxy(context=context, batch=batch, num_kv_heads=cfg.num_kv_heads,
                                        group=cfg.num_heads // cfg.num_kv_heads, head_dim=cfg.head_dim, seed=layer,
                                        values=False, by_token=True)
-        stores.append(jax.block_until_ready(_proxy_store(jnp.asarray(p["keys"]), jnp.asarray(p["token_index"],
-                                                                                                jnp.int32),
-                                                         jax.random.PRNGKey(layer), capacity=capacity)))
+        st = _proxy_store(jnp.asarray(p["keys"]), jnp.asarray(p["token_index"], jnp.int32),
+                          jax.random.PRNGKey(layer), capacity=capacity)
+        stores.append(jax.block_until_ready(st if place is None else place(st)))
+        del st
         qs.append(jnp.asarray(p["q"], jnp.float32).astype(jnp.bfloat16))
     return tuple(stores), jnp.stack(qs)
 
 
-def make_step(model, attention: AttentionConfig, *, tokens: int = 1):
+def make_step(model, attention: AttentionConfig, *, tokens: int = 1, mesh=None):
     """A jitted call that decodes ``tokens`` tokens on the device (a ``lax.scan`` over the model's
-    step: one host round trip per call, as the engine's chunked decode); aux is the last token's."""
+    step: one host round trip per call, as the engine's chunked decode); aux is the last token's.
+    ``mesh``: the caches are sharded along the sequence over it (bench/multi_gpu.py)."""
     graphdef, state = nnx.split(model)
+    if mesh is not None:  # the weights replicated over the devices the caches are sharded over
+        state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     donate = jax.default_backend() != "cpu"
 
     def one(state, caches, token, qs, beta):
         m = nnx.merge(graphdef, state)
         positions = caches[0].lengths[:, None]
-        base = make_attention_fn(attention, beta=beta)
+        base = make_attention_fn(attention, beta=beta, mesh=mesh)
 
         def attn(layer, q, k, v, cache, pos):
             qq = (qs[layer][:, None].astype(jnp.float32) + 1e-6 * q.astype(jnp.float32)).astype(q.dtype)
@@ -126,11 +131,11 @@ def make_step(model, attention: AttentionConfig, *, tokens: int = 1):
     return f, state
 
 
-def run_variant(model, caches, qs, name, attention, betas, args):
+def run_variant(model, caches, qs, name, attention, betas, args, mesh=None):
     """Times one variant on ``caches`` (donated: no second copy of the KV, which at 512K does not fit
     beside the first). Returns (rows, caches with their original lengths: the appended steps are
     past the lengths, so the next variant starts from the same context)."""
-    f, state = make_step(model, attention, tokens=args.tokens_per_call)
+    f, state = make_step(model, attention, tokens=args.tokens_per_call, mesh=mesh)
     lengths0 = np.asarray(caches[0].lengths)  # a host copy: the caches' own arrays are donated to the first step
     token = jnp.zeros((qs.shape[1],), jnp.int32)
     rows = []

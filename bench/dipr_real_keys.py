@@ -58,7 +58,7 @@ from alaya_jax.attention.dipr.filter_refine import dipr_store_attention, rotate_
 from alaya_jax.store import kv_store
 from bench import harness
 from bench.diag import scan_stages
-from pallas_kernels.code_scan.api import EPILOGUE_CHUNK, default_num_splits, list_size, scan_tile
+from pallas_kernels.code_scan.api import EPILOGUE_CHUNK, default_num_splits, list_size, row_forced, scan_tile
 from pallas_kernels.code_scan.kernel_triton import scan_pallas
 from pallas_kernels.common import default_rounding_slack, group_rows, score_operand_dtype
 from pallas_kernels.refine_attention import refine_attention
@@ -131,6 +131,14 @@ def scan_operands(q, st, beta):
     bt = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), q.shape[:2])
     return (st.lengths, group_rows(q.astype(qdt), hkv), group_rows(rotate_queries(q, st.rot_signs), hkv),
             group_rows(bt, hkv), st.dense_keys(), codes, scales, errs)
+
+
+def unsharded_scan(lengths, q, q_rot, beta, *rest, sink, window, **kw):
+    """``scan_pallas`` on :func:`scan_operands` with every row's forced counts = sink, window and no outside
+    lower bound (what ``code_scan`` passes for an unsharded store)."""
+    sinks, windows = row_forced(None, lengths.shape[0], sink=sink, window=window, op="code_scan")
+    return scan_pallas(lengths, sinks, windows, q, q_rot, beta, jnp.full(beta.shape, -jnp.inf, jnp.float32), *rest,
+                       sink=sink, window=window, **kw)
 
 
 def row_emitter(base, bw, rows, log):
@@ -218,7 +226,7 @@ def bench_case(kind, b, s, args, bw, log, meta):
         for stage in scan_stages.STAGES + ("full",):
             def run_stage(stage=stage):
                 if stage == "full":
-                    fn = functools.partial(scan_pallas, list_size=list_size(s, ns), chunk=EPILOGUE_CHUNK, **kw)
+                    fn = functools.partial(unsharded_scan, list_size=list_size(s, ns), chunk=EPILOGUE_CHUNK, **kw)
                 else:
                     fn = functools.partial(scan_stages.stage_call, stage, **kw)
                 tm, _ = per_layer(fn, ops, args.iters)
@@ -331,9 +339,9 @@ def tail_case(b, s, args, bw, log):
               chunk=EPILOGUE_CHUNK)
     for beta in [proxy_beta(x, d) for x in args.betas64]:
         ops = [scan_operands(q, st, beta) for q, st in zip(qs, stores)]
-        plain, _ = per_layer(functools.partial(scan_pallas, **kw), ops, args.iters)
-        with_tail, _ = per_layer(lambda *o: scan_pallas(*o[:-1], value_means=o[-1], block_size=BK,
-                                                        sm_scale=1 / math.sqrt(d), **kw),
+        plain, _ = per_layer(functools.partial(unsharded_scan, **kw), ops, args.iters)
+        with_tail, _ = per_layer(lambda *o: unsharded_scan(*o[:-1], value_means=o[-1], block_size=BK,
+                                                           sm_scale=1 / math.sqrt(d), **kw),
                                  [(*o, st.value_means) for o, st in zip(ops, stores)], args.iters)
         emit({"row": "scan", "beta": beta, "tail": "none", **plain, "bytes_per_layer": code_bytes})
         emit({"row": "scan", "beta": beta, "tail": "estimate", **with_tail, "bytes_per_layer": code_bytes + means_bytes,

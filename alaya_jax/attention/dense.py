@@ -122,27 +122,31 @@ def reference_parts(q: jax.Array, store: KVStore, positions: jax.Array):
     :func:`causal_attention` with these)."""
     prior, num_new = chunk_rows(store, positions)
     b, t, hq, d = q.shape
-    scale = 1.0 / jnp.sqrt(jnp.float32(d))
-    qb = jnp.swapaxes(q, 1, 2).astype(jnp.float32)  # [B,Hq,T,D]
-
-    def part(kk, vv, mask):  # kk/vv [B,Hkv,S,D], mask [B,T,S] → (out [B,Hq,T,D], lse [B,Hq,T])
-        g = group_size(hq, kk.shape[1])
-        sc = jnp.einsum("bhgtd,bhsd->bhgts", qb.reshape(b, -1, g, t, d), kk.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST) * scale
-        mask = mask[:, None, None]
-        z = jnp.where(mask, sc, -jnp.inf)
-        lse = jax.nn.logsumexp(z, axis=-1)
-        p = jnp.where(mask, jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
-        vv = jnp.where(jnp.any(mask, axis=(1, 2, 3))[:, None, :, None], vv.astype(jnp.float32), 0.0)
-        o = jnp.einsum("bhgts,bhsd->bhgtd", p, vv, precision=jax.lax.Precision.HIGHEST)
-        return o.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
 
     kpos = jnp.arange(store.capacity)
     pre_mask = jnp.broadcast_to((kpos[None, :] < prior[:, None])[:, None, :], (b, t, store.capacity))
     tpos = jnp.arange(t)
     self_mask = (tpos[None, None, :] <= tpos[None, :, None]) & (tpos[None, None, :] < num_new[:, None, None])
     ks, vs = chunk_keys(store, prior, t)
-    return part(store.dense_keys(), store.dense_values(), pre_mask), part(ks, vs, self_mask), prior, num_new
+    return (masked_part(q, store.dense_keys(), store.dense_values(), pre_mask), masked_part(q, ks, vs, self_mask),
+            prior, num_new)
+
+
+def masked_part(q: jax.Array, kk: jax.Array, vv: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention of q [B,T,Hq,D] over kk, vv [B,Hkv,S,D] where ``mask`` [B,T,S], in f32 jnp →
+    ``(out [B,Hq,T,D] in q's dtype, lse f32 [B,Hq,T])`` (a row with nothing to attend: out 0, lse −inf)."""
+    b, t, hq, d = q.shape
+    qb = jnp.swapaxes(q, 1, 2).astype(jnp.float32)  # [B,Hq,T,D]
+    g = group_size(hq, kk.shape[1])
+    sc = jnp.einsum("bhgtd,bhsd->bhgts", qb.reshape(b, -1, g, t, d), kk.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d))
+    mask = mask[:, None, None]
+    z = jnp.where(mask, sc, -jnp.inf)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    p = jnp.where(mask, jnp.exp(z - jnp.where(jnp.isfinite(lse), lse, 0.0)[..., None]), 0.0)
+    vv = jnp.where(jnp.any(mask, axis=(1, 2, 3))[:, None, :, None], vv.astype(jnp.float32), 0.0)
+    o = jnp.einsum("bhgts,bhsd->bhgtd", p, vv, precision=jax.lax.Precision.HIGHEST)
+    return o.reshape(b, hq, t, d).astype(q.dtype), lse.reshape(b, hq, t)
 
 
 # ----------------------------------------------------------------------------- cuDNN

@@ -82,7 +82,8 @@ def _masked(select, *, with_tail: bool = True):
     """A method that builds a token mask from the exact scores, then attends densely-masked, plus the
     estimated tail of ``cfg.tail`` over the visible keys outside the mask (``with_tail``: the method has one)."""
 
-    def attend(q, store, cfg, *, beta, top_p, with_mask, key_mask):
+    def attend(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
+        del mesh  # plain jnp over the global arrays: on a sharded store XLA partitions it (not by hand)
         k, v = store.dense_keys(), store.dense_values()
         scores = raw_scores(q, k)
         valid = visible_keys(store, cfg, key_mask)  # [B,S]
@@ -96,14 +97,14 @@ def _masked(select, *, with_tail: bool = True):
     return attend
 
 
-def _dipr(q, store, cfg, *, beta, with_mask, key_mask):
+def _dipr(q, store, cfg, *, beta, with_mask, key_mask, mesh):
     kernel_tail = cfg.tail == "estimate" and cfg.kernel.implementation == "pallas" and key_mask is None
-    if cfg.tail != "none" and not kernel_tail:
+    if cfg.tail != "none" and not kernel_tail:  # jnp over the global arrays (a sharded store: XLA partitions it)
         return _dipr_with_tail(q, store, cfg, beta=beta, key_mask=key_mask)
-    out, st, dmask = dipr_store_attention(
+    out, st, dmask = dipr_store_attention(  # the kernels' tail with a mesh: refused there
         q, store, beta=beta, sink=cfg.sink, window=cfg.window, with_mask=with_mask,
         implementation=cfg.kernel.implementation, num_splits=cfg.kernel.num_splits,
-        key_mask=key_mask, tail=cfg.tail,
+        key_mask=key_mask, mesh=mesh, tail=cfg.tail,
     )
     stats = {"candidates": st.candidates}
     return out, (dmask | _sw(store, cfg)) if with_mask else None, stats
@@ -122,16 +123,16 @@ def _dipr_with_tail(q, store, cfg, *, beta, key_mask):
     return tail.attend_with_tail(q, store, mask, mode=cfg.tail, scores=scores, visible=visible), mask, {}
 
 
-def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask, key_mask):
-    return _dipr(q, store, cfg, beta=beta, with_mask=with_mask, key_mask=key_mask)
+def _dipr_uniform(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
+    return _dipr(q, store, cfg, beta=beta, with_mask=with_mask, key_mask=key_mask, mesh=mesh)
 
 
-def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask, key_mask):
+def _dipr_calibrated(q, store, cfg, *, beta, top_p, with_mask, key_mask, mesh=None):
     if store.dipr_beta is None:
         raise ValueError("calibrated DIPR (dipr_mass / dipr_keys) needs the βs chosen at the end of prefill: "
                          "run alaya_jax.attention.dipr.calibration.calibrate_caches (Engine.calibrate) on the "
                          "caches first")
-    return _dipr(q, store, cfg, beta=store.dipr_beta, with_mask=with_mask, key_mask=key_mask)
+    return _dipr(q, store, cfg, beta=store.dipr_beta, with_mask=with_mask, key_mask=key_mask, mesh=mesh)
 
 
 register(AttentionMethod("full", _masked(lambda q, s, c, *, scores, valid, top_p:

@@ -40,12 +40,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from alaya_jax.attention import registry
 from alaya_jax.attention.config import AttentionConfig
 from alaya_jax.attention.dense import DENSE_IMPLEMENTATIONS
+from alaya_jax.attention.dense_sharded import sharded_attention
 from alaya_jax.attention.masked import full_softmax, group_size, raw_scores
-from alaya_jax.store import kv_store
+from alaya_jax.store import kv_store, sharding
 from alaya_jax.store.kv_store import KVStore
 
 #: Head layouts a caller's q, k, v may come in: name → axis order.
@@ -92,16 +94,20 @@ def new_store(*, batch: int, num_kv_heads: int, head_dim: int, capacity: int, bl
 
 
 def append(store: KVStore, k: jax.Array, v: jax.Array, *, layout: str = "bthd",
-           num_new: Optional[jax.Array] = None) -> KVStore:
+           num_new: Optional[jax.Array] = None, mesh: Optional[Mesh] = None) -> KVStore:
     """The store with T new positions per sequence: k, v [B, T, Hkv, D] ("bthd") or [B, Hkv, T, D]
     ("bhtd"); ``num_new`` int [B] (default T): sequence b takes its first ``num_new[b]`` rows (ragged
     batches). The new keys' codes are built, so the store is searchable at once. Past the capacity:
     ``ValueError`` with concrete lengths; under ``jit`` check capacity up front (see
-    :func:`alaya_jax.store.kv_store.append`)."""
+    :func:`alaya_jax.store.kv_store.append`). ``mesh``: the store is sharded along the sequence over it
+    (:func:`alaya_jax.store.sharding.append`; None or one device: unsharded)."""
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(f"k and v must have equal shapes {LAYOUTS.get(layout, '')}, got k{tuple(k.shape)} "
                          f"and v{tuple(v.shape)}")
-    return kv_store.append(store, _tokens_major(k, layout, "k"), _tokens_major(v, layout, "v"), num_new)
+    k, v = _tokens_major(k, layout, "k"), _tokens_major(v, layout, "v")
+    if sharding.num_shards(mesh) > 1:
+        return sharding.append(store, k, v, num_new, mesh=mesh)
+    return kv_store.append(store, k, v, num_new)
 
 
 def filter_mask(positions, store: KVStore) -> jax.Array:
@@ -140,7 +146,7 @@ def filter_mask(positions, store: KVStore) -> jax.Array:
 
 
 def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dense: bool = False,
-                     beta=None, top_p=None, key_mask: Optional[jax.Array] = None):
+                     beta=None, top_p=None, key_mask: Optional[jax.Array] = None, mesh: Optional[Mesh] = None):
     """One decode query per head over a store, through the method registry
     (:mod:`alaya_jax.attention.registry`). q [B,Hq,D] → (out [B,Hq,D], stats dict).
 
@@ -157,7 +163,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
     beta = cfg.beta if beta is None else beta
     top_p = cfg.top_p if top_p is None else top_p
     out, mask, stats = method.attend(q, store, cfg, beta=beta, top_p=top_p, with_mask=cfg.collect_stats,
-                                     key_mask=key_mask)
+                                     key_mask=key_mask, mesh=mesh if sharding.num_shards(mesh) > 1 else None)
     if cfg.collect_stats:
         visible = registry.visible_keys(store, cfg, key_mask)  # [B,S]
         probs = full_softmax(raw_scores(q, store.dense_keys()), visible, q.shape[-1])
@@ -168,7 +174,7 @@ def decode_attention(q: jax.Array, store: KVStore, cfg: AttentionConfig, *, dens
 
 def attend(q: jax.Array, store: KVStore, *, attention: AttentionConfig = FULL, layout: str = "bthd",
            layer: Optional[int] = None, positions=None, query_positions: Optional[jax.Array] = None,
-           beta=None, top_p=None) -> tuple[jax.Array, dict]:
+           beta=None, top_p=None, mesh: Optional[Mesh] = None) -> tuple[jax.Array, dict]:
     """One layer's attention of T query rows over a store (append the rows' keys first).
 
     Args:
@@ -186,6 +192,9 @@ def attend(q: jax.Array, store: KVStore, *, attention: AttentionConfig = FULL, l
         (default: ``lengths - T + t``, the rows just appended).
       beta, top_p: traced overrides of ``attention.beta`` / ``attention.top_p`` (a β per query
         head broadcasts to [B, Hq]).
+      mesh: the store is sharded along the sequence over this mesh (docs/design.md §10): DIPR and dense
+        attention run shard by shard (``filter_refine``, ``dense_sharded``); the other methods are plain jnp
+        that XLA partitions. None or one device: unsharded.
 
     Returns:
       ``(out, stats)``: out in q's layout, shape and dtype; stats a dict of arrays (empty for a
@@ -208,11 +217,15 @@ def attend(q: jax.Array, store: KVStore, *, attention: AttentionConfig = FULL, l
         elif tuple(query_positions.shape) != (b, t):
             raise ValueError(f"query_positions must be [B, T]={(b, t)}, got {tuple(query_positions.shape)}")
         visible = None if key_mask is None else registry.visible_keys(store, attention, key_mask)
-        out = DENSE_IMPLEMENTATIONS[attention.kernel.prefill_attention](qt, store, query_positions, key_mask=visible)
+        backend = attention.kernel.prefill_attention
+        if sharding.num_shards(mesh) > 1:
+            out = sharded_attention(qt, store, query_positions, implementation=backend, mesh=mesh, key_mask=visible)
+        else:
+            out = DENSE_IMPLEMENTATIONS[backend](qt, store, query_positions, key_mask=visible)
         return _from_tokens_major(out, layout), {}
     dense = attention.method == "full" or (layer is not None and layer in attention.dense_layers)
     out, stats = decode_attention(qt[:, 0], store, attention, dense=dense, beta=beta, top_p=top_p,
-                                  key_mask=key_mask)
+                                  key_mask=key_mask, mesh=mesh)
     return _from_tokens_major(out[:, None], layout), stats
 
 

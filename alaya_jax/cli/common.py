@@ -90,6 +90,26 @@ def add_attention_args(p: argparse.ArgumentParser) -> None:
                         "each time the context has grown X-fold (default 2; 0: never)")
 
 
+def add_devices_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--devices", type=positive_int, default=1, metavar="N",
+                   help="shard the KV caches along the sequence over N devices of one host (default 1: unsharded)")
+
+
+def devices_arg(args) -> int:
+    """``--devices``, checked against the devices the backend has (a UsageError naming both)."""
+    import jax
+
+    have = jax.devices()
+    if args.devices > len(have):
+        raise UsageError(f"--devices {args.devices}: the {jax.default_backend()} backend has {len(have)} device(s)")
+    kernel_tail = (getattr(args, "tail", "none") != "none" and getattr(args, "implementation", None) == "pallas"
+                   and getattr(args, "attention", None) in ("dipr", "auto"))
+    if args.devices > 1 and kernel_tail:
+        raise UsageError(f"--tail {args.tail} with --implementation pallas over --devices {args.devices}: the "
+                         "estimated tail is not supported on a sharded store yet (use --tail none, or one device)")
+    return args.devices
+
+
 def attention_config(args, *, prefill_attention: str = "reference"):
     """The ``AttentionConfig`` of the attention arguments (``add_attention_args``)."""
     from alaya_jax.attention.config import AttentionConfig, CalibrationConfig, KernelConfig

@@ -8,8 +8,9 @@ import math
 import sys
 import time
 
-from alaya_jax.cli.common import (UsageError, add_attention_args, attention_config, context_limit, context_limit_text,
-                                  load_model, nonneg_float, positive_int, progress_bar, read_text, unit_float)
+from alaya_jax.cli.common import (UsageError, add_attention_args, add_devices_arg, attention_config, context_limit,
+                                  context_limit_text, devices_arg, load_model, nonneg_float, positive_int,
+                                  progress_bar, read_text, unit_float)
 from alaya_jax.runtime.prompts import context_prefix_ids
 from alaya_jax.store.db_for_model import open_db
 
@@ -35,6 +36,7 @@ def add_parser(sub) -> None:
                         "store the context's KV (--context-file/--demo-context) if the DB lacks it")
     g.add_argument("--no-store", action="store_true", help="with --db: only read the DB, never write to it")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    add_devices_arg(g)
     add_attention_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -45,6 +47,7 @@ def cmd_generate(args) -> int:
     from alaya_jax.runtime.engine import Engine, capacity_bucket
     from alaya_jax.runtime.sampling import SamplingConfig
 
+    devices = devices_arg(args)  # before the model is loaded
     if args.prompt is None:
         if not args.demo_context:
             raise UsageError("--prompt is required (or use --demo-context)")
@@ -74,7 +77,7 @@ def cmd_generate(args) -> int:
             f"the prompt has {len(ids)} tokens; with --max-new-tokens {args.max_new_tokens} that is {total}, "
             f"more than {context_limit_text(args, config)}"
         )
-    engine = Engine(model)
+    engine = Engine(model, devices=devices)
     # A capacity bucket, not the exact size: other prompts of a similar length reuse the compiled programs.
     capacity = capacity_bucket(total, block_size=engine.block_size, minimum=CLI_MIN_CAPACITY,
                                maximum=context_limit(args, config))

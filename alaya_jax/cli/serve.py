@@ -16,8 +16,8 @@ import signal
 import sys
 
 from alaya_jax.attention.config import PREFILL_ATTENTIONS
-from alaya_jax.cli.common import (UsageError, add_attention_args, add_random_weights_arg, attention_config,
-                                  context_limit, load_model, positive_int)
+from alaya_jax.cli.common import (UsageError, add_attention_args, add_devices_arg, add_random_weights_arg,
+                                  attention_config, context_limit, devices_arg, load_model, positive_int)
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
@@ -63,6 +63,7 @@ def add_parser(sub) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     add_attention_args(s)
+    add_devices_arg(s)
     s.set_defaults(func=cmd_serve)
 
 
@@ -75,6 +76,7 @@ def build_state(args):
     from alaya_jax.server.protocol import RequestLimits
     from alaya_jax.server.scheduler import BatchLimits, Scheduler
 
+    devices = devices_arg(args)  # before the model is loaded
     if args.kv_placement != "device":
         raise UsageError(f"alaya serve keeps the KV on the device for now (--kv-placement {args.kv_placement} is "
                          "supported by alaya generate and the Python API)")
@@ -89,7 +91,7 @@ def build_state(args):
         name = find_smollm2_gguf().stem
     context = context_limit(args, config)
     engine = Engine(model, prefill_attention=args.prefill_attention, prefill_chunk=args.prefill_chunk,
-                    max_chunk=max(args.decode_chunk, 1))
+                    max_chunk=max(args.decode_chunk, 1), devices=devices)
     db = None
     if args.db:
         from alaya_jax.store.db_for_model import open_db

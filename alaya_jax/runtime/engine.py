@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 from flax import nnx
 
@@ -30,7 +31,7 @@ from alaya_jax.errors import InputError
 from alaya_jax.runtime import decode_loop
 from alaya_jax.runtime.decode_loop import DecodeState
 from alaya_jax.runtime.sampling import SamplingConfig, sample
-from alaya_jax.store import kv_store
+from alaya_jax.store import kv_store, sharding
 from alaya_jax.store.placement import host_fields
 
 FULL = AttentionConfig(method="full")
@@ -151,13 +152,19 @@ class Engine:
     ``prefill_attention``: "reference" (default), "xla" or "cudnn" (see
     ``KernelConfig.prefill_attention``). ``max_chunk``: the most tokens one device
     dispatch decodes (``decode_chunk``); ``first_chunk``: the first chunk's length in
-    ``generate`` (chunks then double up to ``max_chunk``).
+    ``generate`` (chunks then double up to ``max_chunk``). ``devices``: the caches' blocks are
+    sharded along the sequence over this many devices of the default backend (docs/design.md §10;
+    1: unsharded, the single-device code; more than there are: ``ValueError``).
     """
 
     def __init__(self, model, *, block_size: int = 64, prefill_chunk: int = 512,
-                 prefill_attention: str = "reference", max_chunk: int = 32, first_chunk: int = 4):
+                 prefill_attention: str = "reference", max_chunk: int = 32, first_chunk: int = 4,
+                 devices: int = 1):
         if max_chunk < 1 or first_chunk < 1:
             raise ValueError(f"max_chunk and first_chunk must be >= 1, got {max_chunk}, {first_chunk}")
+        self.devices = int(devices)
+        mesh = sharding.seq_mesh(self.devices) if self.devices > 1 else None
+        self.mesh = mesh
         self.config = model.config
         self.recalibrations = 0  # times generate() chose calibrated βs again as the context grew
         self.block_size = block_size
@@ -166,6 +173,8 @@ class Engine:
         self.first_chunk = first_chunk
         self._prefill_cfg = AttentionConfig(method="full", kernel=KernelConfig(prefill_attention=prefill_attention))
         graphdef, state = nnx.split(model)
+        if mesh is not None:  # the weights replicated on every device the caches are sharded over
+            state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
         self._state = state
         self.trace_counts = {"forward": 0, "decode": 0, "decode_chunk": 0}
         donate = jax.default_backend() != "cpu"
@@ -174,7 +183,8 @@ class Engine:
         def forward(state, tokens, positions, caches, num_new, cfg, last_only):
             self.trace_counts["forward"] += 1
             m = nnx.merge(graphdef, state)
-            x, caches, aux = m.hidden(tokens, positions, caches, attention=make_attention_fn(cfg, num_new))
+            x, caches, aux = m.hidden(tokens, positions, caches, attention=make_attention_fn(cfg, num_new,
+                                                                                                  mesh=mesh))
             if last_only:  # only each sequence's last real row reaches the head: [B, V], not [B, T, V]
                 x = jnp.take_along_axis(x, jnp.maximum(num_new - 1, 0)[:, None, None], axis=1)[:, 0]
             return m.logits_from_hidden(x), caches, aux
@@ -184,7 +194,7 @@ class Engine:
 
             def step(caches, token, feed):
                 positions = caches[0].lengths[:, None]
-                attn = make_attention_fn(cfg, feed.astype(jnp.int32), beta=beta, top_p=attn_top_p)
+                attn = make_attention_fn(cfg, feed.astype(jnp.int32), beta=beta, top_p=attn_top_p, mesh=mesh)
                 logits, caches, aux = m(token[:, None], positions, caches, attention=attn)
                 return logits[:, 0].astype(jnp.float32), caches, aux
 
@@ -221,10 +231,14 @@ class Engine:
 
         def new_caches(batch, capacity, placement, layers):
             c = self.config
-            return tuple(kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                                        capacity=capacity, block_size=self.block_size, dtype=self.dtype,
-                                        placement=placement)
-                         for _ in range(layers))
+            capacity = sharding.sharded_capacity(capacity, block_size=self.block_size, devices=self.devices)
+            caches = tuple(kv_store.empty(batch=batch, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                          capacity=capacity, block_size=self.block_size, dtype=self.dtype,
+                                          placement=placement)
+                           for _ in range(layers))
+            if mesh is None:
+                return caches
+            return jax.lax.with_sharding_constraint(caches, tuple(sharding.store_shardings(st, mesh) for st in caches))
 
         dc = ("caches",) if donate else ()
         self._curves = jax.jit(curves, static_argnames=("sink", "window", "tail"))
@@ -246,14 +260,34 @@ class Engine:
 
     def new_caches(self, *, batch: int, capacity: int, placement: str = "device") -> tuple[kv_store.KVStore, ...]:
         """Empty stores for every layer, made in one compiled program (each array a buffer of its
-        own: donation and in-place updates need distinct arrays). ``placement``: where their values
-        (and keys) live (``KernelConfig.kv_placement``); host placements are made a layer at a time."""
+        own: donation and in-place updates need distinct arrays); sharded over the engine's devices
+        (the capacity rounded up to a multiple of ``devices`` blocks). ``placement``: where their values
+        (and keys) live (``KernelConfig.kv_placement``; only "device" over several devices); host
+        placements are made a layer at a time."""
         if host_fields(placement):
+            if self.mesh is not None:
+                raise ValueError(f"KV placement {placement!r} keeps K/V on the host of one device; over "
+                                 f"{self.devices} devices the caches stay on the devices (placement 'device')")
             # One layer at a time: in a single program XLA could keep every layer's device zeros alive
             # before their transfers to the host (64 GiB for the values of a 1M-token Llama-3-8B).
             return tuple(self._new_caches(int(batch), int(capacity), placement, 1)[0]
                          for _ in range(self.config.num_layers))
         return self._new_caches(int(batch), int(capacity), placement, self.config.num_layers)
+
+    def placed(self, caches) -> tuple[kv_store.KVStore, ...]:
+        """The caches as this engine's programs take them: on one device, themselves; over several,
+        padded with empty blocks to a multiple of ``devices`` blocks and sharded along the sequence
+        (a no-op for caches made by :meth:`new_caches`; caches restored from a snapshot or re-laid out
+        by the server are moved once)."""
+        if self.mesh is None:
+            return caches
+        n = self.devices
+        out = []
+        for st in caches:
+            if st.num_blocks % n:
+                st = kv_store.fit_blocks(st, -(-st.num_blocks // n) * n)
+            out.append(jax.device_put(st, sharding.store_shardings(st, self.mesh)))
+        return tuple(out)
 
     def check_fits(self, total_tokens: int) -> None:
         limit = self.config.max_position_embeddings
@@ -281,6 +315,7 @@ class Engine:
         b = len(prompts)
         if b != caches[0].batch:
             raise ValueError(f"{b} prompts for a cache of batch {caches[0].batch}")
+        caches = self.placed(caches)
         lens = np.array([len(p) for p in prompts])
         if (lens < 1).any():
             raise ValueError("every prompt needs at least one token")
@@ -358,7 +393,7 @@ class Engine:
 
         β and the attention top-p are traced: sweeping them reuses one compilation.
         """
-        return self._decode(self._state, caches, token, key, np.float32(sampling.temperature),
+        return self._decode(self._state, self.placed(caches), token, key, np.float32(sampling.temperature),
                             np.float32(sampling.top_p), np.float32(attention.beta), np.float32(attention.top_p),
                             cfg=_static_attention(attention))
 
@@ -386,7 +421,8 @@ class Engine:
         dispatch the next chunk before reading this one's tokens. The caches are donated."""
         if not 1 <= int(steps) <= self.max_chunk:
             raise ValueError(f"steps must be in 1..{self.max_chunk}, got {steps}")
-        return self._chunk(self._state, caches, state, np.int32(steps), self.stop_array(stop_ids), temperature, top_p,
+        return self._chunk(self._state, self.placed(caches), state, np.int32(steps), self.stop_array(stop_ids),
+                           temperature, top_p,
                            np.float32(attention.beta), np.float32(attention.top_p), cfg=_static_attention(attention),
                            sampled=sampled, nucleus=nucleus)
 

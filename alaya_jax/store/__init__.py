@@ -4,6 +4,8 @@
   and 4-bit key codes for a ragged batch, and every change to it: build, append, and the
   shape operations (resize, fit to N blocks, truncate, take and place rows). Nothing
   outside this module reads the store's field lists or pads its axes.
+- ``sharding``: a store's blocks sharded along the sequence over a 1-D ``"seq"`` mesh (layout, the
+  sharded append, a shard's frame: docs/design.md §10).
 - ``context_db``: :class:`~alaya_jax.store.context_db.ContextDB`, a directory of Orbax
   snapshots (``checkpoints.snapshot``) with its catalogue; ``prefix_index``: the chained
   block hashes that find the longest stored prefix of a prompt; ``memory_tier``: the

@@ -373,6 +373,8 @@ def append(
     k_new: jax.Array,
     v_new: jax.Array,
     num_new: Optional[jax.Array] = None,
+    *,
+    first_position=None,
 ) -> KVStore:
     """Append up to T new positions per sequence; returns a new store.
 
@@ -386,6 +388,12 @@ def append(
     ``jit`` the caller must check capacity up front (the generation loop does);
     rows beyond capacity are then not written but ``lengths`` still grows past
     ``capacity``, so :func:`check_capacity` reports the overflow afterwards.
+
+    ``first_position`` (int or traced scalar; None: 0): the store is one shard of a store sharded
+    along the sequence (:mod:`alaya_jax.store.sharding`) that holds positions ``[first_position,
+    first_position + capacity)`` of its sequences, whose ``lengths`` are the whole sequences'; a new
+    row is written only where its position falls in that range (no capacity check: the caller checks
+    the whole store's).
     """
     _check_kv("k_new", k_new, "v_new", v_new)
     b, t, hkv, d = k_new.shape
@@ -398,7 +406,7 @@ def append(
         num_new = jnp.full((b,), t, jnp.int32)
     num_new = jnp.asarray(num_new, jnp.int32)
     new_lengths = store.lengths + num_new
-    if not isinstance(new_lengths, jax.core.Tracer):
+    if first_position is None and not isinstance(new_lengths, jax.core.Tracer):
         over = np.asarray(new_lengths) > store.capacity
         if over.any():
             raise ValueError(
@@ -408,6 +416,9 @@ def append(
     bk = store.block_size
     pos = store.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
     ok = jnp.arange(t)[None, :] < num_new[:, None]
+    if first_position is not None:  # a shard: its own slots, the others' rows are not written here
+        pos = pos - jnp.asarray(first_position, jnp.int32)
+        ok = ok & (pos >= 0) & (pos < store.capacity)
     # Rows not to be written go out of bounds and are dropped by the scatter.
     pos = jnp.where(ok, pos, store.capacity)
     blk, off = pos // bk, pos % bk
@@ -429,7 +440,7 @@ def append(
 
     # The block means from the new rows (the stored values are not read: they may be in host memory, and
     # every placement then holds the same bits).
-    means = _add_to_value_means(store.value_means, vt, store.lengths, new_lengths, bk)
+    means = _add_to_value_means(store.value_means, vt, store.lengths, new_lengths, bk, offset=first_position)
     return store.replace(keys=write("keys", kt), values=write("values", vt),
                          codes=scatter(store.codes, codes), code_scale=scatter(store.code_scale, scale),
                          code_err=scatter(store.code_err, err),
@@ -437,19 +448,26 @@ def append(
 
 
 def _add_to_value_means(means: jax.Array, vt: jax.Array, old_lengths: jax.Array, new_lengths: jax.Array,
-                        bk: int) -> jax.Array:
+                        bk: int, *, offset=None) -> jax.Array:
     """``means`` [B, Hkv, NB, D] updated for the rows ``vt[b, :, :new − old]`` ([B, Hkv, T, D], device)
     appended at positions ``old_lengths[b] ...``, without reading the stored values (they may be in host
     memory): mean' = (mean·n + Σ new rows of the block) / n', in f32 from the stored mean (so in bf16 one
     rounding of the mean per append: after a block of decode steps the mean is within ~1% of the exact
-    recomputation that :func:`with_value_means` makes)."""
+    recomputation that :func:`with_value_means` makes). ``offset``: None, or a shard's first global position
+    (``append``'s ``first_position``): the lengths are the sequences' global ones, ``means`` the shard's
+    blocks; only the new rows that fall in the shard are added."""
     b, _, nb, d = means.shape
     t = vt.shape[2]
+    pos = old_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
+    if offset is not None:  # the shard's own coordinates (rows before or past it: not new here)
+        offset = jnp.asarray(offset, jnp.int32)
+        pos = pos - offset
+        old_lengths, new_lengths = (jnp.clip(x - offset, 0, nb * bk) for x in (old_lengths, new_lengths))
     n = min(nb, (t + 2 * bk - 2) // bk)  # blocks a run of T positions can touch
     first = jnp.minimum(old_lengths // bk, nb - 1)
     blk = first[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
-    pos = old_lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-    new = (pos < new_lengths[:, None])[:, :, None] & (pos[:, :, None] // bk == blk[:, None, :])  # [B, T, n]
+    new = (pos >= old_lengths[:, None]) & (pos < new_lengths[:, None])  # [B, T]
+    new = new[:, :, None] & (pos[:, :, None] // bk == blk[:, None, :])  # [B, T, n]
     vsum = jnp.einsum("bhtd,btn->bhnd", jnp.where(new.any(-1)[:, None, :, None], vt.astype(jnp.float32), 0.0),
                       new.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     start = blk * bk

@@ -95,7 +95,8 @@ def kernels(b: int, s: int, *, hq=32, hkv=8, d=128, sink=4, window=64):
     scan = (lambda *x, **tail: scan_pallas(*x, g=g, sink=sink, window=window, tile=scan_tile(s), num_splits=ns,
                                            list_size=ls, chunk=EPILOGUE_CHUNK, rounding_slack=slack, interpret=False,
                                            **tail),
-            (sds((b,), jnp.int32), grp(bf), grp(jnp.float32), vec, kv, sds((b, hkv, s, d // 2), jnp.uint8),
+            (sds((b,), jnp.int32), sds((b,), jnp.int32), sds((b,), jnp.int32), grp(bf), grp(jnp.float32), vec, vec, kv,
+             sds((b, hkv, s, d // 2), jnp.uint8),
              sds((b, hkv, s), jnp.float16), sds((b, hkv, s), jnp.float16)),
             dict(num_warps=4, num_stages=3, tile=scan_tile(s)))
     score = (lambda *x: score_pallas(*x, g=g, chunk=DEFAULT_CHUNK, programs=p, interpret=False),
@@ -103,7 +104,8 @@ def kernels(b: int, s: int, *, hq=32, hkv=8, d=128, sink=4, window=64):
              dict(num_warps=4, num_stages=2))
     attend = (lambda *x: attend_pallas(*x, g=g, sink=sink, window=window, chunk=DEFAULT_CHUNK, sm_scale=d ** -0.5,
                                        rounding_slack=slack, interpret=False),
-              (sds((b,), jnp.int32), sds((b, hkv, ns), jnp.int32), sds((b, hkv, sl), jnp.int32),
+              (sds((b,), jnp.int32), sds((b,), jnp.int32), sds((b,), jnp.int32), sds((b, hkv, ns), jnp.int32),
+               sds((b, hkv, sl), jnp.int32),
                sds((b, hkv, sl, g), jnp.float32), sds((b, hkv, sl), jnp.float32),
                sds((b, hkv, p, rows), jnp.float32), vec, vec, grp(bf), kv, kv), dict(num_warps=4, num_stages=2))
     # the estimated tail's variants (issue 21): the block means [B, Hkv, S/64, D] bf16, the scan's estimates

@@ -85,6 +85,8 @@ def code_scan(
     interpret: Optional[bool] = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    forced: Optional[tuple[jax.Array, jax.Array]] = None,
+    m_lb: Optional[jax.Array] = None,
     value_means: Optional[jax.Array] = None,
     block_size: Optional[int] = None,
     sm_scale: Optional[float] = None,
@@ -102,11 +104,18 @@ def code_scan(
       rounding_slack: σ of the refine's compare s + σ·‖q‖₁·‖k‖∞ >= M − β (None: 2·D·2^-24); the scan
         widens its bound and threshold by it (``arithmetic``) so that no key the refine attends is missed.
       num_warps, num_stages: Triton launch knobs (Pallas only).
+      forced: None, or each row's own ``(sinks [B], windows [B])`` int32 forced counts, at most ``sink`` /
+        ``window`` (the static bounds that size the forced tile): a shard of a sequence-sharded store
+        (``alaya_jax.store.sharding.shard_frame``) has the sink only on its first shard and the window only
+        where the sequence ends. None: ``sink`` and ``window`` for every row.
+      m_lb: None, or f32 [B, Hq], a lower bound of M known from elsewhere (the other shards' forced maxima):
+        the threshold is max(M_sw, m_lb) − β (still <= M − β: exact). None: M_sw alone.
       value_means: [B, Hkv, S / block_size, D] (any float dtype; the store keeps the values'), the store's
         mean value of each block of block_size keys, or None (a static switch: None runs the scan without
         the tail, the kernel exactly as before): also
         the estimated tail's part of the scan, a :class:`ScanTail` appended to the outputs (sm_scale: the
-        softmax scale, None: 1/√D).
+        softmax scale, None: 1/√D). Not with ``m_lb`` (refused): the tail's weights are relative to the
+        row's own M_sw, which on a shard is the max over that shard's forced keys only.
     Returns:
       cand_idx i32 [B, Hkv, NS, list_size(S, NS)]: the split's candidates, ascending, in the first count
         slots (the other slots are undefined: -1 in the reference, never written by the kernel);
@@ -134,7 +143,15 @@ def code_scan(
     slack = resolve_rounding_slack(rounding_slack, d, op)
     lengths = jnp.asarray(lengths, jnp.int32)
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
-    kw = dict(sink=int(sink), window=int(window), num_splits=int(num_splits), rounding_slack=slack)
+    if value_means is not None and m_lb is not None:
+        raise ValueError(f"{op}: the estimated tail (value_means) with m_lb is not supported: the tail's weights are "
+                         "relative to the row's own forced maximum M_sw, and a lower bound of M from other shards "
+                         "is not combined with it (the estimated tail is not supported on a sharded store yet)")
+    forced = row_forced(forced, b, sink=sink, window=window, op=op)
+    m_lb = jnp.full((b, hq), -jnp.inf, jnp.float32) if m_lb is None else jnp.broadcast_to(
+        jnp.asarray(m_lb, jnp.float32), (b, hq))
+    kw = dict(sink=int(sink), window=int(window), num_splits=int(num_splits), rounding_slack=slack, forced=forced,
+              m_lb=m_lb)
     if value_means is not None:
         bk = 0 if block_size is None else int(block_size)
         if bk < 1 or s_cap % bk or tuple(value_means.shape) != (b, hkv, s_cap // bk, d):
@@ -146,6 +163,18 @@ def code_scan(
                                            num_warps=num_warps, num_stages=num_stages, **kw)
 
 
+def row_forced(forced, batch: int, *, sink: int, window: int, op: str) -> tuple[jax.Array, jax.Array]:
+    """``(sinks [B], windows [B])`` int32: the rows' own forced counts (``forced``), or ``sink`` and
+    ``window`` for every row when None."""
+    if forced is None:
+        return jnp.full((batch,), int(sink), jnp.int32), jnp.full((batch,), int(window), jnp.int32)
+    sinks, windows = (jnp.asarray(x, jnp.int32) for x in forced)
+    if tuple(sinks.shape) != (batch,) or tuple(windows.shape) != (batch,):
+        raise ValueError(f"{op}: forced must be (sinks [B], windows [B]) with B={batch}, got shapes "
+                         f"{tuple(sinks.shape)}, {tuple(windows.shape)}")
+    return sinks, windows
+
+
 def _scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpret, num_warps, num_stages,
                     num_splits, **kw):
     del interpret, num_warps, num_stages  # Pallas launch knobs
@@ -155,7 +184,7 @@ def _scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, inter
 
 
 def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpret, num_warps, num_stages,
-                 num_splits, sink, window, rounding_slack, **tail_kw):
+                 num_splits, sink, window, rounding_slack, forced, m_lb, **tail_kw):
     interpret = resolve_interpret(interpret, "code_scan")
     from pallas_kernels.code_scan.kernel_triton import scan_pallas
 
@@ -170,8 +199,9 @@ def _scan_pallas(q, q_rot, keys, codes, scales, errs, lengths, beta, *, interpre
                                      for x in (keys, codes, scales, errs))
     qdt = score_operand_dtype(q.dtype, keys.dtype, "auto")
     _, cand_idx, counts, m_sw, *tail = scan_pallas(
-        lengths, group_rows(q.astype(qdt), hkv), group_rows(q_rot.astype(jnp.float32), hkv), group_rows(beta, hkv),
-        keys, codes, scales, errs, g=g, sink=sink, window=window, tile=scan_tile(s_cap), num_splits=num_splits,
+        lengths, *forced, group_rows(q.astype(qdt), hkv), group_rows(q_rot.astype(jnp.float32), hkv),
+        group_rows(beta, hkv), group_rows(m_lb, hkv, value=-jnp.inf), keys, codes, scales, errs, g=g, sink=sink,
+        window=window, tile=scan_tile(s_cap), num_splits=num_splits,
         list_size=list_size(s_cap, num_splits), chunk=EPILOGUE_CHUNK, rounding_slack=rounding_slack,
         interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages), **tail_kw)
     if not tail:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +115,8 @@ def forced_size(sink: int, window: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
 
 
-def scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, *, g: int, rows: int, sink: int, window: int,
-               rounding_slack: float):
+def scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, *, g: int, rows: int, sink, window, rounding_slack: float,
+               size: Optional[int] = None, mlb_ref=None):
     """The program's loop invariants: a dict of the int8 operands (``q_lo``, ``q_hi`` int8 [D/2, 2·Gr]),
     ``colscale`` [2·Gr], ``k_off``, ``ca``, ``cb``, ``ce``, ``thr``, ``m_sw`` f32 [Gr] and ``live`` bool [Gr]
     (the rows < G)."""
@@ -123,11 +124,12 @@ def scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, *, g: int, rows: int, sin
     dh = d // 2
     q = query_tile(q_ref, rows, g)  # [Gr, D] score dtype
     q_l1 = jnp.sum(jnp.abs(q.astype(jnp.float32)), axis=1)
-    _, ok_f, s_f = forced_scores_tile(q, k_ref, length, sink=sink, window=window,
-                                      size=forced_size(sink, window))
+    size = forced_size(sink, window) if size is None else size  # None: sink and window are the static ints
+    _, ok_f, s_f = forced_scores_tile(q, k_ref, length, sink=sink, window=window, size=size)
     live = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) < g
     m_sw = jnp.max(jnp.where(ok_f[:, None], s_f, -jnp.inf), axis=0)
-    thr = m_sw - row_vector(beta_ref, rows, g, 0.0)
+    m_thr = m_sw if mlb_ref is None else jnp.maximum(m_sw, row_vector(mlb_ref, rows, g, -jnp.inf))
+    thr = m_thr - row_vector(beta_ref, rows, g, 0.0)
     parts = [query_tile(qr_ref, rows, g, col0=0, cols=dh), query_tile(qr_ref, rows, g, col0=dh, cols=dh)]
     (n1_lo, n1_hi), (n2_lo, n2_hi), s1, s2, dq = ar.split_query(parts, d)
     l1 = jnp.sum(jnp.abs(parts[0]), axis=1) + jnp.sum(jnp.abs(parts[1]), axis=1)
@@ -166,7 +168,7 @@ def tile_base(t, *, tile: int, capacity: int):
     return pl.multiple_of(jnp.minimum(t * tile, capacity - tile), align & -align)
 
 
-def scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, *, rows: int, sink: int, window: int, tile: int,
+def scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, *, rows: int, sink, window, tile: int,
                num_splits: int, tail=None):
     """The tile loop of program (b, h, j): stores the flag byte of every key of its split's tiles; returns the
     split's (first tile, end tile), and with ``tail`` (a dict of ``tail_setup``) also the split's tail sums
@@ -243,17 +245,17 @@ def tail_tile(tail, inv, est, pos, rest, cand, ot, lt, *, base, tile: int, capac
     return ot, lt
 
 
-def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref, *refs, g: int, rows: int,
-                 sink: int, window: int, tile: int, num_splits: int, chunk: int, rounding_slack: float,
+def _scan_kernel(len_ref, sink_ref, win_ref, q_ref, qr_ref, beta_ref, mlb_ref, k_ref, c_ref, sc_ref, er_ref, *refs,
+                 g: int, rows: int, forced: int, tile: int, num_splits: int, chunk: int, rounding_slack: float,
                  interpret: bool, tail_kw=None):
     if tail_kw is None:
         flags_ref, lists_ref, cnt_ref, msw_ref = refs
     else:
         vm_ref, flags_ref, lists_ref, cnt_ref, msw_ref, est_ref, to_ref, tl_ref = refs
-    length = len_ref[0]
+    length, sink, window = len_ref[0], sink_ref[0], win_ref[0]  # the row's own forced counts (<= the static ones)
     s_cap = c_ref.shape[0]
-    inv = scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, g=g, rows=rows, sink=sink, window=window,
-                     rounding_slack=rounding_slack)
+    inv = scan_setup(length, q_ref, qr_ref, beta_ref, k_ref, g=g, rows=rows, sink=sink, window=window, size=forced,
+                     rounding_slack=rounding_slack, mlb_ref=mlb_ref)
     if tail_kw is None:
         t_start, t_end = scan_tiles(inv, length, c_ref, sc_ref, er_ref, flags_ref, rows=rows, sink=sink,
                                     window=window, tile=tile, num_splits=num_splits)
@@ -289,14 +291,15 @@ def _scan_kernel(len_ref, q_ref, qr_ref, beta_ref, k_ref, c_ref, sc_ref, er_ref,
     cnt_ref[...] = jnp.full((1,), count, jnp.int32)
 
 
-def scan_pallas(lengths, q, q_rot, beta, keys, codes, scales, errs, *, g: int, sink: int, window: int, tile: int,
-                num_splits: int, list_size: int, chunk: int, rounding_slack: float, interpret: bool,
-                num_warps: int = 4, num_stages: int = 3, value_means=None, block_size: int = 0,
+def scan_pallas(lengths, sinks, windows, q, q_rot, beta, m_lb, keys, codes, scales, errs, *, g: int, sink: int,
+                window: int, tile: int, num_splits: int, list_size: int, chunk: int, rounding_slack: float,
+                interpret: bool, num_warps: int = 4, num_stages: int = 3, value_means=None, block_size: int = 0,
                 sm_scale: float = 0.0):
     """The raw kernel call on validated operands.
 
-    lengths [B] i32; q [B, Hkv, Gi, D] (score dtype), q_rot f32 [B, Hkv, Gi, D], beta f32 [B, Hkv, Gi]
-    (Gi >= G a power of two; rows >= G are ignored); keys [B, Hkv, S, D]; codes uint8 [B, Hkv, S, D/2];
+    lengths, sinks, windows [B] i32 (each row's forced counts, <= the static ``sink`` / ``window``); q
+    [B, Hkv, Gi, D] (score dtype), q_rot f32 [B, Hkv, Gi, D], beta and m_lb (a lower bound of M, -inf: none)
+    f32 [B, Hkv, Gi] (Gi >= G a power of two; rows >= G are ignored); keys [B, Hkv, S, D]; codes uint8 [B, Hkv, S, D/2];
     scales, errs f16 [B, Hkv, S]; S >= tile. Returns (flags uint8 [B, Hkv, S] (inside the splits' tiles:
     1 for a candidate), lists i32 [B, Hkv, NS, list_size] (the split's candidates ascending in the first
     count slots; the other slots unwritten), counts i32 [B, Hkv, NS], m_sw f32 [B, Hkv, Gi] (rows >= G
@@ -311,16 +314,18 @@ def scan_pallas(lengths, q, q_rot, beta, keys, codes, scales, errs, *, g: int, s
     rows = max(8, gi)
     tail = value_means is not None
     tail_kw = dict(block_size=int(block_size), sm_scale=float(sm_scale)) if tail else None
-    kernel = functools.partial(_scan_kernel, g=g, rows=rows, sink=sink, window=window, tile=tile,
+    kernel = functools.partial(_scan_kernel, g=g, rows=rows, forced=forced_size(sink, window), tile=tile,
                                num_splits=num_splits, chunk=chunk, rounding_slack=float(rounding_slack),
                                interpret=interpret, tail_kw=tail_kw)
     row = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
     split = lambda i, h, j: (i, h, j, 0)  # noqa: E731
+    per_row = pl.BlockSpec((1,), lambda i, h, j: (i,))
     in_specs = [
-        pl.BlockSpec((1,), lambda i, h, j: (i,)),
+        per_row, per_row, per_row,
         pl.BlockSpec((None, None, gi, d), mat),
         pl.BlockSpec((None, None, gi, d), mat),
+        pl.BlockSpec((None, None, gi), row),
         pl.BlockSpec((None, None, gi), row),
         pl.BlockSpec((None, None, s_cap, d), mat),
         pl.BlockSpec((None, None, s_cap, d // 2), mat),
@@ -339,7 +344,7 @@ def scan_pallas(lengths, q, q_rot, beta, keys, codes, scales, errs, *, g: int, s
         jax.ShapeDtypeStruct((b, hkv, num_splits), jnp.int32),
         jax.ShapeDtypeStruct((b, hkv, gi), jnp.float32),
     ]
-    operands = [lengths, q, q_rot, beta, keys, codes, scales, errs]
+    operands = [lengths, sinks, windows, q, q_rot, beta, m_lb, keys, codes, scales, errs]
     if tail:
         in_specs.append(pl.BlockSpec((None, None, value_means.shape[2], d), mat))
         operands.append(value_means)

@@ -2,7 +2,9 @@
 kernels, the references and the tests share one definition).
 
 Forced positions (always attended, scored exactly): p < sink and length - window <= p < length.
-Searched positions (scanned by their codes): sink <= p < length - window. Split j of a sequence
+Searched positions (scanned by their codes): sink <= p < length - window. ``sink``, ``window`` and
+``length`` may be arrays (a row's own forced counts: a shard of a sequence-sharded store has its own,
+``alaya_jax.store.sharding.shard_frame``). Split j of a sequence
 covers the tiles [start_j, end_j) of the tile-aligned cover of its searched range, balanced by
 that sequence's own length: with n tiles from t0 = sink // tile, start_j = t0 + j·n // NS.
 """
@@ -43,12 +45,13 @@ def forced_positions(length, *, sink: int, window: int, size: int):
     ``ok`` marks the real ones (each forced position once: a window position below ``sink``
     is the sink's). pos is clamped to >= 0 so it can index an array.
     """
-    if size < sink + window:
+    if isinstance(sink, int) and isinstance(window, int) and size < sink + window:
         raise ValueError(f"forced_positions: size {size} < sink + window = {sink + window}")
     length = jnp.asarray(length, jnp.int32)
     j = jnp.arange(size, dtype=jnp.int32)
     if length.ndim:
         length = length[..., None]
+        sink, window = (x[..., None] if jnp.ndim(x) else x for x in (sink, window))
     p = jnp.where(j < sink, j, length - window + (j - sink))
     ok = jnp.where(j < sink, p < length, (j < sink + window) & (p >= sink) & (p < length))
     return jnp.maximum(p, 0), ok

@@ -30,16 +30,20 @@ def exact_scores(q, k):
     return jnp.einsum("...gd,...nd->...gn", q.astype(dt), k.astype(dt), preferred_element_type=jnp.float32)
 
 
-def forced_scores(q, keys, lengths, *, sink, window):
+def forced_scores(q, keys, lengths, *, sink, window, forced=None):
     """Exact scores of the forced positions.
 
     q [B, Hq, D]; keys [B, Hkv, S, D] -> (pos [B, F], ok [B, F], s f32 [B, Hkv, G, F] (-inf where not ok)).
+    ``forced``: None, or each row's own (sinks [B], windows [B]) int32, at most ``sink`` / ``window``
+    (which size F).
     """
     b, hq, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
     f = max(1, sink + window)
-    pos, ok = forced_positions(lengths, sink=sink, window=window, size=f)
+    rs, rw = (sink, window) if forced is None else forced
+    pos, ok = forced_positions(lengths, sink=rs, window=rw, size=f)
+    pos = jnp.minimum(pos, keys.shape[2] - 1)
     kf = jnp.take_along_axis(keys, pos[:, None, :, None], axis=2)  # [B, Hkv, F, D]
     kf = jnp.where(ok[:, None, :, None], kf, jnp.zeros_like(kf))  # NaN padding -> 0
     s = exact_scores(q.reshape(b, hkv, g, d), kf)
@@ -47,20 +51,25 @@ def forced_scores(q, keys, lengths, *, sink, window):
 
 
 def searched_positions(pos, lengths, *, sink, window):
-    """bool [B, S]: the positions ``pos`` [S] the scan searches, sink <= p < length − window."""
+    """bool [B, S]: the positions ``pos`` [S] the scan searches, sink <= p < length − window (``sink`` /
+    ``window``: ints, or each row's own counts broadcastable against [B, S]: see :func:`_row_forced`)."""
     return (pos[None] >= sink) & (pos[None] < searched_end(lengths[:, None], sink=sink, window=window))
 
 
-def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack):
+def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, rounding_slack,
+                         forced=None, m_lb=None):
     """(candidates bool [B, Hkv, S], m_sw f32 [B, Hkv, G], est f32 [B, Hkv, S, G], δ f32 [B, Hkv, S, G],
-    thr f32 [B, Hkv, G]): the scan's test for every searched key, and its terms (for tests)."""
+    thr f32 [B, Hkv, G]): the scan's test for every searched key, and its terms (for tests). ``forced``:
+    see :func:`forced_scores`; ``m_lb`` f32 [B, Hq] or None: a lower bound of M known from elsewhere
+    (thr = max(M_sw, m_lb) − β)."""
     b, hq, d = q.shape
     _, hkv, s_cap, _ = keys.shape
     g = hq // hkv
     dh = d // 2
-    _, _, s_f = forced_scores(q, keys, lengths, sink=sink, window=window)
+    _, _, s_f = forced_scores(q, keys, lengths, sink=sink, window=window, forced=forced)
     m_sw = jnp.max(s_f, axis=-1)  # [B, Hkv, G]
-    thr = m_sw - beta.astype(jnp.float32).reshape(b, hkv, g)
+    m_thr = m_sw if m_lb is None else jnp.maximum(m_sw, m_lb.astype(jnp.float32).reshape(b, hkv, g))
+    thr = m_thr - beta.astype(jnp.float32).reshape(b, hkv, g)
     q_l1 = jnp.sum(jnp.abs(q.astype(score_operand_dtype(q.dtype, keys.dtype, "auto")).astype(jnp.float32)),
                    axis=-1).reshape(b, hkv, g)
     qr = q_rot.astype(jnp.float32).reshape(b, hkv, g, d)
@@ -82,8 +91,16 @@ def scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, 
     delta = ar.key_bound(ca[:, :, None, :], cb[:, :, None, :], ce[:, :, None, :], sc, errs[..., None])
     hit = ar.is_candidate(est, delta, thr[:, :, None, :])  # [B, Hkv, S, G]
     pos = jnp.arange(s_cap, dtype=jnp.int32)
-    searched = searched_positions(pos, lengths, sink=sink, window=window)  # [B, S]
+    rs, rw = _row_forced(forced, sink, window)
+    searched = searched_positions(pos, lengths, sink=rs, window=rw)  # [B, S]
     return searched[:, None] & jnp.any(hit, axis=-1), m_sw, est, delta, thr
+
+
+def _row_forced(forced, sink, window):
+    """(sinks, windows) broadcastable against [B, S] positions."""
+    if forced is None:
+        return sink, window
+    return forced[0][:, None], forced[1][:, None]
 
 
 class ScanTail(NamedTuple):
@@ -102,7 +119,8 @@ class ScanTail(NamedTuple):
 def scan_tail_reference(est, cand, lengths, m_sw, value_means, *, sink, window, num_splits, tile, block_size,
                         sm_scale) -> ScanTail:
     """The scan's tail sums in jnp: est f32 [B, Hkv, S, G] and cand bool [B, Hkv, S] of
-    :func:`scan_flags_reference`, m_sw f32 [B, Hkv, G], value_means f32 [B, Hkv, S / block_size, D]."""
+    :func:`scan_flags_reference`, m_sw f32 [B, Hkv, G], value_means f32 [B, Hkv, S / block_size, D];
+    ``sink`` / ``window``: ints or each row's counts broadcastable against [B, S] (:func:`_row_forced`)."""
     b, hkv, s_cap, g = est.shape
     nb = value_means.shape[2]
     pos = jnp.arange(s_cap, dtype=jnp.int32)
@@ -121,15 +139,18 @@ def scan_tail_reference(est, cand, lengths, m_sw, value_means, *, sink, window, 
 
 
 def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, sink, window, num_splits, tile,
-                        list_size, rounding_slack, value_means=None, block_size=0, sm_scale=0.0):
+                        list_size, rounding_slack, forced=None, m_lb=None, value_means=None, block_size=0,
+                        sm_scale=0.0):
     """(cand_idx i32 [B, Hkv, NS, list_size] (-1 past the count), cand_count i32 [B, Hkv, NS], m_sw f32
     [B, Hq]), and with ``value_means`` a :class:`ScanTail`."""
     b, hq, _ = q.shape
     _, hkv, s_cap, _ = keys.shape
     cand, m_sw, est, _, _ = scan_flags_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, sink=sink,
-                                                 window=window, rounding_slack=rounding_slack)
+                                                 window=window, rounding_slack=rounding_slack, forced=forced,
+                                                 m_lb=m_lb)
     pos = jnp.arange(s_cap, dtype=jnp.int32)
-    split = split_of_position(pos[None], lengths[:, None], sink=sink, window=window, tile=tile,
+    rs, rw = _row_forced(forced, sink, window)
+    split = split_of_position(pos[None], lengths[:, None], sink=rs, window=rw, tile=tile,
                               num_splits=num_splits)  # [B, S]
     bi = jnp.arange(b)[:, None, None]
     hi = jnp.arange(hkv)[None, :, None]
@@ -142,6 +163,6 @@ def code_scan_reference(q, q_rot, keys, codes, scales, errs, lengths, beta, *, s
         jnp.broadcast_to(pos, (b, hkv, s_cap)), mode="drop")
     if value_means is None:
         return cand_idx, counts, m_sw.reshape(b, hq)
-    tail = scan_tail_reference(est, cand, lengths, m_sw, value_means, sink=sink, window=window,
+    tail = scan_tail_reference(est, cand, lengths, m_sw, value_means, sink=rs, window=rw,
                                num_splits=num_splits, tile=tile, block_size=block_size, sm_scale=sm_scale)
     return cand_idx, counts, m_sw.reshape(b, hq), tail

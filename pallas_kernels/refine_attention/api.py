@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.code_scan.api import check_scan_args
+from pallas_kernels.code_scan.api import check_scan_args, row_forced
 from pallas_kernels.common import (
     check_implementation, group_rows, next_pow2, pad_axis, resolve_interpret, resolve_rounding_slack,
     score_operand_dtype, ungroup_rows,
@@ -50,6 +50,9 @@ def refine_attention(
     chunk: int = DEFAULT_CHUNK,
     num_warps: int = 4,
     num_stages: int = 2,
+    forced: Optional[tuple[jax.Array, jax.Array]] = None,
+    max_reduce: Optional[Callable[[jax.Array], jax.Array]] = None,
+    partials: bool = False,
     tail: Optional[ScanTail] = None,
     value_means: Optional[jax.Array] = None,
     block_size: Optional[int] = None,
@@ -66,14 +69,23 @@ def refine_attention(
       M = max(m_sw, the candidates' exact scores); the forced positions are always attended.
       programs: refine programs per (b, KV head) (Pallas; a power of two; None: ``default_programs``);
       chunk: candidate slots per step (a power of two >= 16).
+      forced: each row's own ``(sinks [B], windows [B])`` forced counts (``code_scan``'s; None: sink and
+        window for every row).
+      max_reduce: applied to M f32 [B, Hq] between the score pass and the attend pass (a shard of a
+        sequence-sharded store: ``lax.pmax`` over the devices, so that every shard attends with the one
+        global M; None: the identity).
+      partials: return the attend pass's sums instead of the normalised output (see below).
       tail: the scan's ``ScanTail`` (``code_scan(..., value_means=...)``) or None (a static switch: None runs
         the kernels without the tail, exactly as before); with value_means [B, Hkv, S / block_size, D] (the
         same the scan took; any float dtype): the estimated tail over every searched key not attended is added
         to the softmax — out = (Σ_att e^{s·c} v + Σ_b w_b V̄_b) / (Σ_att e^{s·c} + Σ_b w_b), w_b = Σ_{rest ∩ b} e^{ŝ·c}
-        (c = sm_scale; rest = the scan's non-candidates and the candidates rejected here).
+        (c = sm_scale; rest = the scan's non-candidates and the candidates rejected here). Not with
+        ``max_reduce`` (refused: a shard's scan tail is relative to its own forced maximum).
     Returns:
       out [B, Hq, D] (q dtype), M f32 [B, Hq] (the exact max when the lists hold every candidate of the
-      scan: -inf if nothing is forced or listed), n_attended i32 [B, Hq] (forced included).
+      scan: -inf if nothing is forced or listed), n_attended i32 [B, Hq] (forced included). With
+      ``partials``: ``(o f32 [B, Hq, D] = Σ p·v, l f32 [B, Hq] = Σ p, n_attended, M)``, p = exp((s − M)·sm_scale),
+      which add up over shards that share M (:func:`normalise` makes ``out``); with a tail, its sums included.
     """
     op = "refine_attention"
     check_implementation(implementation, op, IMPLEMENTATIONS)
@@ -101,6 +113,10 @@ def refine_attention(
     beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), (b, hq))
     tail_kw = {}
     if tail is not None:
+        if max_reduce is not None:
+            raise ValueError(f"{op}: a tail with max_reduce is not supported: the scan's tail sums are relative to "
+                             "each shard's own forced maximum M_sw, which a shard may not have (the estimated tail "
+                             "is not supported on a sharded store yet)")
         s_cap, g = keys.shape[2], hq // hkv
         bk = 0 if block_size is None else int(block_size)
         if value_means is None or bk < 1 or s_cap % bk or tuple(value_means.shape) != (b, hkv, s_cap // bk, d):
@@ -113,11 +129,15 @@ def refine_attention(
             raise ValueError(f"{op}: tail arrays est{tuple(tail.est.shape)}, o{tuple(tail.o.shape)}, "
                              f"l{tuple(tail.l.shape)} do not match B, Hkv, S, NS = {(b, hkv, s_cap, ns)} and G = {g}")
         tail_kw = dict(tail=tail, value_means=value_means, block_size=bk)
-    return IMPLEMENTATIONS[implementation](
+    o, l, n, m = IMPLEMENTATIONS[implementation](
         q, keys, values, jnp.asarray(cand_idx, jnp.int32), jnp.asarray(cand_count, jnp.int32),
         jnp.asarray(m_sw, jnp.float32), jnp.asarray(lengths, jnp.int32), beta, sink=int(sink), window=int(window),
         sm_scale=sm_scale, rounding_slack=slack, interpret=interpret, programs=p, chunk=r, num_warps=num_warps,
-        num_stages=num_stages, **tail_kw)
+        num_stages=num_stages, forced=row_forced(forced, b, sink=sink, window=window, op=op), max_reduce=max_reduce,
+        **tail_kw)
+    if partials:
+        return o, l, n, m
+    return normalise(o, l).astype(q.dtype), m, n
 
 
 def _refine_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, interpret, programs, chunk,
@@ -127,8 +147,8 @@ def _refine_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta
 
 
 def _refine_pallas(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, sink, window, sm_scale,
-                   rounding_slack, interpret, programs, chunk, num_warps, num_stages, tail=None, value_means=None,
-                   block_size=0):
+                   rounding_slack, interpret, programs, chunk, num_warps, num_stages, forced, max_reduce, tail=None,
+                   value_means=None, block_size=0):
     interpret = resolve_interpret(interpret, "refine_attention")
     from pallas_kernels.refine_attention.attend_triton import attend_pallas
     from pallas_kernels.refine_attention.score_triton import score_pallas
@@ -138,21 +158,23 @@ def _refine_pallas(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *
     qg = group_rows(q.astype(score_operand_dtype(q.dtype, keys.dtype, "auto")), hkv)
     knobs = dict(chunk=chunk, interpret=interpret, num_warps=int(num_warps), num_stages=int(num_stages))
     idx, s, kinf, mx = score_pallas(cand_count, cand_idx, qg, keys, g=g, programs=programs, **knobs)
+    if max_reduce is not None:  # the attend kernel takes max(m_sw, the P maxima): give it the reduced M as m_sw
+        m_local = jnp.maximum(m_sw, ungroup_rows(jnp.max(mx, axis=2), g))
+        m_sw = max_reduce(m_local)
     msw_g = group_rows(m_sw, hkv, value=-jnp.inf)
     gi = qg.shape[2]
     tail_kw = {} if tail is None else dict(est=rows_to(tail.est, 3, gi), value_means=value_means,
                                            block_size=block_size)
-    o, l, n, m, *rej = attend_pallas(lengths, cand_count, idx, s, kinf, mx, msw_g, group_rows(beta, hkv), qg, keys,
-                                     values, g=g, sink=sink, window=window, sm_scale=sm_scale,
+    o, l, n, m, *rej = attend_pallas(lengths, *forced, cand_count, idx, s, kinf, mx, msw_g, group_rows(beta, hkv),
+                                     qg, keys, values, g=g, sink=sink, window=window, sm_scale=sm_scale,
                                      rounding_slack=rounding_slack, **knobs, **tail_kw)
     if tail is None:
-        return merge_partials(o, l, n, m, g=g, dtype=q.dtype)
+        return sum_partials(o, l, n, m, g=g)
     num, den = jnp.sum(o, axis=2)[:, :, :g] + jnp.sum(rej[0], axis=2)[:, :, :g], \
         jnp.sum(l, axis=2)[:, :, :g] + jnp.sum(rej[1], axis=2)[:, :, :g]
     o_s, l_s = scan_tail_at(tail, msw_g[:, :, :g], m[:, :, :g], g=g, sm_scale=sm_scale)
-    out = normalise(num + o_s, den + l_s)
-    return (ungroup_rows(out, g).astype(q.dtype), ungroup_rows(m[:, :, :g], g),
-            ungroup_rows(jnp.sum(n, axis=2)[:, :, :g], g))
+    return (ungroup_rows(num + o_s, g), ungroup_rows(den + l_s, g), ungroup_rows(jnp.sum(n, axis=2)[:, :, :g], g),
+            ungroup_rows(m[:, :, :g], g))
 
 
 def rows_to(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -162,13 +184,11 @@ def rows_to(x: jax.Array, axis: int, size: int) -> jax.Array:
     return pad_axis(x, axis, size)
 
 
-def merge_partials(o, l, n, m, *, g: int, dtype):
-    """The attend pass's P + 1 partials (one exact max M for all of them: plain sums) -> (out [B, Hq, D]
-    dtype, M f32 [B, Hq], n_attended i32 [B, Hq])."""
-    num = jnp.sum(o, axis=2)
-    den = jnp.sum(l, axis=2)
-    out = normalise(num, den)
-    return ungroup_rows(out, g).astype(dtype), ungroup_rows(m, g), ungroup_rows(jnp.sum(n, axis=2), g)
+def sum_partials(o, l, n, m, *, g: int):
+    """The attend pass's P + 1 partials (one exact max M for all of them: plain sums) -> (o f32 [B, Hq, D],
+    l f32 [B, Hq], n_attended i32 [B, Hq], M f32 [B, Hq])."""
+    return (ungroup_rows(jnp.sum(o, axis=2), g), ungroup_rows(jnp.sum(l, axis=2), g),
+            ungroup_rows(jnp.sum(n, axis=2), g), ungroup_rows(m, g))
 
 
 #: The backends of ``refine_attention`` by name: "reference" (plain jnp), "pallas" (the two Triton-lowered

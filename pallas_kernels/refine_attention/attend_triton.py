@@ -27,9 +27,9 @@ from pallas_kernels.common import compiler_params
 from pallas_kernels.refine_attention.score_triton import chunk_slots
 
 
-def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, beta_ref, q_ref, k_ref, v_ref,
-                   *refs, g: int, rows: int, sink: int, window: int, chunk: int, programs: int, sm_scale: float,
-                   rounding_slack: float, block_size: int = 0):
+def _attend_kernel(len_ref, sink_ref, win_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, beta_ref, q_ref,
+                   k_ref, v_ref, *refs, g: int, rows: int, forced_rows: int, chunk: int, programs: int,
+                   sm_scale: float, rounding_slack: float, block_size: int = 0):
     tail = block_size > 0
     if tail:
         est_ref, vm_ref, o_ref, l_ref, n_ref, m_ref, to_ref, tl_ref = refs
@@ -37,7 +37,7 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
         o_ref, l_ref, n_ref, m_ref = refs
     gi, d = q_ref.shape
     sl = idx_ref.shape[0]
-    length = len_ref[0]
+    length, sink, window = len_ref[0], sink_ref[0], win_ref[0]  # the row's own forced counts
     live = jax.lax.broadcasted_iota(jnp.int32, (rows,), 0) < g
     m = jnp.maximum(row_vector(msw_ref, rows, g, -jnp.inf), jnp.max(mx_ref[...], axis=0))  # [Gr] exact M
     m = jnp.where(live, m, -jnp.inf)
@@ -50,7 +50,7 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
     cols = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
 
     def forced():
-        pos, ok, s = forced_scores_tile(q, k_ref, length, sink=sink, window=window, size=forced_size(sink, window))
+        pos, ok, s = forced_scores_tile(q, k_ref, length, sink=sink, window=window, size=forced_rows)
         att = ok[:, None] & live[None, :]
         w = jnp.where(att, jnp.exp((s - m_safe[None, :]) * sm_scale), 0.0)
         v = gather_rows(v_ref, pos, mask=ok)  # [F, D]
@@ -105,10 +105,11 @@ def _attend_kernel(len_ref, cnt_ref, idx_ref, s_ref, kinf_ref, mx_ref, msw_ref, 
         store_rows(tl_ref, res[4], g)
 
 
-def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values, *, g: int, sink: int,
-                  window: int, chunk: int, sm_scale: float, rounding_slack: float, interpret: bool,
+def attend_pallas(lengths, sinks, windows, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values, *, g: int,
+                  sink: int, window: int, chunk: int, sm_scale: float, rounding_slack: float, interpret: bool,
                   num_warps: int = 4, num_stages: int = 2, est=None, value_means=None, block_size: int = 0):
-    """lengths [B]; counts [B, Hkv, NS]; idx, s, kinf, mx: the score pass's outputs (P = mx.shape[2]);
+    """lengths, sinks, windows [B] (each row's forced counts, <= the static sink / window); counts [B, Hkv, NS];
+    idx, s, kinf, mx: the score pass's outputs (P = mx.shape[2]);
     m_sw, beta f32 [B, Hkv, Gi]; q [B, Hkv, Gi, D] (score dtype); keys, values [B, Hkv, S, D] ->
     (o f32 [B, Hkv, P + 1, Gi, D] = Σ p·v, l f32 [B, Hkv, P + 1, Gi] = Σ p, n i32 [B, Hkv, P + 1, Gi]
     keys attended, M f32 [B, Hkv, Gi]), p = exp((s − M)·sm_scale); rows >= G unwritten.
@@ -122,13 +123,14 @@ def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values
     gi, d = q.shape[2], q.shape[3]
     s_cap, sl = keys.shape[2], idx.shape[2]
     tail = block_size > 0
-    kernel = functools.partial(_attend_kernel, g=g, rows=rows, sink=sink, window=window, chunk=chunk,
+    kernel = functools.partial(_attend_kernel, g=g, rows=rows, forced_rows=forced_size(sink, window), chunk=chunk,
                                programs=programs, sm_scale=float(sm_scale), rounding_slack=float(rounding_slack),
                                **({"block_size": int(block_size)} if tail else {}))
     whole = lambda i, h, j: (i, h, 0)  # noqa: E731
     mat = lambda i, h, j: (i, h, 0, 0)  # noqa: E731
     part = lambda i, h, j: (i, h, j, 0)  # noqa: E731
-    in_specs = [pl.BlockSpec((1,), lambda i, h, j: (i,)),
+    per_row = pl.BlockSpec((1,), lambda i, h, j: (i,))
+    in_specs = [per_row, per_row, per_row,
                 pl.BlockSpec((None, None, ns), whole),
                 pl.BlockSpec((None, None, sl), whole),
                 pl.BlockSpec((None, None, sl, gi), mat),
@@ -147,7 +149,7 @@ def attend_pallas(lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values
                  jax.ShapeDtypeStruct((b, hkv, programs + 1, gi), jnp.float32),
                  jax.ShapeDtypeStruct((b, hkv, programs + 1, gi), jnp.int32),
                  jax.ShapeDtypeStruct((b, hkv, gi), jnp.float32)]
-    operands = [lengths, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values]
+    operands = [lengths, sinks, windows, counts, idx, s, kinf, mx, m_sw, beta, q, keys, values]
     if tail:
         in_specs += [pl.BlockSpec((None, None, s_cap, gi), mat),
                      pl.BlockSpec((None, None, value_means.shape[2], d), mat)]

@@ -38,14 +38,17 @@ def candidate_scores(q, keys, cand_idx, cand_count):
     return idx, listed, jnp.where(listed[:, :, None, :], s, -jnp.inf), kinf
 
 
-def attended_candidates(q, keys, cand_idx, cand_count, m_sw, beta, *, rounding_slack):
+def attended_candidates(q, keys, cand_idx, cand_count, m_sw, beta, *, rounding_slack, max_reduce=None):
     """The refine's decision in jnp: (idx [B, Hkv, N], listed [B, Hkv, N], s f32 [B, Hkv, G, N], M f32
-    [B, Hkv, G], att bool [B, Hkv, G, N]: the listed candidates with s + slack·‖q‖₁·‖k‖∞ >= M − β)."""
+    [B, Hkv, G], att bool [B, Hkv, G, N]: the listed candidates with s + slack·‖q‖₁·‖k‖∞ >= M − β);
+    ``max_reduce``: applied to M f32 [B, Hq] before the compare (a shard's pmax; None: the identity)."""
     b, hq, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
     idx, listed, s_c, kinf = candidate_scores(q, keys, cand_idx, cand_count)
     m = jnp.maximum(m_sw.astype(jnp.float32).reshape(b, hkv, g), jnp.max(s_c, axis=-1))  # [B, Hkv, G]
+    if max_reduce is not None:
+        m = max_reduce(m.reshape(b, hq)).reshape(b, hkv, g)
     tol = query_slack(q, rounding_slack).reshape(b, hkv, g)[..., None] * kinf[:, :, None, :]
     thr = (m - beta.astype(jnp.float32).reshape(b, hkv, g))[..., None]
     return idx, listed, s_c, m, listed[:, :, None, :] & (s_c + tol >= thr)
@@ -82,16 +85,19 @@ def normalise(o, l):
 
 
 def refine_attention_reference(q, keys, values, cand_idx, cand_count, m_sw, lengths, beta, *, sink, window,
-                               sm_scale, rounding_slack, tail=None, value_means=None, block_size=0):
-    """(out [B, Hq, D] q dtype, M f32 [B, Hq], n_attended i32 [B, Hq]); with ``tail`` (the scan's
-    ``ScanTail``) the estimated tail over the rest (the scan's non-candidates and the candidates rejected
-    here) is added to the softmax's numerator and denominator."""
+                               sm_scale, rounding_slack, forced=None, max_reduce=None, tail=None, value_means=None,
+                               block_size=0):
+    """The partial sums ``(o f32 [B, Hq, D] = Σ p·v, l f32 [B, Hq] = Σ p, n_attended i32 [B, Hq], M f32 [B, Hq])``,
+    p = exp((s − M)·sm_scale). ``forced``: each row's own (sinks, windows) (``code_scan``'s); ``max_reduce``:
+    applied to the candidates' M before the attend (a shard's pmax; None: the identity). With ``tail`` (the
+    scan's ``ScanTail``) the estimated tail over the rest (the scan's non-candidates and the candidates
+    rejected here) is added to o and l (not with ``max_reduce``: the scan's sums are relative to M_sw)."""
     b, hq, d = q.shape
     hkv = keys.shape[1]
     g = hq // hkv
-    fpos, fok, s_f = forced_scores(q, keys, lengths, sink=sink, window=window)
+    fpos, fok, s_f = forced_scores(q, keys, lengths, sink=sink, window=window, forced=forced)
     idx, listed, s_c, m, att_c = attended_candidates(q, keys, cand_idx, cand_count, m_sw, beta,
-                                                     rounding_slack=rounding_slack)
+                                                     rounding_slack=rounding_slack, max_reduce=max_reduce)
     m_safe = jnp.where(m > -jnp.inf, m, 0.0)
     att_f = jnp.broadcast_to(fok[:, None, None, :], s_f.shape)
     s = jnp.concatenate([s_f, s_c], axis=-1)
@@ -107,6 +113,5 @@ def refine_attention_reference(q, keys, values, cand_idx, cand_count, m_sw, leng
                                            sm_scale=sm_scale, value_dtype=values.dtype)
         o_s, l_s = scan_tail_at(tail, m_sw.astype(jnp.float32).reshape(b, hkv, g), m, g=g, sm_scale=sm_scale)
         o, l = o + o_r + o_s, l + l_r + l_s
-    out = normalise(o, l)
     n_att = jnp.sum(att, axis=-1, dtype=jnp.int32)
-    return out.reshape(b, hq, d).astype(q.dtype), m.reshape(b, hq), n_att.reshape(b, hq)
+    return o.reshape(b, hq, d), l.reshape(b, hq), n_att.reshape(b, hq), m.reshape(b, hq)

@@ -214,3 +214,11 @@ def test_bad_tail_arguments_raise():
     with pytest.raises(ValueError, match="value_means"):
         refine_attention(c["q"], c["keys"], c["values"], cidx, counts, m_sw, c["lengths"], beta, sink=SINK,
                          window=WINDOW, tail=tail)
+    # a shard's inputs (issue 24): the tail is relative to the row's own M_sw, never combined with M_lb
+    with pytest.raises(ValueError, match="sharded store"):
+        code_scan(c["q"], c["q_rot"], c["keys"], c["codes"], c["scales"], c["errs"], c["lengths"], beta, sink=SINK,
+                  window=WINDOW, num_splits=NS, value_means=c["value_means"], block_size=BK, m_lb=m_sw)
+    with pytest.raises(ValueError, match="sharded store"):
+        refine_attention(c["q"], c["keys"], c["values"], cidx, counts, m_sw, c["lengths"], beta, sink=SINK,
+                         window=WINDOW, tail=tail, value_means=c["value_means"], block_size=BK,
+                         max_reduce=lambda m: m)
