@@ -84,7 +84,9 @@ def test_estimate_counts_weights_and_kv_exactly():
     e = estimate_memory(c, context=8192)
     assert e.weights_bytes == 4 * 134515008  # the parameter count of the GGUF file's tensors
     # K and V [1, 3, 8192, 64] f32 + int4 codes [1, 3, 8192, 32] uint8 + code scale/err [1, 3, 8192] f16
-    # + rotation signs [3, 64] f32 + lengths [1] int32, 30 layers
-    assert e.kv_bytes == 30 * (2 * 3 * 8192 * 64 * 4 + 3 * 8192 * 32 + 2 * 3 * 8192 * 2 + 3 * 64 * 4 + 4)
+    # + block value means [1, 3, 8192 / 64, 64] f32 (the values' dtype) + rotation signs [3, 64] f32
+    # + lengths [1] int32, 30 layers
+    assert e.kv_bytes == 30 * (2 * 3 * 8192 * 64 * 4 + 3 * 8192 * 32 + 2 * 3 * 8192 * 2 + 3 * 128 * 64 * 4
+                               + 3 * 64 * 4 + 4)
     b = estimate_memory(dataclasses.replace(c, dtype="bfloat16"), context=8192)
     assert b.weights_bytes * 2 == e.weights_bytes and b.kv_bytes < e.kv_bytes
