@@ -311,17 +311,16 @@ def test_greedy_text_equals_alaya_generate(smol):
     assert "Paris" in want
 
 
-def test_stored_4k_context_is_served_from_memory_10x_faster(smol):
+def test_stored_2k_context_is_served_from_memory_5x_faster(smol):
     from alaya_jax.runtime.corpus import pydoc_topics
 
-    ctx = pydoc_topics()[:18000]
+    ctx = pydoc_topics()[:9000]
     name = _smol_name(smol)
     c = smol.client()
-    # The cold reference is the server's own prefill of the same 4K tokens (storing the context;
-    # it also writes the snapshot, well under 1 s of the ~1 min): a second cold 4K prefill through
-    # a completion would cost the suite another minute or more on 2 CPU cores.
+    # The cold reference is the server's own prefill of the same 2K tokens (storing the context):
+    # a second cold prefill through a completion would cost the suite much more on 2 CPU cores.
     st, made = smol.http("POST", "/v1/contexts", {"prompt": ctx})
-    assert st == 200 and made["tokens"] >= 4000 and not made["already_stored"], made
+    assert st == 200 and made["tokens"] >= 2000 and not made["already_stored"], made
 
     def ask(prefix, q):
         r = c.completions.create(model=name, prompt=prefix + "\n\n" + q, max_tokens=2, temperature=0)
@@ -329,8 +328,8 @@ def test_stored_4k_context_is_served_from_memory_10x_faster(smol):
 
     ask(ctx, "What is that about?")  # compiles the short tail's prefill at this capacity
     warm = ask(ctx, "What is this about?")
-    assert warm["reused_tokens"] >= 4000 and warm["context_source"] == "memory:device", warm
-    assert warm["ttft_s"] * 10 <= made["seconds"], (made, warm)
+    assert warm["reused_tokens"] >= 2000 and warm["context_source"] == "memory:device", warm
+    assert warm["ttft_s"] * 5 <= made["seconds"], (made, warm)
     _, health = smol.http("GET", "/health")  # started without --db: the contexts live in memory only
     db = health["context_db"]
     assert (db["kind"], db["persistent"], db["contexts"]) == ("memory", False, 1) and db["used_bytes"] > 0, health
